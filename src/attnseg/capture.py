@@ -1,0 +1,217 @@
+"""Capture attention probabilities through diffusers' attention-processor API.
+
+``capture_attention(unet, names)`` installs a :class:`CaptureProcessor` on the chosen modules
+(``unet.set_attn_processor``) and restores the original processors on exit. Modules that are
+not captured keep their own (fused SDPA) processor.
+
+A captured module computes, for the conditional rows of the batch only, the attention
+probabilities explicitly (head chunk by head chunk, to bound memory), adds their head mean
+(or per-head maps when asked) to a running sum, and uses the same probabilities for its output;
+the other rows go through ``scaled_dot_product_attention`` as before. With classifier-free
+guidance the diffusers pipelines stack ``[unconditional, conditional]``: only the second half
+is read and the full CFG batch is never kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# Largest number of attention-score elements materialised at once by a capture processor.
+_SCORE_BUDGET = 1 << 25
+
+
+@dataclass
+class AttentionStore:
+    """Running sums of captured attention probabilities, per module name.
+
+    sums[name]: (B, Q, K) float32 head-mean sums, or (B, H, Q, K) for names in ``per_head``.
+    counts[name]: number of forwards added (timesteps, when generating).
+    cond_rows: ``"all"`` or ``"second_half"`` (classifier-free guidance: read the conditional half).
+    """
+
+    per_head: frozenset[str] = frozenset()
+    cond_rows: str = "all"
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    enabled: bool = True
+
+    def add(self, name: str, probs_sum: torch.Tensor) -> None:
+        if name in self.sums:
+            self.sums[name] += probs_sum
+            self.counts[name] += 1
+        else:
+            self.sums[name] = probs_sum.clone()
+            self.counts[name] = 1
+
+    def mean(self, name: str) -> torch.Tensor:
+        """Mean over the captured forwards: (B, Q, K), or (B, H, Q, K) for per-head names."""
+        if name not in self.sums:
+            raise KeyError(f"attention of {name!r} was not captured; captured: {sorted(self.sums)}")
+        return self.sums[name] / self.counts[name]
+
+    def rows(self, index) -> AttentionStore:
+        """A store holding only batch rows ``index`` (a slice or index list) of every map."""
+        sub = AttentionStore(per_head=self.per_head, cond_rows=self.cond_rows)
+        sub.sums = {k: v[index] for k, v in self.sums.items()}
+        sub.counts = dict(self.counts)
+        return sub
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+
+class CaptureProcessor:
+    """Attention processor that records probabilities; numerically the default attention.
+
+    key_scale: optional (T,) or (B_cond, T) factors multiplied into the keys of the conditional rows before the
+    softmax (iSeg's Cat-Cross, eq. 8: softmax(Q (W . K)^T / sqrt(d))). Only for cross-attention.
+    """
+
+    def __init__(
+        self,
+        store: AttentionStore,
+        name: str,
+        record: bool = True,
+        key_scale: torch.Tensor | None = None,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.record = record
+        self.key_scale = key_scale
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        is_cross = encoder_hidden_states is not None
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        c0 = batch_size // 2 if self.store.cond_rows == "second_half" else 0
+        if self.key_scale is not None and is_cross:
+            w = self.key_scale.to(key.device, key.dtype)
+            w = w.view(1, 1, -1, 1) if w.dim() == 1 else w.view(w.shape[0], 1, -1, 1)
+            key = torch.cat([key[:c0], key[c0:] * w], dim=0)
+        parts = []
+        if c0 > 0:
+            m = attention_mask[:c0] if attention_mask is not None else None
+            parts.append(F.scaled_dot_product_attention(query[:c0], key[:c0], value[:c0], attn_mask=m))
+        m = attention_mask[c0:] if attention_mask is not None else None
+        out_c = self._attend_and_record(attn, query[c0:], key[c0:], value[c0:], m)
+        parts.append(out_c)
+        hidden_states = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+    def _attend_and_record(self, attn, q, k, v, mask) -> torch.Tensor:
+        """Explicit attention for (B, H, Q, d) inputs; records probabilities when asked."""
+        if not (self.record and self.store.enabled):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        b, h, nq, _ = q.shape
+        nk = k.shape[2]
+        per_head = self.name in self.store.per_head
+        scale = attn.scale if getattr(attn, "scale", None) is not None else 1 / math.sqrt(q.shape[-1])
+        acc = torch.zeros((b, h, nq, nk) if per_head else (b, nq, nk), dtype=torch.float32, device=q.device)
+        out = torch.empty_like(q)
+        chunk = max(1, min(h, _SCORE_BUDGET // max(1, b * nq * nk)))
+        for h0 in range(0, h, chunk):
+            hs = slice(h0, h0 + chunk)
+            scores = torch.matmul(q[:, hs], k[:, hs].transpose(-1, -2)) * scale
+            if mask is not None:
+                scores = scores + mask[:, hs] if mask.dtype != torch.bool else scores.masked_fill(~mask[:, hs], float("-inf"))
+            probs = scores.float().softmax(dim=-1)
+            out[:, hs] = torch.matmul(probs.to(v.dtype), v[:, hs])
+            if per_head:
+                acc[:, hs] = probs
+            else:
+                acc += probs.sum(dim=1)
+        if not per_head:
+            acc /= h
+        self.store.add(self.name, acc)
+        return out
+
+
+@contextlib.contextmanager
+def capture_attention(
+    unet,
+    names: Sequence[str],
+    per_head: Sequence[str] = (),
+    cond_rows: str = "all",
+    key_scale: torch.Tensor | None = None,
+) -> Iterator[AttentionStore]:
+    """Capture the attention of modules ``names`` of ``unet`` for the duration of the block.
+
+    key_scale (iSeg Cat-Cross) is applied to every cross-attention module, captured or not.
+    The UNet's original processors are restored on exit, also on error.
+    """
+    if cond_rows not in ("all", "second_half"):
+        raise ValueError("cond_rows must be 'all' or 'second_half'")
+    store = AttentionStore(per_head=frozenset(per_head), cond_rows=cond_rows)
+    original = dict(unet.attn_processors)
+    keys = {k[: -len(".processor")]: k for k in original}
+    unknown = [n for n in names if n not in keys]
+    if unknown:
+        raise ValueError(f"not attention modules of this UNet: {unknown}")
+    new = dict(original)
+    for n in names:
+        new[keys[n]] = CaptureProcessor(store, n, record=True, key_scale=key_scale if n.endswith("attn2") else None)
+    if key_scale is not None:
+        for n, k in keys.items():
+            if n.endswith("attn2") and n not in names:
+                new[k] = CaptureProcessor(store, n, record=False, key_scale=key_scale)
+    unet.set_attn_processor(new)
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(original)

@@ -1,0 +1,156 @@
+"""Command line: ``attnseg segment``, ``attnseg shapes export``, ``attnseg layers``, ``attnseg train-toy``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Segment images with the attention of text-to-image diffusion models.")
+shapes_app = typer.Typer(add_completion=False, no_args_is_help=True, help="ShapesWorld: procedural scenes with exact masks.")
+app.add_typer(shapes_app, name="shapes")
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
+def _load_predictor(model: str | None, device: str, dtype: str):
+    from .models import ModelError
+    from .predictor import AttnSegPredictor
+
+    try:
+        return AttnSegPredictor.from_pretrained(model, device=device, dtype=dtype)
+    except ModelError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def segment(
+    inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
+    labels: Annotated[list[str] | None, typer.Option("--labels", "-l", help="Names of what is in the image(s); repeat or list them.")] = None,
+    labels_file: Annotated[Path | None, typer.Option(help="JSON object: image file name -> list of labels.")] = None,
+    method: Annotated[str, typer.Option(help="cross | t2m | iseg")] = "t2m",
+    preset: Annotated[str | None, typer.Option(help="Named settings of the method (e.g. t2m: voc, single-pass; iseg: wsss-voc).")] = None,
+    model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("attnseg-out"),
+    crf: Annotated[bool, typer.Option(help="Refine with a dense CRF (needs attnseg[crf]).")] = False,
+    draws: Annotated[int | None, typer.Option(help="Noise draws averaged (default: the method's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the noise draws.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or auto.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batched forward.")] = 4,
+) -> None:
+    """Segment INPUT images for the given labels; write masks, overlays, scores and JSON to --out."""
+    _quiet_libraries()
+    from .jobs import segment_paths
+    from .methods import METHODS, PRESETS
+
+    labels = _split_labels(labels)
+    if method not in METHODS:
+        _err(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise typer.Exit(2)
+    if preset is not None and preset not in PRESETS[method]:
+        _err(f"unknown preset {preset!r} for {method}; choose one of {', '.join(PRESETS[method])}")
+        raise typer.Exit(2)
+    if not labels and labels_file is None:
+        _err("no labels given: pass --labels L1 L2 ... or --labels-file F")
+        raise typer.Exit(2)
+    if labels_file is not None and not labels_file.is_file():
+        _err(f"labels file {labels_file} does not exist")
+        raise typer.Exit(2)
+    predictor = _load_predictor(model, device, dtype)
+    try:
+        report = segment_paths(
+            predictor, inputs, out, labels=labels, labels_file=labels_file, method=method, preset=preset,
+            draws=draws, seed=seed, crf=crf, batch_size=batch_size,
+            on_error=lambda src, msg: _err(f"{src}: {msg}"), progress=sys.stderr.isatty(),
+        )
+    except (ValueError, ImportError) as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    typer.echo(f"{len(report.done)} segmented, {len(report.skipped)} already done, {len(report.failed)} failed -> {out}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def _split_labels(labels: list[str] | None) -> list[str]:
+    """``--labels a b`` arrives as one option value per ``--labels``; extra words as INPUTS are not labels."""
+    return [x for x in (labels or []) if x.strip()]
+
+
+@app.command()
+def layers(
+    model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
+    size: Annotated[int | None, typer.Option(help="Image side (default: the model's native size).")] = None,
+) -> None:
+    """List the attention layers of a model with their grid side and resolution rank."""
+    _quiet_libraries()
+    from .layers import layer_inventory
+    from .models import native_resolution
+
+    pred = _load_predictor(model, "cpu", "float32")
+    res = size or native_resolution(pred.pipe)
+    side = res // pred.pipe.vae_scale_factor
+    for lay in layer_inventory(pred.pipe.unet):
+        typer.echo(f"{lay.name:70s} {lay.kind:5s} {lay.block:4s} side={lay.side(side):3d} rank={lay.rank} heads={lay.heads}")
+
+
+@shapes_app.command("export")
+def shapes_export(
+    out: Annotated[Path, typer.Argument(help="Output folder (VOC layout).")],
+    n: Annotated[int, typer.Option(help="Number of scenes.")] = 200,
+    seed: Annotated[int, typer.Option(help="World seed; the embedded model was trained on seed 0.")] = 1,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    split: Annotated[str, typer.Option(help="Name of the split file.")] = "val",
+) -> None:
+    """Write N ShapesWorld scenes in the VOC layout, with labels.json for `segment --labels-file`."""
+    from .data.shapes import export_voc
+
+    if n < 1:
+        _err("--n must be at least 1")
+        raise typer.Exit(2)
+    export_voc(out, n=n, seed=seed, size=size, split=split, progress=sys.stderr.isatty())
+    typer.echo(f"wrote {n} scenes to {out}")
+
+
+@app.command("train-toy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_toy(ctx: typer.Context) -> None:
+    """Train the embedded model (stages data, vae, encode, unet, export, all); see --help of the module."""
+    from .toy.train import main
+
+    main(list(ctx.args))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

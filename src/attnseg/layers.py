@@ -1,0 +1,116 @@
+"""Which attention layers of a UNet to read, by name, by resolution or by a named preset.
+
+Every attention module of a ``UNet2DConditionModel`` is described by a :class:`LayerInfo`
+derived from the UNet's own config, so presets mean the same thing on Stable Diffusion 1.x/2.x
+and on a small UNet such as the embedded model.
+
+Presets are written in *resolution ranks* counted from the coarsest attention resolution
+(rank 0 = the mid block's grid). On SD 1.x/2.x at 512 px the ranks are 0 -> 8 px, 1 -> 16 px,
+2 -> 32 px, 3 -> 64 px; a rank beyond the finest level of a smaller UNet falls back to its finest.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One attention module of the UNet.
+
+    name: the processor key without ``.processor`` (``up_blocks.2.attentions.1.transformer_blocks.0.attn1``).
+    kind: ``"self"`` (attn1) or ``"cross"`` (attn2).
+    block: ``"down"``, ``"mid"`` or ``"up"``.
+    level: down-sampling level (0 = the latent grid, 1 = half of it, ...).
+    rank: resolution rank counted from the coarsest attention level (0 = coarsest).
+    heads: number of attention heads.
+    """
+
+    name: str
+    kind: str
+    block: str
+    level: int
+    rank: int
+    heads: int
+
+    def side(self, latent_side: int) -> int:
+        """Side of this layer's grid for a latent of side ``latent_side``."""
+        s = latent_side
+        for _ in range(self.level):
+            s = (s + 1) // 2
+        return s
+
+
+def layer_inventory(unet) -> list[LayerInfo]:
+    """List every attention module of ``unet`` (a ``UNet2DConditionModel``) with its resolution."""
+    n_levels = len(unet.config.block_out_channels)
+    raw = []
+    for key in unet.attn_processors:
+        name = key[: -len(".processor")] if key.endswith(".processor") else key
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            block, level = "down", int(parts[1])
+        elif parts[0] == "mid_block":
+            block, level = "mid", n_levels - 1
+        elif parts[0] == "up_blocks":
+            block, level = "up", n_levels - 1 - int(parts[1])
+        else:  # pragma: no cover - other UNet families
+            continue
+        kind = "self" if parts[-1] == "attn1" else "cross" if parts[-1] == "attn2" else parts[-1]
+        module = unet.get_submodule(name)
+        raw.append((name, kind, block, level, int(module.heads)))
+    levels = sorted({lv for _, _, _, lv, _ in raw}, reverse=True)  # coarsest first
+    return [LayerInfo(n, k, b, lv, levels.index(lv), h) for n, k, b, lv, h in raw]
+
+
+@dataclass(frozen=True)
+class LayerSelect:
+    """A choice of layers: any of names (glob patterns), grid sides, ranks, blocks; ANDed together.
+
+    ``names`` match the module name (``*up_blocks.2.attentions.1*attn1``); ``sides`` match the grid
+    side at the image size in use (for example 16 for SD's 16-px layers at 512 px); ``ranks`` match
+    resolution ranks (see the module docstring; a rank beyond the finest level means the finest).
+    ``take`` = (start, stop) keeps that slice of the matches in UNet order, for the papers' choices
+    such as T2M's self-attention of ``up_blocks.2.attentions.1`` (take (1, 2) of the 32-px decoder
+    layers); on a smaller UNet the slice is clipped so that at least one layer stays.
+    """
+
+    kind: str = "cross"
+    names: tuple[str, ...] = ()
+    sides: tuple[int, ...] = ()
+    ranks: tuple[int, ...] = ()
+    blocks: tuple[str, ...] = ()
+    take: tuple[int, int] | None = None
+
+    def resolve(self, layers: Sequence[LayerInfo], latent_side: int | None = None) -> list[LayerInfo]:
+        cands = [lay for lay in layers if lay.kind == self.kind]
+        if self.blocks:
+            cands = [lay for lay in cands if lay.block in self.blocks]
+        if self.names:
+            cands = [lay for lay in cands if any(fnmatch.fnmatchcase(lay.name, p) for p in self.names)]
+        if self.ranks:
+            max_rank = max((lay.rank for lay in cands), default=0)
+            wanted = {min(r, max_rank) for r in self.ranks}
+            cands = [lay for lay in cands if lay.rank in wanted]
+        if self.sides:
+            if latent_side is None:
+                raise ValueError("selecting layers by grid side needs the latent side")
+            cands = [lay for lay in cands if lay.side(latent_side) in self.sides]
+        if self.take is not None and cands:
+            start = min(self.take[0], len(cands) - 1)
+            cands = cands[start : max(self.take[1], start + 1)]
+        if not cands:
+            raise ValueError(f"no {self.kind}-attention layer matches {self}; available: " + ", ".join(lay.name for lay in layers if lay.kind == self.kind))
+        return cands
+
+
+def resolve_all(selects: Iterable[LayerSelect], inventory: Sequence[LayerInfo], latent_side: int | None = None) -> list[LayerInfo]:
+    """Union of several selections, in order, without repeats."""
+    out: list[LayerInfo] = []
+    for s in selects:
+        for lay in s.resolve(inventory, latent_side):
+            if lay not in out:
+                out.append(lay)
+    return out

@@ -1,0 +1,119 @@
+"""Pure tensor operations on attention maps, shared by every method.
+
+Layout conventions (one place decides them):
+- a cross-attention map is ``(B, P, T)``: P pixels of an ``h x w`` grid in row-major order, T tokens;
+- a self-attention map is ``(B, P, P)``, row-stochastic (row = query pixel);
+- per-label maps are ``(B, P, K)``: one column per label;
+- score images are ``(B, K, h, w)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def grid_side(p: int) -> int:
+    s = int(round(p**0.5))
+    if s * s != p:
+        raise ValueError(f"{p} pixels is not a square grid")
+    return s
+
+
+def resize_columns(maps: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize the columns of ``maps`` (B, P_src, C) from grid ``src`` to ``dst``."""
+    if tuple(src) == tuple(dst):
+        return maps
+    b, p, c = maps.shape
+    img = maps.transpose(1, 2).reshape(b, c, *src)
+    img = F.interpolate(img.float(), size=dst, mode="bilinear", align_corners=False)
+    return img.reshape(b, c, dst[0] * dst[1]).transpose(1, 2)
+
+
+def columns_to_images(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, P, K) -> (B, K, h, w)."""
+    b, p, k = maps.shape
+    return maps.transpose(1, 2).reshape(b, k, *hw)
+
+
+def images_to_columns(img: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) -> (B, P, K)."""
+    b, k, h, w = img.shape
+    return img.reshape(b, k, h * w).transpose(1, 2)
+
+
+def minmax(maps: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    """Min-max normalise along ``dim`` (per column of a (B, P, K) map by default)."""
+    lo = maps.amin(dim=dim, keepdim=True)
+    hi = maps.amax(dim=dim, keepdim=True)
+    return (maps - lo) / (hi - lo).clamp_min(eps)
+
+
+def sum_normalise(maps: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
+    return maps / maps.sum(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def max_normalise(maps: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
+    return maps / maps.amax(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def token_maps(cross: torch.Tensor, spans: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Average the token columns of each label: (B, P, T), K spans -> (B, P, K)."""
+    cols = [cross[:, :, list(s)].mean(dim=2) for s in spans]
+    return torch.stack(cols, dim=2)
+
+
+def propagate(self_attn: torch.Tensor, maps: torch.Tensor, iters: int, normalise=None) -> torch.Tensor:
+    """Apply ``maps <- self_attn @ maps`` ``iters`` times (SelfCross, iSeg's refinement).
+
+    Repeated matrix-vector products, never a matrix power: ``iters`` products of (P, P) by (P, K),
+    linear in ``iters``. ``normalise`` (a function of a (B, P, K) tensor) is applied before each
+    product when given (iSeg renormalises every iteration).
+    """
+    out = maps
+    a = self_attn.to(maps.dtype)
+    for _ in range(iters):
+        if normalise is not None:
+            out = normalise(out)
+        out = torch.bmm(a, out)
+    return out
+
+
+def background_score(fg: torch.Tensor, power: float = 2.0, threshold: float | None = None) -> torch.Tensor:
+    """T2M's background score from min-max foreground maps (B, P, K) -> (B, P).
+
+    Paper: (1 - max_k SC_k)^power with power 2. The authors' code variant, ``(2 thr - max)^2``,
+    is used when ``threshold`` is given (0.5 for VOC), clamped at 0 before the power.
+    """
+    m = fg.amax(dim=2) if fg.shape[2] > 0 else torch.zeros(fg.shape[:2], dtype=fg.dtype, device=fg.device)
+    base = (1 - m) if threshold is None else (2 * threshold - m)
+    return base.clamp_min(0) ** power
+
+
+def with_background(fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    """Stack background first: (B, P, K), (B, P) -> (B, P, K + 1)."""
+    return torch.cat([bg.unsqueeze(2), fg], dim=2)
+
+
+def confidence(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Top-2 margin of the scores along ``dim`` (0 when there is one class)."""
+    if scores.shape[dim] < 2:
+        return torch.ones_like(scores.select(dim, 0))
+    top = scores.topk(2, dim=dim).values
+    return top.select(dim, 0) - top.select(dim, 1)
+
+
+def resize_self(self_attn: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
+    """Resize a self-attention map (B, P_src, P_src) to (B, P_dst, P_dst), rows re-normalised.
+
+    Key pixels are resized bilinearly and rescaled to sum to one; query rows are resized the same
+    way (each destination pixel reads the interpolated attention of its source neighbours).
+    """
+    if tuple(src) == tuple(dst):
+        return self_attn
+    b, p, _ = self_attn.shape
+    keys = resize_columns(self_attn.transpose(1, 2), src, dst).transpose(1, 2)  # (B, P_src rows, P_dst keys)
+    out = resize_columns(keys, src, dst)  # rows resized
+    return sum_normalise(out.clamp_min(0), dim=2)

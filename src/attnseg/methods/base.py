@@ -1,0 +1,77 @@
+"""What every real-image method shares: its capture plan and how fused cross maps are read."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..capture import AttentionStore
+from ..layers import LayerInfo, LayerSelect
+from ..maps import resize_columns, token_maps
+from ..prompts import TokenSpans
+
+
+@dataclass
+class CapturePlan:
+    """The modules a method reads, resolved on one UNet at one latent size.
+
+    cross: {name: weight}; self_names: self-attention modules (averaged); grid: (h, w) on which the
+    method works; per_head: modules captured per head; key_scale_gamma: Cat-Cross factor or None.
+    """
+
+    cross: dict[str, float]
+    self_names: list[str]
+    grid: tuple[int, int]
+    per_head: list[str] = field(default_factory=list)
+    key_scale_gamma: float | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(dict.fromkeys([*self.cross, *self.self_names]))
+
+
+def resolve(select: LayerSelect, inventory: Sequence[LayerInfo], latent_side: int) -> list[LayerInfo]:
+    return select.resolve(inventory, latent_side)
+
+
+def fused_cross(
+    store: AttentionStore,
+    cross: dict[str, float],
+    spans: TokenSpans,
+    grid: tuple[int, int],
+    normalise=None,
+) -> torch.Tensor:
+    """Weighted mean of per-label cross maps of several modules on ``grid``: (B, P, K).
+
+    Each module's head-mean map (B, P_l, T) is reduced to its labels' token averages, optionally
+    normalised per label (``normalise`` of a (B, P, K) tensor), resized to ``grid``, then weighted.
+    """
+    total = None
+    wsum = 0.0
+    for name, w in cross.items():
+        m = store.mean(name)
+        p = m.shape[1]
+        side = int(round(p**0.5))
+        lab = token_maps(m, spans.spans)
+        if normalise is not None:
+            lab = normalise(lab)
+        lab = resize_columns(lab, (side, side), grid)
+        total = lab * w if total is None else total + lab * w
+        wsum += w
+    return total / wsum
+
+
+def mean_self(store: AttentionStore, names: Sequence[str], heads: Sequence[int] | None = None) -> torch.Tensor:
+    """Mean of self-attention maps (B, P, P) of modules that share one grid."""
+    maps = []
+    for n in names:
+        m = store.mean(n)
+        if m.dim() == 4:  # per-head capture
+            m = m[:, list(heads)].mean(dim=1) if heads else m.mean(dim=1)
+        maps.append(m)
+    sides = {m.shape[1] for m in maps}
+    if len(sides) != 1:
+        raise ValueError(f"self-attention modules {list(names)} have different grids {sorted(sides)}")
+    return torch.stack(maps).mean(dim=0)

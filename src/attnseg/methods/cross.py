@@ -1,0 +1,57 @@
+"""Cross-attention baseline (DAAM / DiffuMask "CA"): mean cross maps of the chosen layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..capture import AttentionStore
+from ..layers import LayerInfo, LayerSelect
+from ..maps import background_score, minmax, with_background
+from ..prompts import TokenSpans
+from .base import CapturePlan, fused_cross
+
+
+@dataclass
+class CrossConfig:
+    """Settings of the cross-attention baseline.
+
+    The baseline shares T2M's prompt, timestep and label scoring (min-max per label, background
+    (1 - max)^2), so that the difference to T2M and iSeg is their refinement alone.
+    """
+
+    timestep: int = 150
+    """Noise level t of T = 1000 at which the real image is read."""
+    template: str = "t2m"
+    """Prompt template (see ``attnseg.prompts.TEMPLATES``)."""
+    cross: LayerSelect = field(default_factory=lambda: LayerSelect(kind="cross"))
+    """Layers averaged: every cross-attention layer, as DAAM does."""
+    draws: int = 1
+    """Noise draws averaged."""
+    synonyms: bool = False
+    background_words: tuple[str, ...] = ()
+    bg_power: float = 2.0
+
+
+CROSS_PRESETS: dict[str, CrossConfig] = {"default": CrossConfig()}
+
+
+class CrossAttentionBaseline:
+    name = "cross"
+
+    def __init__(self, config: CrossConfig | None = None) -> None:
+        self.config = config or CrossConfig()
+
+    def plan(self, inventory: list[LayerInfo], latent_side: int) -> CapturePlan:
+        layers = self.config.cross.resolve(inventory, latent_side)
+        side = max(lay.side(latent_side) for lay in layers)
+        return CapturePlan(cross={lay.name: 1.0 for lay in layers}, self_names=[], grid=(side, side))
+
+    def scores(self, store: AttentionStore, spans: TokenSpans, plan: CapturePlan) -> torch.Tensor:
+        """(B, P, K + 1) scores on ``plan.grid``, background first."""
+        fg = minmax(fused_cross(store, plan.cross, spans, plan.grid))
+        return with_background(fg, background_score(fg, self.config.bg_power))
+
+    def with_overrides(self, **kw) -> CrossAttentionBaseline:
+        return CrossAttentionBaseline(replace(self.config, **kw))

@@ -1,0 +1,163 @@
+"""Loading text-to-image pipelines of the Stable Diffusion architecture.
+
+``load_pipeline(None)`` loads the embedded default model shipped inside the package;
+``load_pipeline("path/to/folder")`` a local diffusers folder (no network call);
+``load_pipeline("org/name")`` a hub id through ``from_pretrained``. Weights load from
+safetensors only: pickled checkpoints (.bin, .ckpt, .pt, .pth) can run code when loaded and
+are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+EMBEDDED_DIR = Path(__file__).parent / "assets" / "embedded"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class ModelError(RuntimeError):
+    """A model cannot be loaded; the message says why and what to do."""
+
+
+def embedded_model_path() -> Path:
+    """Folder of the embedded default model (a Stable Diffusion pipeline trained on ShapesWorld)."""
+    if not (EMBEDDED_DIR / "model_index.json").exists():
+        raise ModelError(
+            f"the embedded default model is missing from {EMBEDDED_DIR}; reinstall attnseg, "
+            "or pass --model with a Stable Diffusion folder or hub id"
+        )
+    return EMBEDDED_DIR
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16, auto") from None
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for but no CUDA GPU is available; use --device cpu")
+    return str(device)
+
+
+def check_safetensors_folder(folder: Path) -> None:
+    """Refuse a pipeline folder whose weights exist only as pickles."""
+    index = folder / "model_index.json"
+    if not index.exists():
+        raise ModelError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json); pass a folder saved "
+            "with save_pretrained, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
+        )
+    meta = json.loads(index.read_text())
+    cls = str(meta.get("_class_name", ""))
+    if "XL" in cls or "text_encoder_2" in meta:
+        raise ModelError(f"{folder} is a {cls} pipeline; attnseg supports Stable Diffusion 1.x and 2.x pipelines")
+    for comp in ("unet", "vae", "text_encoder"):
+        sub = folder / comp
+        if not sub.is_dir():
+            raise ModelError(f"{folder} has no {comp}/ folder; it is not a Stable Diffusion pipeline")
+        files = [p for p in sub.iterdir() if p.is_file()]
+        has_st = any(p.suffix == ".safetensors" for p in files)
+        pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+        if not has_st:
+            if pickles:
+                raise ModelError(
+                    f"{sub} holds only pickled weights ({', '.join(pickles)}); pickles can run code when "
+                    "loaded and are refused. Convert them once in a trusted environment with "
+                    "pipe.save_pretrained(dir, safe_serialization=True) and pass that folder"
+                )
+            raise ModelError(f"{sub} holds no .safetensors weights")
+
+
+def load_pipeline(
+    model: str | Path | None = None,
+    device: str | None = "cpu",
+    dtype: str | torch.dtype | None = "auto",
+):
+    """Load a Stable Diffusion pipeline (1.x / 2.x) for attention reading.
+
+    model: None for the embedded default model, a local folder, or a hub id.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    local = None
+    if model is None:
+        local = embedded_model_path()
+    else:
+        p = Path(str(model)).expanduser()
+        if p.is_file():
+            if p.suffix in PICKLE_SUFFIXES:
+                raise ModelError(
+                    f"{p} is a pickled checkpoint; pickles can run code when loaded and are refused. "
+                    "Pass a diffusers folder with safetensors weights or a hub id"
+                )
+            raise ModelError(f"{p} is a single file; pass a diffusers pipeline folder (model_index.json) or a hub id")
+        if p.exists():
+            local = p
+        elif str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+            raise ModelError(f"model folder {model} does not exist; pass an existing folder or a hub id like org/name")
+    try:
+        if local is not None:
+            check_safetensors_folder(local)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(local),
+                **_dtype_kw(torch_dtype),
+                use_safetensors=True,
+                local_files_only=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(model),
+                **_dtype_kw(torch_dtype),
+                use_safetensors=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+    except ModelError:
+        raise
+    except Exception as e:  # diffusers / hub errors: say which model and what to do
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"could not load model {model if model is not None else 'embedded'!s}: {first}. "
+            "Pass a local Stable Diffusion folder with safetensors weights, or a hub id reachable from this machine"
+        ) from e
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.attnseg_model_name = str(model) if model is not None else "embedded"
+    return pipe
+
+
+def _dtype_kw(dtype: torch.dtype) -> dict:
+    """diffusers 0.42 renamed ``torch_dtype`` to ``dtype``; older releases know only the first."""
+    import diffusers
+
+    major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (0, 42) else {"torch_dtype": dtype}
+
+
+def native_resolution(pipe) -> int:
+    """Image side the pipeline was trained at (SD 1.5: 512; the embedded model: 64)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)

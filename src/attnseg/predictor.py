@@ -1,0 +1,232 @@
+"""The predictor: encode an image once, then segment it for any list of labels.
+
+    predictor = AttnSegPredictor.from_pretrained()          # the embedded model
+    predictor.set_image("scene.png")
+    result = predictor.segment(["red circle", "blue star"], method="t2m")
+    result.mask, result.scores, result.confidence
+
+Data path: image -> VAE posterior mean -> noised latent at the method's timestep -> one UNet
+forward per noise draw with attention captured (``attnseg.capture``) -> the method's per-label
+scores (``attnseg.methods``) -> upsampled to the input size, averaged over draws -> optional
+dense CRF -> argmax and confidence (``attnseg.postprocess``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .capture import capture_attention
+from .images import load_image
+from .layers import layer_inventory
+from .maps import columns_to_images
+from .methods import get_method
+from .models import load_pipeline, native_resolution
+from .postprocess import CRFConfig, confidence_map, dense_crf, scores_to_probs
+from .prompts import T2M_SYNONYMS, TokenSpans, compose_prompt, prompt_spans
+
+
+@dataclass
+class SegmentationResult:
+    """Masks of one image at its input size.
+
+    mask: (H, W) uint8, 0 = background, i = ``labels[i - 1]``.
+    scores: (K + 1, H, W) float32 per-class scores, background first (CRF marginals with ``crf``).
+    confidence: (H, W) top-2 margin of the scores; ``uncertain`` marks margins below 0.05.
+    """
+
+    labels: list[str]
+    mask: np.ndarray
+    scores: np.ndarray
+    confidence: np.ndarray
+    uncertain: np.ndarray
+    method: str
+    prompt: str
+    settings: dict = field(default_factory=dict)
+
+
+def _settings(method) -> dict:
+    cfg = method.config
+    d = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+class AttnSegPredictor:
+    """Open-vocabulary segmentation of real images from a diffusion model's attention."""
+
+    def __init__(self, pipe, resolution: int | None = None, max_batch: int = 16) -> None:
+        self.pipe = pipe
+        self.resolution = int(resolution or native_resolution(pipe))
+        self.max_batch = max_batch
+        self.inventory = layer_inventory(pipe.unet)
+        self.model_name = getattr(pipe, "attnseg_model_name", type(pipe).__name__)
+        self._latents: torch.Tensor | None = None
+        self._images: list[np.ndarray] = []
+
+    @classmethod
+    def from_pretrained(cls, model=None, device: str | None = "cpu", dtype="auto", **kw) -> AttnSegPredictor:
+        return cls(load_pipeline(model, device=device, dtype=dtype), **kw)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    # ------------------------------------------------------------------ encoding
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """VAE posterior means (scaled) of RGB uint8 images, resized to the model's resolution."""
+        r = self.resolution
+        xs = []
+        for im in images:
+            t = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float()[None] / 127.5 - 1
+            xs.append(F.interpolate(t, size=(r, r), mode="bilinear", align_corners=False, antialias=True))
+        x = torch.cat(xs).to(self.device, self.pipe.vae.dtype)
+        vae = self.pipe.vae
+        lat = []
+        for i in range(0, len(x), self.max_batch):
+            lat.append(vae.encode(x[i : i + self.max_batch]).latent_dist.mean * vae.config.scaling_factor)
+        return torch.cat(lat)
+
+    def set_image(self, image) -> None:
+        """Encode one image (path, PIL image or array) once for later ``segment`` calls."""
+        self.set_images([image])
+
+    def set_images(self, images: Sequence) -> None:
+        self._images = [load_image(im) for im in images]
+        self._latents = self.encode_images(self._images)
+
+    # ------------------------------------------------------------------ segmentation
+
+    def _prompt(self, labels: Sequence[str], method) -> tuple[str, TokenSpans]:
+        cfg = method.config
+        prompt = compose_prompt(
+            labels,
+            cfg.template,
+            synonyms=T2M_SYNONYMS if getattr(cfg, "synonyms", False) else None,
+            background_words=getattr(cfg, "background_words", ()),
+        )
+        return prompt.text, prompt_spans(self.pipe.tokenizer, prompt)
+
+    @torch.inference_mode()
+    def _encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        tok = self.pipe.tokenizer
+        ids = tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return self.pipe.text_encoder(ids.to(self.device))[0].to(self.dtype)
+
+    @torch.inference_mode()
+    def score_maps(
+        self,
+        latents: torch.Tensor,
+        label_lists: Sequence[Sequence[str]],
+        method,
+        draws: int,
+        seed: int = 0,
+    ) -> tuple[list[torch.Tensor], list[str]]:
+        """Per-image (K_i + 1, h, w) scores on the method's grid, averaged over ``draws``."""
+        n = len(latents)
+        prompts = [self._prompt(labs, method) for labs in label_lists]
+        emb = self._encode_text([p for p, _ in prompts])
+        side = int(latents.shape[-1])
+        plan = method.plan(self.inventory, side)
+        cfg = method.config
+        sched = self.pipe.scheduler
+        g = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn((draws, *latents.shape[1:]), generator=g).to(self.device, latents.dtype)
+        t = torch.tensor([int(cfg.timestep)], device=self.device)
+        rows = [(i, d) for i in range(n) for d in range(draws)]
+        sums: list[torch.Tensor | None] = [None] * n
+        key_scale = None
+        if plan.key_scale_gamma is not None:
+            t_len = emb.shape[1]
+            key_scale = torch.ones((n, t_len), dtype=torch.float32)
+            for i, (_, sp) in enumerate(prompts):
+                for s in sp.spans:
+                    key_scale[i, s] = plan.key_scale_gamma
+        for c0 in range(0, len(rows), self.max_batch):
+            chunk = rows[c0 : c0 + self.max_batch]
+            idx = torch.tensor([i for i, _ in chunk])
+            z = sched.add_noise(latents[idx], noise[[d for _, d in chunk]], t.expand(len(chunk)))
+            ks = key_scale[idx] if key_scale is not None else None
+            with capture_attention(self.pipe.unet, plan.names, per_head=plan.per_head, key_scale=ks) as store:
+                self.pipe.unet(z, t.expand(len(chunk)), encoder_hidden_states=emb[idx]).sample
+            for i in sorted(set(idx.tolist())):
+                r = [j for j, (ii, _) in enumerate(chunk) if ii == i]
+                sc = method.scores(store.rows(r), prompts[i][1], plan)  # (R, P, K + 1)
+                s = sc.float().sum(dim=0)
+                sums[i] = s if sums[i] is None else sums[i] + s
+        out = [columns_to_images((s / draws)[None], plan.grid)[0].cpu() for s in sums]
+        return out, [p for p, _ in prompts]
+
+    def segment(
+        self,
+        labels: Sequence[str],
+        method: str | object = "t2m",
+        preset: str | None = None,
+        draws: int | None = None,
+        seed: int = 0,
+        crf: bool | CRFConfig = False,
+        **overrides,
+    ) -> SegmentationResult:
+        """Segment the image of ``set_image`` for ``labels``."""
+        if self._latents is None:
+            raise RuntimeError("call set_image(...) before segment(...)")
+        if len(self._images) != 1:
+            raise RuntimeError("set_images holds several images: use segment_batch")
+        return self._segment(self._latents, self._images, [list(labels)], method, preset, draws, seed, crf, overrides)[0]
+
+    def segment_batch(
+        self,
+        images: Sequence,
+        labels: Sequence[Sequence[str]],
+        method: str | object = "t2m",
+        preset: str | None = None,
+        draws: int | None = None,
+        seed: int = 0,
+        crf: bool | CRFConfig = False,
+        **overrides,
+    ) -> list[SegmentationResult]:
+        """Segment several images (each with its own labels) in batched forwards."""
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} label lists")
+        arrays = [load_image(im) for im in images]
+        latents = self.encode_images(arrays)
+        return self._segment(latents, arrays, [list(x) for x in labels], method, preset, draws, seed, crf, overrides)
+
+    def _segment(self, latents, images, label_lists, method, preset, draws, seed, crf, overrides):
+        m = get_method(method, preset, **overrides) if isinstance(method, str) else method
+        n_draws = int(draws if draws is not None else getattr(m.config, "draws", 1))
+        if n_draws < 1:
+            raise ValueError("draws must be at least 1")
+        maps, texts = self.score_maps(latents, label_lists, m, n_draws, seed)
+        results = []
+        crf_cfg = crf if isinstance(crf, CRFConfig) else CRFConfig() if crf else None
+        for img, labs, sc, text in zip(images, label_lists, maps, texts, strict=True):
+            h, w = img.shape[:2]
+            up = F.interpolate(sc[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+            if crf_cfg is not None:
+                up = torch.from_numpy(dense_crf(img, scores_to_probs(up), crf_cfg))
+            conf, unc = confidence_map(up)
+            settings = {**_settings(m), "draws": n_draws, "seed": seed, "crf": crf_cfg is not None}
+            settings["resolution"] = self.resolution
+            results.append(
+                SegmentationResult(
+                    labels=list(labs),
+                    mask=up.argmax(dim=0).to(torch.uint8).numpy(),
+                    scores=up.numpy().astype(np.float32),
+                    confidence=conf.numpy().astype(np.float32),
+                    uncertain=unc.numpy(),
+                    method=m.name,
+                    prompt=text,
+                    settings=settings,
+                )
+            )
+        return results

@@ -1,0 +1,199 @@
+"""Prompts of the papers and the token-span resolver.
+
+The prompt is composed here, so the character span of every label phrase is known exactly;
+:func:`resolve_spans` maps each span to token positions through the tokenizer's offset mapping.
+That handles sub-word pieces, multi-word labels and repeated words (each occurrence has its own
+span) without string matching on tokens. A label that the tokenizer's length limit cuts off is
+an error that names it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+# T2M (VOC synonyms from the paper's section 4; "person with clothes" per its appendix).
+T2M_SYNONYMS: dict[str, str] = {
+    "person": "person with clothes",
+    "bird": "bird avian",
+    "chair": "chair seat",
+    "tvmonitor": "tv monitor screen",
+    "pottedplant": "potted plant",
+    "diningtable": "dining table",
+}
+T2M_BACKGROUND_WORDS: tuple[str, ...] = (
+    "tree", "river", "sea", "lake", "water", "railway", "railroad", "track", "stone", "rocks",
+)
+
+
+class PromptError(ValueError):
+    """A prompt cannot be built or read for the given labels."""
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How labels are joined into one sentence.
+
+    prefix + phrase_1 + sep + ... + last_sep + phrase_K + suffix; ``background`` words, when used,
+    are appended after ``background_sep``.
+    """
+
+    name: str
+    prefix: str
+    sep: str
+    last_sep: str
+    suffix: str
+    pair_sep: str | None = None
+    background_sep: str = ", "
+
+    def join(self, phrases: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+        text = self.prefix
+        spans = []
+        for i, p in enumerate(phrases):
+            if i > 0:
+                if len(phrases) == 2 and self.pair_sep is not None:
+                    text += self.pair_sep
+                else:
+                    text += self.last_sep if i == len(phrases) - 1 else self.sep
+            spans.append((len(text), len(text) + len(p)))
+            text += p
+        return text, spans
+
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    # T2M: "a photo including bottle, chair, and sofa."
+    "t2m": PromptTemplate("t2m", "a photo including ", ", ", ", and ", ".", pair_sep=" and "),
+    # iSeg: "a photograph of A and B and other objects and background"
+    "iseg": PromptTemplate("iseg", "a photograph of ", " and ", " and ", " and other objects and background"),
+    # DAAM / DiffuMask style: "a photo of a dog and a cat"
+    "photo": PromptTemplate("photo", "a photo of ", " and ", " and ", ""),
+}
+
+
+@dataclass
+class ComposedPrompt:
+    """A prompt with the character span of each label phrase (and of background words)."""
+
+    text: str
+    labels: list[str]
+    phrases: list[str]
+    char_spans: list[tuple[int, int]]
+    background_spans: list[tuple[int, int]] = field(default_factory=list)
+
+
+def compose_prompt(
+    labels: Sequence[str],
+    template: str | PromptTemplate = "t2m",
+    synonyms: Mapping[str, str] | None = None,
+    background_words: Sequence[str] = (),
+) -> ComposedPrompt:
+    """Build the papers' one-sentence prompt for ``labels``.
+
+    synonyms replace a label by a richer phrase (T2M); background words are appended at the end
+    and only absorb attention (their maps are not read).
+    """
+    if not labels:
+        raise PromptError("no labels given: pass at least one label (for example --labels cat dog)")
+    tpl = TEMPLATES[template] if isinstance(template, str) else template
+    phrases = []
+    for lab in labels:
+        lab_clean = " ".join(str(lab).split())
+        if not lab_clean:
+            raise PromptError(f"empty label in {list(labels)!r}")
+        phrases.append((synonyms or {}).get(lab_clean, lab_clean))
+    text, spans = tpl.join(phrases)
+    suffix = tpl.suffix
+    bg_spans = []
+    if background_words:
+        # Background words go before the closing punctuation of the template.
+        punct = suffix if suffix in (".", "") else ""
+        rest = "" if punct == suffix else suffix
+        text += rest
+        for w in background_words:
+            text += tpl.background_sep
+            bg_spans.append((len(text), len(text) + len(w)))
+            text += w
+        text += punct
+    else:
+        text += suffix
+    return ComposedPrompt(text, list(labels), phrases, spans, bg_spans)
+
+
+def find_phrase_spans(text: str, phrases: Sequence[str]) -> list[tuple[int, int]]:
+    """Character spans of ``phrases`` in a user's prompt, in order of appearance.
+
+    Each phrase takes its first whole-word occurrence after the previous phrase's; a repeated word
+    ("a red square and a blue square") is thus told apart by giving it twice.
+    """
+    spans, pos = [], 0
+    low = text.lower()
+    for p in phrases:
+        m = re.compile(r"(?<![\w])" + re.escape(p.lower()) + r"(?![\w])").search(low, pos)
+        if m is None:
+            m = re.compile(r"(?<![\w])" + re.escape(p.lower()) + r"(?![\w])").search(low)
+        if m is None:
+            raise PromptError(f"label {p!r} does not occur in the prompt {text!r}")
+        spans.append((m.start(), m.end()))
+        pos = m.end()
+    return spans
+
+
+@dataclass
+class TokenSpans:
+    """Token positions of each label phrase in the tokenised prompt (BOS is position 0)."""
+
+    input_ids: list[int]
+    spans: list[list[int]]
+    labels: list[str]
+    background: list[list[int]] = field(default_factory=list)
+
+    @property
+    def content(self) -> list[int]:
+        """Positions of every non-special token of the prompt."""
+        return list(range(1, self.n_tokens - 1))
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def resolve_spans(
+    tokenizer,
+    text: str,
+    char_spans: Sequence[tuple[int, int]],
+    labels: Sequence[str],
+    background_spans: Sequence[tuple[int, int]] = (),
+) -> TokenSpans:
+    """Map character spans of ``text`` to token positions, checking the length limit."""
+    max_len = int(getattr(tokenizer, "model_max_length", 77) or 77)
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    ids = list(enc["input_ids"])
+    offsets = list(enc["offset_mapping"])
+    limit = max_len - 1  # the last kept position is the EOS token
+
+    def positions(span: tuple[int, int]) -> list[int]:
+        a, b = span
+        return [i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
+
+    spans = []
+    cut = []
+    for lab, sp in zip(labels, char_spans, strict=True):
+        pos = positions(sp)
+        if not pos:
+            raise PromptError(f"label {lab!r} produced no tokens in {text!r}")
+        if max(pos) >= limit:
+            cut.append(lab)
+        spans.append(pos)
+    if cut:
+        raise PromptError(
+            f"label(s) {', '.join(repr(c) for c in cut)} fall beyond the tokenizer's limit of {max_len} tokens "
+            f"(the prompt has {len(ids)}); use fewer or shorter labels, fewer background words, "
+            "or split the labels over several runs"
+        )
+    bg = [p for p in (positions(s) for s in background_spans) if p and max(p) < limit]
+    return TokenSpans(input_ids=ids[: max_len - 1] + ids[-1:] if len(ids) > max_len else ids, spans=spans, labels=list(labels), background=bg)
+
+
+def prompt_spans(tokenizer, prompt: ComposedPrompt) -> TokenSpans:
+    return resolve_spans(tokenizer, prompt.text, prompt.char_spans, prompt.labels, prompt.background_spans)

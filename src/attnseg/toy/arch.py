@@ -1,0 +1,98 @@
+"""Architecture of the embedded model: Stable Diffusion's components, scaled down.
+
+64x64 RGB images, a VAE with 4x down-sampling (16x16x4 latents), a UNet2DConditionModel with
+the layout of SD 1.x (cross-attention down blocks, a plain lowest down block, a cross-attention
+mid block, mirrored up blocks), a small CLIPTextModel and the project's own CLIP tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ToyArch:
+    """Sizes of the embedded model."""
+
+    image_size: int = 64
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_layers_per_block: int = 1
+    unet_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    max_length: int = 77
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+
+def build_vae(arch: ToyArch):
+    from diffusers import AutoencoderKL
+
+    n = len(arch.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=arch.vae_channels,
+        layers_per_block=1,
+        latent_channels=arch.latent_channels,
+        norm_num_groups=16,
+        sample_size=arch.image_size,
+    )
+
+
+def build_unet(arch: ToyArch):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=arch.latent_size,
+        in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=arch.unet_channels,
+        layers_per_block=arch.unet_layers_per_block,
+        cross_attention_dim=arch.text_hidden,
+        attention_head_dim=arch.unet_heads,  # diffusers' legacy name: the number of heads
+        norm_num_groups=32,
+    )
+
+
+def build_text_encoder(arch: ToyArch, vocab_size: int, bos_id: int, eos_id: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=arch.text_hidden,
+        intermediate_size=arch.text_hidden * 4,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        max_position_embeddings=arch.max_length,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        projection_dim=arch.text_hidden,
+    )
+    return CLIPTextModel(cfg)
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    # Stable Diffusion's noise schedule.
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )

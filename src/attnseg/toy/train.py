@@ -1,0 +1,419 @@
+"""Training of the embedded default model on ShapesWorld (``attnseg train-toy``).
+
+Stages, each resumable and run in order by ``all``:
+
+1. ``data``:   render N training scenes (seed 0) into ``WORK/scenes.npz``.
+2. ``vae``:    train the AutoencoderKL (L1 + tiny KL) on those images.
+3. ``encode``: encode every scene once to latents (posterior mean x scaling factor).
+4. ``unet``:   train the UNet and the text encoder jointly on the cached latents
+               (epsilon prediction, min-SNR-5 weights, object-weighted loss, 10% empty captions,
+               EMA of the weights), checkpointing to ``WORK/ckpt.pt`` and logging to ``WORK/log.jsonl``.
+5. ``export``: write the EMA weights as a Stable Diffusion pipeline folder in fp16 safetensors.
+
+The attention is never trained on masks. The masks enter training in one place only: the
+per-pixel weight of the denoising loss is ``1 + object_weight`` on object pixels (stated in the
+model card).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.shapes import COLOURS, SHAPES, SceneObject, ShapesWorldConfig, caption, make_scene
+from .arch import ToyArch, build_scheduler, build_text_encoder, build_unet, build_vae
+from .tokenizer import build_tokenizer
+
+TRAIN_SEED = 0
+HOLDOUT_SEED = 1_000_003
+
+
+@dataclass
+class TrainConfig:
+    work: str = "/work/toy-train"
+    n_scenes: int = 60_000
+    vae_steps: int = 1200
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    unet_steps: int = 200_000
+    batch: int = 64
+    lr: float = 3e-4
+    warmup: int = 300
+    min_snr_gamma: float = 5.0
+    object_weight: float = 2.0
+    empty_caption_prob: float = 0.1
+    ema_decay: float = 0.999
+    ckpt_every: int = 250
+    diag_every: int = 500
+    threads: int = 2
+    seed: int = 0
+
+
+def _log(work: Path, rec: dict) -> None:
+    rec = {"time": time.time(), **rec}
+    with open(work / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec), flush=True)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def stage_data(cfg: TrainConfig) -> None:
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "scenes.npz"
+    if out.exists():
+        return
+    world = ShapesWorldConfig()
+    n = cfg.n_scenes
+    images = np.zeros((n, world.size, world.size, 3), np.uint8)
+    semantic = np.zeros((n, world.size, world.size), np.uint8)
+    instance = np.zeros((n, world.size, world.size), np.uint8)
+    objs = np.full((n, world.max_objects, 2), -1, np.int16)  # (colour idx, shape idx)
+    colours = list(COLOURS)
+    t0 = time.time()
+    for i in range(n):
+        sc = make_scene(TRAIN_SEED, i, world)
+        images[i], semantic[i], instance[i] = sc.image, sc.semantic, sc.instance
+        for j, o in enumerate(sc.objects):
+            objs[i, j] = (colours.index(o.colour), SHAPES.index(o.shape))
+        if i % 5000 == 0:
+            _log(work, {"stage": "data", "i": i, "elapsed": time.time() - t0})
+    tmp = work / "scenes.tmp.npz"
+    np.savez(tmp, images=images, semantic=semantic, instance=instance, objects=objs)
+    os.replace(tmp, out)
+
+
+def _load_scenes(work: Path) -> dict[str, np.ndarray]:
+    d = np.load(work / "scenes.npz")
+    return {k: d[k] for k in d.files}
+
+
+def _objects_of(row: np.ndarray) -> list[SceneObject]:
+    colours = list(COLOURS)
+    return [
+        SceneObject(colour=colours[c], shape=SHAPES[s], cx=0, cy=0, radius=0, angle=0)
+        for c, s in row
+        if c >= 0
+    ]
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+def stage_vae(cfg: TrainConfig) -> None:
+    import torch
+
+    work = Path(cfg.work)
+    if (work / "vae.pt").exists():
+        return
+    torch.manual_seed(cfg.seed)
+    scenes = _load_scenes(work)
+    imgs = scenes["images"]
+    arch = ToyArch()
+    vae = build_vae(arch)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.time()
+    for step in range(cfg.vae_steps):
+        idx = rng.integers(0, len(imgs), cfg.vae_batch)
+        x = torch.from_numpy(imgs[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / (x.shape[1] * x.shape[2] * x.shape[3])
+        loss = (rec - x).abs().mean() + 0.5 * (rec - x).pow(2).mean() + 1e-5 * kl
+        lr = cfg.vae_lr * min(1.0, (step + 1) / 100) * (0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)) * 0.9 + 0.1)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == cfg.vae_steps - 1:
+            mse = (rec.detach().clamp(-1, 1) - x).pow(2).mean().item() / 4  # in [0,1] units
+            psnr = 10 * math.log10(1 / max(mse, 1e-10))
+            _log(work, {"stage": "vae", "step": step, "loss": loss.item(), "psnr": psnr, "elapsed": time.time() - t0})
+    _atomic_torch_save(vae.state_dict(), work / "vae.pt")
+
+
+def _load_vae(work: Path):
+    import torch
+
+    vae = build_vae(ToyArch())
+    vae.load_state_dict(torch.load(work / "vae.pt", weights_only=True))
+    vae.eval()
+    return vae
+
+
+# ----------------------------------------------------------------------------- encode
+
+
+def stage_encode(cfg: TrainConfig) -> None:
+    import torch
+
+    work = Path(cfg.work)
+    out = work / "latents.npz"
+    if out.exists():
+        return
+    scenes = _load_scenes(work)
+    imgs = scenes["images"]
+    vae = _load_vae(work)
+    means = []
+    t0 = time.time()
+    with torch.inference_mode():
+        for i in range(0, len(imgs), 256):
+            x = torch.from_numpy(imgs[i : i + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            means.append(vae.encode(x).latent_dist.mean.numpy().astype(np.float16))
+            if i % 10240 == 0:
+                _log(work, {"stage": "encode", "i": i, "elapsed": time.time() - t0})
+    lat = np.concatenate(means)
+    scale = float(1.0 / lat.astype(np.float32).std())
+    # Object weight map at latent resolution: fraction of object pixels per latent cell.
+    sem = scenes["semantic"]
+    f = sem.shape[1] // lat.shape[2]
+    obj = (sem > 0).reshape(len(sem), lat.shape[2], f, lat.shape[3], f).mean(axis=(2, 4)).astype(np.float16)
+    tmp = work / "latents.tmp.npz"
+    np.savez(tmp, latents=lat, object_frac=obj, scaling_factor=np.float32(scale))
+    os.replace(tmp, out)
+    _log(work, {"stage": "encode", "done": len(lat), "scaling_factor": scale})
+
+
+# ----------------------------------------------------------------------------- UNet
+
+
+def _caption_batch(objs: np.ndarray, rng: np.random.Generator, empty_prob: float) -> list[str]:
+    caps = []
+    for row in objs:
+        if rng.random() < empty_prob:
+            caps.append("")
+        else:
+            caps.append(caption(_objects_of(row), rng))
+    return caps
+
+
+def _tokenize(tok, texts: list[str]):
+    return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+def stage_unet(cfg: TrainConfig, max_minutes: float | None = None) -> None:
+    import torch
+
+    work = Path(cfg.work)
+    torch.set_num_threads(cfg.threads)
+    lat_d = np.load(work / "latents.npz")
+    latents, obj_frac = lat_d["latents"], lat_d["object_frac"]
+    scale = float(lat_d["scaling_factor"])
+    objs = _load_scenes(work)["objects"]
+    arch = ToyArch()
+    tok = build_tokenizer(arch.max_length)
+    unet = build_unet(arch)
+    te = build_text_encoder(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
+    sched = build_scheduler()
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    step = 0
+    ck = work / "ckpt.pt"
+    if ck.exists():
+        state = torch.load(ck, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        te.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        for e, s in zip(ema, state["ema"], strict=True):
+            e.copy_(s)
+        step = state["step"]
+        _log(work, {"stage": "unet", "resumed_at": step})
+    alphas = sched.alphas_cumprod.float()
+    snr = alphas / (1 - alphas)
+    w_t = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
+    t_start = time.time()
+    loss_acc, n_acc = 0.0, 0
+    unet.train()
+    te.train()
+    while step < cfg.unet_steps:
+        rng = np.random.default_rng([cfg.seed, step])
+        idx = rng.integers(0, len(latents), cfg.batch)
+        z0 = torch.from_numpy(latents[idx].astype(np.float32)) * scale
+        of = torch.from_numpy(obj_frac[idx].astype(np.float32))[:, None]
+        caps = _caption_batch(objs[idx], rng, cfg.empty_caption_prob)
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, 1000, (cfg.batch,), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        ids = _tokenize(tok, caps)
+        enc = te(ids)[0]
+        pred = unet(zt, t, enc).sample
+        pix_w = 1 + cfg.object_weight * of
+        per = ((pred - noise) ** 2 * pix_w).mean(dim=(1, 2, 3)) / pix_w.mean(dim=(1, 2, 3))
+        loss = (per * w_t[t]).mean()
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for e, p in zip(ema, params, strict=True):
+                e.mul_(d).add_(p.detach(), alpha=1 - d)
+        step += 1
+        loss_acc += loss.item()
+        n_acc += 1
+        if step % 50 == 0:
+            _log(work, {"stage": "unet", "step": step, "loss": loss_acc / n_acc, "lr": lr, "elapsed": time.time() - t_start})
+            loss_acc, n_acc = 0.0, 0
+        if step % cfg.ckpt_every == 0 or step == cfg.unet_steps:
+            state = {
+                "unet": unet.state_dict(),
+                "text_encoder": te.state_dict(),
+                "opt": opt.state_dict(),
+                "ema": ema,
+                "step": step,
+                "config": asdict(cfg),
+            }
+            _atomic_torch_save(state, ck)
+        if step % cfg.diag_every == 0:
+            _log(work, {"stage": "diag", "step": step, **text_gain(unet, te, tok, _load_vae(work), scale)})
+            unet.train()
+            te.train()
+        if max_minutes is not None and (time.time() - t_start) > max_minutes * 60:
+            break
+
+
+def text_gain(unet, te, tok, vae, scale: float, n: int = 48) -> dict[str, float]:
+    """Noise-prediction error on object pixels of held-out scenes with the right caption vs none.
+
+    A model whose text does not change the prediction cannot localise words; this is the first
+    number to watch while training.
+    """
+    import torch
+
+    unet.eval()
+    te.eval()
+    scenes = [make_scene(HOLDOUT_SEED, i) for i in range(n)]
+    x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rng = np.random.default_rng(0)
+    caps = [caption(s.objects, rng) for s in scenes]
+    out = {}
+    with torch.inference_mode():
+        z0 = vae.encode(x).latent_dist.mean * scale
+        f = x.shape[-1] // z0.shape[-1]
+        obj = torch.from_numpy(np.stack([s.semantic > 0 for s in scenes])).float()
+        obj = torch.nn.functional.avg_pool2d(obj[:, None], f) > 0.5
+        alphas = build_scheduler().alphas_cumprod
+        e_cap = te(_tokenize(tok, caps))[0]
+        e_empty = te(_tokenize(tok, [""] * n))[0]
+        e_wrong = te(_tokenize(tok, caps[1:] + caps[:1]))[0]
+        g = torch.Generator().manual_seed(0)
+        for tt in (150, 400, 700):
+            noise = torch.randn(z0.shape, generator=g)
+            a = alphas[tt]
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            t = torch.full((n,), tt)
+            for name, e in (("cap", e_cap), ("empty", e_empty), ("wrong", e_wrong)):
+                err = (unet(zt, t, e).sample - noise).pow(2).mean(1, keepdim=True)
+                out[f"err{tt}_{name}"] = float(err[obj.expand_as(err)].mean())
+    return out
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def stage_export(cfg: TrainConfig, out_dir: str | Path, use_ema: bool = True) -> Path:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    work = Path(cfg.work)
+    arch = ToyArch()
+    tok = build_tokenizer(arch.max_length)
+    unet = build_unet(arch)
+    te = build_text_encoder(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
+    state = torch.load(work / "ckpt.pt", weights_only=False)
+    unet.load_state_dict(state["unet"])
+    te.load_state_dict(state["text_encoder"])
+    if use_ema:
+        params = list(unet.parameters()) + list(te.parameters())
+        with torch.no_grad():
+            for p, e in zip(params, state["ema"], strict=True):
+                p.copy_(e)
+    vae = _load_vae(work)
+    scale = float(np.load(work / "latents.npz")["scaling_factor"])
+    vae.register_to_config(scaling_factor=scale)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(torch.float16)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    write_clip_vocab_files(tok, out_dir / "tokenizer")
+    meta = {"step": state["step"], "ema": use_ema, "train_config": state["config"], "arch": asdict(arch)}
+    (out_dir / "training.json").write_text(json.dumps(meta, indent=1))
+    return out_dir
+
+
+def write_clip_vocab_files(tok, folder: Path) -> None:
+    """Also write ``vocab.json`` and ``merges.txt`` in CLIP's own format beside tokenizer.json."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tok.backend_tokenizer.model.save(d)
+        vocab = json.loads(Path(d, "vocab.json").read_text(encoding="utf-8"))
+        merges = [m for m in Path(d, "merges.txt").read_text(encoding="utf-8").splitlines() if m and not m.startswith("#")]
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["data", "vae", "encode", "unet", "export", "all"])
+    p.add_argument("--work", default=TrainConfig.work)
+    p.add_argument("--steps", type=int, default=TrainConfig.unet_steps)
+    p.add_argument("--n-scenes", type=int, default=TrainConfig.n_scenes)
+    p.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--out", default=None, help="export: pipeline folder to write")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    if a.stage in ("data", "all"):
+        stage_data(cfg)
+    if a.stage in ("vae", "all"):
+        stage_vae(cfg)
+    if a.stage in ("encode", "all"):
+        stage_encode(cfg)
+    if a.stage in ("unet", "all"):
+        stage_unet(cfg, a.max_minutes)
+    if a.stage == "export":
+        stage_export(cfg, a.out or Path(cfg.work) / "pipeline")
+
+
+if __name__ == "__main__":
+    main()

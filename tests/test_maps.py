@@ -1,0 +1,102 @@
+"""Known answers of the maths on small hand-made tensors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attnseg.maps import background_score, confidence, minmax, propagate, resize_columns, token_maps, with_background
+from attnseg.methods import entropy_reduced_self, self_cross
+
+
+def _row_stochastic(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand((1, n, n), generator=g, dtype=torch.float64) + 0.01
+    return a / a.sum(dim=2, keepdim=True)
+
+
+def test_self_cross_equals_explicit_matrix_power():
+    a = _row_stochastic(6)
+    c = torch.rand((1, 6, 3), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for iters in (0, 1, 2, 3):
+        expected = torch.linalg.matrix_power(a[0], iters) @ c[0]
+        assert torch.allclose(self_cross(a, c, iters)[0], expected)
+
+
+def test_self_cross_hand_computed():
+    # Two pixels that swap attention: Self = [[0, 1], [1, 0]]; Self^2 = I.
+    a = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    c = torch.tensor([[[1.0], [3.0]]])
+    assert self_cross(a, c, 1).flatten().tolist() == [3.0, 1.0]
+    assert self_cross(a, c, 2).flatten().tolist() == [1.0, 3.0]
+
+
+def test_propagate_normalises_before_each_product():
+    a = torch.eye(2)[None]
+    c = torch.tensor([[[2.0], [4.0]]])
+    out = propagate(a, c, 1, normalise=minmax)
+    assert out.flatten().tolist() == [0.0, 1.0]
+
+
+def test_minmax_per_column():
+    m = torch.tensor([[[1.0, 10.0], [3.0, 20.0], [2.0, 15.0]]])
+    out = minmax(m)
+    assert torch.allclose(out[0, :, 0], torch.tensor([0.0, 1.0, 0.5]))
+    assert torch.allclose(out[0, :, 1], torch.tensor([0.0, 1.0, 0.5]))
+
+
+def test_background_score_paper_and_code_forms():
+    fg = torch.tensor([[[0.2, 0.9], [0.0, 0.1], [1.0, 0.3]]])  # (1, P=3, K=2)
+    bg = background_score(fg)
+    assert torch.allclose(bg[0], torch.tensor([(1 - 0.9) ** 2, (1 - 0.1) ** 2, 0.0]))
+    # (2 thr - max)^2 with thr = 0.5 is the paper's form; thr 0.4 shifts it.
+    assert torch.allclose(background_score(fg, threshold=0.5), bg)
+    assert torch.allclose(background_score(fg, threshold=0.4)[0], torch.tensor([0.0, 0.7**2, 0.0]))
+    full = with_background(fg, bg)
+    assert full.shape == (1, 3, 3)
+    assert full.argmax(dim=2).flatten().tolist() == [2, 0, 1]
+
+
+def test_token_maps_average_each_label_tokens():
+    cross = torch.arange(12, dtype=torch.float32).reshape(1, 2, 6)  # P=2, T=6
+    out = token_maps(cross, [[1, 2], [4]])
+    assert out[0].tolist() == [[1.5, 4.0], [7.5, 10.0]]
+
+
+def test_entropy_reduced_self_one_step_code_variant():
+    a = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]]], dtype=torch.float64)
+    lam = 0.1
+    colmax = a / a.amax(dim=1, keepdim=True)
+    upd = (colmax + lam * torch.log10(math.e * colmax)).clamp_min(0)
+    expected = upd / upd.sum(dim=2, keepdim=True)
+    out = entropy_reduced_self(a, lam, "code")
+    assert torch.allclose(out, expected)
+    # Hand check of one entry: column 0 max is 0.5, so a[1,0] -> 0.2 + 0.1*log10(e*0.2) > 0.
+    v = 0.2 + 0.1 * math.log10(math.e * 0.2)
+    assert math.isclose(upd[0, 1, 0].item(), v, rel_tol=1e-12)
+    assert torch.allclose(out.sum(dim=2), torch.ones(1, 3, dtype=torch.float64))
+
+
+def test_entropy_reduced_self_paper_variant_sharpens():
+    a = torch.tensor([[[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]]], dtype=torch.float64)
+    out = entropy_reduced_self(a, 0.05, "paper")
+    expected = (a + 0.05 * (1 + torch.log(a))).clamp_min(0)
+    expected = expected / expected.sum(dim=2, keepdim=True)
+    assert torch.allclose(out, expected)
+
+    def ent(x):
+        return -(x * torch.log(x.clamp_min(1e-12))).sum()
+
+    assert ent(out) < ent(a)
+
+
+def test_confidence_is_top2_margin():
+    s = torch.tensor([[[0.1, 0.5, 0.4]]]).permute(0, 2, 1)  # (1, 3 classes, 1 pixel) along dim 1
+    assert torch.allclose(confidence(s, dim=1), torch.tensor([[0.1]]))
+
+
+def test_resize_columns_identity_and_constant():
+    m = torch.ones((1, 16, 2))
+    assert torch.equal(resize_columns(m, (4, 4), (4, 4)), m)
+    assert torch.allclose(resize_columns(m, (4, 4), (8, 8)), torch.ones((1, 64, 2)))
