@@ -31,7 +31,7 @@ def test_capture_leaves_unet_output_unchanged(inputs):
 
 
 def test_processors_restored_on_exit_and_on_error(inputs):
-    unet, z, emb = inputs
+    unet, _z, _emb = inputs
     before = {k: type(v) for k, v in unet.attn_processors.items()}
     name = layer_inventory(unet)[0].name
     with pytest.raises(RuntimeError, match="boom"), capture_attention(unet, [name]):

@@ -8,7 +8,12 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Segment images with the attention of text-to-image diffusion models.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Segment images with the attention of text-to-image diffusion models.",
+)
 shapes_app = typer.Typer(add_completion=False, no_args_is_help=True, help="ShapesWorld: procedural scenes with exact masks.")
 app.add_typer(shapes_app, name="shapes")
 
@@ -54,10 +59,14 @@ def _load_predictor(model: str | None, device: str, dtype: str):
 @app.command()
 def segment(
     inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
-    labels: Annotated[list[str] | None, typer.Option("--labels", "-l", help="Names of what is in the image(s); repeat or list them.")] = None,
+    labels: Annotated[
+        list[str] | None, typer.Option("--labels", "-l", help="Names of what is in the image(s); repeat or list them.")
+    ] = None,
     labels_file: Annotated[Path | None, typer.Option(help="JSON object: image file name -> list of labels.")] = None,
     method: Annotated[str, typer.Option(help="cross | t2m | iseg")] = "t2m",
-    preset: Annotated[str | None, typer.Option(help="Named settings of the method (e.g. t2m: voc, single-pass; iseg: wsss-voc).")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Named settings of the method (e.g. t2m: voc, single-pass; iseg: wsss-voc).")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("attnseg-out"),
     crf: Annotated[bool, typer.Option(help="Refine with a dense CRF (needs attnseg[crf]).")] = False,
@@ -88,9 +97,19 @@ def segment(
     predictor = _load_predictor(model, device, dtype)
     try:
         report = segment_paths(
-            predictor, inputs, out, labels=labels, labels_file=labels_file, method=method, preset=preset,
-            draws=draws, seed=seed, crf=crf, batch_size=batch_size,
-            on_error=lambda src, msg: _err(f"{src}: {msg}"), progress=sys.stderr.isatty(),
+            predictor,
+            inputs,
+            out,
+            labels=labels,
+            labels_file=labels_file,
+            method=method,
+            preset=preset,
+            draws=draws,
+            seed=seed,
+            crf=crf,
+            batch_size=batch_size,
+            on_error=lambda src, msg: _err(f"{src}: {msg}"),
+            progress=sys.stderr.isatty(),
         )
     except (ValueError, ImportError) as e:
         _err(str(e))

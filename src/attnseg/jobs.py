@@ -144,7 +144,13 @@ def segment_paths(
             if not batch:
                 continue
             results = predictor.segment_batch(
-                [im for _, _, im in batch], [labs for _, labs, _ in batch], method=method, preset=preset, draws=draws, seed=seed, crf=crf
+                [im for _, _, im in batch],
+                [labs for _, labs, _ in batch],
+                method=method,
+                preset=preset,
+                draws=draws,
+                seed=seed,
+                crf=crf,
             )
             for (p, _, im), res in zip(batch, results, strict=True):
                 write_outputs(out, p.stem, im, res, predictor.model_name, str(p))

@@ -102,11 +102,16 @@ class LayerSelect:
             start = min(self.take[0], len(cands) - 1)
             cands = cands[start : max(self.take[1], start + 1)]
         if not cands:
-            raise ValueError(f"no {self.kind}-attention layer matches {self}; available: " + ", ".join(lay.name for lay in layers if lay.kind == self.kind))
+            raise ValueError(
+                f"no {self.kind}-attention layer matches {self}; available: "
+                + ", ".join(lay.name for lay in layers if lay.kind == self.kind)
+            )
         return cands
 
 
-def resolve_all(selects: Iterable[LayerSelect], inventory: Sequence[LayerInfo], latent_side: int | None = None) -> list[LayerInfo]:
+def resolve_all(
+    selects: Iterable[LayerSelect], inventory: Sequence[LayerInfo], latent_side: int | None = None
+) -> list[LayerInfo]:
     """Union of several selections, in order, without repeats."""
     out: list[LayerInfo] = []
     for s in selects:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 
 def grid_side(p: int) -> int:
-    s = int(round(p**0.5))
+    s = round(p**0.5)
     if s * s != p:
         raise ValueError(f"{p} pixels is not a square grid")
     return s
@@ -26,7 +26,7 @@ def resize_columns(maps: torch.Tensor, src: tuple[int, int], dst: tuple[int, int
     """Bilinearly resize the columns of ``maps`` (B, P_src, C) from grid ``src`` to ``dst``."""
     if tuple(src) == tuple(dst):
         return maps
-    b, p, c = maps.shape
+    b, _p, c = maps.shape
     img = maps.transpose(1, 2).reshape(b, c, *src)
     img = F.interpolate(img.float(), size=dst, mode="bilinear", align_corners=False)
     return img.reshape(b, c, dst[0] * dst[1]).transpose(1, 2)
@@ -34,7 +34,7 @@ def resize_columns(maps: torch.Tensor, src: tuple[int, int], dst: tuple[int, int
 
 def columns_to_images(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """(B, P, K) -> (B, K, h, w)."""
-    b, p, k = maps.shape
+    b, _p, k = maps.shape
     return maps.transpose(1, 2).reshape(b, k, *hw)
 
 
@@ -113,7 +113,7 @@ def resize_self(self_attn: torch.Tensor, src: tuple[int, int], dst: tuple[int, i
     """
     if tuple(src) == tuple(dst):
         return self_attn
-    b, p, _ = self_attn.shape
+    _b, _p, _ = self_attn.shape
     keys = resize_columns(self_attn.transpose(1, 2), src, dst).transpose(1, 2)  # (B, P_src rows, P_dst keys)
     out = resize_columns(keys, src, dst)  # rows resized
     return sum_normalise(out.clamp_min(0), dim=2)

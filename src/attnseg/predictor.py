@@ -119,7 +119,9 @@ class AttnSegPredictor:
     @torch.inference_mode()
     def _encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         tok = self.pipe.tokenizer
-        ids = tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tok(
+            list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         return self.pipe.text_encoder(ids.to(self.device))[0].to(self.dtype)
 
     @torch.inference_mode()
@@ -157,7 +159,7 @@ class AttnSegPredictor:
             z = sched.add_noise(latents[idx], noise[[d for _, d in chunk]], t.expand(len(chunk)))
             ks = key_scale[idx] if key_scale is not None else None
             with capture_attention(self.pipe.unet, plan.names, per_head=plan.per_head, key_scale=ks) as store:
-                self.pipe.unet(z, t.expand(len(chunk)), encoder_hidden_states=emb[idx]).sample
+                self.pipe.unet(z, t.expand(len(chunk)), encoder_hidden_states=emb[idx])
             for i in sorted(set(idx.tolist())):
                 r = [j for j, (ii, _) in enumerate(chunk) if ii == i]
                 sc = method.scores(store.rows(r), prompts[i][1], plan)  # (R, P, K + 1)

@@ -23,7 +23,16 @@ T2M_SYNONYMS: dict[str, str] = {
     "diningtable": "dining table",
 }
 T2M_BACKGROUND_WORDS: tuple[str, ...] = (
-    "tree", "river", "sea", "lake", "water", "railway", "railroad", "track", "stone", "rocks",
+    "tree",
+    "river",
+    "sea",
+    "lake",
+    "water",
+    "railway",
+    "railroad",
+    "track",
+    "stone",
+    "rocks",
 )
 
 
@@ -192,7 +201,9 @@ def resolve_spans(
             "or split the labels over several runs"
         )
     bg = [p for p in (positions(s) for s in background_spans) if p and max(p) < limit]
-    return TokenSpans(input_ids=ids[: max_len - 1] + ids[-1:] if len(ids) > max_len else ids, spans=spans, labels=list(labels), background=bg)
+    return TokenSpans(
+        input_ids=ids[: max_len - 1] + ids[-1:] if len(ids) > max_len else ids, spans=spans, labels=list(labels), background=bg
+    )
 
 
 def prompt_spans(tokenizer, prompt: ComposedPrompt) -> TokenSpans:

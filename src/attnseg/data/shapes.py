@@ -176,8 +176,8 @@ def render_coverage(obj: SceneObject, size: int, supersample: int) -> np.ndarray
     """(size, size) float32 coverage in [0, 1] of ``obj`` (anti-aliased by supersampling)."""
     cov = np.zeros((size, size), dtype=np.float32)
     ext = obj.radius * 1.2 + 1
-    x0, x1 = max(0, int(obj.cx - ext)), min(size, int(math.ceil(obj.cx + ext)) + 1)
-    y0, y1 = max(0, int(obj.cy - ext)), min(size, int(math.ceil(obj.cy + ext)) + 1)
+    x0, x1 = max(0, int(obj.cx - ext)), min(size, math.ceil(obj.cx + ext) + 1)
+    y0, y1 = max(0, int(obj.cy - ext)), min(size, math.ceil(obj.cy + ext) + 1)
     if x1 <= x0 or y1 <= y0:
         return cov
     s = supersample
@@ -305,9 +305,7 @@ def caption(
     Each object is named "colour shape" with probability ``colour_prob``, else by its shape alone.
     """
     order = rng.permutation(len(objects))
-    phrases = [
-        objects[i].phrase if rng.random() < colour_prob else objects[i].shape for i in order
-    ]
+    phrases = [objects[i].phrase if rng.random() < colour_prob else objects[i].shape for i in order]
     prefix, joiner, suffix = templates[int(rng.integers(len(templates)))]
     if len(phrases) <= 2:
         body = joiner.join(phrases)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .cross import CROSS_PRESETS, CrossAttentionBaseline, CrossConfig
 from .iseg import ISEG_PRESETS, ISeg, ISegConfig, entropy_reduced_self
-from .t2m import T2M_PRESETS, T2M, T2MConfig, self_cross
+from .t2m import T2M, T2M_PRESETS, T2MConfig, self_cross
 
 METHODS = {"cross": CrossAttentionBaseline, "t2m": T2M, "iseg": ISeg}
 PRESETS = {"cross": CROSS_PRESETS, "t2m": T2M_PRESETS, "iseg": ISEG_PRESETS}
@@ -24,6 +24,18 @@ def get_method(name: str, preset: str | None = None, **overrides):
 
 
 __all__ = [
-    "CROSS_PRESETS", "ISEG_PRESETS", "METHODS", "PRESETS", "T2M_PRESETS", "CrossAttentionBaseline",
-    "CrossConfig", "ISeg", "ISegConfig", "T2M", "T2MConfig", "entropy_reduced_self", "get_method", "self_cross",
+    "CROSS_PRESETS",
+    "ISEG_PRESETS",
+    "METHODS",
+    "PRESETS",
+    "T2M",
+    "T2M_PRESETS",
+    "CrossAttentionBaseline",
+    "CrossConfig",
+    "ISeg",
+    "ISegConfig",
+    "T2MConfig",
+    "entropy_reduced_self",
+    "get_method",
+    "self_cross",
 ]

@@ -53,7 +53,7 @@ def fused_cross(
     for name, w in cross.items():
         m = store.mean(name)
         p = m.shape[1]
-        side = int(round(p**0.5))
+        side = round(p**0.5)
         lab = token_maps(m, spans.spans)
         if normalise is not None:
             lab = normalise(lab)

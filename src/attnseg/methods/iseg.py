@@ -38,9 +38,7 @@ class ISegConfig:
     "paper": eq. 6 on the raw probabilities, clamp, row-normalise."""
     cross: dict[int, float] = field(default_factory=lambda: {1: 0.7, 2: 0.3})
     """Decoder cross layers by resolution rank -> weight (SD: 16 px 0.7, 32 px 0.3)."""
-    self_layer: LayerSelect = field(
-        default_factory=lambda: LayerSelect(kind="self", ranks=(3,), blocks=("up",), take=(1, 2))
-    )
+    self_layer: LayerSelect = field(default_factory=lambda: LayerSelect(kind="self", ranks=(3,), blocks=("up",), take=(1, 2)))
     """SD's up_blocks.3.attentions.1 (64 px); the finest decoder layer on smaller UNets."""
     heads: tuple[int, ...] | None = None
     """Subset of self-attention heads to average (None: all)."""

@@ -30,7 +30,16 @@ class T2MConfig:
     synonyms: bool = True
     """Replace VOC class names by the paper's synonyms (person -> person with clothes, ...)."""
     background_words: tuple[str, ...] = (
-        "tree", "river", "sea", "lake", "water", "railway", "railroad", "track", "stone", "rocks",
+        "tree",
+        "river",
+        "sea",
+        "lake",
+        "water",
+        "railway",
+        "railroad",
+        "track",
+        "stone",
+        "rocks",
     )
     """Words appended to absorb attention; their maps are not read."""
     cross: tuple[LayerSelect, ...] = field(
@@ -41,9 +50,7 @@ class T2MConfig:
     )
     """Cross layers: CompVis layers 4-8 of SD, i.e. the 16-px encoder layers, the 8-px mid block and
     the first two 16-px decoder layers (up_blocks.1.attentions.0/1)."""
-    self_layer: LayerSelect = field(
-        default_factory=lambda: LayerSelect(kind="self", ranks=(2,), blocks=("up",), take=(1, 2))
-    )
+    self_layer: LayerSelect = field(default_factory=lambda: LayerSelect(kind="self", ranks=(2,), blocks=("up",), take=(1, 2)))
     """Self layer: CompVis layer 11 of SD, up_blocks.2.attentions.1 (32 px)."""
     iters: int = 2
     """Power of Self in SelfCross (computed as repeated products)."""

@@ -14,7 +14,9 @@ def build_tiny_pipeline(seed: int = 0, channels: tuple[int, ...] = (32, 64, 64),
     from ..toy.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
-    arch = ToyArch(vae_channels=(16, 32, 32), unet_channels=channels, unet_heads=heads, text_hidden=32, text_layers=1, text_heads=2)
+    arch = ToyArch(
+        vae_channels=(16, 32, 32), unet_channels=channels, unet_heads=heads, text_hidden=32, text_layers=1, text_heads=2
+    )
     tok = build_tokenizer(arch.max_length)
     pipe = StableDiffusionPipeline(
         vae=build_vae(arch),

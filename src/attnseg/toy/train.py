@@ -106,11 +106,7 @@ def _load_scenes(work: Path) -> dict[str, np.ndarray]:
 
 def _objects_of(row: np.ndarray) -> list[SceneObject]:
     colours = list(COLOURS)
-    return [
-        SceneObject(colour=colours[c], shape=SHAPES[s], cx=0, cy=0, radius=0, angle=0)
-        for c, s in row
-        if c >= 0
-    ]
+    return [SceneObject(colour=colours[c], shape=SHAPES[s], cx=0, cy=0, radius=0, angle=0) for c, s in row if c >= 0]
 
 
 # ----------------------------------------------------------------------------- VAE

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command of the README and of CI: set up .venv, lint, run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+ruff check src tests
+python -m pytest tests -p no:cacheprovider "$@"

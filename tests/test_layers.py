@@ -1,0 +1,81 @@
+"""Layer presets resolve to the papers' modules on an SD 1.5-shaped UNet and degrade sanely on a small one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnseg.layers import LayerSelect, layer_inventory, resolve_all
+from attnseg.methods import T2M, ISeg
+
+SD15_UNET = dict(
+    sample_size=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+
+
+@pytest.fixture(scope="module")
+def sd15_inventory():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    return layer_inventory(unet)
+
+
+def test_sd15_inventory_sides(sd15_inventory):
+    sides = {lay.name: lay.side(64) for lay in sd15_inventory}
+    assert sides["down_blocks.0.attentions.0.transformer_blocks.0.attn1"] == 64
+    assert sides["down_blocks.2.attentions.1.transformer_blocks.0.attn2"] == 16
+    assert sides["mid_block.attentions.0.transformer_blocks.0.attn2"] == 8
+    assert sides["up_blocks.3.attentions.2.transformer_blocks.0.attn1"] == 64
+    assert len([x for x in sd15_inventory if x.kind == "cross"]) == 16
+
+
+def test_t2m_preset_is_compvis_layers_4_to_8_and_11(sd15_inventory):
+    plan = T2M().plan(sd15_inventory, 64)
+    assert sorted(plan.cross) == sorted(
+        f"{b}.transformer_blocks.0.attn2"
+        for b in (
+            "down_blocks.2.attentions.0",
+            "down_blocks.2.attentions.1",
+            "mid_block.attentions.0",
+            "up_blocks.1.attentions.0",
+            "up_blocks.1.attentions.1",
+        )
+    )
+    assert plan.self_names == ["up_blocks.2.attentions.1.transformer_blocks.0.attn1"]
+    assert plan.grid == (32, 32)
+
+
+def test_iseg_preset(sd15_inventory):
+    plan = ISeg().plan(sd15_inventory, 64)
+    assert plan.self_names == ["up_blocks.3.attentions.1.transformer_blocks.0.attn1"]
+    assert plan.grid == (64, 64)
+    w16 = [w for n, w in plan.cross.items() if n.startswith("up_blocks.1.")]
+    w32 = [w for n, w in plan.cross.items() if n.startswith("up_blocks.2.")]
+    assert len(w16) == 3 and len(w32) == 3 and set(w16) == {0.7} and set(w32) == {0.3}
+    assert plan.key_scale_gamma == 1.6
+
+
+def test_presets_on_small_unet(tiny_pipe):
+    inv = layer_inventory(tiny_pipe.unet)
+    t2m = T2M().plan(inv, 16)
+    assert t2m.self_names == ["up_blocks.2.attentions.1.transformer_blocks.0.attn1"]
+    assert "mid_block.attentions.0.transformer_blocks.0.attn2" in t2m.cross
+    iseg = ISeg().plan(inv, 16)
+    assert iseg.grid == (16, 16)
+
+
+def test_select_by_side_and_names(sd15_inventory):
+    by_side = LayerSelect(kind="self", sides=(32,)).resolve(sd15_inventory, 64)
+    assert len(by_side) == 5 and all(x.side(64) == 32 for x in by_side)
+    by_name = resolve_all([LayerSelect(kind="cross", names=("mid_block*",))], sd15_inventory)
+    assert [x.name for x in by_name] == ["mid_block.attentions.0.transformer_blocks.0.attn2"]
+    with pytest.raises(ValueError, match="no cross-attention layer matches"):
+        LayerSelect(kind="cross", names=("nothing*",)).resolve(sd15_inventory)

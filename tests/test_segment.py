@@ -1,0 +1,210 @@
+"""Predictor API, the output contract of `attnseg segment`, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from attnseg.cli import app
+from attnseg.data.shapes import make_scene
+
+METHODS = ["cross", "t2m", "iseg"]
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return make_scene(7, 0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_predictor_shapes_and_ranges(predictor, scene, method):
+    predictor.set_image(scene.image[:40, :52])  # any size
+    r = predictor.segment(["red circle", "star"], method=method, draws=2)
+    assert r.mask.shape == (40, 52) and r.mask.dtype == np.uint8
+    assert r.scores.shape == (3, 40, 52)
+    assert set(np.unique(r.mask)) <= {0, 1, 2}
+    assert np.array_equal(r.mask, r.scores.argmax(0))
+    assert np.allclose(r.confidence, np.sort(r.scores, 0)[-1] - np.sort(r.scores, 0)[-2], atol=1e-6)
+    assert r.uncertain.dtype == bool and np.array_equal(r.uncertain, r.confidence < 0.05)
+    assert r.method == method and r.labels == ["red circle", "star"]
+
+
+def test_batch_equals_single(predictor, scene):
+    other = make_scene(7, 1).image
+    predictor.set_image(scene.image)
+    single = predictor.segment(["circle"], method="t2m", draws=2, seed=3)
+    batch = predictor.segment_batch([other, scene.image], [["star", "ring"], ["circle"]], method="t2m", draws=2, seed=3)
+    assert np.allclose(batch[1].scores, single.scores, atol=2e-3)  # batched matmuls round differently
+    assert batch[0].scores.shape[0] == 3
+
+
+def test_draws_are_seeded(predictor, scene):
+    predictor.set_image(scene.image)
+    a = predictor.segment(["circle"], method="cross", draws=2, seed=1).scores
+    b = predictor.segment(["circle"], method="cross", draws=2, seed=1).scores
+    c = predictor.segment(["circle"], method="cross", draws=2, seed=2).scores
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def _write_inputs(d):
+    d.mkdir()
+    sc = make_scene(3, 0)
+    Image.fromarray(sc.image).save(d / "rgb.png")
+    Image.fromarray(sc.image[..., 0]).save(d / "gray.png")
+    Image.fromarray(np.dstack([sc.image, np.full(sc.image.shape[:2], 200, np.uint8)])).save(d / "rgba.png")
+    Image.fromarray(sc.image[..., 1].astype(np.uint16) * 257).save(d / "sixteen.png")
+    Image.fromarray(np.resize(sc.image, (37, 91, 3))).save(d / "odd.jpg")
+    return sc
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cli_output_contract(tiny_pipe_dir, tmp_path, method):
+    _write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    args = [
+        "segment",
+        str(tmp_path / "in"),
+        "--labels",
+        "red circle",
+        "--labels",
+        "star",
+        "--model",
+        str(tiny_pipe_dir),
+        "--method",
+        method,
+        "--out",
+        str(out),
+        "--draws",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    for stem, size in (("rgb", (64, 64)), ("gray", (64, 64)), ("rgba", (64, 64)), ("sixteen", (64, 64)), ("odd", (37, 91))):
+        m = Image.open(out / f"{stem}.png")
+        assert m.mode == "P" and m.size == (size[1], size[0])
+        assert set(np.unique(np.asarray(m))) <= {0, 1, 2}
+        meta = json.loads((out / f"{stem}.json").read_text())
+        assert meta["labels"] == ["red circle", "star"] and meta["method"] == method
+        assert meta["model"] == str(tiny_pipe_dir) and meta["size"] == list(size)
+        assert "timestep" in meta["settings"]
+        ov = Image.open(out / f"{stem}_overlay.png")
+        assert ov.mode == "RGB" and ov.size == m.size
+        npz = np.load(out / f"{stem}_scores.npz")
+        assert npz["scores"].dtype == np.float16 and npz["scores"].shape == (3, *size)
+        assert npz["confidence"].shape == size and list(npz["labels"]) == ["red circle", "star"]
+    # A rerun skips what is done, and redoes an image whose JSON is missing.
+    (out / "rgb.json").unlink()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and "1 segmented, 4 already done" in res.output
+
+
+def test_cli_labels_file(tiny_pipe_dir, tmp_path):
+    _write_inputs(tmp_path / "in")
+    table = {"rgb.png": ["circle", "star"], "gray": ["ring"]}
+    (tmp_path / "labels.json").write_text(json.dumps(table))
+    res = CliRunner().invoke(
+        app,
+        [
+            "segment",
+            str(tmp_path / "in" / "rgb.png"),
+            str(tmp_path / "in" / "gray.png"),
+            str(tmp_path / "in" / "odd.jpg"),
+            "--labels-file",
+            str(tmp_path / "labels.json"),
+            "--model",
+            str(tiny_pipe_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--method",
+            "cross",
+        ],
+    )
+    assert res.exit_code == 1  # odd.jpg has no entry
+    assert "odd.jpg: no entry for odd.jpg in the labels file" in res.output
+    assert json.loads((tmp_path / "o" / "gray.json").read_text())["labels"] == ["ring"]
+    assert json.loads((tmp_path / "o" / "rgb.json").read_text())["labels"] == ["circle", "star"]
+
+
+def test_cli_bad_inputs_each_one_line_and_others_processed(tiny_pipe_dir, tmp_path):
+    d = tmp_path / "in"
+    _write_inputs(d)
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (d / "empty.jpg").write_bytes(b"")
+    res = CliRunner().invoke(
+        app,
+        [
+            "segment",
+            str(d),
+            str(tmp_path / "missing.png"),
+            "--labels",
+            "circle",
+            "--model",
+            str(tiny_pipe_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--method",
+            "cross",
+        ],
+    )
+    assert res.exit_code == 1
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 3, res.output
+    assert any("missing.png: no such file" in e for e in errors)
+    assert any("corrupt.png: not a readable image" in e for e in errors)
+    assert any("empty.jpg: not a readable image" in e for e in errors)
+    assert "Traceback" not in res.output
+    assert (tmp_path / "o" / "rgb.json").exists() and (tmp_path / "o" / "odd.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        ([], "no labels given"),
+        (["--labels", "circle", "--model", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
+        (["--labels", "circle", "--method", "magic"], "unknown method 'magic'"),
+        (["--labels", "circle", "--labels-file", "/nonexistent.json"], "labels file /nonexistent.json does not exist"),
+    ],
+)
+def test_cli_usage_errors(tiny_pipe_dir, tmp_path, extra, expect):
+    Image.fromarray(make_scene(3, 0).image).save(tmp_path / "a.png")
+    args = ["segment", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), *extra]
+    if "--model" not in extra:
+        args += ["--model", str(tiny_pipe_dir)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2
+    assert expect in res.output and "Traceback" not in res.output
+
+
+def test_cli_label_too_long(tiny_pipe_dir, tmp_path):
+    Image.fromarray(make_scene(3, 0).image).save(tmp_path / "a.png")
+    labels = []
+    for lab in ["circle", "star"] * 20 + ["zebra"]:
+        labels += ["--labels", lab]
+    res = CliRunner().invoke(
+        app, ["segment", str(tmp_path / "a.png"), "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "o"), *labels]
+    )
+    assert res.exit_code == 1
+    assert "'zebra' fall beyond the tokenizer's limit of 77 tokens" in res.output
+
+
+def test_pickled_weights_refused(tiny_pipe_dir, tmp_path):
+    import shutil
+
+    from attnseg.models import ModelError, load_pipeline
+
+    bad = tmp_path / "pickled"
+    shutil.copytree(tiny_pipe_dir, bad)
+    for f in (bad / "unet").glob("*.safetensors"):
+        f.unlink()
+    (bad / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelError, match="only pickled weights"):
+        load_pipeline(bad)
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    with pytest.raises(ModelError, match="pickled checkpoint"):
+        load_pipeline(tmp_path / "model.ckpt")
