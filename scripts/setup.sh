@@ -11,3 +11,5 @@ python -m pip install -q --upgrade pip
 # torch first and pinned: any other resolution would fetch a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
+# pydensecrf2 builds from source against the numpy installed above.
+python -m pip install -q -e ".[crf]"

@@ -141,6 +141,54 @@ def layers(
         typer.echo(f"{lay.name:70s} {lay.kind:5s} {lay.block:4s} side={lay.side(side):3d} rank={lay.rank} heads={lay.heads}")
 
 
+@app.command("eval")
+def eval_cmd(
+    dataset: Annotated[Path, typer.Argument(help="VOC-layout folder, or COCO annotations JSON / folder.")],
+    method: Annotated[
+        list[str], typer.Option("--method", "-m", help="Methods to compare: cross, t2m, iseg, t2m:single-pass, iseg+crf ...")
+    ],
+    out: Annotated[Path, typer.Option(help="Report folder (report.json, report.md, per_class.png, qualitative.png).")],
+    split: Annotated[str, typer.Option(help="VOC split name (ImageSets/Segmentation/<split>.txt).")] = "val",
+    classes: Annotated[list[str] | None, typer.Option(help="Class names, background first (default: classes.txt).")] = None,
+    labels_file: Annotated[Path | None, typer.Option(help="Image-level labels to use instead of the ground truth's.")] = None,
+    crf: Annotated[bool, typer.Option(help="Also evaluate every method after dense CRF.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only.")] = None,
+    draws: Annotated[int | None, typer.Option(help="Noise draws (default: each method's).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    dtype: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Pseudo-mask mIoU of methods on a dataset (image-level labels from the ground truth)."""
+    _quiet_libraries()
+    from .datasets import DatasetError, open_dataset
+    from .evaluate import evaluate, markdown_table
+
+    try:
+        ds = open_dataset(dataset, split, classes)
+    except (DatasetError, ImportError) as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    predictor = _load_predictor(model, device, dtype)
+    try:
+        report = evaluate(
+            predictor,
+            ds,
+            method,
+            out,
+            crf=crf,
+            limit=limit,
+            labels_file=labels_file,
+            draws=draws,
+            seed=seed,
+            progress=sys.stderr.isatty(),
+        )
+    except (ValueError, ImportError) as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    typer.echo(markdown_table(report))
+
+
 @shapes_app.command("export")
 def shapes_export(
     out: Annotated[Path, typer.Argument(help="Output folder (VOC layout).")],

@@ -1,0 +1,188 @@
+"""``attnseg eval``: pseudo-mask quality of methods on a labelled dataset (WSSS protocol).
+
+For every image the labels given to a method are the classes present in its ground truth
+(or a labels file). Predictions are cached per image under ``REPORT_DIR/cache/<method>/`` as
+palette PNGs in the dataset's class-index space, so a killed evaluation resumes where it stopped.
+One confusion matrix per method is accumulated over the split.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .datasets import image_labels
+from .images import atomic_write_bytes, encode_png, palette_png
+from .metrics import confusion, summarize
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """``method``, ``method:preset`` or either with ``+crf``; ``key`` names its cache folder."""
+
+    method: str
+    preset: str | None = None
+    crf: bool = False
+
+    @classmethod
+    def parse(cls, text: str, crf: bool = False) -> MethodSpec:
+        base = text
+        if base.endswith("+crf"):
+            base, crf = base[: -len("+crf")], True
+        method, _, preset = base.partition(":")
+        return cls(method, preset or None, crf)
+
+    @property
+    def key(self) -> str:
+        k = self.method + (f"-{self.preset}" if self.preset else "")
+        return k + ("+crf" if self.crf else "")
+
+
+def _predict_ids(
+    predictor, image: np.ndarray, labels: list[str], classes: Sequence[str], spec: MethodSpec, draws, seed
+) -> np.ndarray:
+    res = predictor.segment_batch(
+        [image], [labels], method=spec.method, preset=spec.preset, draws=draws, seed=seed, crf=spec.crf
+    )[0]
+    unknown = [lab for lab in labels if lab not in classes]
+    if unknown:
+        raise ValueError(f"labels {unknown} are not classes of the dataset ({', '.join(classes[1:])})")
+    lut = np.array([0] + [classes.index(lab) for lab in labels], dtype=np.uint8)
+    return lut[res.mask]
+
+
+def evaluate(
+    predictor,
+    dataset,
+    methods: Sequence[str],
+    out: str | Path,
+    crf: bool = False,
+    limit: int | None = None,
+    labels_file: str | Path | None = None,
+    draws: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    grid_rows: int = 6,
+) -> dict:
+    """Evaluate ``methods`` on ``dataset``; write report.json, report.md and PNG charts to ``out``."""
+    out = Path(out)
+    classes = list(dataset.classes)
+    specs: list[MethodSpec] = []
+    for m in methods:
+        s = MethodSpec.parse(m)
+        specs.append(s)
+        if crf and not s.crf:
+            specs.append(MethodSpec(s.method, s.preset, True))
+    table = json.loads(Path(labels_file).read_text()) if labels_file else None
+    confs = {s.key: np.zeros((len(classes), len(classes)), np.int64) for s in specs}
+    samples = []
+    ids = list(dataset.ids)[: limit or None]
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not progress) as bar:
+        task = bar.add_task("eval", total=len(ids) * len(specs))
+        for sid in ids:
+            sample = dataset.sample(sid)
+            labels = (table.get(f"{sample.id}.png") or table.get(sample.id)) if table else image_labels(sample.gt, classes)
+            image = None
+            preds = {}
+            for spec in specs:
+                cache = out / "cache" / spec.key / f"{sample.id}.png"
+                if cache.exists():
+                    pred = np.asarray(Image.open(cache), dtype=np.uint8)
+                else:
+                    if image is None:
+                        image = sample.image()
+                    if labels:
+                        pred = _predict_ids(predictor, image, list(labels), classes, spec, draws, seed)
+                    else:
+                        pred = np.zeros(sample.gt.shape, np.uint8)
+                    atomic_write_bytes(cache, encode_png(palette_png(pred)))
+                confs[spec.key] += confusion(sample.gt, pred, len(classes))
+                preds[spec.key] = pred
+                bar.advance(task)
+            if len(samples) < grid_rows:
+                samples.append((sample, preds))
+    report = {
+        "dataset": str(getattr(dataset, "root", "")),
+        "classes": classes,
+        "images": len(ids),
+        "protocol": "image-level labels from the ground truth; one confusion matrix per method over the split; 255 ignored; "
+        "mIoU over classes present in the ground truth",
+        "model": predictor.model_name,
+        "methods": {key: summarize(c, classes) for key, c in confs.items()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=1).encode())
+    atomic_write_bytes(out / "report.md", markdown_table(report).encode())
+    atomic_write_bytes(out / "per_class.png", encode_png(bar_chart(report)))
+    atomic_write_bytes(out / "qualitative.png", encode_png(qualitative_grid(samples, list(confs))))
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    classes = report["classes"]
+    methods = report["methods"]
+    lines = [
+        f"Images: {report['images']}. Model: {report['model']}. {report['protocol']}.",
+        "",
+        "| method | mIoU | pixel acc | " + " | ".join(classes) + " |",
+        "|---|---|---|" + "---|" * len(classes),
+    ]
+    for key, m in methods.items():
+        cells = ["-" if m["per_class"][c] is None else f"{100 * m['per_class'][c]:.1f}" for c in classes]
+        lines.append(f"| {key} | {100 * m['miou']:.1f} | {100 * m['pixel_acc']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194)]
+
+
+def bar_chart(report: dict, width_per_class: int = 60, height: int = 260) -> Image.Image:
+    """Per-class IoU bars, one colour per method (PIL only, no plotting dependency)."""
+    classes = report["classes"]
+    methods = list(report["methods"])
+    w = 60 + width_per_class * len(classes)
+    im = Image.new("RGB", (w, height + 60 + 14 * len(methods)), "white")
+    d = ImageDraw.Draw(im)
+    top, base = 10, height
+    d.line([(50, top), (50, base)], fill="black")
+    for v in (0, 0.25, 0.5, 0.75, 1.0):
+        y = base - v * (base - top)
+        d.line([(46, y), (w - 5, y)], fill=(220, 220, 220))
+        d.text((5, y - 6), f"{v:.2f}", fill="black")
+    bw = max(2, (width_per_class - 10) // max(1, len(methods)))
+    for ci, c in enumerate(classes):
+        x0 = 55 + ci * width_per_class
+        for mi, m in enumerate(methods):
+            v = report["methods"][m]["per_class"][c]
+            if v is None:
+                continue
+            x = x0 + mi * bw
+            d.rectangle([x, base - v * (base - top), x + bw - 1, base], fill=_COLOURS[mi % len(_COLOURS)])
+        d.text((x0, base + 4), c[:9], fill="black")
+    for mi, m in enumerate(methods):
+        y = base + 24 + 14 * mi
+        d.rectangle([55, y, 65, y + 10], fill=_COLOURS[mi % len(_COLOURS)])
+        d.text((70, y - 1), f"{m}  mIoU {100 * report['methods'][m]['miou']:.1f}", fill="black")
+    return im
+
+
+def qualitative_grid(samples, keys: list[str], cell: int = 96) -> Image.Image:
+    """Rows of image | ground truth | each method's prediction, in the VOC palette."""
+    cols = 2 + len(keys)
+    im = Image.new("RGB", (cols * cell, 14 + max(1, len(samples)) * cell), "white")
+    d = ImageDraw.Draw(im)
+    for j, name in enumerate(["image", "ground truth", *keys]):
+        d.text((j * cell + 2, 1), name[:16], fill="black")
+    for i, (sample, preds) in enumerate(samples):
+        tiles = [Image.fromarray(sample.image()), palette_png(sample.gt).convert("RGB")]
+        tiles += [palette_png(preds[k]).convert("RGB") for k in keys]
+        for j, t in enumerate(tiles):
+            im.paste(t.resize((cell, cell), Image.NEAREST), (j * cell, 14 + i * cell))
+    return im
