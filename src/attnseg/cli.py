@@ -189,6 +189,30 @@ def eval_cmd(
     typer.echo(markdown_table(report))
 
 
+@app.command()
+def bench(
+    out: Annotated[Path | None, typer.Option(help="Folder for bench.json and bench.md.")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Methods (default: cross, t2m, iseg).")] = None,
+    model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 5,
+    batch: Annotated[int, typer.Option(help="Images per batch for the throughput figure.")] = 8,
+    real_size: Annotated[bool, typer.Option(help="Also measure an SD 1.5-shaped UNet at 512 px (about 4 GB of RAM).")] = False,
+    device: Annotated[str, typer.Option()] = "cpu",
+    dtype: Annotated[str, typer.Option()] = "float32",
+) -> None:
+    """Seconds per image, throughput, peak memory and the ratio to the bare model cost, per method."""
+    _quiet_libraries()
+    from .bench import bench_markdown, run_bench
+    from .models import ModelError
+
+    try:
+        res = run_bench(model, method or ["cross", "t2m", "iseg"], out, repeats, batch, real_size, device, dtype)
+    except ModelError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    typer.echo(bench_markdown(res))
+
+
 @shapes_app.command("export")
 def shapes_export(
     out: Annotated[Path, typer.Argument(help="Output folder (VOC layout).")],

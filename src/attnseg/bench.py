@@ -1,0 +1,281 @@
+"""``attnseg bench``: speed and memory of every method, side by side with the bare model cost.
+
+The *bare cost* is what any attention reader must pay: the VAE encoding of the image and one
+UNet forward with diffusers' default processors. Each method is timed in the same run, so the
+ratios are robust to a noisy machine; absolute seconds are not.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def bench_methods(predictor, methods: Sequence[str], repeats: int = 5, batch: int = 8, labels=("circle", "star")) -> dict:
+    """Per method: seconds per image (one draw), images/s batched, peak RSS, ratio to the bare cost."""
+    from .data.shapes import make_scene
+
+    pipe = predictor.pipe
+    img = make_scene(12345, 0).image
+    images = [make_scene(12345, i).image for i in range(batch)]
+    emb = predictor._encode_text(["a photo including circle and star."])
+    t = torch.tensor([150], device=predictor.device)
+
+    @torch.inference_mode()
+    def bare():
+        z = predictor.encode_images([img])
+        pipe.unet(z, t, encoder_hidden_states=emb)
+
+    @torch.inference_mode()
+    def bare_batch():
+        z = predictor.encode_images(images)
+        pipe.unet(z, t.expand(len(images)), encoder_hidden_states=emb.expand(len(images), -1, -1))
+
+    gc.collect()
+    _reset_peak_rss()
+    bare_s, _ = timed(bare, repeats)
+    bare_rss = peak_rss_mb()
+    bare_b, _ = timed(bare_batch, max(1, repeats // 2))
+    out = {"bare": {"seconds_per_image": bare_s, "images_per_second_batched": batch / bare_b, "peak_rss_mb": bare_rss}}
+    for m in methods:
+
+        def one(m=m):
+            predictor.segment_batch([img], [list(labels)], method=m, draws=1)
+
+        def many(m=m):
+            predictor.segment_batch(images, [list(labels)] * len(images), method=m, draws=1)
+
+        gc.collect()
+        _reset_peak_rss()
+        s, _ = timed(one, repeats)
+        rss = peak_rss_mb()
+        sb, _ = timed(many, max(1, repeats // 2))
+        # Bare cost timed again right after, interleaved, so drift of the machine cancels out.
+        s_bare, _ = timed(bare, repeats, warmup=0)
+        out[m] = {
+            "seconds_per_image": s,
+            "images_per_second_batched": batch / sb,
+            "peak_rss_mb": rss,
+            "bare_seconds_same_window": s_bare,
+            "ratio_to_bare": s / s_bare,
+        }
+    return out
+
+
+def bench_refinement(p: int = 4096, k: int = 3, iters: Sequence[int] = (1, 2, 4, 8, 16), repeats: int = 3) -> dict:
+    """Time of the refinement (repeated matrix-vector products) against the number of iterations."""
+    from .maps import propagate
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand((1, p, p), generator=g)
+    a = a / a.sum(-1, keepdim=True)
+    c = torch.rand((1, p, k), generator=g)
+    times = {}
+    for n in iters:
+        times[n], _ = timed(lambda n=n: propagate(a, c, n), repeats)
+    xs = np.array(list(times), float)
+    ys = np.array(list(times.values()))
+    slope, intercept = np.polyfit(xs, ys, 1)
+    resid = ys - (slope * xs + intercept)
+    r2 = 1 - (resid**2).sum() / max(((ys - ys.mean()) ** 2).sum(), 1e-30)
+    return {
+        "pixels": p,
+        "seconds": {str(n): v for n, v in times.items()},
+        "linear_fit_r2": float(r2),
+        "seconds_per_iter": float(slope),
+    }
+
+
+SD15_UNET = dict(
+    sample_size=64,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+
+
+@torch.inference_mode()
+def bench_real_size(methods: Sequence[str] = ("t2m", "iseg"), dtype: torch.dtype = torch.float32) -> dict:
+    """SD 1.5-shaped UNet (random weights) at 512 px: peak memory of capture against a plain forward."""
+    from diffusers import UNet2DConditionModel
+
+    from .capture import capture_attention
+    from .layers import layer_inventory
+    from .methods import get_method
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).to(dtype).eval()
+    z = torch.randn((1, 4, 64, 64), dtype=dtype)
+    emb = torch.randn((1, 77, 768), dtype=dtype)
+    t = torch.tensor([150])
+    gc.collect()
+    base = rss_mb()
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    unet(z, t, encoder_hidden_states=emb)
+    plain_s = time.perf_counter() - t0
+    plain_peak = peak_rss_mb()
+    out = {"weights_rss_mb": base, "plain": {"peak_rss_mb": plain_peak, "seconds": plain_s}}
+    inv = layer_inventory(unet)
+    for m in methods:
+        plan = get_method(m).plan(inv, 64)
+        gc.collect()
+        _reset_peak_rss()
+        t0 = time.perf_counter()
+        with capture_attention(unet, plan.names, per_head=plan.per_head) as store:
+            unet(z, t, encoder_hidden_states=emb)
+        s = time.perf_counter() - t0
+        peak = peak_rss_mb()
+        kept = sum(v.numel() * v.element_size() for v in store.sums.values()) / 2**20
+        del store
+        out[m] = {
+            "peak_rss_mb": peak,
+            "seconds": s,
+            "captured_mb": kept,
+            "peak_ratio_total": peak / plain_peak,
+            "peak_ratio_above_weights": (peak - base) / max(plain_peak - base, 1e-6),
+            "time_ratio": s / plain_s,
+        }
+    return out
+
+
+def run_bench(
+    model=None,
+    methods: Sequence[str] = ("cross", "t2m", "iseg"),
+    out: str | Path | None = None,
+    repeats: int = 5,
+    batch: int = 8,
+    real_size: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict:
+    from .predictor import AttnSegPredictor
+
+    predictor = AttnSegPredictor.from_pretrained(model, device=device, dtype=dtype)
+    res = {
+        "machine": machine(),
+        "model": predictor.model_name,
+        "resolution": predictor.resolution,
+        "methods": bench_methods(predictor, methods, repeats, batch),
+        "refinement": bench_refinement(),
+    }
+    if real_size:
+        del predictor
+        gc.collect()
+        res["real_size_sd15_512px"] = bench_real_size()
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(res, indent=1))
+        (out / "bench.md").write_text(bench_markdown(res))
+    return res
+
+
+def bench_markdown(res: dict) -> str:
+    lines = [
+        f"Machine: {res['machine']}. Model: {res['model']} at {res['resolution']} px.",
+        "",
+        "| method | s / image (1 draw) | images / s (batched) | peak RSS MB | ratio to bare (VAE + 1 UNet forward) |",
+        "|---|---|---|---|---|",
+    ]
+    for m, v in res["methods"].items():
+        ratio = v.get("ratio_to_bare")
+        lines.append(
+            f"| {m} | {v['seconds_per_image']:.4f} | {v['images_per_second_batched']:.1f} | {v['peak_rss_mb']:.0f} | "
+            + (f"{ratio:.2f}" if ratio is not None else "1 (reference)")
+            + " |"
+        )
+    r = res["refinement"]
+    lines += [
+        "",
+        f"Refinement on a {r['pixels']}-pixel grid: "
+        + ", ".join(f"{k} iters {v * 1000:.1f} ms" for k, v in r["seconds"].items())
+        + f"; linear fit R^2 = {r['linear_fit_r2']:.3f}.",
+    ]
+    if "real_size_sd15_512px" in res:
+        rs = res["real_size_sd15_512px"]
+        lines += [
+            "",
+            "SD 1.5-shaped UNet (random weights), 512 px, one forward:",
+            "",
+            "| run | peak RSS MB | ratio to plain (total) | ratio above weights | captured MB | time ratio |",
+            "|---|---|---|---|---|---|",
+            f"| plain | {rs['plain']['peak_rss_mb']:.0f} | 1 | 1 | 0 | 1 |",
+        ]
+        for m, v in rs.items():
+            if m in ("plain", "weights_rss_mb"):
+                continue
+            lines.append(
+                f"| {m} | {v['peak_rss_mb']:.0f} | {v['peak_ratio_total']:.2f} | {v['peak_ratio_above_weights']:.2f} | "
+                f"{v['captured_mb']:.0f} | {v['time_ratio']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
