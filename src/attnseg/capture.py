@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,8 +40,12 @@ class AttentionStore:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     enabled: bool = True
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+    """Applied to each forward's map before it is added (e.g. SeeDiff's per-step max-normalisation)."""
 
     def add(self, name: str, probs_sum: torch.Tensor) -> None:
+        if self.transform is not None:
+            probs_sum = self.transform(name, probs_sum)
         if name in self.sums:
             self.sums[name] += probs_sum
             self.counts[name] += 1
@@ -187,15 +191,17 @@ def capture_attention(
     per_head: Sequence[str] = (),
     cond_rows: str = "all",
     key_scale: torch.Tensor | None = None,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[AttentionStore]:
     """Capture the attention of modules ``names`` of ``unet`` for the duration of the block.
 
     key_scale (iSeg Cat-Cross) is applied to every cross-attention module, captured or not.
+    transform(name, map) is applied to each forward's map before the running sum.
     The UNet's original processors are restored on exit, also on error.
     """
     if cond_rows not in ("all", "second_half"):
         raise ValueError("cond_rows must be 'all' or 'second_half'")
-    store = AttentionStore(per_head=frozenset(per_head), cond_rows=cond_rows)
+    store = AttentionStore(per_head=frozenset(per_head), cond_rows=cond_rows, transform=transform)
     original = dict(unet.attn_processors)
     keys = {k[: -len(".processor")]: k for k in original}
     unknown = [n for n in names if n not in keys]

@@ -213,6 +213,95 @@ def bench(
     typer.echo(bench_markdown(res))
 
 
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option(help="Output folder (images/, masks/, manifest.jsonl, annotations.json).")],
+    classes: Annotated[list[str] | None, typer.Option("--classes", "-c", help="Class names; repeat the option.")] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help=".txt (one prompt per line, labels = --classes it names) or .jsonl ({prompt, labels}).")
+    ] = None,
+    per_class: Annotated[int, typer.Option(help="Images per class (or per prompt).")] = 10,
+    method: Annotated[str, typer.Option(help="ca | ca-sa | seediff")] = "seediff",
+    preset: Annotated[str | None, typer.Option(help="Named settings of the method.")] = None,
+    template: Annotated[str, typer.Option(help="Prompt of one class.")] = "a photo of a {}",
+    model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    seed: Annotated[int, typer.Option(help="Run seed; item i uses a seed derived from (seed, i).")] = 0,
+    block: Annotated[int, typer.Option(help="Items per batched generation (fixed per run: part of its identity).")] = 4,
+    engine: Annotated[str, typer.Option(help="local or ray.")] = "local",
+    workers: Annotated[int, typer.Option(help="Ray actors (one model each).")] = 1,
+    resume: Annotated[bool, typer.Option(help="Require an existing run in --out and continue it.")] = False,
+    device: Annotated[str, typer.Option()] = "auto",
+    dtype: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Generate images from prompts together with their masks (a labelled synthetic dataset)."""
+    _quiet_libraries()
+    from .methods.generated import GENERATED_METHODS, GENERATED_PRESETS
+    from .synth import RunSpec, SynthError, generate_dataset, plan_items
+
+    if method not in GENERATED_METHODS:
+        _err(f"unknown method {method!r}; choose one of {', '.join(GENERATED_METHODS)}")
+        raise typer.Exit(2)
+    if preset is not None and preset not in GENERATED_PRESETS[method]:
+        _err(f"unknown preset {preset!r} for {method}; choose one of {', '.join(GENERATED_PRESETS[method])}")
+        raise typer.Exit(2)
+    if engine not in ("local", "ray"):
+        _err(f"unknown engine {engine!r}: use local or ray")
+        raise typer.Exit(2)
+    if engine == "ray":
+        _err("the ray engine is not available yet in this version; use --engine local")
+        raise typer.Exit(2)
+    try:
+        items, cls, digest = plan_items(classes, per_class, template, prompts)
+    except SynthError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    predictor = _load_predictor(model, device, dtype)
+    _warn_unknown_words(predictor.pipe.tokenizer, cls)
+    spec = RunSpec(
+        items=len(items),
+        classes=cls,
+        method=method,
+        preset=preset,
+        model=predictor.model_name,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        block=block,
+        template=None if prompts else template,
+        prompts_sha=digest,
+    )
+    try:
+        rep = generate_dataset(
+            predictor.pipe,
+            out,
+            items,
+            spec,
+            resume=resume,
+            progress=sys.stderr.isatty(),
+            engine=engine,
+            workers=workers,
+            model=model,
+        )
+    except (SynthError, ImportError) as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    except OSError as e:
+        _err(f"writing to {out} failed ({e.strerror or e}); free space or fix permissions, then run the same command to resume")
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"{rep['done']} of {rep['items']} items in {out} ({rep['generated']} generated now); COCO annotations: {rep['annotations']}"
+    )
+
+
+def _warn_unknown_words(tokenizer, words) -> None:
+    for w in words:
+        pieces = tokenizer.tokenize(w)
+        if len(pieces) > len(w.split()) + 1:
+            typer.echo(f"warning: {w!r} is split into {len(pieces)} sub-word pieces; the model may not know it", err=True)
+
+
 @shapes_app.command("export")
 def shapes_export(
     out: Annotated[Path, typer.Argument(help="Output folder (VOC layout).")],
