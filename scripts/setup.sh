@@ -10,6 +10,6 @@ fi
 python -m pip install -q --upgrade pip
 # torch first and pinned: any other resolution would fetch a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,ray]"
 # pydensecrf2 builds from source against the numpy installed above.
 python -m pip install -q -e ".[crf]"

@@ -75,6 +75,8 @@ def segment(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or auto.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batched forward.")] = 4,
+    engine: Annotated[str, typer.Option(help="local, or ray (an actor pool over a whole dataset).")] = "local",
+    workers: Annotated[int, typer.Option(help="Ray actors (one model each).")] = 1,
 ) -> None:
     """Segment INPUT images for the given labels; write masks, overlays, scores and JSON to --out."""
     _quiet_libraries()
@@ -110,8 +112,11 @@ def segment(
             batch_size=batch_size,
             on_error=lambda src, msg: _err(f"{src}: {msg}"),
             progress=sys.stderr.isatty(),
+            engine=engine,
+            workers=workers,
+            model=model,
         )
-    except (ValueError, ImportError) as e:
+    except (ValueError, ImportError, RuntimeError) as e:
         _err(str(e))
         raise typer.Exit(2) from None
     typer.echo(f"{len(report.done)} segmented, {len(report.skipped)} already done, {len(report.failed)} failed -> {out}")
@@ -231,6 +236,7 @@ def generate(
     block: Annotated[int, typer.Option(help="Items per batched generation (fixed per run: part of its identity).")] = 4,
     engine: Annotated[str, typer.Option(help="local or ray.")] = "local",
     workers: Annotated[int, typer.Option(help="Ray actors (one model each).")] = 1,
+    cpu_threads: Annotated[int, typer.Option(help="Threads per block on CPU (part of the run: results depend on it).")] = 1,
     resume: Annotated[bool, typer.Option(help="Require an existing run in --out and continue it.")] = False,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option()] = "auto",
@@ -249,9 +255,6 @@ def generate(
     if engine not in ("local", "ray"):
         _err(f"unknown engine {engine!r}: use local or ray")
         raise typer.Exit(2)
-    if engine == "ray":
-        _err("the ray engine is not available yet in this version; use --engine local")
-        raise typer.Exit(2)
     try:
         items, cls, digest = plan_items(classes, per_class, template, prompts)
     except SynthError as e:
@@ -269,6 +272,7 @@ def generate(
         guidance=guidance,
         seed=seed,
         block=block,
+        cpu_threads=cpu_threads,
         template=None if prompts else template,
         prompts_sha=digest,
     )
@@ -284,7 +288,7 @@ def generate(
             workers=workers,
             model=model,
         )
-    except (SynthError, ImportError) as e:
+    except (SynthError, ImportError, RuntimeError) as e:
         _err(str(e))
         raise typer.Exit(2) from None
     except OSError as e:

@@ -96,6 +96,9 @@ def segment_paths(
     batch_size: int = 4,
     on_error: Callable[[str, str], None] | None = None,
     progress: bool = True,
+    engine: str = "local",
+    workers: int = 1,
+    model=None,
 ) -> SegmentJobReport:
     """Segment every image of ``inputs`` (files or folders) into ``out``; skip finished ones."""
     out = Path(out)
@@ -127,6 +130,18 @@ def segment_paths(
             continue
         todo.append((p, labs))
 
+    if engine == "ray":
+        from .distributed import run_segment_ray
+
+        options = {"method": method, "preset": preset, "draws": draws, "seed": seed, "crf": crf}
+        for src, err in run_segment_ray(model, [(str(p), labs) for p, labs in todo], out, options, workers):
+            if err:
+                fail(src, err)
+            else:
+                report.done.append(src)
+        return report
+    if engine != "local":
+        raise ValueError(f"unknown engine {engine!r}: use local or ray")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(

@@ -55,6 +55,8 @@ class RunSpec:
     block: int
     template: str | None = None
     prompts_sha: str | None = None
+    cpu_threads: int = 1
+    """Intra-op threads per block on CPU; float results depend on it, so it is part of the run."""
     extra: dict = field(default_factory=dict)
 
 
@@ -203,12 +205,26 @@ def write_item(out: Path, item: Item, gen, classes: Sequence[str], seed: int) ->
 
 
 def run_block(pipe, block: list[Item], spec: RunSpec):
-    """Generate one block of items (the unit of work of every engine)."""
+    """Generate one block of items (the unit of work of every engine).
+
+    On CPU the block runs with ``spec.cpu_threads`` intra-op threads whatever the engine, so that
+    the same item is byte-identical across engines and worker counts.
+    """
     import torch
 
+    gens = [torch.Generator().manual_seed(item_seed(spec.seed, it.index)) for it in block]
+    before = torch.get_num_threads()
+    if pipe.device.type == "cpu":
+        torch.set_num_threads(spec.cpu_threads)
+    try:
+        return _generate(pipe, block, spec, gens)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _generate(pipe, block: list[Item], spec: RunSpec, gens):
     from .generation import generate_with_masks
 
-    gens = [torch.Generator().manual_seed(item_seed(spec.seed, it.index)) for it in block]
     return generate_with_masks(
         pipe,
         [it.prompt for it in block],
