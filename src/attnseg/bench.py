@@ -113,22 +113,26 @@ def bench_methods(predictor, methods: Sequence[str], repeats: int = 5, batch: in
 
         gc.collect()
         _reset_peak_rss()
-        s, _ = timed(one, repeats)
+        one()
         rss = peak_rss_mb()
+        # Method and bare cost alternate, so that drift of a noisy machine hits both alike.
+        pairs = []
+        for _ in range(repeats):
+            s_m, _ = timed(one, 1, warmup=0)
+            s_b, _ = timed(bare, 1, warmup=0)
+            pairs.append((s_m, s_b))
         sb, _ = timed(many, max(1, repeats // 2))
-        # Bare cost timed again right after, interleaved, so drift of the machine cancels out.
-        s_bare, _ = timed(bare, repeats, warmup=0)
         out[m] = {
-            "seconds_per_image": s,
+            "seconds_per_image": statistics.median(p[0] for p in pairs),
             "images_per_second_batched": batch / sb,
             "peak_rss_mb": rss,
-            "bare_seconds_same_window": s_bare,
-            "ratio_to_bare": s / s_bare,
+            "bare_seconds_same_window": statistics.median(p[1] for p in pairs),
+            "ratio_to_bare": statistics.median(p[0] / p[1] for p in pairs),
         }
     return out
 
 
-def bench_refinement(p: int = 4096, k: int = 3, iters: Sequence[int] = (1, 2, 4, 8, 16), repeats: int = 3) -> dict:
+def bench_refinement(p: int = 4096, k: int = 3, iters: Sequence[int] = (1, 2, 4, 8, 16), repeats: int = 7) -> dict:
     """Time of the refinement (repeated matrix-vector products) against the number of iterations."""
     from .maps import propagate
 
@@ -138,7 +142,8 @@ def bench_refinement(p: int = 4096, k: int = 3, iters: Sequence[int] = (1, 2, 4,
     c = torch.rand((1, p, k), generator=g)
     times = {}
     for n in iters:
-        times[n], _ = timed(lambda n=n: propagate(a, c, n), repeats)
+        _, runs = timed(lambda n=n: propagate(a, c, n), repeats)
+        times[n] = min(runs)  # the least disturbed run of deterministic CPU work
     xs = np.array(list(times), float)
     ys = np.array(list(times.values()))
     slope, intercept = np.polyfit(xs, ys, 1)
@@ -150,6 +155,24 @@ def bench_refinement(p: int = 4096, k: int = 3, iters: Sequence[int] = (1, 2, 4,
         "linear_fit_r2": float(r2),
         "seconds_per_iter": float(slope),
     }
+
+
+def bench_generation(pipe, methods: Sequence[str] = ("ca", "ca-sa", "seediff"), steps: int = 20, repeats: int = 3) -> dict:
+    """Generation with capture (and the method's masks) against plain generation, same prompts and seeds."""
+    from .generation import generate_with_masks
+
+    prompts, labels = ["a photo of a red circle"], [["circle"]]
+
+    def run(method: str, capture: bool):
+        gens = [torch.Generator().manual_seed(0)]
+        generate_with_masks(pipe, prompts, labels, method=method, generators=gens, capture=capture, steps=steps)
+
+    out = {}
+    for m in methods:
+        plain, _ = timed(lambda m=m: run(m, False), repeats)
+        cap, _ = timed(lambda m=m: run(m, True), repeats)
+        out[m] = {"plain_seconds": plain, "capture_seconds": cap, "ratio": cap / plain, "steps": steps}
+    return out
 
 
 SD15_UNET = dict(
@@ -227,6 +250,7 @@ def run_bench(
         "resolution": predictor.resolution,
         "methods": bench_methods(predictor, methods, repeats, batch),
         "refinement": bench_refinement(),
+        "generation": bench_generation(predictor.pipe),
     }
     if real_size:
         del predictor
@@ -261,6 +285,12 @@ def bench_markdown(res: dict) -> str:
         + ", ".join(f"{k} iters {v * 1000:.1f} ms" for k, v in r["seconds"].items())
         + f"; linear fit R^2 = {r['linear_fit_r2']:.3f}.",
     ]
+    if "generation" in res:
+        lines += ["", "| generation (1 image, CFG) | plain s | with capture + masks s | ratio |", "|---|---|---|---|"]
+        for m, v in res["generation"].items():
+            lines.append(
+                f"| {m} ({v['steps']} steps) | {v['plain_seconds']:.3f} | {v['capture_seconds']:.3f} | {v['ratio']:.2f} |"
+            )
     if "real_size_sd15_512px" in res:
         rs = res["real_size_sd15_512px"]
         lines += [

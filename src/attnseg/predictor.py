@@ -13,6 +13,7 @@ dense CRF -> argmax and confidence (``attnseg.postprocess``).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 
@@ -66,6 +67,9 @@ class AttnSegPredictor:
         self.model_name = getattr(pipe, "attnseg_model_name", type(pipe).__name__)
         self._latents: torch.Tensor | None = None
         self._images: list[np.ndarray] = []
+        self.text_cache_size = 256
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prompt_cache: OrderedDict[tuple, tuple[str, TokenSpans]] = OrderedDict()
 
     @classmethod
     def from_pretrained(cls, model=None, device: str | None = "cpu", dtype="auto", **kw) -> AttnSegPredictor:
@@ -73,11 +77,12 @@ class AttnSegPredictor:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        # Read from one parameter: diffusers' ``unet.device`` walks every module on each call.
+        return next(self.pipe.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
+        return next(self.pipe.unet.parameters()).dtype
 
     # ------------------------------------------------------------------ encoding
 
@@ -89,7 +94,7 @@ class AttnSegPredictor:
         for im in images:
             t = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float()[None] / 127.5 - 1
             xs.append(F.interpolate(t, size=(r, r), mode="bilinear", align_corners=False, antialias=True))
-        x = torch.cat(xs).to(self.device, self.pipe.vae.dtype)
+        x = torch.cat(xs).to(self.device, next(self.pipe.vae.parameters()).dtype)
         vae = self.pipe.vae
         lat = []
         for i in range(0, len(x), self.max_batch):
@@ -108,13 +113,20 @@ class AttnSegPredictor:
 
     def _prompt(self, labels: Sequence[str], method) -> tuple[str, TokenSpans]:
         cfg = method.config
+        key = (tuple(labels), cfg.template, bool(getattr(cfg, "synonyms", False)), tuple(getattr(cfg, "background_words", ())))
+        if key in self._prompt_cache:
+            return self._prompt_cache[key]
         prompt = compose_prompt(
             labels,
             cfg.template,
             synonyms=T2M_SYNONYMS if getattr(cfg, "synonyms", False) else None,
             background_words=getattr(cfg, "background_words", ()),
         )
-        return prompt.text, prompt_spans(self.pipe.tokenizer, prompt)
+        out = (prompt.text, prompt_spans(self.pipe.tokenizer, prompt))
+        self._prompt_cache[key] = out
+        if len(self._prompt_cache) > self.text_cache_size:
+            self._prompt_cache.popitem(last=False)
+        return out
 
     @torch.inference_mode()
     def _encode_text(self, texts: Sequence[str]) -> torch.Tensor:
