@@ -172,7 +172,36 @@ def bench_generation(pipe, methods: Sequence[str] = ("ca", "ca-sa", "seediff"), 
         plain, _ = timed(lambda m=m: run(m, False), repeats)
         cap, _ = timed(lambda m=m: run(m, True), repeats)
         out[m] = {"plain_seconds": plain, "capture_seconds": cap, "ratio": cap / plain, "steps": steps}
+    peer = bench_daam(pipe, prompts[0], labels[0][0], steps, repeats)
+    if peer is not None:
+        out["daam (peer)"] = peer
     return out
+
+
+def bench_daam(pipe, prompt: str, word: str, steps: int, repeats: int) -> dict | None:
+    """The ``daam`` package's trace + word heat map on the same pipeline, when it is installed.
+
+    daam sizes its maps for 512/768-px models: on another size its factors are 6/12/24, which are
+    passed explicitly so that it records every layer.
+    """
+    try:
+        from daam import trace
+    except ImportError:
+        return None
+    res = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    def plain():
+        pipe(prompt, num_inference_steps=steps, height=res, width=res, generator=torch.Generator().manual_seed(0))
+
+    def traced():
+        with trace(pipe) as tc:
+            pipe(prompt, num_inference_steps=steps, height=res, width=res, generator=torch.Generator().manual_seed(0))
+            factors = None if res in (512, 768, 1024) else {3, 6, 12, 24, 48}
+            tc.compute_global_heat_map(factors=factors).compute_word_heat_map(word)
+
+    p, _ = timed(plain, repeats)
+    t, _ = timed(traced, repeats)
+    return {"plain_seconds": p, "capture_seconds": t, "ratio": t / p, "steps": steps}
 
 
 SD15_UNET = dict(

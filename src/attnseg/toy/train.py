@@ -112,11 +112,19 @@ def _objects_of(row: np.ndarray) -> list[SceneObject]:
 # ----------------------------------------------------------------------------- VAE
 
 
-def stage_vae(cfg: TrainConfig) -> None:
+def stage_vae(cfg: TrainConfig, init_from: str | None = None) -> None:
     import torch
 
     work = Path(cfg.work)
     if (work / "vae.pt").exists():
+        return
+    if init_from:
+        # Warm start: the shipped VAE is kept as it is, so the cached latents match the shipped model.
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(Path(init_from) / "vae", torch_dtype=torch.float32)
+        _atomic_torch_save(vae.state_dict(), work / "vae.pt")
+        _log(work, {"stage": "vae", "init_from": str(init_from)})
         return
     torch.manual_seed(cfg.seed)
     scenes = _load_scenes(work)
@@ -205,7 +213,7 @@ def _tokenize(tok, texts: list[str]):
     return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
-def stage_unet(cfg: TrainConfig, max_minutes: float | None = None) -> None:
+def stage_unet(cfg: TrainConfig, max_minutes: float | None = None, init_from: str | None = None) -> None:
     import torch
 
     work = Path(cfg.work)
@@ -233,6 +241,18 @@ def stage_unet(cfg: TrainConfig, max_minutes: float | None = None) -> None:
             e.copy_(s)
         step = state["step"]
         _log(work, {"stage": "unet", "resumed_at": step})
+    elif init_from:
+        # Warm start from a shipped pipeline (fp16 weights; no optimizer state is shipped).
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(init_from) / "unet", torch_dtype=torch.float32).state_dict())
+        te.load_state_dict(CLIPTextModel.from_pretrained(Path(init_from) / "text_encoder", dtype=torch.float32).state_dict())
+        for e, p in zip(ema, params, strict=True):
+            e.copy_(p.detach())
+        meta = json.loads((Path(init_from) / "training.json").read_text()) if (Path(init_from) / "training.json").exists() else {}
+        step = int(meta.get("step", 0))
+        _log(work, {"stage": "unet", "init_from": str(init_from), "step": step})
     alphas = sched.alphas_cumprod.float()
     snr = alphas / (1 - alphas)
     w_t = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
@@ -394,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--out", default=None, help="export: pipeline folder to write")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init-from", default=None, help="warm start from a pipeline folder (e.g. the shipped embedded model)")
     a = p.parse_args(argv)
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
     import torch
@@ -402,11 +423,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage in ("data", "all"):
         stage_data(cfg)
     if a.stage in ("vae", "all"):
-        stage_vae(cfg)
+        stage_vae(cfg, a.init_from)
     if a.stage in ("encode", "all"):
         stage_encode(cfg)
     if a.stage in ("unet", "all"):
-        stage_unet(cfg, a.max_minutes)
+        stage_unet(cfg, a.max_minutes, a.init_from)
     if a.stage == "export":
         stage_export(cfg, a.out or Path(cfg.work) / "pipeline")
 
