@@ -11,8 +11,16 @@ from attnseg.models import EMBEDDED_DIR, embedded_model_path
 
 def test_embedded_model_files():
     root = embedded_model_path()
-    for f in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer/vocab.json",
-              "tokenizer/merges.txt", "scheduler/scheduler_config.json", "README.md"):
+    for f in (
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json",
+        "README.md",
+    ):
         assert (root / f).exists(), f
     total = sum(p.stat().st_size for p in EMBEDDED_DIR.rglob("*") if p.is_file())
     assert total <= 40 * 2**20

@@ -134,3 +134,16 @@ def test_coco_reader_and_eval(tmp_path):
     m = rep["methods"]["cross"]
     assert np.isclose(m["per_class"]["cat"], 0.5)
     assert np.isclose(m["per_class"]["background"], 7 / 11)
+
+
+def test_eval_real_predictor_supervised_and_unsupervised(predictor, tmp_path):
+    from attnseg.data.shapes import export_voc
+
+    export_voc(tmp_path / "scenes", n=3, seed=11)
+    rep = evaluate(
+        predictor, VOCDataset(tmp_path / "scenes"), ["cross", "t2m:plain", "diffseg:small-unet"], tmp_path / "r", progress=False
+    )
+    assert set(rep["methods"]) == {"cross", "t2m-plain", "diffseg-small-unet"}
+    for m in rep["methods"].values():
+        assert 0.0 <= m["miou"] <= 1.0 and m["pixels"] == 3 * 64 * 64
+    assert (tmp_path / "r" / "cache" / "diffseg-small-unet").is_dir()

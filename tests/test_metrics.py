@@ -45,3 +45,22 @@ def test_hungarian_unmatched_segments_are_errors():
     c = hungarian_confusion(gt, seg, 2)
     assert c[:, 2].sum() == 1
     assert np.isclose(iou_per_class(c)[0], 1 / 2)
+
+
+def test_diffseg_merging_on_hand_made_attention():
+    import torch
+
+    from attnseg.methods.diffseg import DiffSegConfig, aggregate_self, assign, diffseg_proposals, symmetric_kl
+
+    # 4x4 grid, two regions (left/right halves); every pixel attends uniformly to its own half.
+    side = 4
+    left = torch.tensor([(i % side) < 2 for i in range(16)])
+    a = (left[:, None] == left[None, :]).float()
+    a = (a / a.sum(1, keepdim=True))[None]
+    assert torch.allclose(aggregate_self({4: a}), a)
+    kl = symmetric_kl(a[0, :2], a[0, :2])
+    assert torch.allclose(kl, torch.zeros(2, 2), atol=1e-5)
+    props = diffseg_proposals({4: a}, DiffSegConfig(anchors_per_side=4, kl_threshold=1.1, iters=2))[0]
+    assert props.shape[0] == 2  # 16 anchors merge into one proposal per half
+    seg = assign(props, (4, 4)).flatten()
+    assert len(set(seg[left].tolist())) == 1 and len(set(seg[~left].tolist())) == 1 and seg[0] != seg[3]

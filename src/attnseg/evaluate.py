@@ -18,7 +18,9 @@ from PIL import Image, ImageDraw
 
 from .datasets import image_labels
 from .images import atomic_write_bytes, encode_png, palette_png
-from .metrics import confusion, summarize
+from .metrics import confusion, hungarian_confusion, summarize
+
+UNSUPERVISED = ("diffseg",)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def evaluate(
         if crf and not s.crf:
             specs.append(MethodSpec(s.method, s.preset, True))
     table = json.loads(Path(labels_file).read_text()) if labels_file else None
-    confs = {s.key: np.zeros((len(classes), len(classes)), np.int64) for s in specs}
+    confs = {s.key: np.zeros((len(classes), len(classes) + (1 if s.method in UNSUPERVISED else 0)), np.int64) for s in specs}
     samples = []
     ids = list(dataset.ids)[: limit or None]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -93,6 +95,18 @@ def evaluate(
             preds = {}
             for spec in specs:
                 cache = out / "cache" / spec.key / f"{sample.id}.png"
+                if spec.method in UNSUPERVISED:
+                    if cache.exists():
+                        seg = np.asarray(Image.open(cache), dtype=np.uint8)
+                    else:
+                        if image is None:
+                            image = sample.image()
+                        seg = _unsupervised(predictor, image, spec, seed)
+                        atomic_write_bytes(cache, encode_png(palette_png(seg)))
+                    confs[spec.key] += hungarian_confusion(sample.gt, seg, len(classes))
+                    preds[spec.key] = seg  # raw segment ids (palette colours) in the qualitative grid
+                    bar.advance(task)
+                    continue
                 if cache.exists():
                     pred = np.asarray(Image.open(cache), dtype=np.uint8)
                 else:
@@ -113,7 +127,8 @@ def evaluate(
         "classes": classes,
         "images": len(ids),
         "protocol": "image-level labels from the ground truth; one confusion matrix per method over the split; 255 ignored; "
-        "mIoU over classes present in the ground truth",
+        "mIoU over classes present in the ground truth; unsupervised methods (diffseg) matched to classes by the Hungarian "
+        "algorithm per image, unmatched segments counted as errors",
         "model": predictor.model_name,
         "methods": {key: summarize(c, classes) for key, c in confs.items()},
     }
@@ -123,6 +138,16 @@ def evaluate(
     atomic_write_bytes(out / "per_class.png", encode_png(bar_chart(report)))
     atomic_write_bytes(out / "qualitative.png", encode_png(qualitative_grid(samples, list(confs))))
     return report
+
+
+def _unsupervised(predictor, image, spec: MethodSpec, seed: int) -> np.ndarray:
+    from .methods.diffseg import DIFFSEG_PRESETS
+
+    cfg = DIFFSEG_PRESETS[spec.preset or "default"]
+    seg = predictor.segment_unsupervised([image], cfg, seed=seed)[0]
+    if seg.max() > 254:
+        raise ValueError("more than 255 segments cannot be cached as a palette PNG")
+    return seg.astype(np.uint8)
 
 
 def markdown_table(report: dict) -> str:

@@ -215,6 +215,35 @@ class AttnSegPredictor:
         latents = self.encode_images(arrays)
         return self._segment(latents, arrays, [list(x) for x in labels], method, preset, draws, seed, crf, overrides)
 
+    @torch.inference_mode()
+    def segment_unsupervised(self, images: Sequence, config=None, seed: int = 0) -> list[np.ndarray]:
+        """DiffSeg: class-agnostic segments (H, W) int64 of each image, from self-attention alone."""
+        from .maps import grid_side
+        from .methods.diffseg import DiffSegConfig, assign, diffseg_proposals
+
+        cfg = config or DiffSegConfig()
+        arrays = [load_image(im) for im in images]
+        latents = self.encode_images(arrays)
+        names = [lay.name for lay in self.inventory if lay.kind == "self"]
+        emb = self._encode_text([cfg.prompt] * len(arrays))
+        g = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn(latents.shape[1:], generator=g).to(self.device, latents.dtype).expand_as(latents)
+        t = torch.tensor([int(cfg.timestep)], device=self.device)
+        out = []
+        for i0 in range(0, len(arrays), self.max_batch):
+            sl = slice(i0, i0 + self.max_batch)
+            z = self.pipe.scheduler.add_noise(latents[sl], noise[sl], t.expand(len(latents[sl])))
+            with capture_attention(self.pipe.unet, names) as store:
+                self.pipe.unet(z, t.expand(len(z)), encoder_hidden_states=emb[sl])
+            by_side: dict[int, list[torch.Tensor]] = {}
+            for n in names:
+                m = store.mean(n)
+                by_side.setdefault(grid_side(m.shape[1]), []).append(m)
+            maps = {s: torch.stack(v).mean(0) for s, v in by_side.items()}
+            for props, img in zip(diffseg_proposals(maps, cfg), arrays[sl], strict=True):
+                out.append(assign(props, img.shape[:2]).numpy())
+        return out
+
     def _segment(self, latents, images, label_lists, method, preset, draws, seed, crf, overrides):
         m = get_method(method, preset, **overrides) if isinstance(method, str) else method
         n_draws = int(draws if draws is not None else getattr(m.config, "draws", 1))

@@ -85,7 +85,9 @@ def release(work: str, out: str, docs: str, eval_n: int = 200, oracle_n: int = 2
     rep_dir = Path(work) / f"eval-report-{int(t0)}"
     pred = AttnSegPredictor(pipe)
     report = evaluate(pred, VOCDataset(scenes), ["cross", "t2m:single-pass", "t2m", "iseg"], rep_dir, progress=False)
-    meas["eval"] = {k: {"miou": v["miou"], "pixel_acc": v["pixel_acc"], "per_class": v["per_class"]} for k, v in report["methods"].items()}
+    meas["eval"] = {
+        k: {"miou": v["miou"], "pixel_acc": v["pixel_acc"], "per_class": v["per_class"]} for k, v in report["methods"].items()
+    }
     meas["oracle"] = oracle_rate(pipe, oracle_n)
     docs_p.mkdir(parents=True, exist_ok=True)
     ims = sample(pipe, GRID_PROMPTS)

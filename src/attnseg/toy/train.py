@@ -246,7 +246,9 @@ def stage_unet(cfg: TrainConfig, max_minutes: float | None = None, init_from: st
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(init_from) / "unet", torch_dtype=torch.float32).state_dict())
+        unet.load_state_dict(
+            UNet2DConditionModel.from_pretrained(Path(init_from) / "unet", torch_dtype=torch.float32).state_dict()
+        )
         te.load_state_dict(CLIPTextModel.from_pretrained(Path(init_from) / "text_encoder", dtype=torch.float32).state_dict())
         for e, p in zip(ema, params, strict=True):
             e.copy_(p.detach())

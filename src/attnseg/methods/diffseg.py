@@ -1,0 +1,93 @@
+"""DiffSeg (Tian et al. 2024), unsupervised: merge self-attention maps by KL distance.
+
+1. Aggregate the self-attention of every layer on the finest grid: each layer's key maps are
+   upsampled bilinearly and its query rows repeated (nearest) to the finest grid, weighted by the
+   layer's resolution (weights proportional to the side, summing to one).
+2. Anchors on a regular grid take their attention maps as proposals; for ``iters`` rounds every
+   proposal is replaced by the mean of the proposals within symmetric KL ``kl_threshold`` of it,
+   and duplicates are removed.
+3. Every pixel takes the proposal whose map is largest there (non-maximum suppression).
+Evaluated with Hungarian matching (per image) since its segments carry no class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..maps import grid_side
+
+
+@dataclass
+class DiffSegConfig:
+    """DiffSeg's settings (paper, COCO-Stuff-27): t = 300, empty prompt, 16x16 anchors, KL 1.1, 3 rounds."""
+
+    timestep: int = 300
+    prompt: str = ""
+    anchors_per_side: int = 16
+    kl_threshold: float = 1.1
+    iters: int = 3
+
+
+DIFFSEG_PRESETS = {"default": DiffSegConfig(), "small-unet": DiffSegConfig(anchors_per_side=8)}
+
+
+def aggregate_self(maps: dict[int, torch.Tensor]) -> torch.Tensor:
+    """(B, P_s, P_s) maps per side s -> one (B, S*S, S*S) map on the finest side S, rows summing to one."""
+    side = max(maps)
+    total = sum(maps)
+    out = None
+    for s, m in maps.items():
+        b = m.shape[0]
+        keys = m.reshape(b * s * s, 1, s, s).float()
+        keys = F.interpolate(keys, size=(side, side), mode="bilinear", align_corners=False)
+        keys = keys.reshape(b, s, s, side * side)
+        rows = keys.repeat_interleave(side // s, dim=1).repeat_interleave(side // s, dim=2)
+        rows = rows.reshape(b, side * side, side * side)
+        rows = rows / rows.sum(-1, keepdim=True).clamp_min(1e-12)
+        w = s / total
+        out = rows * w if out is None else out + rows * w
+    return out
+
+
+def symmetric_kl(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Pairwise symmetric KL between rows of a (N, P) and b (M, P) distributions: (N, M)."""
+    la, lb = (a + eps).log(), (b + eps).log()
+    ab = (a * la).sum(1, keepdim=True) - a @ lb.T  # KL(a || b)
+    ba = (b * lb).sum(1)[None, :] - la @ b.T  # KL(b || a)
+    return (ab + ba) / 2
+
+
+def merge_proposals(attn: torch.Tensor, anchors: int, threshold: float, iters: int) -> torch.Tensor:
+    """Iterative attention merging on one image's aggregated map (P, P) -> proposals (Q, P)."""
+    p = attn.shape[0]
+    side = grid_side(p)
+    step = max(1, side // anchors)
+    idx = torch.tensor([y * side + x for y in range(step // 2, side, step) for x in range(step // 2, side, step)])
+    props = attn[idx]
+    for _ in range(iters):
+        close = symmetric_kl(props, props) < threshold
+        merged = (close.float() @ props) / close.sum(1, keepdim=True).clamp_min(1)
+        # Remove duplicates: keep the first of each group of identical merged proposals.
+        keep, seen = [], []
+        for i in range(merged.shape[0]):
+            if not any(torch.allclose(merged[i], merged[j], atol=1e-6) for j in seen):
+                keep.append(i)
+                seen.append(i)
+        props = merged[keep]
+    return props
+
+
+def diffseg_proposals(maps: dict[int, torch.Tensor], cfg: DiffSegConfig) -> list[torch.Tensor]:
+    """Per image, the merged proposals (Q, S, S) from self-attention maps by side."""
+    agg = aggregate_self(maps)
+    side = max(maps)
+    return [merge_proposals(a, cfg.anchors_per_side, cfg.kl_threshold, cfg.iters).reshape(-1, side, side) for a in agg]
+
+
+def assign(proposals: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Non-maximum suppression at ``size``: (Q, s, s) proposals -> (H, W) segment ids."""
+    up = F.interpolate(proposals[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    return up.argmax(0)
