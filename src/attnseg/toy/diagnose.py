@@ -5,7 +5,9 @@ Per cross-attention layer and timestep, for every object of every scene, with th
 - pointing: is the argmax of the shape word's map inside the object's visible pixels?
 - AUC: probability that an object pixel scores higher than a pixel outside it (0.5 = chance,
   below 0.5 = inverted maps);
-- the same for the colour word, and for the article "a" as a control that should not localise.
+- the same for the colour word, and for the article "a" as a control that should not localise;
+- choice: in scenes with objects of different shapes, is the shape word's mean map higher on its
+  own object than on each other object (``choice_chance`` is what guessing would score)?
 These move long before mIoU does while a model trains.
 """
 
@@ -65,7 +67,7 @@ def localisation_report(pipe, n: int = 64, timesteps=(150, 400), seed: int = HOL
         for lay in inv:
             m = store.mean(lay.name)  # (n, P, T)
             side = grid_side(m.shape[1])
-            stats = {"shape_point": [], "shape_auc": [], "colour_auc": [], "article_auc": []}
+            stats = {"shape_point": [], "shape_auc": [], "colour_auc": [], "article_auc": [], "choice": [], "choice_chance": []}
             for i, s in enumerate(scenes):
                 inst = torch.from_numpy(s.instance.astype(np.float32))
                 for k, _o in enumerate(s.objects):
@@ -79,6 +81,17 @@ def localisation_report(pipe, n: int = 64, timesteps=(150, 400), seed: int = HOL
                     stats["shape_auc"].append(_auc(ms, obj))
                     stats["colour_auc"].append(_auc(m[i][:, colour_pos].mean(1).numpy(), obj))
                     stats["article_auc"].append(_auc(m[i][:, 1].numpy(), obj))
+                    # Choice: among the scene's objects, is this shape word's mean map highest on its own object?
+                    others = [
+                        F.adaptive_avg_pool2d((inst == j + 1).float()[None, None], side)[0, 0].numpy().ravel() >= 0.5
+                        for j in range(len(s.objects))
+                        if j != k and s.objects[j].shape != s.objects[k].shape
+                    ]
+                    others = [o2 for o2 in others if o2.any()]
+                    if others:
+                        own = ms[obj].mean()
+                        stats["choice"].append(float(all(own > ms[o2].mean() for o2 in others)))
+                        stats["choice_chance"].append(1.0 / (1 + len(others)))
             out[f"t{t}/{lay.name.replace('.transformer_blocks.0.attn2', '')}"] = {
                 k: float(np.nanmean(v)) for k, v in stats.items()
             }
