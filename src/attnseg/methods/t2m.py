@@ -66,6 +66,8 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     "single-pass": T2MConfig(draws=1),
     "coco": T2MConfig(synonyms=False),
     "plain": T2MConfig(synonyms=False, background_words=(), draws=1),
+    # For datasets whose vocabulary has no use for VOC's background words (e.g. ShapesWorld).
+    "no-bg-words": T2MConfig(synonyms=False, background_words=()),
 }
 
 
