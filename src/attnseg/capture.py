@@ -169,10 +169,11 @@ class CaptureProcessor:
         chunk = max(1, min(h, _SCORE_BUDGET // max(1, b * nq * nk)))
         for h0 in range(0, h, chunk):
             hs = slice(h0, h0 + chunk)
-            scores = torch.matmul(q[:, hs], k[:, hs].transpose(-1, -2)) * scale
+            # Scores in float32, scaled before the product: fp16 logits can overflow (SD 2.x upcasts too).
+            scores = torch.matmul(q[:, hs].float() * scale, k[:, hs].float().transpose(-1, -2))
             if mask is not None:
                 scores = scores + mask[:, hs] if mask.dtype != torch.bool else scores.masked_fill(~mask[:, hs], float("-inf"))
-            probs = scores.float().softmax(dim=-1)
+            probs = scores.softmax(dim=-1)
             out[:, hs] = torch.matmul(probs.to(v.dtype), v[:, hs])
             if per_head:
                 acc[:, hs] = probs
@@ -230,11 +231,9 @@ def capture_attention(
             m.set_processor(original[n])
 
 
-_CROSS_NAMES: dict[int, list[str]] = {}
-
-
 def _cross_attention_names(unet) -> list[str]:
-    key = id(unet)
-    if key not in _CROSS_NAMES:
-        _CROSS_NAMES[key] = [k[: -len(".processor")] for k in unet.attn_processors if k.endswith("attn2.processor")]
-    return _CROSS_NAMES[key]
+    names = getattr(unet, "_attnseg_cross_names", None)
+    if names is None:
+        names = [k[: -len(".processor")] for k in unet.attn_processors if k.endswith("attn2.processor")]
+        unet._attnseg_cross_names = names
+    return names

@@ -93,6 +93,9 @@ def segment(
     if not labels and labels_file is None:
         _err("no labels given: pass --labels L1 L2 ... or --labels-file F")
         raise typer.Exit(2)
+    if batch_size < 1 or workers < 1 or (draws is not None and draws < 1):
+        _err("--batch-size, --workers and --draws must be at least 1")
+        raise typer.Exit(2)
     if labels_file is not None and not labels_file.is_file():
         _err(f"labels file {labels_file} does not exist")
         raise typer.Exit(2)
@@ -175,6 +178,22 @@ def eval_cmd(
         _err(str(e))
         raise typer.Exit(2) from None
     predictor = _load_predictor(model, device, dtype)
+    if labels_file is not None and not labels_file.is_file():
+        _err(f"labels file {labels_file} does not exist")
+        raise typer.Exit(2)
+    from .evaluate import MethodSpec
+    from .methods import METHODS, PRESETS
+    from .methods.diffseg import DIFFSEG_PRESETS
+
+    for m in method:
+        spec = MethodSpec.parse(m)
+        presets = DIFFSEG_PRESETS if spec.method == "diffseg" else PRESETS.get(spec.method)
+        if presets is None:
+            _err(f"unknown method {spec.method!r}; choose among {', '.join([*METHODS, 'diffseg'])}")
+            raise typer.Exit(2)
+        if spec.preset is not None and spec.preset not in presets:
+            _err(f"unknown preset {spec.preset!r} for {spec.method}; choose one of {', '.join(presets)}")
+            raise typer.Exit(2)
     try:
         report = evaluate(
             predictor,
@@ -188,7 +207,7 @@ def eval_cmd(
             seed=seed,
             progress=sys.stderr.isatty(),
         )
-    except (ValueError, ImportError) as e:
+    except (ValueError, ImportError, RuntimeError, OSError) as e:
         _err(str(e))
         raise typer.Exit(2) from None
     typer.echo(markdown_table(report))
@@ -208,8 +227,13 @@ def bench(
     """Seconds per image, throughput, peak memory and the ratio to the bare model cost, per method."""
     _quiet_libraries()
     from .bench import bench_markdown, run_bench
+    from .methods import METHODS
     from .models import ModelError
 
+    unknown = [m for m in (method or []) if m not in METHODS]
+    if unknown:
+        _err(f"unknown method(s) {unknown}; choose among {', '.join(METHODS)}")
+        raise typer.Exit(2)
     try:
         res = run_bench(model, method or ["cross", "t2m", "iseg"], out, repeats, batch, real_size, device, dtype)
     except ModelError as e:
@@ -255,6 +279,9 @@ def generate(
     if engine not in ("local", "ray"):
         _err(f"unknown engine {engine!r}: use local or ray")
         raise typer.Exit(2)
+    if block < 1 or steps < 1 or workers < 1 or cpu_threads < 1:
+        _err("--block, --steps, --workers and --cpu-threads must be at least 1")
+        raise typer.Exit(2)
     try:
         items, cls, digest = plan_items(classes, per_class, template, prompts)
     except SynthError as e:
@@ -262,6 +289,15 @@ def generate(
         raise typer.Exit(2) from None
     predictor = _load_predictor(model, device, dtype)
     _warn_unknown_words(predictor.pipe.tokenizer, cls)
+    from .generation import label_token_spans
+    from .prompts import PromptError
+
+    for prompt, labs in dict.fromkeys((it.prompt, tuple(it.labels)) for it in items):
+        try:  # every prompt is checked before hours of generation start
+            label_token_spans(predictor.pipe.tokenizer, prompt, list(labs))
+        except PromptError as e:
+            _err(str(e))
+            raise typer.Exit(2) from None
     spec = RunSpec(
         items=len(items),
         classes=cls,
@@ -273,6 +309,8 @@ def generate(
         seed=seed,
         block=block,
         cpu_threads=cpu_threads,
+        device=predictor.device.type,
+        dtype=str(predictor.dtype).replace("torch.", ""),
         template=None if prompts else template,
         prompts_sha=digest,
     )
@@ -288,7 +326,7 @@ def generate(
             workers=workers,
             model=model,
         )
-    except (SynthError, ImportError, RuntimeError) as e:
+    except (SynthError, ImportError, RuntimeError, ValueError) as e:
         _err(str(e))
         raise typer.Exit(2) from None
     except OSError as e:

@@ -138,7 +138,15 @@ class SegmentWorker:
             try:
                 image = load_image(job["path"])
                 res = self.predictor.segment_batch([image], [job["labels"]], **self.options)[0]
-                write_outputs(self.out, Path(job["path"]).stem, image, res, self.predictor.model_name, job["path"])
+                write_outputs(
+                    self.out,
+                    Path(job["path"]).stem,
+                    image,
+                    res,
+                    self.predictor.model_name,
+                    job["path"],
+                    self.options.get("preset"),
+                )
                 results.append(json.dumps({"path": job["path"], "error": None}))
             except (ImageError, ValueError) as e:
                 results.append(json.dumps({"path": job["path"], "error": str(e)}))

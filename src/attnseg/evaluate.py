@@ -8,6 +8,7 @@ One confusion matrix per method is accumulated over the split.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +46,28 @@ class MethodSpec:
         return k + ("+crf" if self.crf else "")
 
 
+def _labels_from_table(table: dict, sample) -> list[str]:
+    for key in (sample.image_path.name, f"{sample.id}.png", f"{sample.id}.jpg", sample.id, str(sample.image_path)):
+        if key in table:
+            return table[key]
+    raise ValueError(f"no entry for {sample.image_path.name} in the labels file; add it or evaluate without --labels-file")
+
+
+def _check_cache_settings(folder: Path, settings: dict) -> None:
+    """Cached predictions are reused only when made with the same settings; refuse a mixed cache."""
+    f = folder / "settings.json"
+    if f.exists():
+        old = json.loads(f.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(
+                f"{folder} holds predictions made with other settings ({', '.join(diff)}); use another --out folder "
+                "or delete that cache"
+            )
+    else:
+        atomic_write_bytes(f, json.dumps(settings, indent=1).encode())
+
+
 def _predict_ids(
     predictor, image: np.ndarray, labels: list[str], classes: Sequence[str], spec: MethodSpec, draws, seed
 ) -> np.ndarray:
@@ -80,7 +103,17 @@ def evaluate(
         specs.append(s)
         if crf and not s.crf:
             specs.append(MethodSpec(s.method, s.preset, True))
-    table = json.loads(Path(labels_file).read_text()) if labels_file else None
+    from .jobs import load_labels_file
+
+    table = load_labels_file(labels_file) if labels_file else None
+    settings = {
+        "draws": draws,
+        "seed": seed,
+        "model": predictor.model_name,
+        "labels_file": hashlib.sha256(Path(labels_file).read_bytes()).hexdigest()[:16] if labels_file else None,
+    }
+    for s in specs:
+        _check_cache_settings(out / "cache" / s.key, {**settings, "method": s.method, "preset": s.preset, "crf": s.crf})
     confs = {s.key: np.zeros((len(classes), len(classes) + (1 if s.method in UNSUPERVISED else 0)), np.int64) for s in specs}
     samples = []
     ids = list(dataset.ids)[: limit or None]
@@ -90,7 +123,10 @@ def evaluate(
         task = bar.add_task("eval", total=len(ids) * len(specs))
         for sid in ids:
             sample = dataset.sample(sid)
-            labels = (table.get(f"{sample.id}.png") or table.get(sample.id)) if table else image_labels(sample.gt, classes)
+            labels = _labels_from_table(table, sample) if table is not None else image_labels(sample.gt, classes)
+            unknown = [lab for lab in labels if lab not in classes]
+            if unknown:
+                raise ValueError(f"{sample.id}: labels {unknown} are not classes of the dataset ({', '.join(classes[1:])})")
             image = None
             preds = {}
             for spec in specs:

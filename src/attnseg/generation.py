@@ -42,6 +42,11 @@ def step_max_normalise(name: str, m: torch.Tensor) -> torch.Tensor:
     return m / m.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 
 
+def cross_max_normalise(name: str, m: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 for cross maps only: self maps stay row-stochastic (Dataset Diffusion's Self^tau)."""
+    return step_max_normalise(name, m) if name.endswith("attn2") else m
+
+
 def label_token_spans(tokenizer, prompt: str, labels: Sequence[str]):
     return resolve_spans(tokenizer, prompt, find_phrase_spans(prompt, labels), labels)
 
@@ -87,15 +92,16 @@ def generate_with_masks(
             for p, lab, im in zip(prompts, labels, images, strict=True)
         ]
     rows = "second_half" if cfg.guidance > 1 else "all"
-    with capture_attention(pipe.unet, names, cond_rows=rows, transform=step_max_normalise) as store:
+    transform = step_max_normalise if method == "seediff" else cross_max_normalise
+    with capture_attention(pipe.unet, names, cond_rows=rows, transform=transform) as store:
         images = pipe(**kw).images
     cross: dict[int, list[torch.Tensor]] = {}
     selfm: dict[int, list[torch.Tensor]] = {}
     for n in names:
         m = store.mean(n)
         (cross if n.endswith("attn2") else selfm).setdefault(grid_side(m.shape[1]), []).append(m)
-    cross_mean = {s: torch.stack(v).mean(0) for s, v in cross.items()}
-    self_mean = {s: torch.stack(v).mean(0) for s, v in selfm.items()}
+    cross_mean = {s: torch.stack(v).mean(0).float().cpu() for s, v in cross.items()}
+    self_mean = {s: torch.stack(v).mean(0).float().cpu() for s, v in selfm.items()}
     items = []
     for i, (p, labs, im) in enumerate(zip(prompts, labels, images, strict=True)):
         c_i = {s: v[i : i + 1] for s, v in cross_mean.items()}

@@ -6,8 +6,9 @@ Output contract of ``attnseg segment`` (other tools read it; keep it stable), pe
 - ``<stem>_scores.npz``: ``scores`` (K + 1, H, W) float16 (background first), ``confidence``
   (H, W) float16, ``labels``;
 - ``<stem>.json``: ``labels``, ``method``, ``model``, ``prompt``, ``settings``, ``image``, ``size``.
-The JSON is written last, each file atomically: an image whose JSON exists is done and is skipped
-when the command is run again; a run killed mid-image leaves no JSON and the image is redone.
+The JSON is written last, each file atomically: an image whose JSON records the same labels,
+method, preset, model, seed and CRF setting is done and is skipped when the command is run again
+(otherwise it is segmented again); a run killed mid-image leaves no JSON and the image is redone.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def labels_for(path: Path, labels: Sequence[str] | None, table: dict[str, list[s
     return list(labels)
 
 
-def write_outputs(out: Path, stem: str, image: np.ndarray, result, model_name: str, src: str) -> None:
+def write_outputs(out: Path, stem: str, image: np.ndarray, result, model_name: str, src: str, preset: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / f"{stem}.png", encode_png(palette_png(result.mask)))
     atomic_write_bytes(out / f"{stem}_overlay.png", encode_png(Image.fromarray(overlay(image, result.mask))))
@@ -72,6 +73,7 @@ def write_outputs(out: Path, stem: str, image: np.ndarray, result, model_name: s
     meta = {
         "labels": result.labels,
         "method": result.method,
+        "preset": preset,
         "model": model_name,
         "prompt": result.prompt,
         "image": src,
@@ -119,14 +121,14 @@ def segment_paths(
             fail(str(p), f"same file name stem as {seen[stem]}; outputs would collide, rename one of them")
             continue
         seen[stem] = p
-        if (out / f"{stem}.json").exists():
-            report.skipped.append(str(p))
-            continue
         try:
             labs = labels_for(p, labels, table)
             predictor._prompt(labs, _method(method, preset))
         except (PromptError, ValueError) as e:
             fail(str(p), str(e))
+            continue
+        if _done_with(out / f"{stem}.json", labs, method, preset, predictor.model_name, seed, crf, draws):
+            report.skipped.append(str(p))
             continue
         todo.append((p, labs))
 
@@ -168,10 +170,30 @@ def segment_paths(
                 crf=crf,
             )
             for (p, _, im), res in zip(batch, results, strict=True):
-                write_outputs(out, p.stem, im, res, predictor.model_name, str(p))
+                write_outputs(out, p.stem, im, res, predictor.model_name, str(p), preset)
                 report.done.append(str(p))
                 bar.advance(task)
     return report
+
+
+def _done_with(meta_path: Path, labels, method, preset, model, seed, crf, draws) -> bool:
+    """True when ``meta_path`` records this very request (else the image is segmented again)."""
+    if not meta_path.exists():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    st = meta.get("settings", {})
+    return (
+        meta.get("labels") == list(labels)
+        and meta.get("method") == method
+        and meta.get("preset") == preset
+        and meta.get("model") == model
+        and st.get("seed") == seed
+        and st.get("crf") == bool(crf)
+        and (draws is None or st.get("draws") == draws)
+    )
 
 
 def _method(name: str, preset: str | None):

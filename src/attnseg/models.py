@@ -54,6 +54,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 def resolve_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(str(device))
+    except RuntimeError:
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device {device!r} asked for but no CUDA GPU is available; use --device cpu")
     return str(device)
@@ -144,7 +148,10 @@ def load_pipeline(
             f"could not load model {model if model is not None else 'embedded'!s}: {first}. "
             "Pass a local Stable Diffusion folder with safetensors weights, or a hub id reachable from this machine"
         ) from e
-    pipe.to(device)
+    try:
+        pipe.to(device)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise ModelError(f"cannot move the model to device {device!r} ({e}); use --device cpu or an existing GPU") from e
     pipe.set_progress_bar_config(disable=True)
     pipe.attnseg_model_name = str(model) if model is not None else "embedded"
     return pipe

@@ -102,8 +102,8 @@ def pamr(image: torch.Tensor, masks: torch.Tensor, cfg: PAMRConfig | None = None
     img = image.float()
     nb = _neighbours(img, cfg.dilations)  # (B, 3, N, H, W)
     diff = (img.unsqueeze(2) - nb).abs()
-    std = nb.std(dim=2, keepdim=True).clamp_min(1e-3)
-    aff = -(diff / std).mean(dim=1)  # (B, N, H, W)
+    std = nb.std(dim=2, keepdim=True)
+    aff = -(diff / (1e-8 + 0.1 * std)).mean(dim=1)  # (B, N, H, W), PAMR's kernel
     aff = aff.softmax(dim=1)
     m = masks.float()
     for _ in range(cfg.iters):

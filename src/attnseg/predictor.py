@@ -230,8 +230,9 @@ class AttnSegPredictor:
         noise = torch.randn(latents.shape[1:], generator=g).to(self.device, latents.dtype).expand_as(latents)
         t = torch.tensor([int(cfg.timestep)], device=self.device)
         out = []
-        for i0 in range(0, len(arrays), self.max_batch):
-            sl = slice(i0, i0 + self.max_batch)
+        step = 2  # every self-attention layer is kept: at 512 px the 64-px layers alone are ~300 MB an image
+        for i0 in range(0, len(arrays), step):
+            sl = slice(i0, i0 + step)
             z = self.pipe.scheduler.add_noise(latents[sl], noise[sl], t.expand(len(latents[sl])))
             with capture_attention(self.pipe.unet, names) as store:
                 self.pipe.unet(z, t.expand(len(z)), encoder_hidden_states=emb[sl])
@@ -241,7 +242,7 @@ class AttnSegPredictor:
                 by_side.setdefault(grid_side(m.shape[1]), []).append(m)
             maps = {s: torch.stack(v).mean(0) for s, v in by_side.items()}
             for props, img in zip(diffseg_proposals(maps, cfg), arrays[sl], strict=True):
-                out.append(assign(props, img.shape[:2]).numpy())
+                out.append(assign(props.float().cpu(), img.shape[:2]).numpy())
         return out
 
     def _segment(self, latents, images, label_lists, method, preset, draws, seed, crf, overrides):

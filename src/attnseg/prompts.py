@@ -138,11 +138,13 @@ def find_phrase_spans(text: str, phrases: Sequence[str]) -> list[tuple[int, int]
     spans, pos = [], 0
     low = text.lower()
     for p in phrases:
-        m = re.compile(r"(?<![\w])" + re.escape(p.lower()) + r"(?![\w])").search(low, pos)
+        pattern = re.compile(r"(?<![\w])" + re.escape(p.lower()) + r"(?![\w])")
+        m = pattern.search(low, pos)
         if m is None:
-            m = re.compile(r"(?<![\w])" + re.escape(p.lower()) + r"(?![\w])").search(low)
+            # Labels may be given out of order; any occurrence not taken by an earlier label.
+            m = next((x for x in pattern.finditer(low) if (x.start(), x.end()) not in spans), None)
         if m is None:
-            raise PromptError(f"label {p!r} does not occur in the prompt {text!r}")
+            raise PromptError(f"label {p!r} does not occur in the prompt {text!r} (or not as often as it is given)")
         spans.append((m.start(), m.end()))
         pos = m.end()
     return spans

@@ -57,6 +57,9 @@ class RunSpec:
     prompts_sha: str | None = None
     cpu_threads: int = 1
     """Intra-op threads per block on CPU; float results depend on it, so it is part of the run."""
+    device: str = "cpu"
+    """Device type and dtype: results differ across them, so they are part of the run too."""
+    dtype: str = "float32"
     extra: dict = field(default_factory=dict)
 
 
@@ -114,6 +117,10 @@ def plan_items(
             raise SynthError("give --classes A B ... or --prompts FILE")
         if "{}" not in template:
             raise SynthError(f"template {template!r} has no {{}} for the class name")
+        try:
+            template.format("x")
+        except (KeyError, IndexError, ValueError):
+            raise SynthError(f"template {template!r} must hold exactly one {{}} and no other braces") from None
         for c in classes:
             if not c.strip():
                 raise SynthError("empty class name in --classes")

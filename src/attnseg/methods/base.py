@@ -45,8 +45,8 @@ def fused_cross(
 ) -> torch.Tensor:
     """Weighted mean of per-label cross maps of several modules on ``grid``: (B, P, K).
 
-    Each module's head-mean map (B, P_l, T) is reduced to its labels' token averages, optionally
-    normalised per label (``normalise`` of a (B, P, K) tensor), resized to ``grid``, then weighted.
+    Each module's head-mean map (B, P_l, T) is reduced to its labels' token averages, resized to
+    ``grid``, optionally normalised per label (``normalise`` of a (B, P, K) tensor), then weighted.
     """
     total = None
     wsum = 0.0
@@ -54,10 +54,9 @@ def fused_cross(
         m = store.mean(name)
         p = m.shape[1]
         side = round(p**0.5)
-        lab = token_maps(m, spans.spans)
-        if normalise is not None:
+        lab = resize_columns(token_maps(m, spans.spans), (side, side), grid)
+        if normalise is not None:  # after resizing, so that weights compare maps of equal pixel counts
             lab = normalise(lab)
-        lab = resize_columns(lab, (side, side), grid)
         total = lab * w if total is None else total + lab * w
         wsum += w
     return total / wsum

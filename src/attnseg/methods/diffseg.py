@@ -3,9 +3,9 @@
 1. Aggregate the self-attention of every layer on the finest grid: each layer's key maps are
    upsampled bilinearly and its query rows repeated (nearest) to the finest grid, weighted by the
    layer's resolution (weights proportional to the side, summing to one).
-2. Anchors on a regular grid take their attention maps as proposals; for ``iters`` rounds every
-   proposal is replaced by the mean of the proposals within symmetric KL ``kl_threshold`` of it,
-   and duplicates are removed.
+2. Anchors on a regular grid: each anchor's proposal is the mean of all attention maps within
+   symmetric KL ``kl_threshold`` of its own; then ``iters - 1`` rounds of greedy merging of the
+   proposals under the same threshold.
 3. Every pixel takes the proposal whose map is largest there (non-maximum suppression).
 Evaluated with Hungarian matching (per image) since its segments carry no class.
 """
@@ -61,22 +61,31 @@ def symmetric_kl(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.
 
 
 def merge_proposals(attn: torch.Tensor, anchors: int, threshold: float, iters: int) -> torch.Tensor:
-    """Iterative attention merging on one image's aggregated map (P, P) -> proposals (Q, P)."""
+    """Iterative attention merging on one image's aggregated map (P, P) -> proposals (Q, P).
+
+    Round 1: each anchor's proposal is the mean of every pixel's attention map within symmetric KL
+    ``threshold`` of the anchor's map. Later rounds: greedy clustering of the proposals (each not
+    yet matched proposal takes the mean of the unmatched proposals within the threshold).
+    """
     p = attn.shape[0]
     side = grid_side(p)
     step = max(1, side // anchors)
     idx = torch.tensor([y * side + x for y in range(step // 2, side, step) for x in range(step // 2, side, step)])
-    props = attn[idx]
-    for _ in range(iters):
-        close = symmetric_kl(props, props) < threshold
-        merged = (close.float() @ props) / close.sum(1, keepdim=True).clamp_min(1)
-        # Remove duplicates: keep the first of each group of identical merged proposals.
-        keep, seen = [], []
-        for i in range(merged.shape[0]):
-            if not any(torch.allclose(merged[i], merged[j], atol=1e-6) for j in seen):
-                keep.append(i)
-                seen.append(i)
-        props = merged[keep]
+    a = attn.float()
+    close = symmetric_kl(a[idx], a) < threshold  # (anchors, P)
+    props = (close.float() @ a) / close.sum(1, keepdim=True).clamp_min(1)
+    for _ in range(max(0, iters - 1)):
+        d = symmetric_kl(props, props) < threshold
+        matched = torch.zeros(len(props), dtype=torch.bool)
+        merged = []
+        for i in range(len(props)):
+            if matched[i]:
+                continue
+            group = d[i] & ~matched
+            group[i] = True
+            merged.append(props[group].mean(0))
+            matched |= group
+        props = torch.stack(merged)
     return props
 
 

@@ -89,7 +89,7 @@ def _hw(side: int) -> tuple[int, int]:
 def otsu_threshold(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
     """Otsu's threshold of each row of ``x`` (B, N) with values in [0, 1]: (B,)."""
     out = []
-    edges = torch.linspace(0, 1, bins + 1)
+    edges = torch.linspace(0, 1, bins + 1, device=x.device)
     centers = (edges[:-1] + edges[1:]) / 2
     for row in x:
         h = torch.histc(row.float().clamp(0, 1), bins=bins, min=0, max=1)
@@ -138,7 +138,7 @@ def seediff(
     cosine = cfg.variant == "code"
     sides = sides_by_rank(self_attn)
     s0 = _rank_side(list(cross), cfg.seed_rank)
-    ca = max_normalise(token_maps(cross[s0], spans), dim=1)
+    ca = token_maps(cross[s0], spans)  # eq. 6 thresholds the aggregate of eq. 5 as it is
     chain = [s for s in sides if s >= s0]
     m = ca
     side = s0
@@ -149,8 +149,8 @@ def seediff(
     # Background expansion from the inverted class map, at the finest resolution (eq. 10-11).
     inv = 1 - m
     bg = expand_regions(self_attn[side], _thresh(inv, cfg.alpha, otsu), cosine)
-    final = (1 - bg) * m
-    return columns_to_images(minmax(final), _hw(side))
+    final = (1 - bg) * m  # eq. 11, thresholded at beta as it is
+    return columns_to_images(final, _hw(side))
 
 
 def cross_aggregation(cross: dict[int, torch.Tensor], spans: Sequence[Sequence[int]], cfg: CAConfig) -> torch.Tensor:
