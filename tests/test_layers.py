@@ -5,18 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnseg.bench import SD15_UNET
 from attnseg.layers import LayerSelect, layer_inventory, resolve_all
 from attnseg.methods import T2M, ISeg
-
-SD15_UNET = dict(
-    sample_size=64,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
 
 
 @pytest.fixture(scope="module")

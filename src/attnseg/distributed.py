@@ -47,6 +47,23 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _actor_pool_map(rows: list[dict], actor_cls, kwargs: dict, workers: int):
+    """Ray Data ``map_batches`` of one row at a time over ``workers`` actors (a GPU each if any)."""
+    import ray
+
+    gpu = _has_gpu()
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 256))
+    return ds.map_batches(
+        actor_cls,
+        batch_size=1,
+        concurrency=workers,
+        num_gpus=1 if gpu else 0,
+        num_cpus=0 if gpu else 1,
+        fn_constructor_kwargs={**kwargs, "threads": threads},
+    )
+
+
 class BlockGenerator:
     """Ray Data actor: loads the model once, generates blocks and writes their files."""
 
@@ -78,28 +95,17 @@ class BlockGenerator:
 
 def run_blocks_ray(model, out: Path, blocks, spec, done: dict, workers: int, progress: bool) -> None:
     """Generate ``blocks`` on ``workers`` Ray actors; append manifest lines as blocks finish."""
-    try:
-        import ray
-    except ImportError as e:
-        raise ImportError("the ray engine needs Ray Data: pip install 'attnseg[ray]'") from e
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError("the ray engine needs Ray Data: pip install 'attnseg[ray]'")
     from .synth import append_manifest
 
     _init_ray(workers)
     rows = [{"block": json.dumps([asdict(it) for it in b])} for b in blocks]
     if not rows:
         return
-    gpu = _has_gpu()
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    cpus = os.cpu_count() or 1
-    threads = max(1, cpus // max(1, workers))
-    res = ds.map_batches(
-        BlockGenerator,
-        batch_size=1,
-        concurrency=workers,
-        num_gpus=1 if gpu else 0,
-        num_cpus=0 if gpu else 1,
-        fn_constructor_kwargs={"model": model, "out": str(out), "spec": asdict(spec), "threads": threads},
-    )
+    res = _actor_pool_map(rows, BlockGenerator, {"model": model, "out": str(out), "spec": asdict(spec)}, workers)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     total = sum(len(b) for b in blocks) + len(done)
@@ -155,23 +161,12 @@ class SegmentWorker:
 
 def run_segment_ray(model, jobs: list[tuple[str, list[str]]], out: Path, options: dict, workers: int):
     """Segment ``jobs`` (path, labels) on ``workers`` actors; yield (path, error or None) as they finish."""
-    import ray
 
     _init_ray(workers)
     if not jobs:
         return
     rows = [{"job": json.dumps({"path": p, "labels": labs})} for p, labs in jobs]
-    gpu = _has_gpu()
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 64))
-    res = ds.map_batches(
-        SegmentWorker,
-        batch_size=1,
-        concurrency=workers,
-        num_gpus=1 if gpu else 0,
-        num_cpus=0 if gpu else 1,
-        fn_constructor_kwargs={"model": model, "out": str(out), "options": dict(options), "threads": threads},
-    )
+    res = _actor_pool_map(rows, SegmentWorker, {"model": model, "out": str(out), "options": dict(options)}, workers)
     for row in res.iter_rows():
         r = json.loads(row["result"])
         yield r["path"], r["error"]

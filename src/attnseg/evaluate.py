@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .datasets import image_labels
-from .images import atomic_write_bytes, encode_png, palette_png
+from .files import atomic_write_bytes, settings_diff
+from .images import encode_png, palette_png
 from .metrics import confusion, hungarian_confusion, summarize
 
 UNSUPERVISED = ("diffseg",)
@@ -58,7 +59,7 @@ def _check_cache_settings(folder: Path, settings: dict) -> None:
     f = folder / "settings.json"
     if f.exists():
         old = json.loads(f.read_text())
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        diff = settings_diff(old, settings)
         if diff:
             raise ValueError(
                 f"{folder} holds predictions made with other settings ({', '.join(diff)}); use another --out folder "

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import atomic_write_bytes, encode_png, palette_png
+from .files import atomic_write_bytes, settings_diff
+from .images import encode_png, palette_png
 
 
 class SynthError(ValueError):
@@ -174,7 +175,7 @@ def prepare_run(out: Path, spec: RunSpec, resume: bool) -> None:
     mine = asdict(spec)
     if run.exists():
         theirs = json.loads(run.read_text())
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        diff = settings_diff(mine, theirs)
         if diff:
             raise SynthError(
                 f"{out} holds another run (different {', '.join(diff)}); use a new --out folder, "

@@ -15,7 +15,7 @@ import torch
 from ..capture import AttentionStore
 from ..layers import LayerInfo, LayerSelect, resolve_all
 from ..maps import background_score, minmax, propagate, with_background
-from ..prompts import TokenSpans
+from ..prompts import T2M_BACKGROUND_WORDS, TokenSpans
 from .base import CapturePlan, fused_cross, mean_self
 
 
@@ -29,18 +29,7 @@ class T2MConfig:
     """"a photo including A, B, and C." """
     synonyms: bool = True
     """Replace VOC class names by the paper's synonyms (person -> person with clothes, ...)."""
-    background_words: tuple[str, ...] = (
-        "tree",
-        "river",
-        "sea",
-        "lake",
-        "water",
-        "railway",
-        "railroad",
-        "track",
-        "stone",
-        "rocks",
-    )
+    background_words: tuple[str, ...] = T2M_BACKGROUND_WORDS
     """Words appended to absorb attention; their maps are not read."""
     cross: tuple[LayerSelect, ...] = field(
         default_factory=lambda: (

@@ -84,7 +84,13 @@ def release(work: str, out: str, docs: str, eval_n: int = 200, oracle_n: int = 2
         export_voc(scenes, n=eval_n, seed=1)
     rep_dir = Path(work) / f"eval-report-{int(t0)}"
     pred = AttnSegPredictor(pipe)
-    report = evaluate(pred, VOCDataset(scenes), ["cross", "t2m", "t2m:no-bg-words", "t2m:no-bg-words+crf", "iseg", "iseg+crf", "diffseg:small-unet"], rep_dir, progress=False)
+    report = evaluate(
+        pred,
+        VOCDataset(scenes),
+        ["cross", "t2m", "t2m:no-bg-words", "t2m:no-bg-words+crf", "iseg", "iseg+crf", "diffseg:small-unet"],
+        rep_dir,
+        progress=False,
+    )
     meas["eval"] = {
         k: {"miou": v["miou"], "pixel_acc": v["pixel_acc"], "per_class": v["per_class"]} for k, v in report["methods"].items()
     }
