@@ -208,3 +208,23 @@ def test_pickled_weights_refused(tiny_pipe_dir, tmp_path):
     (tmp_path / "model.ckpt").write_bytes(b"x")
     with pytest.raises(ModelError, match="pickled checkpoint"):
         load_pipeline(tmp_path / "model.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["generate", "-c", "cat", "--template", "a {x}", "--out", "OUT"], "has no {} for the class name"),
+        (["generate", "-c", "cat", "--template", "a {} {x}", "--out", "OUT"], "must hold exactly one {}"),
+        (["generate", "-c", "cat", "--block", "0", "--out", "OUT"], "must be at least 1"),
+        (["segment", "IMG", "--labels", "cat", "--device", "tpu:7", "--out", "OUT"], "unknown device 'tpu:7'"),
+        (["segment", "IMG", "--labels", "cat", "--batch-size", "0", "--out", "OUT"], "must be at least 1"),
+        (["eval", "OUT", "-m", "t2m", "--out", "OUT"], "does not exist"),
+        (["bench", "-m", "magic"], "unknown method(s) ['magic']"),
+    ],
+)
+def test_cli_rejects_bad_options_without_traceback(tmp_path, args, expect):
+    Image.fromarray(make_scene(3, 0).image).save(tmp_path / "a.png")
+    args = [str(tmp_path / "a.png") if a == "IMG" else str(tmp_path / "o") if a == "OUT" else a for a in args]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert expect in res.output and "Traceback" not in res.output
