@@ -65,7 +65,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig | None = None
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
     d.addPairwiseGaussian(sxy=cfg.pos_xy_std, compat=cfg.pos_w)
-    d.addPairwiseBilateral(sxy=cfg.bi_xy_std, srgb=cfg.bi_rgb_std, rgbim=np.ascontiguousarray(image), compat=cfg.bi_w)
+    d.addPairwiseBilateral(sxy=cfg.bi_xy_std, srgb=cfg.bi_rgb_std, rgbim=np.array(image, dtype=np.uint8, order="C", copy=True), compat=cfg.bi_w)
     q = d.inference(cfg.iters)
     return np.asarray(q, dtype=np.float32).reshape(c, h, w)
 
