@@ -92,7 +92,7 @@ class AttnSegPredictor:
         r = self.resolution
         xs = []
         for im in images:
-            t = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float()[None] / 127.5 - 1
+            t = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 127.5 - 1
             xs.append(F.interpolate(t, size=(r, r), mode="bilinear", align_corners=False, antialias=True))
         x = torch.cat(xs).to(self.device, next(self.pipe.vae.parameters()).dtype)
         vae = self.pipe.vae
