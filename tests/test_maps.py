@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from attnseg.maps import background_score, confidence, minmax, propagate, resize_columns, token_maps, with_background
+from attnseg.maps import background_score, minmax, propagate, resize_columns, token_maps, with_background
 from attnseg.methods import entropy_reduced_self, self_cross
 
 
@@ -92,8 +92,13 @@ def test_entropy_reduced_self_paper_variant_sharpens():
 
 
 def test_confidence_is_top2_margin():
-    s = torch.tensor([[[0.1, 0.5, 0.4]]]).permute(0, 2, 1)  # (1, 3 classes, 1 pixel) along dim 1
-    assert torch.allclose(confidence(s, dim=1), torch.tensor([[0.1]]))
+    from attnseg.postprocess import confidence_map
+
+    s = torch.tensor([0.1, 0.5, 0.4]).reshape(3, 1, 1)  # (classes, H, W)
+    conf, unc = confidence_map(s)
+    assert torch.allclose(conf, torch.tensor([[0.1]])) and not unc.item()
+    conf, unc = confidence_map(torch.tensor([0.30, 0.33, 0.2]).reshape(3, 1, 1))
+    assert unc.item()  # margin 0.03 < 0.05
 
 
 def test_resize_columns_identity_and_constant():

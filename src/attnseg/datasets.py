@@ -6,7 +6,6 @@ Both yield :class:`Sample`: the image, a semantic ground truth in class-index sp
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +141,3 @@ def image_labels(gt: np.ndarray, classes: Sequence[str]) -> list[str]:
     """Image-level labels from a ground truth: the names of the non-background classes present."""
     ids = [int(c) for c in np.unique(gt) if 0 < c < len(classes)]
     return [classes[c] for c in ids]
-
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -95,25 +95,3 @@ def background_score(fg: torch.Tensor, power: float = 2.0, threshold: float | No
 def with_background(fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
     """Stack background first: (B, P, K), (B, P) -> (B, P, K + 1)."""
     return torch.cat([bg.unsqueeze(2), fg], dim=2)
-
-
-def confidence(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Top-2 margin of the scores along ``dim`` (0 when there is one class)."""
-    if scores.shape[dim] < 2:
-        return torch.ones_like(scores.select(dim, 0))
-    top = scores.topk(2, dim=dim).values
-    return top.select(dim, 0) - top.select(dim, 1)
-
-
-def resize_self(self_attn: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
-    """Resize a self-attention map (B, P_src, P_src) to (B, P_dst, P_dst), rows re-normalised.
-
-    Key pixels are resized bilinearly and rescaled to sum to one; query rows are resized the same
-    way (each destination pixel reads the interpolated attention of its source neighbours).
-    """
-    if tuple(src) == tuple(dst):
-        return self_attn
-    _b, _p, _ = self_attn.shape
-    keys = resize_columns(self_attn.transpose(1, 2), src, dst).transpose(1, 2)  # (B, P_src rows, P_dst keys)
-    out = resize_columns(keys, src, dst)  # rows resized
-    return sum_normalise(out.clamp_min(0), dim=2)

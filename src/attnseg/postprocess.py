@@ -12,11 +12,6 @@ import torch.nn.functional as F
 UNCERTAIN_MARGIN = 0.05
 
 
-def label_map(scores: torch.Tensor) -> torch.Tensor:
-    """Argmax over classes of (K + 1, H, W) scores (background first): (H, W) int64."""
-    return scores.argmax(dim=0)
-
-
 def confidence_map(scores: torch.Tensor, margin: float = UNCERTAIN_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-2 margin of (K + 1, H, W) scores and the mask of uncertain pixels (margin < ``margin``)."""
     if scores.shape[0] < 2:
@@ -65,7 +60,9 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig | None = None
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
     d.addPairwiseGaussian(sxy=cfg.pos_xy_std, compat=cfg.pos_w)
-    d.addPairwiseBilateral(sxy=cfg.bi_xy_std, srgb=cfg.bi_rgb_std, rgbim=np.array(image, dtype=np.uint8, order="C", copy=True), compat=cfg.bi_w)
+    d.addPairwiseBilateral(
+        sxy=cfg.bi_xy_std, srgb=cfg.bi_rgb_std, rgbim=np.array(image, dtype=np.uint8, order="C", copy=True), compat=cfg.bi_w
+    )
     q = d.inference(cfg.iters)
     return np.asarray(q, dtype=np.float32).reshape(c, h, w)
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..capture import AttentionStore
-from ..layers import LayerInfo, LayerSelect
 from ..maps import resize_columns, token_maps
 from ..prompts import TokenSpans
 
@@ -30,10 +29,6 @@ class CapturePlan:
     @property
     def names(self) -> list[str]:
         return list(dict.fromkeys([*self.cross, *self.self_names]))
-
-
-def resolve(select: LayerSelect, inventory: Sequence[LayerInfo], latent_side: int) -> list[LayerInfo]:
-    return select.resolve(inventory, latent_side)
 
 
 def fused_cross(
