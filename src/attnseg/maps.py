@@ -38,12 +38,6 @@ def columns_to_images(maps: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return maps.transpose(1, 2).reshape(b, k, *hw)
 
 
-def images_to_columns(img: torch.Tensor) -> torch.Tensor:
-    """(B, K, h, w) -> (B, P, K)."""
-    b, k, h, w = img.shape
-    return img.reshape(b, k, h * w).transpose(1, 2)
-
-
 def minmax(maps: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
     """Min-max normalise along ``dim`` (per column of a (B, P, K) map by default)."""
     lo = maps.amin(dim=dim, keepdim=True)
