@@ -113,6 +113,7 @@ def segment_paths(
             on_error(src, msg)
 
     paths = list_images(inputs)
+    method_obj = _method(method, preset)
     seen: dict[str, Path] = {}
     todo: list[tuple[Path, list[str]]] = []
     for p in paths:
@@ -123,7 +124,7 @@ def segment_paths(
         seen[stem] = p
         try:
             labs = labels_for(p, labels, table)
-            predictor._prompt(labs, _method(method, preset))
+            predictor._prompt(labs, method_obj)
         except (PromptError, ValueError) as e:
             fail(str(p), str(e))
             continue
