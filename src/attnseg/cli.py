@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -152,10 +153,14 @@ def layers(
 @app.command("eval")
 def eval_cmd(
     dataset: Annotated[Path, typer.Argument(help="VOC-layout folder, or COCO annotations JSON / folder.")],
-    method: Annotated[
-        list[str], typer.Option("--method", "-m", help="Methods to compare: cross, t2m, iseg, t2m:single-pass, iseg+crf ...")
-    ],
     out: Annotated[Path, typer.Option(help="Report folder (report.json, report.md, per_class.png, qualitative.png).")],
+    method: Annotated[
+        list[str] | None,
+        typer.Option("--method", "-m", help="Methods to compare: cross, t2m, iseg, t2m:single-pass, iseg+crf ..."),
+    ] = None,
+    segmenter: Annotated[
+        list[Path] | None, typer.Option(help="Folders of `attnseg train-segmenter` models to score too (Protocol II).")
+    ] = None,
     split: Annotated[str, typer.Option(help="VOC split name (ImageSets/Segmentation/<split>.txt).")] = "val",
     classes: Annotated[list[str] | None, typer.Option(help="Class names, background first (default: classes.txt).")] = None,
     labels_file: Annotated[Path | None, typer.Option(help="Image-level labels to use instead of the ground truth's.")] = None,
@@ -172,12 +177,16 @@ def eval_cmd(
     from .datasets import DatasetError, open_dataset
     from .evaluate import evaluate, markdown_table
 
+    method, segmenter = method or [], segmenter or []
+    if not method and not segmenter:
+        _err("give at least one --method (e.g. -m cross -m t2m) or --segmenter MODEL_DIR")
+        raise typer.Exit(2)
     try:
         ds = open_dataset(dataset, split, classes)
     except (DatasetError, ImportError) as e:
         _err(str(e))
         raise typer.Exit(2) from None
-    predictor = _load_predictor(model, device, dtype)
+    predictor = _load_predictor(model, device, dtype) if method else None
     if labels_file is not None and not labels_file.is_file():
         _err(f"labels file {labels_file} does not exist")
         raise typer.Exit(2)
@@ -206,6 +215,7 @@ def eval_cmd(
             draws=draws,
             seed=seed,
             progress=sys.stderr.isatty(),
+            segmenters=segmenter,
         )
     except (ValueError, ImportError, RuntimeError, OSError) as e:
         _err(str(e))
@@ -360,6 +370,79 @@ def shapes_export(
         raise typer.Exit(2)
     export_voc(out, n=n, seed=seed, size=size, split=split, progress=sys.stderr.isatty())
     typer.echo(f"wrote {n} scenes to {out}")
+
+
+@shapes_app.command("prompts")
+def shapes_prompts(
+    out: Annotated[Path, typer.Argument(help="Prompts file to write (.jsonl: prompt and labels per line).")],
+    n: Annotated[int, typer.Option(help="Number of prompts.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt draw.")] = 3,
+    max_objects: Annotated[int, typer.Option(help="Objects per prompt: 1 to this, of distinct shapes.")] = 2,
+) -> None:
+    """Write ShapesWorld prompts ("a red circle and a blue star") for `attnseg generate --prompts`."""
+    from .data.shapes import shapes_prompts as make
+
+    if n < 1 or not 1 <= max_objects <= 3:
+        _err("--n must be at least 1 and --max-objects 1 to 3")
+        raise typer.Exit(2)
+    lines = [json.dumps({"prompt": p, "labels": labs}) for p, labs in make(n, seed, max_objects)]
+    from .files import atomic_write_bytes
+
+    atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
+    typer.echo(f"wrote {n} prompts to {out}")
+
+
+@app.command("train-segmenter")
+def train_segmenter_cmd(
+    dataset: Annotated[Path, typer.Argument(help="`attnseg generate` folder, or VOC-layout folder (see --split).")],
+    out: Annotated[Path, typer.Option(help="Model folder (config.json, model.safetensors, log.jsonl).")],
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 2000,
+    batch: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle schedule).")] = 2e-3,
+    width: Annotated[int, typer.Option(help="Channels of the first level (16 suits 64-px ShapesWorld; more for photos).")] = 16,
+    size: Annotated[int, typer.Option(help="Side images are resized to.")] = 64,
+    vflip: Annotated[bool, typer.Option(help="Vertical flips as augmentation (off for photographs).")] = True,
+    split: Annotated[str, typer.Option(help="Split of a VOC-layout dataset.")] = "train",
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's).")] = None,
+) -> None:
+    """Train a small segmentation network on image/mask pairs (Protocol II); score it with `attnseg eval --segmenter`."""
+    from .segmenter import SegmenterConfig, SegmenterError, train_segmenter
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = SegmenterConfig(steps=steps, batch=batch, lr=lr, width=width, size=size, vflip=vflip, seed=seed)
+    try:
+        rec = train_segmenter(dataset, out, cfg, split=split, progress=sys.stderr.isatty())
+    except (SegmenterError, RuntimeError) as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    typer.echo(f"segmenter for {len(rec['classes']) - 1} classes trained on {rec['pairs']} pairs: {out}")
+
+
+@app.command("score-generated")
+def score_generated_cmd(
+    folders: Annotated[list[Path], typer.Argument(help="`attnseg generate` folders to score.")],
+    detector: Annotated[str, typer.Option(help="'shapes' (ShapesWorld colour oracle) or package.module:name.")] = "shapes",
+    out: Annotated[Path | None, typer.Option(help="JSON file for the results.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Score the first N items only.")] = None,
+) -> None:
+    """mIoU of generated masks against an oracle detector on the generated images."""
+    from .synth_eval import load_detector, markdown, score_generated
+
+    try:
+        det = load_detector(detector)
+        results = [score_generated(f, det, limit=limit) for f in folders]
+    except (ValueError, OSError) as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    if out is not None:
+        from .files import atomic_write_bytes
+
+        atomic_write_bytes(out, json.dumps(results, indent=1).encode())
+    typer.echo(markdown(results))
 
 
 @app.command("train-toy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

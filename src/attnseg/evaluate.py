@@ -94,10 +94,26 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     grid_rows: int = 6,
+    segmenters: Sequence[str | Path] = (),
 ) -> dict:
-    """Evaluate ``methods`` on ``dataset``; write report.json, report.md and PNG charts to ``out``."""
+    """Evaluate ``methods`` on ``dataset``; write report.json, report.md and PNG charts to ``out``.
+
+    ``segmenters`` are folders of :mod:`attnseg.segmenter` models (Protocol II): they see the image only,
+    not its labels; ``predictor`` may be None when only segmenters are evaluated.
+    """
     out = Path(out)
     classes = list(dataset.classes)
+    from .segmenter import Segmenter
+
+    segs = {}
+    for folder in segmenters:
+        sg = Segmenter.load(folder)
+        key = f"segmenter-{sg.name}"
+        if key in segs:
+            raise ValueError(f"two segmenters are named {sg.name}; give them folders with different names")
+        segs[key] = (sg, sg.lut_to(classes), hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()[:16])
+    if methods and predictor is None:
+        raise ValueError("methods need a predictor")
     specs: list[MethodSpec] = []
     for m in methods:
         s = MethodSpec.parse(m)
@@ -110,18 +126,21 @@ def evaluate(
     settings = {
         "draws": draws,
         "seed": seed,
-        "model": predictor.model_name,
+        "model": predictor.model_name if predictor is not None else None,
         "labels_file": hashlib.sha256(Path(labels_file).read_bytes()).hexdigest()[:16] if labels_file else None,
     }
     for s in specs:
         _check_cache_settings(out / "cache" / s.key, {**settings, "method": s.method, "preset": s.preset, "crf": s.crf})
+    for key, (_, _, digest) in segs.items():
+        _check_cache_settings(out / "cache" / key, {"segmenter": key, "weights": digest})
     confs = {s.key: np.zeros((len(classes), len(classes) + (1 if s.method in UNSUPERVISED else 0)), np.int64) for s in specs}
+    confs.update({key: np.zeros((len(classes), len(classes)), np.int64) for key in segs})
     samples = []
     ids = list(dataset.ids)[: limit or None]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not progress) as bar:
-        task = bar.add_task("eval", total=len(ids) * len(specs))
+        task = bar.add_task("eval", total=len(ids) * (len(specs) + len(segs)))
         for sid in ids:
             sample = dataset.sample(sid)
             labels = _labels_from_table(table, sample) if table is not None else image_labels(sample.gt, classes)
@@ -157,6 +176,18 @@ def evaluate(
                 confs[spec.key] += confusion(sample.gt, pred, len(classes))
                 preds[spec.key] = pred
                 bar.advance(task)
+            for key, (sg, lut, _) in segs.items():
+                cache = out / "cache" / key / f"{sample.id}.png"
+                if cache.exists():
+                    pred = np.asarray(Image.open(cache), dtype=np.uint8)
+                else:
+                    if image is None:
+                        image = sample.image()
+                    pred = lut[sg.predict(image)]
+                    atomic_write_bytes(cache, encode_png(palette_png(pred)))
+                confs[key] += confusion(sample.gt, pred, len(classes))
+                preds[key] = pred
+                bar.advance(task)
             if len(samples) < grid_rows:
                 samples.append((sample, preds))
     report = {
@@ -165,8 +196,8 @@ def evaluate(
         "images": len(ids),
         "protocol": "image-level labels from the ground truth; one confusion matrix per method over the split; 255 ignored; "
         "mIoU over classes present in the ground truth; unsupervised methods (diffseg) matched to classes by the Hungarian "
-        "algorithm per image, unmatched segments counted as errors",
-        "model": predictor.model_name,
+        "algorithm per image, unmatched segments counted as errors; segmenters (Protocol II) see the image only",
+        "model": predictor.model_name if predictor is not None else None,
         "methods": {key: summarize(c, classes) for key, c in confs.items()},
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -142,3 +142,29 @@ class ShapesOracle:
         for i, c in enumerate(colours, 1):
             out[colour_mask(image, c)] = i
         return out
+
+
+class ColourDetector:
+    """:class:`Detector` of ShapesWorld: the pixels of the colour its phrase names ("red circle" -> red).
+
+    The mask is every pixel of that colour, not only the largest region: where the model drew the
+    object in two pieces, both count.
+    """
+
+    def __call__(self, image: np.ndarray, phrase: str) -> np.ndarray:
+        words = phrase.lower().split()
+        named = [w for w in words if w in COLOURS]
+        if not named:
+            raise ValueError(f"the phrase {phrase!r} names no ShapesWorld colour ({', '.join(COLOURS)})")
+        return colour_mask(image, named[-1])
+
+
+def shapes_phrase(prompt: str, label: str) -> str:
+    """The phrase of ``label`` in a ShapesWorld prompt: the label with the colour word just before it."""
+    import re
+
+    words = re.findall(r"[a-z]+", prompt.lower())
+    for i, w in enumerate(words):
+        if w == label.lower() and i > 0 and words[i - 1] in COLOURS:
+            return f"{words[i - 1]} {label}"
+    return label

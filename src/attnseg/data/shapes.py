@@ -316,6 +316,22 @@ def caption(
     return text.replace(" a orange", " an orange").replace("a orange", "an orange")
 
 
+def shapes_prompts(n: int, seed: int = 3, max_objects: int = 2) -> list[tuple[str, list[str]]]:
+    """``n`` (prompt, labels) pairs: 1..max_objects objects of distinct shapes and colours, every
+    object named "colour shape" (so an oracle can find it by its colour), in the training templates."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7919]))
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(1, max_objects + 1))
+        shapes = [str(x) for x in rng.choice(SHAPES, size=k, replace=False)]
+        colours = [str(x) for x in rng.choice(list(COLOURS), size=k, replace=False)]
+        objs = [SceneObject(c, s, 0.0, 0.0, 1.0, 0.0) for c, s in zip(colours, shapes, strict=True)]
+        text = caption(objs, rng, colour_prob=1.0)
+        words = text.replace(",", " ").replace(".", " ").split()
+        out.append((text, sorted(shapes, key=words.index)))
+    return out
+
+
 # ----------------------------------------------------------------------------- export
 
 PALETTE: list[int] = []
