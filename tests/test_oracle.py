@@ -43,3 +43,28 @@ def test_colour_mask_matches_ground_truth():
     m = colour_mask(s.image, o.colour)
     iou = (m & gt).sum() / (m | gt).sum()
     assert iou > 0.8
+
+
+def test_same_shape_pairs_report_on_a_perfect_and_a_swapping_predictor():
+    from attnseg.toy.pairs import pair_scenes, same_shape_report
+
+    scenes = pair_scenes(3)
+    for sc, a, b in scenes:
+        assert sc.objects[a].shape == sc.objects[b].shape and sc.objects[a].colour != sc.objects[b].colour
+
+    class Perfect:
+        swap = False
+
+        def segment_batch(self, images, labels, **kw):
+            sc, a, b = next(t for t in scenes if np.array_equal(t[0].image, images[0]))
+            m = np.zeros(sc.instance.shape, np.uint8)
+            first, second = (b, a) if self.swap else (a, b)
+            m[sc.instance == first + 1], m[sc.instance == second + 1] = 1, 2
+            return [type("R", (), {"mask": m})()]
+
+    r = same_shape_report(Perfect(), 3, methods=("cross",))["cross"]
+    assert r == {"objects": 6, "own_iou": 1.0, "swapped_iou": 0.0, "own_higher": 1.0}
+    p = Perfect()
+    p.swap = True
+    r = same_shape_report(p, 3, methods=("cross",))["cross"]
+    assert r["own_iou"] == 0.0 and r["swapped_iou"] == 1.0 and r["own_higher"] == 0.0

@@ -94,6 +94,9 @@ def release(work: str, out: str, docs: str, eval_n: int = 200, oracle_n: int = 2
     meas["eval"] = {
         k: {"miou": v["miou"], "pixel_acc": v["pixel_acc"], "per_class": v["per_class"]} for k, v in report["methods"].items()
     }
+    from .pairs import same_shape_report
+
+    meas["same_shape"] = same_shape_report(pred, 50)
     meas["oracle"] = oracle_rate(pipe, oracle_n)
     docs_p.mkdir(parents=True, exist_ok=True)
     ims = sample(pipe, GRID_PROMPTS)
@@ -129,6 +132,17 @@ def _measurements_md(meas: dict) -> str:
     ]
     for k, v in best:
         lines.append(f"| {k} | {v['shape_point']:.2f} | {v['shape_auc']:.2f} | {v['colour_auc']:.2f} | {v['article_auc']:.2f} |")
+    if "same_shape" in meas:
+        lines += [
+            "",
+            "- Two objects of one shape told apart by colour (50 held-out scenes, labels '<colour> <shape>'; IoU of each",
+            "  object with its own phrase's mask vs with the other phrase's; `attnseg.toy.pairs`):",
+            "",
+            "| method | own IoU | swapped IoU | own higher |",
+            "|---|---|---|---|",
+        ]
+        for k, v in meas["same_shape"].items():
+            lines.append(f"| {k} | {100 * v['own_iou']:.1f} | {100 * v['swapped_iou']:.1f} | {100 * v['own_higher']:.0f}% |")
     o = meas["oracle"]
     lines += [
         "",
