@@ -6,27 +6,29 @@
 #     ShapesWorld scenes (attnseg train-segmenter, attnseg eval --segmenter), with a segmenter trained on
 #     real scenes with exact masks as the supervised reference.
 # Every step is resumable: run the same command again after an interruption.
-# Usage: bash scripts/bench-generated.sh [OUT] (env: PROMPTS=96 PER=2 STEPS=25 SEG_STEPS=1000 MODEL=)
+# Usage: bash scripts/bench-generated.sh [OUT] (env: PROMPTS=96 PER=2 STEPS=25 SEG_STEPS=2000 MODEL=)
 set -euo pipefail
 OUT=${1:-bench-generated}
 PROMPTS=${PROMPTS:-96}
 PER=${PER:-2}
 STEPS=${STEPS:-25}
-SEG_STEPS=${SEG_STEPS:-1000}
+SEG_STEPS=${SEG_STEPS:-2000}
 MODEL_ARGS=()
 if [ -n "${MODEL:-}" ]; then MODEL_ARGS=(--model "$MODEL"); fi
 mkdir -p "$OUT"
 attnseg shapes prompts "$OUT/prompts.jsonl" --n "$PROMPTS" --seed 3
-for m in ca ca-sa seediff; do
-  attnseg generate --prompts "$OUT/prompts.jsonl" --per-class "$PER" --method "$m" --steps "$STEPS" --guidance 5 \
-    --seed 0 --block 4 "${MODEL_ARGS[@]}" --out "$OUT/gen-$m"
+GENS=(ca ca-sa seediff seediff-code)
+for g in "${GENS[@]}"; do
+  m=${g%-code}; preset=(); [ "$g" = seediff-code ] && preset=(--preset code)
+  attnseg generate --prompts "$OUT/prompts.jsonl" --per-class "$PER" --method "$m" "${preset[@]}" --steps "$STEPS" \
+    --guidance 5 --seed 0 --block 4 "${MODEL_ARGS[@]}" --out "$OUT/gen-$g"
 done
-attnseg score-generated "$OUT/gen-ca" "$OUT/gen-ca-sa" "$OUT/gen-seediff" --out "$OUT/oracle.json" | tee "$OUT/oracle.md"
+attnseg score-generated "${GENS[@]/#/$OUT/gen-}" --out "$OUT/oracle.json" | tee "$OUT/oracle.md"
 # real scenes: seed 2 for the supervised reference, seed 1 (as every other evaluation) for the test
 [ -d "$OUT/real-train" ] || attnseg shapes export "$OUT/real-train" --n $((PROMPTS * PER)) --seed 2 --split train
 [ -d "$OUT/real-test" ] || attnseg shapes export "$OUT/real-test" --n 200 --seed 1
 SEGS=()
-for d in gen-ca gen-ca-sa gen-seediff real-train; do
+for d in "${GENS[@]/#/gen-}" real-train; do
   attnseg train-segmenter "$OUT/$d" --out "$OUT/seg-$d" --steps "$SEG_STEPS" --threads 1
   SEGS+=(--segmenter "$OUT/seg-$d")
 done

@@ -222,7 +222,7 @@ def markdown_table(report: dict) -> str:
     classes = report["classes"]
     methods = report["methods"]
     lines = [
-        f"Images: {report['images']}. Model: {report['model']}. {report['protocol']}.",
+        f"Images: {report['images']}. Model: {report['model'] or 'none (segmenters only)'}. {report['protocol']}.",
         "",
         "| method | mIoU | pixel acc | " + " | ".join(classes) + " |",
         "|---|---|---|" + "---|" * len(classes),
