@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -89,3 +91,21 @@ def test_caption_lowers_the_denoising_error(embedded):
             pred = pipe.unet(zt, t, encoder_hidden_states=embedded._encode_text(texts)).sample
             err[name] = float((pred - noise).pow(2).mean())
     assert err["caption"] < err["empty"] < 0.5, err
+
+
+def test_text_layers_follow_the_model_being_continued(tmp_path):
+    import torch
+
+    from attnseg.toy.train import TrainConfig, _text_layers
+
+    cfg = TrainConfig(work=str(tmp_path))
+    assert _text_layers(cfg, None, None) == 3
+    assert _text_layers(cfg, 0, None) == 0
+    assert (
+        _text_layers(cfg, None, str(EMBEDDED_DIR))
+        == json.loads((EMBEDDED_DIR / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
+    )
+    torch.save({"config": {"text_layers": 0}}, tmp_path / "ckpt.pt")
+    assert _text_layers(cfg, None, None) == 0
+    with pytest.raises(SystemExit, match="new --work folder"):
+        _text_layers(cfg, 3, None)

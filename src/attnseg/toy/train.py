@@ -53,6 +53,8 @@ class TrainConfig:
     diag_every: int = 500
     threads: int = 2
     seed: int = 0
+    text_layers: int = 3
+    """Transformer layers of the text encoder; 0 leaves each token's embedding unmixed (see the training log)."""
 
 
 def _log(work: Path, rec: dict) -> None:
@@ -213,7 +215,9 @@ def _tokenize(tok, texts: list[str]):
     return tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
-def stage_unet(cfg: TrainConfig, max_minutes: float | None = None, init_from: str | None = None) -> None:
+def stage_unet(
+    cfg: TrainConfig, max_minutes: float | None = None, init_from: str | None = None, init_ckpt: str | None = None
+) -> None:
     import torch
 
     work = Path(cfg.work)
@@ -222,7 +226,7 @@ def stage_unet(cfg: TrainConfig, max_minutes: float | None = None, init_from: st
     latents, obj_frac = lat_d["latents"], lat_d["object_frac"]
     scale = float(lat_d["scaling_factor"])
     objs = _load_scenes(work)["objects"]
-    arch = ToyArch()
+    arch = ToyArch(text_layers=cfg.text_layers)
     tok = build_tokenizer(arch.max_length)
     unet = build_unet(arch)
     te = build_text_encoder(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
@@ -231,6 +235,7 @@ def stage_unet(cfg: TrainConfig, max_minutes: float | None = None, init_from: st
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
     step = 0
+    warm_from = 0  # step at which a fresh optimizer started (its warm-up counts from there)
     ck = work / "ckpt.pt"
     if ck.exists():
         state = torch.load(ck, weights_only=False)
@@ -240,7 +245,20 @@ def stage_unet(cfg: TrainConfig, max_minutes: float | None = None, init_from: st
         for e, s in zip(ema, state["ema"], strict=True):
             e.copy_(s)
         step = state["step"]
+        warm_from = int(state.get("warm_from", 0))
         _log(work, {"stage": "unet", "resumed_at": step})
+    elif init_ckpt:
+        # Start from another run's checkpoint (online weights); the text encoder may have fewer layers:
+        # its embeddings and final norm are kept. Fresh optimizer and EMA, with a new warm-up.
+        state = torch.load(init_ckpt, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        res = te.load_state_dict(state["text_encoder"], strict=False)
+        if res.missing_keys:
+            raise RuntimeError(f"{init_ckpt}: text encoder weights missing for {res.missing_keys[:4]}")
+        for e, p in zip(ema, params, strict=True):
+            e.copy_(p.detach())
+        step = warm_from = int(state["step"])
+        _log(work, {"stage": "unet", "init_ckpt": str(init_ckpt), "step": step, "dropped": len(res.unexpected_keys)})
     elif init_from:
         # Warm start from a shipped pipeline (fp16 weights; no optimizer state is shipped).
         from diffusers import UNet2DConditionModel
@@ -279,7 +297,7 @@ def stage_unet(cfg: TrainConfig, max_minutes: float | None = None, init_from: st
         pix_w = 1 + cfg.object_weight * of
         per = ((pred - noise) ** 2 * pix_w).mean(dim=(1, 2, 3)) / pix_w.mean(dim=(1, 2, 3))
         loss = (per * w_t[t]).mean()
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        lr = cfg.lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
         for gr in opt.param_groups:
             gr["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -303,6 +321,7 @@ def stage_unet(cfg: TrainConfig, max_minutes: float | None = None, init_from: st
                 "opt": opt.state_dict(),
                 "ema": ema,
                 "step": step,
+                "warm_from": warm_from,
                 "config": asdict(cfg),
             }
             _atomic_torch_save(state, ck)
@@ -358,11 +377,11 @@ def stage_export(cfg: TrainConfig, out_dir: str | Path, use_ema: bool = True) ->
     from diffusers import StableDiffusionPipeline
 
     work = Path(cfg.work)
-    arch = ToyArch()
+    state = torch.load(work / "ckpt.pt", weights_only=False)
+    arch = ToyArch(text_layers=int(state["config"].get("text_layers", 3)))
     tok = build_tokenizer(arch.max_length)
     unet = build_unet(arch)
     te = build_text_encoder(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
-    state = torch.load(work / "ckpt.pt", weights_only=False)
     unet.load_state_dict(state["unet"])
     te.load_state_dict(state["text_encoder"])
     if use_ema:
@@ -404,6 +423,21 @@ def write_clip_vocab_files(tok, folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
+def _text_layers(cfg: TrainConfig, asked: int | None, init_from: str | None) -> int:
+    """Text encoder depth: what a checkpoint being resumed or a warm-start folder has, else ``asked`` or 3."""
+    import torch
+
+    ck = Path(cfg.work) / "ckpt.pt"
+    have = None
+    if ck.exists():
+        have = int(torch.load(ck, weights_only=False)["config"].get("text_layers", 3))
+    elif init_from and (Path(init_from) / "text_encoder" / "config.json").exists():
+        have = int(json.loads((Path(init_from) / "text_encoder" / "config.json").read_text())["num_hidden_layers"])
+    if have is not None and asked is not None and asked != have:
+        raise SystemExit(f"--text-layers {asked} but the model being continued has {have}; use a new --work folder")
+    return have if have is not None else (asked if asked is not None else 3)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -417,8 +451,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="export: pipeline folder to write")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", default=None, help="warm start from a pipeline folder (e.g. the shipped embedded model)")
+    p.add_argument("--init-ckpt", default=None, help="unet stage: start from another work folder's ckpt.pt")
+    p.add_argument(
+        "--text-layers", type=int, default=None, help="text encoder layers (default: as resumed / warm-started, else 3)"
+    )
     a = p.parse_args(argv)
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
+    cfg.text_layers = _text_layers(cfg, a.text_layers, a.init_from)
     import torch
 
     torch.set_num_threads(cfg.threads)
@@ -429,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage in ("encode", "all"):
         stage_encode(cfg)
     if a.stage in ("unet", "all"):
-        stage_unet(cfg, a.max_minutes, a.init_from)
+        stage_unet(cfg, a.max_minutes, a.init_from, a.init_ckpt)
     if a.stage == "export":
         stage_export(cfg, a.out or Path(cfg.work) / "pipeline")
 
