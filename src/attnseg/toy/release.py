@@ -44,7 +44,7 @@ captions are empty (for classifier-free guidance). Evaluation scenes use world s
 - **Use of the masks**: the denoising loss of a pixel is weighted by 1 + {obj_w} x (object fraction of its latent cell),
   so that the objects, where the words matter, carry the loss. Nothing else uses the masks: the attention is never
   trained on them (no attention loss, no mask-derived targets).
-- Machine: {machine}; {hours:.1f} h of training wall time in total.
+{history}- Machine: {machine}; {hours:.1f} h of compute wall time in total (data, VAE, encoding, UNet).
 
 ## Measured ({date})
 {measurements}
@@ -62,7 +62,9 @@ def _params(module) -> float:
     return sum(p.numel() for p in module.parameters()) / 1e6
 
 
-def release(work: str, out: str, docs: str, eval_n: int = 200, oracle_n: int = 24, diag_n: int = 64) -> dict:
+def release(
+    work: str, out: str, docs: str, eval_n: int = 200, oracle_n: int = 24, diag_n: int = 64, prior: tuple[str, ...] = ()
+) -> dict:
 
     from ..data.shapes import export_voc
     from ..datasets import VOCDataset
@@ -104,7 +106,7 @@ def release(work: str, out: str, docs: str, eval_n: int = 200, oracle_n: int = 2
     (docs_p / "embedded-model-measurements.json").write_text(json.dumps(meas, indent=1))
     for f in ("per_class.png", "qualitative.png", "report.md"):
         (docs_p / f"embedded-eval-{f}").write_bytes((rep_dir / f).read_bytes())
-    write_card(work, out_p, meas)
+    write_card(work, out_p, meas, prior)
     meas["seconds"] = time.time() - t0
     return meas
 
@@ -157,7 +159,7 @@ def _measurements_md(meas: dict) -> str:
     return "\n".join(lines)
 
 
-def write_card(work: str, out: Path, meas: dict) -> None:
+def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) -> None:
     from transformers import CLIPTextModel
 
     from ..models import load_pipeline
@@ -165,10 +167,28 @@ def write_card(work: str, out: Path, meas: dict) -> None:
     pipe = load_pipeline(out, device="cpu", dtype="float32")
     meta = json.loads((out / "training.json").read_text())
     cfg, arch = meta["train_config"], meta["arch"]
-    log = [json.loads(x) for x in (Path(work) / "log.jsonl").read_text().splitlines() if x.strip()]
+    log = []
+    for w in (*prior, work):  # earlier runs this one continued from, oldest first
+        log += [json.loads(x) for x in (Path(w) / "log.jsonl").read_text().splitlines() if x.strip()]
+    starts = [r for r in log if "init_ckpt" in r]
+    history = ""
+    if arch["text_layers"] == 0 and starts:
+        history = (
+            f"- History: up to step {starts[-1]['step']:,} the text encoder had 3 transformer layers, trained jointly; from then on\n"
+            "  it has 0 (its token and position embeddings and final norm kept), so each token's output is its own embedding and\n"
+            "  the start and padding outputs are constants (why: docs/EMBEDDED-MODEL-TRAINING.md, session 2).\n"
+        )
     vae_log = [r for r in log if r.get("stage") == "vae" and "psnr" in r]
     unet_log = [r for r in log if r.get("stage") == "unet" and "loss" in r]
-    times = [r["time"] for r in log if "time" in r]
+    busy, last = 0.0, 0.0  # sum over processes of their last 'elapsed' (idle time between sessions excluded)
+    for r in log:
+        e = r.get("elapsed")
+        if e is None:
+            continue
+        if e < last:
+            busy += last
+        last = e
+    busy += last
     size = sum(p.stat().st_size for p in out.rglob("*.safetensors")) / 2**20
     assert isinstance(pipe.text_encoder, CLIPTextModel)
     text = CARD.format(
@@ -195,9 +215,10 @@ def write_card(work: str, out: Path, meas: dict) -> None:
         loss=unet_log[-1]["loss"] if unet_log else float("nan"),
         obj_w=cfg["object_weight"],
         machine=f"{platform.machine()}, 2 cores, fp32, CPU only",
-        hours=(max(times) - min(times)) / 3600 if times else 0.0,
+        hours=busy / 3600,
         date=time.strftime("%Y-%m-%d"),
         measurements=_measurements_md(meas),
+        history=history,
     )
     (out / "README.md").write_text(text)
 
@@ -211,8 +232,9 @@ def main(argv=None) -> None:
     p.add_argument("--docs", default="docs")
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--oracle-n", type=int, default=24)
+    p.add_argument("--prior", nargs="*", default=[], help="work folders of earlier runs this one continued from (their logs)")
     a = p.parse_args(argv)
-    meas = release(a.work, a.out, a.docs, a.eval_n, a.oracle_n)
+    meas = release(a.work, a.out, a.docs, a.eval_n, a.oracle_n, prior=tuple(a.prior))
     print(json.dumps({k: v for k, v in meas.items() if k != "localisation"}, indent=1))
 
 
