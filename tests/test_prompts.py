@@ -71,3 +71,24 @@ def test_empty_labels_refused():
         compose_prompt([])
     with pytest.raises(PromptError, match="empty label"):
         compose_prompt(["cat", "  "])
+
+
+def test_vocabulary_is_the_same_in_every_process_and_matches_the_shipped_model():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from attnseg.models import EMBEDDED_DIR
+    from attnseg.toy.tokenizer import VOCAB_DIR
+
+    code = "from attnseg.toy.tokenizer import build_tokenizer; print(build_tokenizer()('a red circle and a blue star').input_ids)"
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": s}
+        ).stdout
+        for s in ("1", "2", "3")
+    }
+    assert len(outs) == 1 and outs.pop().strip()
+    shipped = json.loads((EMBEDDED_DIR / "tokenizer" / "vocab.json").read_text())
+    assert shipped == json.loads((VOCAB_DIR / "vocab.json").read_text())

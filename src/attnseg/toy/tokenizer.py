@@ -95,11 +95,19 @@ def train_vocab(words: list[str] | None = None) -> tuple[dict[str, int], list[tu
     return vocab, [(a, b) for a, b in merges]
 
 
+VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
+"""The project's vocabulary, pinned: ``vocab.json`` and ``merges.txt`` in CLIP's format.
+
+:func:`train_vocab` made them once. It is not used at run time because the BPE trainer breaks ties
+between equally frequent merges in hash order, so two processes can number ~20 tokens differently
+(found in session 2: "and" was 772 in one process and 773 in another). Token ids index the text
+encoder's embedding rows, so every process must read the same files.
+"""
+
+
 def build_tokenizer(model_max_length: int = 77):
-    """A ``transformers.CLIPTokenizer`` over the project's vocabulary."""
+    """A ``transformers.CLIPTokenizer`` over the project's pinned vocabulary (:data:`VOCAB_DIR`)."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = train_vocab()
-    # transformers 5 ignores the vocab_file=/merges_file= keywords: pass the data positionally.
-    tok = CLIPTokenizer(vocab, merges, model_max_length=model_max_length)
-    return tok
+    # transformers 5 ignores the vocab_file=/merges_file= keywords: pass the paths positionally.
+    return CLIPTokenizer(str(VOCAB_DIR / "vocab.json"), str(VOCAB_DIR / "merges.txt"), model_max_length=model_max_length)
