@@ -27,3 +27,24 @@ def predictor(tiny_pipe):
     from attnseg.predictor import AttnSegPredictor
 
     return AttnSegPredictor(tiny_pipe)
+
+
+@pytest.fixture
+def voc(tmp_path):
+    """A 2-image VOC folder. a: 2x4, class 1 (cat) on the left 2 columns. b: class 2 (dog) on the right
+    column, one pixel ignored. Images are flat grey."""
+    import numpy as np
+    from PIL import Image
+
+    from attnseg.images import palette_png
+
+    root = tmp_path / "voc"
+    gts = {"a": np.array([[1, 1, 0, 0], [1, 1, 0, 0]]), "b": np.array([[0, 0, 0, 2], [0, 0, 255, 2]])}
+    for d in ("SegmentationClass", "JPEGImages", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    for k, gt in gts.items():
+        palette_png(gt).save(root / "SegmentationClass" / f"{k}.png")
+        Image.fromarray(np.full((2, 4, 3), 100, np.uint8)).save(root / "JPEGImages" / f"{k}.png")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("a\nb\n")
+    (root / "classes.txt").write_text("background\ncat\ndog\n")
+    return root

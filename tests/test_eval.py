@@ -44,23 +44,6 @@ def _png(path, arr, palette=False):
     im.save(path)
 
 
-@pytest.fixture
-def voc(tmp_path):
-    root = tmp_path / "voc"
-    # Image a: 2x4, class 1 on the left 2 columns. Image b: class 2 on the right column, one pixel ignored.
-    gts = {
-        "a": np.array([[1, 1, 0, 0], [1, 1, 0, 0]]),
-        "b": np.array([[0, 0, 0, 2], [0, 0, 255, 2]]),
-    }
-    for k, gt in gts.items():
-        _png(root / "SegmentationClass" / f"{k}.png", gt, palette=True)
-        _png(root / "JPEGImages" / f"{k}.png", np.full((2, 4, 3), 100))
-    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
-    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("a\nb\n")
-    (root / "classes.txt").write_text("background\ncat\ndog\n")
-    return root
-
-
 def test_eval_by_hand(voc, tmp_path):
     pred = FakePredictor()
     rep = evaluate(pred, VOCDataset(voc), ["t2m"], tmp_path / "rep", progress=False)

@@ -9,18 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from attnseg.data.shapes import voc_palette
 from attnseg.datasets import VOCDataset
 from attnseg.evaluate import evaluate
+from attnseg.images import palette_png
 from attnseg.segmenter import Segmenter, SegmenterConfig, SegmenterError, SegNet, augment, train_segmenter
 
 
-def _png(path, arr, palette=False):
-    im = Image.fromarray(arr.astype(np.uint8), mode="P" if palette else None)
-    if palette:
-        im.putpalette(voc_palette())
+def _save(path, arr, palette=False):
     path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
+    (palette_png(arr) if palette else Image.fromarray(arr.astype(np.uint8))).save(path)
 
 
 def _generated(root, n=6, side=16):
@@ -37,8 +34,8 @@ def _generated(root, n=6, side=16):
         img[:, c : c + 3] = (30, 30, 230)
         mask[:, c : c + 3] = 2
         mask[0, 0] = 255  # uncertain pixels are ignored by the loss
-        _png(root / "images" / f"{i:06d}.png", img)
-        _png(root / "masks" / f"{i:06d}.png", mask, palette=True)
+        _save(root / "images" / f"{i:06d}.png", img)
+        _save(root / "masks" / f"{i:06d}.png", mask, palette=True)
         lines.append(
             json.dumps(
                 {
@@ -105,7 +102,7 @@ def test_segmenter_bad_input(tmp_path):
     with pytest.raises(SegmenterError, match="neither"):
         train_segmenter(tmp_path / "empty", tmp_path / "m", CFG)
     data = _generated(tmp_path / "gen", n=2)
-    _png(data / "masks" / "000001.png", np.full((16, 16), 7), palette=True)
+    _save(data / "masks" / "000001.png", np.full((16, 16), 7), palette=True)
     with pytest.raises(SegmenterError, match=r"beyond classes\.txt"):
         train_segmenter(data, tmp_path / "m", CFG, progress=False)
     with pytest.raises(SegmenterError, match="not a trained segmenter"):
@@ -122,16 +119,8 @@ class _LeftHalf(torch.nn.Module):
         return out
 
 
-def test_eval_scores_a_segmenter_by_class_name(tmp_path, monkeypatch):
-    root = tmp_path / "voc"
+def test_eval_scores_a_segmenter_by_class_name(voc, tmp_path, monkeypatch):
     # dataset classes: background, cat, dog. The segmenter's classes: background, dog, cat (other order).
-    gts = {"a": np.array([[1, 1, 0, 0], [1, 1, 0, 0]]), "b": np.array([[0, 0, 0, 2], [0, 0, 255, 2]])}
-    for k, gt in gts.items():
-        _png(root / "SegmentationClass" / f"{k}.png", gt, palette=True)
-        _png(root / "JPEGImages" / f"{k}.png", np.full((2, 4, 3), 100))
-    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
-    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("a\nb\n")
-    (root / "classes.txt").write_text("background\ncat\ndog\n")
     model = tmp_path / "seg"
     model.mkdir()
     from safetensors.torch import save_file
@@ -149,7 +138,7 @@ def test_eval_scores_a_segmenter_by_class_name(tmp_path, monkeypatch):
         return s
 
     monkeypatch.setattr(segmod.Segmenter, "load", load)
-    rep = evaluate(None, VOCDataset(root), [], tmp_path / "rep", segmenters=[model], progress=False)
+    rep = evaluate(None, VOCDataset(voc), [], tmp_path / "rep", segmenters=[model], progress=False)
     # Predicted "cat" (segmenter id 2) on the left half of both images, background on the right.
     # a: gt cat on the left -> cat TP 4, bg TP 4. b: left 4 px are bg predicted cat (FP), right: bg 1 TP,
     # dog 2 px predicted bg (FN), 1 px ignored. cat IoU 4/8, bg IoU 5/(5+4+2) , dog 0/2.

@@ -8,9 +8,10 @@ One confusion matrix per method is accumulated over the split.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,44 +148,20 @@ def evaluate(
             unknown = [lab for lab in labels if lab not in classes]
             if unknown:
                 raise ValueError(f"{sample.id}: labels {unknown} are not classes of the dataset ({', '.join(classes[1:])})")
-            image = None
+            image = functools.cache(sample.image)  # read once, and only if a prediction is not cached
             preds = {}
             for spec in specs:
-                cache = out / "cache" / spec.key / f"{sample.id}.png"
-                if spec.method in UNSUPERVISED:
-                    if cache.exists():
-                        seg = np.asarray(Image.open(cache), dtype=np.uint8)
-                    else:
-                        if image is None:
-                            image = sample.image()
-                        seg = _unsupervised(predictor, image, spec, seed)
-                        atomic_write_bytes(cache, encode_png(palette_png(seg)))
-                    confs[spec.key] += hungarian_confusion(sample.gt, seg, len(classes))
-                    preds[spec.key] = seg  # raw segment ids (palette colours) in the qualitative grid
-                    bar.advance(task)
-                    continue
-                if cache.exists():
-                    pred = np.asarray(Image.open(cache), dtype=np.uint8)
-                else:
-                    if image is None:
-                        image = sample.image()
-                    if labels:
-                        pred = _predict_ids(predictor, image, list(labels), classes, spec, draws, seed)
-                    else:
-                        pred = np.zeros(sample.gt.shape, np.uint8)
-                    atomic_write_bytes(cache, encode_png(palette_png(pred)))
-                confs[spec.key] += confusion(sample.gt, pred, len(classes))
-                preds[spec.key] = pred
+                make = functools.partial(
+                    _method_prediction, predictor, image, labels, classes, spec, draws, seed, sample.gt.shape
+                )
+                pred = _cached(out / "cache" / spec.key / f"{sample.id}.png", make)
+                score = hungarian_confusion if spec.method in UNSUPERVISED else confusion
+                confs[spec.key] += score(sample.gt, pred, len(classes))
+                preds[spec.key] = pred  # diffseg: raw segment ids (palette colours) in the qualitative grid
                 bar.advance(task)
             for key, (sg, lut, _) in segs.items():
-                cache = out / "cache" / key / f"{sample.id}.png"
-                if cache.exists():
-                    pred = np.asarray(Image.open(cache), dtype=np.uint8)
-                else:
-                    if image is None:
-                        image = sample.image()
-                    pred = lut[sg.predict(image)]
-                    atomic_write_bytes(cache, encode_png(palette_png(pred)))
+                make = functools.partial(_segmenter_prediction, sg, lut, image)
+                pred = _cached(out / "cache" / key / f"{sample.id}.png", make)
                 confs[key] += confusion(sample.gt, pred, len(classes))
                 preds[key] = pred
                 bar.advance(task)
@@ -206,6 +183,30 @@ def evaluate(
     atomic_write_bytes(out / "per_class.png", encode_png(bar_chart(report)))
     atomic_write_bytes(out / "qualitative.png", encode_png(qualitative_grid(samples, list(confs))))
     return report
+
+
+def _cached(cache: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """One image's prediction from the cache, or computed now and cached (atomically, so a kill loses nothing)."""
+    if cache.exists():
+        return np.asarray(Image.open(cache), dtype=np.uint8)
+    pred = compute()
+    atomic_write_bytes(cache, encode_png(palette_png(pred)))
+    return pred
+
+
+def _method_prediction(
+    predictor, image: Callable[[], np.ndarray], labels, classes, spec: MethodSpec, draws, seed: int, shape
+) -> np.ndarray:
+    """A method's label map in the dataset's class ids (segment ids for unsupervised methods)."""
+    if spec.method in UNSUPERVISED:
+        return _unsupervised(predictor, image(), spec, seed)
+    if not labels:
+        return np.zeros(shape, np.uint8)
+    return _predict_ids(predictor, image(), list(labels), classes, spec, draws, seed)
+
+
+def _segmenter_prediction(segmenter, lut: np.ndarray, image: Callable[[], np.ndarray]) -> np.ndarray:
+    return lut[segmenter.predict(image())]
 
 
 def _unsupervised(predictor, image, spec: MethodSpec, seed: int) -> np.ndarray:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import atomic_write_bytes, settings_diff
+from .files import atomic_torch_save, atomic_write_bytes, settings_diff
 
 IGNORE = 255
 
@@ -184,12 +183,6 @@ def _digest(pairs: list[tuple[Path, Path]]) -> str:
     return h.hexdigest()[:16]
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train_segmenter(
     dataset: str | Path,
     out: str | Path,
@@ -270,7 +263,7 @@ def train_segmenter(
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 if step < cfg.steps:
-                    _atomic_torch_save(
+                    atomic_torch_save(
                         {
                             "net": net.state_dict(),
                             "opt": opt.state_dict(),
@@ -282,11 +275,9 @@ def train_segmenter(
                     )
             if pause:
                 return {**record, "finished": False, "step": step}
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = out / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
+    atomic_write_bytes(out / "model.safetensors", save({k: v.contiguous() for k, v in net.state_dict().items()}))
     if ck.exists():
         ck.unlink()
     return {**record, "finished": True, "step": step}

@@ -16,26 +16,28 @@ from ..data.shapes import make_scene
 HOLDOUT_SEED = 1
 
 
+def _same_shape_pair(scene, min_pixels: int) -> tuple[int, int] | None:
+    """The first two objects of one shape that are both visible enough, or None."""
+    n = len(scene.objects)
+    for a in range(n):
+        for b in range(a + 1, n):
+            if scene.objects[a].shape == scene.objects[b].shape and all(
+                (scene.instance == j + 1).sum() >= min_pixels for j in (a, b)
+            ):
+                return a, b
+    return None
+
+
 def pair_scenes(n: int, seed: int = HOLDOUT_SEED, min_pixels: int = 30, max_index: int = 20000) -> list:
     """The first ``n`` scenes with two visible objects of one shape (each >= ``min_pixels`` visible)."""
     out = []
     for i in range(max_index):
         sc = make_scene(seed, i)
-        shapes = [o.shape for o in sc.objects]
-        for a in range(len(shapes)):
-            for b in range(a + 1, len(shapes)):
-                if (
-                    shapes[a] == shapes[b]
-                    and (sc.instance == a + 1).sum() >= min_pixels
-                    and (sc.instance == b + 1).sum() >= min_pixels
-                ):
-                    out.append((sc, a, b))
-                    break
-            else:
-                continue
-            break
-        if len(out) == n:
-            return out
+        pair = _same_shape_pair(sc, min_pixels)
+        if pair is not None:
+            out.append((sc, *pair))
+            if len(out) == n:
+                return out
     raise ValueError(f"only {len(out)} same-shape scenes among the first {max_index} of seed {seed}")
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.shapes import COLOURS, SHAPES, SceneObject, ShapesWorldConfig, caption, make_scene
+from ..files import atomic_torch_save
 from .arch import ToyArch, build_scheduler, build_text_encoder, build_unet, build_vae
 from .tokenizer import build_tokenizer
 
@@ -62,14 +63,6 @@ def _log(work: Path, rec: dict) -> None:
     with open(work / "log.jsonl", "a") as f:
         f.write(json.dumps(rec) + "\n")
     print(json.dumps(rec), flush=True)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    import torch
-
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- data
@@ -125,7 +118,7 @@ def stage_vae(cfg: TrainConfig, init_from: str | None = None) -> None:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(Path(init_from) / "vae", torch_dtype=torch.float32)
-        _atomic_torch_save(vae.state_dict(), work / "vae.pt")
+        atomic_torch_save(vae.state_dict(), work / "vae.pt")
         _log(work, {"stage": "vae", "init_from": str(init_from)})
         return
     torch.manual_seed(cfg.seed)
@@ -153,7 +146,7 @@ def stage_vae(cfg: TrainConfig, init_from: str | None = None) -> None:
             mse = (rec.detach().clamp(-1, 1) - x).pow(2).mean().item() / 4  # in [0,1] units
             psnr = 10 * math.log10(1 / max(mse, 1e-10))
             _log(work, {"stage": "vae", "step": step, "loss": loss.item(), "psnr": psnr, "elapsed": time.time() - t0})
-    _atomic_torch_save(vae.state_dict(), work / "vae.pt")
+    atomic_torch_save(vae.state_dict(), work / "vae.pt")
 
 
 def _load_vae(work: Path):
@@ -324,7 +317,7 @@ def stage_unet(
                 "warm_from": warm_from,
                 "config": asdict(cfg),
             }
-            _atomic_torch_save(state, ck)
+            atomic_torch_save(state, ck)
         if step % cfg.diag_every == 0:
             _log(work, {"stage": "diag", "step": step, **text_gain(unet, te, tok, _load_vae(work), scale)})
             unet.train()
