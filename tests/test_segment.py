@@ -228,3 +228,26 @@ def test_cli_rejects_bad_options_without_traceback(tmp_path, args, expect):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, res.output
     assert expect in res.output and "Traceback" not in res.output
+
+
+def test_model_profile_sets_the_default_preset_and_an_explicit_one_wins(tiny_pipe_dir, tmp_path, scene):
+    import shutil
+
+    from attnseg.models import ModelError
+    from attnseg.predictor import AttnSegPredictor
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pipe_dir, folder)
+    (folder / "attnseg.json").write_text(json.dumps({"presets": {"t2m": "embedded"}}))
+    pred = AttnSegPredictor.from_pretrained(folder)
+    assert pred.default_presets == {"t2m": "embedded"}
+    pred.set_image(scene.image)
+    r = pred.segment(scene.labels, method="t2m", draws=1)
+    assert r.settings["preset"] == "embedded"
+    assert list(r.settings["self_layer"]["names"]) == ["down_blocks.0.attentions.0.*"]
+    r = pred.segment(scene.labels, method="t2m", preset="voc", draws=1)
+    assert r.settings["preset"] == "voc" and not r.settings["self_layer"]["names"]
+    assert pred.segment(scene.labels, method="iseg", draws=1).settings["preset"] is None  # no entry: paper's
+    (folder / "attnseg.json").write_text(json.dumps({"presets": {"t2m": "nonsense"}}))
+    with pytest.raises(ModelError, match="attnseg.json names preset 'nonsense'"):
+        AttnSegPredictor.from_pretrained(folder)

@@ -118,6 +118,9 @@ def evaluate(
     specs: list[MethodSpec] = []
     for m in methods:
         s = MethodSpec.parse(m)
+        if s.preset is None and s.method not in UNSUPERVISED:
+            # The model's recommended preset (its attnseg.json), named in the report's keys.
+            s = MethodSpec(s.method, getattr(predictor, "default_presets", {}).get(s.method), s.crf)
         specs.append(s)
         if crf and not s.crf:
             specs.append(MethodSpec(s.method, s.preset, True))

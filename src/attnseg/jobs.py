@@ -113,6 +113,7 @@ def segment_paths(
             on_error(src, msg)
 
     paths = list_images(inputs)
+    preset = preset or predictor.default_presets.get(method)  # the model's recommended preset, recorded as such
     method_obj = _method(method, preset)
     seen: dict[str, Path] = {}
     todo: list[tuple[Path, list[str]]] = []

@@ -40,6 +40,33 @@ def embedded_model_path() -> Path:
     return EMBEDDED_DIR
 
 
+PROFILE_FILE = "attnseg.json"
+
+
+def model_profile(pipe) -> dict[str, str]:
+    """Default presets a local model folder recommends, from its ``attnseg.json``: ``{method: preset}``.
+
+    A model whose layers differ from Stable Diffusion's can name, per method, the preset whose
+    layers suit it (the embedded model does: its last decoder self-attention layer attends almost
+    uniformly). A preset passed explicitly always wins; hub ids and folders without the file get the
+    paper's defaults.
+    """
+    root = getattr(pipe, "name_or_path", None)
+    f = Path(str(root)) / PROFILE_FILE if root else None
+    if f is None or not f.is_file():
+        return {}
+    try:
+        presets = json.loads(f.read_text()).get("presets", {})
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ModelError(f"{f} is not a valid attnseg profile ({e}); fix or delete it") from None
+    from .methods import PRESETS
+
+    for method, preset in presets.items():
+        if preset not in PRESETS.get(method, {}):
+            raise ModelError(f"{f} names preset {preset!r} for {method!r}, which attnseg does not have; fix or delete it")
+    return dict(presets)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

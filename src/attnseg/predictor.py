@@ -26,7 +26,7 @@ from .images import load_image
 from .layers import layer_inventory
 from .maps import columns_to_images
 from .methods import get_method
-from .models import load_pipeline, native_resolution
+from .models import load_pipeline, model_profile, native_resolution
 from .postprocess import CRFConfig, confidence_map, dense_crf, scores_to_probs
 from .prompts import T2M_SYNONYMS, TokenSpans, compose_prompt, prompt_spans
 
@@ -65,6 +65,8 @@ class AttnSegPredictor:
         self.max_batch = max_batch
         self.inventory = layer_inventory(pipe.unet)
         self.model_name = getattr(pipe, "attnseg_model_name", type(pipe).__name__)
+        self.default_presets = model_profile(pipe)
+        """{method: preset} used when a call names no preset (the model folder's ``attnseg.json``)."""
         self._latents: torch.Tensor | None = None
         self._images: list[np.ndarray] = []
         self.text_cache_size = 256
@@ -246,7 +248,11 @@ class AttnSegPredictor:
         return out
 
     def _segment(self, latents, images, label_lists, method, preset, draws, seed, crf, overrides):
-        m = get_method(method, preset, **overrides) if isinstance(method, str) else method
+        if isinstance(method, str):
+            preset = preset or self.default_presets.get(method)
+            m = get_method(method, preset, **overrides)
+        else:
+            m = method
         n_draws = int(draws if draws is not None else getattr(m.config, "draws", 1))
         if n_draws < 1:
             raise ValueError("draws must be at least 1")
@@ -259,7 +265,7 @@ class AttnSegPredictor:
             if crf_cfg is not None:
                 up = torch.from_numpy(dense_crf(img, scores_to_probs(up), crf_cfg))
             conf, unc = confidence_map(up)
-            settings = {**_settings(m), "draws": n_draws, "seed": seed, "crf": crf_cfg is not None}
+            settings = {**_settings(m), "preset": preset, "draws": n_draws, "seed": seed, "crf": crf_cfg is not None}
             settings["resolution"] = self.resolution
             results.append(
                 SegmentationResult(

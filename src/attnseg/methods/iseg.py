@@ -57,6 +57,8 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
     "ov-voc": ISegConfig(lam=0.015, iters=8),
     "ov-context": ISegConfig(lam=0.002, iters=5),
     "ov-coco": ISegConfig(lam=0.2, iters=10),
+    # The embedded ShapesWorld model: same reason and layer as T2M's "embedded" preset.
+    "embedded": ISegConfig(self_layer=LayerSelect(kind="self", names=("down_blocks.0.attentions.0.*",))),
 }
 
 

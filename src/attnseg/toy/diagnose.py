@@ -9,6 +9,11 @@ Per cross-attention layer and timestep, for every object of every scene, with th
 - choice: in scenes with objects of different shapes, is the shape word's mean map higher on its
   own object than on each other object (``choice_chance`` is what guessing would score)?
 These move long before mIoU does while a model trains.
+
+``self_attention_report`` asks the same of the self-attention layers that T2M, iSeg and DiffSeg
+propagate with: how much of an object cell's attention stays on its own object ("own"), leaks to
+the other objects or to the background, and ``lift`` = own / the object's share of the grid
+(1 = no better than uniform attention).
 """
 
 from __future__ import annotations
@@ -98,6 +103,58 @@ def localisation_report(pipe, n: int = 64, timesteps=(150, 400), seed: int = HOL
     return out
 
 
+def object_affinity(attn: torch.Tensor, cells: torch.Tensor) -> dict[str, float]:
+    """Object coherence of one self-attention map.
+
+    attn: (P, P) rows sum to 1; cells: (P,) int, 0 = background, k > 0 = object k.
+    Mean over the objects present of: own (row mass on the object's own cells, averaged over its
+    cells), other (mass on other objects), bg (mass on background) and lift = own / area share.
+    """
+    rows = []
+    for k in cells.unique().tolist():
+        if k == 0:
+            continue
+        mine = cells == k
+        a = attn[mine]
+        own = float(a[:, mine].sum(1).mean())
+        bg = float(a[:, cells == 0].sum(1).mean())
+        rows.append((own, 1.0 - own - bg, bg, own / float(mine.float().mean())))
+    if not rows:
+        return {}
+    arr = np.array(rows)
+    return dict(zip(("own", "other", "bg", "lift"), arr.mean(0).tolist(), strict=True))
+
+
+@torch.inference_mode()
+def self_attention_report(pipe, n: int = 32, timesteps=(100, 150), seed: int = HOLDOUT_SEED) -> dict:
+    """Per self-attention layer and timestep: mean ``object_affinity`` over ``n`` held-out scenes."""
+    from ..predictor import AttnSegPredictor
+
+    pred = AttnSegPredictor(pipe)
+    scenes = [make_scene(seed, i) for i in range(n)]
+    latents = pred.encode_images([s.image for s in scenes])
+    emb = pred._encode_text(["a photo of a " + " and a ".join(o.phrase for o in s.objects) for s in scenes])
+    inv = [lay for lay in layer_inventory(pipe.unet) if lay.kind == "self"]
+    g = torch.Generator().manual_seed(0)
+    out: dict = {}
+    for t in timesteps:
+        z = pipe.scheduler.add_noise(latents, torch.randn(latents.shape, generator=g), torch.tensor([t]))
+        with capture_attention(pipe.unet, [lay.name for lay in inv]) as store:
+            pipe.unet(z, torch.full((n,), t), encoder_hidden_states=emb)
+        for lay in inv:
+            m = store.mean(lay.name)
+            side = grid_side(m.shape[1])
+            stats: dict[str, list[float]] = {}
+            for i, s in enumerate(scenes):
+                inst = torch.from_numpy(s.instance.astype(np.int64))
+                onehot = F.one_hot(inst, int(inst.max()) + 1).permute(2, 0, 1).float()[None]
+                cells = F.interpolate(onehot, size=(side, side), mode="area")[0].argmax(0).ravel()
+                for k, v in object_affinity(m[i], cells).items():
+                    stats.setdefault(k, []).append(v)
+            out[f"t{t}/{lay.name.replace('.transformer_blocks.0.attn1', '')}"] = {k: float(np.mean(v)) for k, v in stats.items()}
+    return out
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -109,9 +166,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     pipe = load_pipeline(a.model, device="cpu", dtype="float32")
-    rep = localisation_report(pipe, a.n)
-    for k, v in rep.items():
-        print(f"{k:45s} " + " ".join(f"{kk}={vv:.3f}" for kk, vv in v.items()))
+    rep = {"cross": localisation_report(pipe, a.n), "self": self_attention_report(pipe, a.n)}
+    for part in rep.values():
+        for k, v in part.items():
+            print(f"{k:45s} " + " ".join(f"{kk}={vv:.3f}" for kk, vv in v.items()))
     if a.out:
         Path(a.out).write_text(json.dumps(rep, indent=1))
 

@@ -46,23 +46,24 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / u) if u else 0.0
 
 
-def same_shape_report(predictor, n: int = 50, methods=("cross", "t2m:no-bg-words", "iseg"), seed: int = 0) -> dict:
+def same_shape_report(predictor, n: int = 50, methods=("cross", "t2m", "iseg"), seed: int = 0) -> dict:
     """Per method: mean IoU of each object with its own phrase vs with the other phrase, and the
     fraction of objects whose own IoU is higher."""
     scenes = pair_scenes(n)
     res = {}
     for spec in methods:
         method, _, preset = spec.partition(":")
+        preset = preset or predictor.default_presets.get(method)  # the model's own preset, named in the key
         own, swapped, wins = [], [], 0
         for sc, a, b in scenes:
             phrases = [sc.objects[a].phrase, sc.objects[b].phrase]
-            r = predictor.segment_batch([sc.image], [phrases], method=method, preset=preset or None, seed=seed)[0]
+            r = predictor.segment_batch([sc.image], [phrases], method=method, preset=preset, seed=seed)[0]
             for k, j in enumerate((a, b)):  # label k + 1 names object j; label 2 - k names the other one
                 inst = sc.instance == j + 1
                 own.append(_iou(r.mask == k + 1, inst))
                 swapped.append(_iou(r.mask == 2 - k, inst))
                 wins += own[-1] > swapped[-1]
-        res[spec] = {
+        res[f"{method}:{preset}" if preset else method] = {
             "objects": len(own),
             "own_iou": float(np.mean(own)),
             "swapped_iou": float(np.mean(swapped)),

@@ -71,7 +71,7 @@ def release(
     from ..evaluate import evaluate
     from ..models import load_pipeline
     from ..predictor import AttnSegPredictor
-    from .diagnose import localisation_report
+    from .diagnose import localisation_report, self_attention_report
     from .report import GRID_PROMPTS, grid, oracle_rate, sample
     from .train import TrainConfig, stage_export
 
@@ -81,6 +81,7 @@ def release(
     pipe = load_pipeline(out_p, device="cpu", dtype="float32")
     meas: dict = {"eval_n": eval_n}
     meas["localisation"] = localisation_report(pipe, diag_n)
+    meas["self_attention"] = self_attention_report(pipe, min(diag_n, 32))
     scenes = Path(work) / "eval-scenes"
     if not (scenes / "classes.txt").exists():
         export_voc(scenes, n=eval_n, seed=1)
@@ -89,7 +90,9 @@ def release(
     report = evaluate(
         pred,
         VOCDataset(scenes),
-        ["cross", "t2m", "t2m:no-bg-words", "t2m:no-bg-words+crf", "iseg", "iseg+crf", "diffseg:small-unet"],
+        # "t2m"/"iseg" take the model's own presets (its attnseg.json: "embedded"); "t2m:no-bg-words" and
+        # "iseg:paper" are the papers' layer mappings, kept to show what the layer choice does.
+        ["cross", "t2m", "t2m+crf", "t2m:no-bg-words", "iseg", "iseg+crf", "iseg:paper", "diffseg:small-unet"],
         rep_dir,
         progress=False,
     )
@@ -134,6 +137,18 @@ def _measurements_md(meas: dict) -> str:
     ]
     for k, v in best:
         lines.append(f"| {k} | {v['shape_point']:.2f} | {v['shape_auc']:.2f} | {v['colour_auc']:.2f} | {v['article_auc']:.2f} |")
+    if "self_attention" in meas:
+        lines += [
+            "",
+            "- Self-attention, what T2M, iSeg and DiffSeg propagate with: share of an object cell's attention on its own object,",
+            "  on other objects and on the background, and lift = own share / the object's area share (1 = uniform), t = 150:",
+            "",
+            "| layer | own | other objects | background | lift |",
+            "|---|---|---|---|---|",
+        ]
+        for k, v in meas["self_attention"].items():
+            if k.startswith("t150/"):
+                lines.append(f"| {k[5:]} | {v['own']:.2f} | {v['other']:.2f} | {v['bg']:.2f} | {v['lift']:.1f} |")
     if "same_shape" in meas:
         lines += [
             "",

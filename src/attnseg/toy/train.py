@@ -28,6 +28,7 @@ import numpy as np
 
 from ..data.shapes import COLOURS, SHAPES, SceneObject, ShapesWorldConfig, caption, make_scene
 from ..files import atomic_torch_save
+from ..models import PROFILE_FILE
 from .arch import ToyArch, build_scheduler, build_text_encoder, build_unet, build_vae
 from .tokenizer import build_tokenizer
 
@@ -365,6 +366,16 @@ def text_gain(unet, te, tok, vae, scale: float, n: int = 48) -> dict[str, float]
 # ----------------------------------------------------------------------------- export
 
 
+EMBEDDED_PROFILE = {
+    "presets": {"t2m": "embedded", "iseg": "embedded"},
+    "why": (
+        "The papers' self-attention layer maps onto this model's last decoder layer, which attends almost uniformly; "
+        "the 'embedded' presets read the object-coherent 16-px encoder layer instead "
+        "(python -m attnseg.toy.diagnose; docs/EMBEDDED-MODEL-TRAINING.md). Pass a preset to override."
+    ),
+}
+
+
 def stage_export(cfg: TrainConfig, out_dir: str | Path, use_ema: bool = True) -> Path:
     import torch
     from diffusers import StableDiffusionPipeline
@@ -401,6 +412,7 @@ def stage_export(cfg: TrainConfig, out_dir: str | Path, use_ema: bool = True) ->
     write_clip_vocab_files(tok, out_dir / "tokenizer")
     meta = {"step": state["step"], "ema": use_ema, "train_config": state["config"], "arch": asdict(arch)}
     (out_dir / "training.json").write_text(json.dumps(meta, indent=1))
+    (out_dir / PROFILE_FILE).write_text(json.dumps(EMBEDDED_PROFILE, indent=1) + "\n")
     return out_dir
 
 
