@@ -22,6 +22,7 @@ def test_embedded_model_files():
         "tokenizer/merges.txt",
         "scheduler/scheduler_config.json",
         "README.md",
+        "attnseg.json",
     ):
         assert (root / f).exists(), f
     total = sum(p.stat().st_size for p in EMBEDDED_DIR.rglob("*") if p.is_file())
@@ -61,6 +62,19 @@ def test_cross_attention_masks_beat_all_foreground(embedded):
         ious.append(_fg_iou(embedded.segment(sc.labels, method="cross", draws=1).mask, sc.semantic))
         all_fg.append(float((sc.semantic > 0).mean()))
     assert np.mean(ious) > 0.15 > np.mean(all_fg), (np.mean(ious), np.mean(all_fg))
+
+
+def test_profile_points_t2m_and_iseg_at_an_object_coherent_self_attention_layer(embedded):
+    # The shipped attnseg.json must name presets whose self-attention layer exists in this model and keeps an
+    # object cell's attention on its object well above uniform (lift 1; the chosen layer measured about 5).
+    from attnseg.methods import get_method
+    from attnseg.toy.diagnose import self_attention_report
+
+    assert embedded.default_presets == {"t2m": "embedded", "iseg": "embedded"}
+    rep = self_attention_report(embedded.pipe, n=8, timesteps=(150,))
+    for method, preset in embedded.default_presets.items():
+        (layer,) = get_method(method, preset).config.self_layer.resolve(embedded.inventory)
+        assert rep["t150/" + layer.name.replace(".transformer_blocks.0.attn1", "")]["lift"] > 2.5, (method, rep)
 
 
 @pytest.mark.parametrize("method", ["t2m", "iseg"])
