@@ -6,6 +6,6 @@ bash scripts/setup.sh
 . .venv/bin/activate
 OUT=${OUT:-demo}
 attnseg shapes export "$OUT/scenes" --n 16 --seed 1
-attnseg segment "$OUT/scenes/JPEGImages" --labels-file "$OUT/scenes/labels.json" --method t2m --preset no-bg-words --out "$OUT/masks"
-attnseg eval "$OUT/scenes" --method cross --method t2m:no-bg-words --method iseg --out "$OUT/report"
+attnseg segment "$OUT/scenes/JPEGImages" --labels-file "$OUT/scenes/labels.json" --method t2m --out "$OUT/masks"
+attnseg eval "$OUT/scenes" --method cross --method t2m --method iseg --out "$OUT/report"
 echo "masks, overlays and scores in $OUT/masks; mIoU table in $OUT/report/report.md"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import numpy as np
 import pytest
 
@@ -54,7 +56,7 @@ def test_same_shape_pairs_report_on_a_perfect_and_a_swapping_predictor():
 
     class Perfect:
         swap = False
-        default_presets: dict = {}
+        default_presets = MappingProxyType({})
 
         def segment_batch(self, images, labels, **kw):
             sc, a, b = next(t for t in scenes if np.array_equal(t[0].image, images[0]))

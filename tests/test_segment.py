@@ -249,5 +249,5 @@ def test_model_profile_sets_the_default_preset_and_an_explicit_one_wins(tiny_pip
     assert r.settings["preset"] == "voc" and not r.settings["self_layer"]["names"]
     assert pred.segment(scene.labels, method="iseg", draws=1).settings["preset"] is None  # no entry: paper's
     (folder / "attnseg.json").write_text(json.dumps({"presets": {"t2m": "nonsense"}}))
-    with pytest.raises(ModelError, match="attnseg.json names preset 'nonsense'"):
+    with pytest.raises(ModelError, match=r"attnseg\.json names preset 'nonsense'"):
         AttnSegPredictor.from_pretrained(folder)

@@ -101,6 +101,10 @@ def segment(
         _err(f"labels file {labels_file} does not exist")
         raise typer.Exit(2)
     predictor = _load_predictor(model, device, dtype)
+    if preset is None and method in predictor.default_presets:
+        typer.echo(
+            f"preset {predictor.default_presets[method]!r} from the model's attnseg.json (--preset overrides it)", err=True
+        )
     try:
         report = segment_paths(
             predictor,

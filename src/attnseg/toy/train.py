@@ -57,6 +57,8 @@ class TrainConfig:
     seed: int = 0
     text_layers: int = 3
     """Transformer layers of the text encoder; 0 leaves each token's embedding unmixed (see the training log)."""
+    colour_prob: float = 0.8
+    """Probability that a caption names an object by "colour shape" rather than by its shape alone."""
 
 
 def _log(work: Path, rec: dict) -> None:
@@ -195,13 +197,13 @@ def stage_encode(cfg: TrainConfig) -> None:
 # ----------------------------------------------------------------------------- UNet
 
 
-def _caption_batch(objs: np.ndarray, rng: np.random.Generator, empty_prob: float) -> list[str]:
+def _caption_batch(objs: np.ndarray, rng: np.random.Generator, empty_prob: float, colour_prob: float = 0.8) -> list[str]:
     caps = []
     for row in objs:
         if rng.random() < empty_prob:
             caps.append("")
         else:
-            caps.append(caption(_objects_of(row), rng))
+            caps.append(caption(_objects_of(row), rng, colour_prob=colour_prob))
     return caps
 
 
@@ -240,7 +242,7 @@ def stage_unet(
             e.copy_(s)
         step = state["step"]
         warm_from = int(state.get("warm_from", 0))
-        _log(work, {"stage": "unet", "resumed_at": step})
+        _log(work, {"stage": "unet", "resumed_at": step, "colour_prob": cfg.colour_prob})
     elif init_ckpt:
         # Start from another run's checkpoint (online weights); the text encoder may have fewer layers:
         # its embeddings and final norm are kept. Fresh optimizer and EMA, with a new warm-up.
@@ -279,7 +281,7 @@ def stage_unet(
         idx = rng.integers(0, len(latents), cfg.batch)
         z0 = torch.from_numpy(latents[idx].astype(np.float32)) * scale
         of = torch.from_numpy(obj_frac[idx].astype(np.float32))[:, None]
-        caps = _caption_batch(objs[idx], rng, cfg.empty_caption_prob)
+        caps = _caption_batch(objs[idx], rng, cfg.empty_caption_prob, cfg.colour_prob)
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (cfg.batch,), generator=g)
@@ -428,6 +430,18 @@ def write_clip_vocab_files(tok, folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
+def _resumed_value(cfg: TrainConfig, name: str, asked):
+    """A caption setting: as asked (logged when it changes), else what the checkpoint being resumed used, else the default."""
+    if asked is not None:
+        return asked
+    import torch
+
+    ck = Path(cfg.work) / "ckpt.pt"
+    if ck.exists():
+        return torch.load(ck, weights_only=False)["config"].get(name, getattr(TrainConfig, name))
+    return getattr(TrainConfig, name)
+
+
 def _text_layers(cfg: TrainConfig, asked: int | None, init_from: str | None) -> int:
     """Text encoder depth: what a checkpoint being resumed or a warm-start folder has, else ``asked`` or 3."""
     import torch
@@ -460,9 +474,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--text-layers", type=int, default=None, help="text encoder layers (default: as resumed / warm-started, else 3)"
     )
+    p.add_argument(
+        "--colour-prob",
+        type=float,
+        default=None,
+        help="share of objects named 'colour shape' rather than 'shape' in captions (default: as resumed, else 0.8)",
+    )
     a = p.parse_args(argv)
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
     cfg.text_layers = _text_layers(cfg, a.text_layers, a.init_from)
+    cfg.colour_prob = _resumed_value(cfg, "colour_prob", a.colour_prob)
     import torch
 
     torch.set_num_threads(cfg.threads)
