@@ -91,8 +91,19 @@ def release(
         pred,
         VOCDataset(scenes),
         # "t2m"/"iseg" take the model's own presets (its attnseg.json: "embedded"); "t2m:no-bg-words" and
-        # "iseg:paper" are the papers' layer mappings, kept to show what the layer choice does.
-        ["cross", "t2m", "t2m+crf", "t2m:no-bg-words", "iseg", "iseg+crf", "iseg:paper", "diffseg:small-unet"],
+        # "iseg:paper" are the papers' layer mappings and "iseg:embedded-n8" the paper's iteration count,
+        # kept to show what each choice does.
+        [
+            "cross",
+            "t2m",
+            "t2m+crf",
+            "t2m:no-bg-words",
+            "iseg",
+            "iseg+crf",
+            "iseg:embedded-n8",
+            "iseg:paper",
+            "diffseg:small-unet",
+        ],
         rep_dir,
         progress=False,
     )
