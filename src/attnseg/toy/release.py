@@ -55,6 +55,10 @@ captions are empty (for classifier-free guidance). Evaluation scenes use world s
 - Its attention localises colour and shape words to the degree given above; it is a test bed for the methods, not
   a general segmenter. Users with real Stable Diffusion weights pass `--model`.
 - Resolution is fixed at 64x64; other sizes are resized.
+- `attnseg.json` beside this card makes `t2m:embedded` and `iseg:embedded` its default presets: the papers'
+  self-attention layer maps onto this model's last decoder layer, which attends almost uniformly (table above),
+  so these presets read the object-coherent 16-px encoder layer (iSeg also with 1 iteration instead of 8; both
+  chosen on validation scenes, docs/EMBEDDED-MODEL-TRAINING.md). Pass a preset to use another.
 """
 
 
