@@ -71,10 +71,11 @@ def test_profile_points_t2m_and_iseg_at_an_object_coherent_self_attention_layer(
     from attnseg.toy.diagnose import self_attention_report
 
     assert embedded.default_presets == {"t2m": "embedded", "iseg": "embedded"}
-    rep = self_attention_report(embedded.pipe, n=8, timesteps=(150,))
     for method, preset in embedded.default_presets.items():
-        (layer,) = get_method(method, preset).config.self_layer.resolve(embedded.inventory)
-        assert rep["t150/" + layer.name.replace(".transformer_blocks.0.attn1", "")]["lift"] > 2.5, (method, rep)
+        cfg = get_method(method, preset).config
+        (layer,) = cfg.self_layer.resolve(embedded.inventory)
+        rep = self_attention_report(embedded.pipe, n=8, timesteps=(cfg.timestep,))  # the method's own timestep
+        assert rep[f"t{cfg.timestep}/" + layer.name.replace(".transformer_blocks.0.attn1", "")]["lift"] > 2.5, (method, rep)
 
 
 @pytest.mark.parametrize("method", ["t2m", "iseg"])

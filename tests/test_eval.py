@@ -69,6 +69,14 @@ def test_eval_by_hand(voc, tmp_path):
     assert again.calls == 0 and rep2["methods"]["t2m"] == m
 
 
+def test_model_profile_names_the_report_key_and_a_repeated_method_counts_once(voc, tmp_path):
+    pred = FakePredictor()
+    pred.default_presets = {"t2m": "embedded"}
+    rep = evaluate(pred, VOCDataset(voc), ["t2m", "t2m:embedded"], tmp_path / "rep", progress=False)
+    assert list(rep["methods"]) == ["t2m-embedded"] and pred.calls == 2  # two images, one prediction each
+    assert np.isclose(rep["methods"]["t2m-embedded"]["pixel_acc"], 9 / 15)  # as in test_eval_by_hand: counted once
+
+
 def test_voc_errors(voc):
     from attnseg.datasets import DatasetError
 

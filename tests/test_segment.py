@@ -251,3 +251,21 @@ def test_model_profile_sets_the_default_preset_and_an_explicit_one_wins(tiny_pip
     (folder / "attnseg.json").write_text(json.dumps({"presets": {"t2m": "nonsense"}}))
     with pytest.raises(ModelError, match=r"attnseg\.json names preset 'nonsense'"):
         AttnSegPredictor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"presets": {"t2m": ', '{"presets": null}', '{"presets": {"t2m": ["embedded"]}}', "[1, 2]", b"\xff\xfe"],
+)
+def test_malformed_profile_is_one_clean_error_in_the_cli(tiny_pipe_dir, tmp_path, content):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pipe_dir, folder)
+    f = folder / "attnseg.json"
+    f.write_bytes(content) if isinstance(content, bytes) else f.write_text(content)
+    im = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(im)
+    r = CliRunner().invoke(app, ["segment", str(im), "--labels", "cat", "--model", str(folder), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert "attnseg.json" in r.output and "Traceback" not in r.output

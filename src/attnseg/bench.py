@@ -106,6 +106,7 @@ def bench_methods(predictor, methods: Sequence[str], repeats: int = 5, batch: in
     bare_b, _ = timed(bare_batch, max(1, repeats // 2))
     out = {"bare": {"seconds_per_image": bare_s, "images_per_second_batched": batch / bare_b, "peak_rss_mb": bare_rss}}
     for m in methods:
+        preset = predictor.default_presets.get(m)  # what a call naming no preset runs; named in the key
 
         def one(m=m):
             predictor.segment_batch([img], [list(labels)], method=m, draws=1)
@@ -124,7 +125,7 @@ def bench_methods(predictor, methods: Sequence[str], repeats: int = 5, batch: in
             s_b, _ = timed(bare, 1, warmup=0)
             pairs.append((s_m, s_b))
         sb, _ = timed(many, max(1, repeats // 2))
-        out[m] = {
+        out[f"{m}:{preset}" if preset else m] = {
             "seconds_per_image": statistics.median(p[0] for p in pairs),
             "images_per_second_batched": batch / sb,
             "peak_rss_mb": rss,

@@ -121,9 +121,9 @@ def evaluate(
         if s.preset is None and s.method not in UNSUPERVISED:
             # The model's recommended preset (its attnseg.json), named in the report's keys.
             s = MethodSpec(s.method, getattr(predictor, "default_presets", {}).get(s.method), s.crf)
-        specs.append(s)
-        if crf and not s.crf:
-            specs.append(MethodSpec(s.method, s.preset, True))
+        for spec in (s, MethodSpec(s.method, s.preset, True)) if crf and not s.crf else (s,):
+            if spec not in specs:  # "t2m" and "t2m:embedded" can name the same thing
+                specs.append(spec)
     from .jobs import load_labels_file
 
     table = load_labels_file(labels_file) if labels_file else None

@@ -56,9 +56,12 @@ def model_profile(pipe) -> dict[str, str]:
     if f is None or not f.is_file():
         return {}
     try:
-        presets = json.loads(f.read_text()).get("presets", {})
-    except (json.JSONDecodeError, AttributeError) as e:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
         raise ModelError(f"{f} is not a valid attnseg profile ({e}); fix or delete it") from None
+    presets = data.get("presets", {}) if isinstance(data, dict) else None
+    if not isinstance(presets, dict) or not all(isinstance(v, str) for v in presets.values()):
+        raise ModelError(f'{f} must hold {{"presets": {{"method": "preset", ...}}}}; fix or delete it')
     from .methods import PRESETS
 
     for method, preset in presets.items():

@@ -58,8 +58,9 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
     "ov-context": ISegConfig(lam=0.002, iters=5),
     "ov-coco": ISegConfig(lam=0.2, iters=10),
     # The embedded ShapesWorld model: same reason and layer as T2M's "embedded" preset, and the iterations chosen
-    # on validation scenes as the paper chose them per dataset (5-10 above): on its 16 x 16 grid every
-    # iteration beyond the first spreads the maps over other objects (docs/EMBEDDED-MODEL-TRAINING.md).
+    # on validation scenes (step-6,500 weights) as the paper chose them per dataset (5-10 above): this layer
+    # leaks about half of an object cell's attention to the background, so every iteration beyond the first
+    # spreads the maps (docs/EMBEDDED-MODEL-TRAINING.md).
     "embedded": ISegConfig(iters=1, self_layer=LayerSelect(kind="self", names=("down_blocks.0.attentions.0.*",))),
     # The same layer with the paper's iterations (N = 8), to show what the iteration count does.
     "embedded-n8": ISegConfig(self_layer=LayerSelect(kind="self", names=("down_blocks.0.attentions.0.*",))),

@@ -33,7 +33,7 @@ download. It loads with `StableDiffusionPipeline.from_pretrained(this_folder)`.
 ShapesWorld (`attnseg.data.shapes`), world seed 0, {n_scenes} scenes of 64x64 px: 1-3 objects of 8 shapes
 (circle, square, triangle, star, hexagon, heart, cross, ring) in 8 colours on calm backgrounds (gradients,
 soft blobs, low-contrast stripes or checks, mild noise), with occlusion and same-shape pairs. Captions are drawn
-anew at every step from 9 templates, naming each object by colour and shape (80%) or by shape alone; 10% of
+anew at every step from 9 templates, naming each object by colour and shape ({colour_pct:.0f}%) or by shape alone; 10% of
 captions are empty (for classifier-free guidance). Evaluation scenes use world seed 1 and are never seen in training.
 
 ## Training (`attnseg train-toy all`)
@@ -244,6 +244,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         ema=cfg["ema_decay"],
         loss=unet_log[-1]["loss"] if unet_log else float("nan"),
         obj_w=cfg["object_weight"],
+        colour_pct=100 * cfg.get("colour_prob", 0.8),
         machine=f"{platform.machine()}, 2 cores, fp32, CPU only",
         hours=busy / 3600,
         date=time.strftime("%Y-%m-%d"),

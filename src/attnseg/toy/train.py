@@ -431,7 +431,7 @@ def write_clip_vocab_files(tok, folder: Path) -> None:
 
 
 def _resumed_value(cfg: TrainConfig, name: str, asked):
-    """A caption setting: as asked (logged when it changes), else what the checkpoint being resumed used, else the default."""
+    """A caption setting: as asked, else what the checkpoint being resumed used, else the default (logged on resume)."""
     if asked is not None:
         return asked
     import torch
