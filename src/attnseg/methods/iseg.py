@@ -62,8 +62,11 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
     # leaks about half of an object cell's attention to the background, so every iteration beyond the first
     # spreads the maps (docs/EMBEDDED-MODEL-TRAINING.md).
     "embedded": ISegConfig(iters=1, self_layer=LayerSelect(kind="self", names=("down_blocks.0.attentions.0.*",))),
-    # The same layer with the paper's iterations (N = 8), to show what the iteration count does.
+    # The same layer with the paper's iterations (N = 8), and without Cat-Cross: ablations on the embedded model.
     "embedded-n8": ISegConfig(self_layer=LayerSelect(kind="self", names=("down_blocks.0.attentions.0.*",))),
+    "embedded-no-cat": ISegConfig(
+        gamma=1.0, iters=1, self_layer=LayerSelect(kind="self", names=("down_blocks.0.attentions.0.*",))
+    ),
 }
 
 

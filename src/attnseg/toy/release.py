@@ -105,6 +105,7 @@ def release(
             "iseg",
             "iseg+crf",
             "iseg:embedded-n8",
+            "iseg:embedded-no-cat",
             "iseg:paper",
             "diffseg:small-unet",
         ],
