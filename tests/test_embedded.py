@@ -52,30 +52,20 @@ def _fg_iou(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(((pred > 0) & (gt > 0)).sum() / max(((pred > 0) | (gt > 0)).sum(), 1))
 
 
-def test_cross_attention_masks_beat_all_foreground(embedded):
-    # Loose bound that a broken model file cannot meet: mean foreground IoU on 12 fixed held-out scenes
-    # was 0.19 for the shipped model (docs/BENCHMARKS.md), against 0.12 for "everything is foreground".
-    ious, all_fg = [], []
+def test_masks_beat_all_foreground(embedded):
+    # Loose bounds that a broken model file or profile cannot meet: mean foreground IoU on 12 fixed held-out
+    # scenes was 0.46 (cross) and 0.62 (T2M with the model's preset) for the shipped model, against 0.12 for
+    # "everything is foreground".
+    ious: dict[str, list[float]] = {"cross": [], "t2m": []}
+    all_fg = []
     for i in range(12):
         sc = make_scene(1, i)
         embedded.set_image(sc.image)
-        ious.append(_fg_iou(embedded.segment(sc.labels, method="cross", draws=1).mask, sc.semantic))
+        for m in ious:
+            ious[m].append(_fg_iou(embedded.segment(sc.labels, method=m, draws=1).mask, sc.semantic))
         all_fg.append(float((sc.semantic > 0).mean()))
-    assert np.mean(ious) > 0.15 > np.mean(all_fg), (np.mean(ious), np.mean(all_fg))
-
-
-def test_profile_points_t2m_and_iseg_at_an_object_coherent_self_attention_layer(embedded):
-    # The shipped attnseg.json must name presets whose self-attention layer exists in this model and keeps an
-    # object cell's attention on its object well above uniform (lift 1; the chosen layer measured about 5).
-    from attnseg.methods import get_method
-    from attnseg.toy.diagnose import self_attention_report
-
-    assert embedded.default_presets == {"t2m": "embedded", "iseg": "embedded"}
-    for method, preset in embedded.default_presets.items():
-        cfg = get_method(method, preset).config
-        (layer,) = cfg.self_layer.resolve(embedded.inventory)
-        rep = self_attention_report(embedded.pipe, n=8, timesteps=(cfg.timestep,))  # the method's own timestep
-        assert rep[f"t{cfg.timestep}/" + layer.name.replace(".transformer_blocks.0.attn1", "")]["lift"] > 2.5, (method, rep)
+    assert np.mean(ious["cross"]) > 0.3 > 0.15 > np.mean(all_fg), (ious, np.mean(all_fg))
+    assert np.mean(ious["t2m"]) > 0.45, ious
 
 
 @pytest.mark.parametrize("method", ["t2m", "iseg"])
