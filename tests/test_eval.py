@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import MappingProxyType
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ class FakePredictor:
     """Predicts label 1 (the first label) on the left half of the image, background elsewhere."""
 
     model_name = "fake"
+    default_presets = MappingProxyType({})
 
     def __init__(self):
         self.calls = 0

@@ -120,7 +120,7 @@ def evaluate(
         s = MethodSpec.parse(m)
         if s.preset is None and s.method not in UNSUPERVISED:
             # The model's recommended preset (its attnseg.json), named in the report's keys.
-            s = MethodSpec(s.method, getattr(predictor, "default_presets", {}).get(s.method), s.crf)
+            s = MethodSpec(s.method, predictor.default_presets.get(s.method), s.crf)
         for spec in (s, MethodSpec(s.method, s.preset, True)) if crf and not s.crf else (s,):
             if spec not in specs:  # "t2m" and "t2m:embedded" can name the same thing
                 specs.append(spec)

@@ -8,8 +8,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..capture import AttentionStore
+from ..layers import LayerSelect
 from ..maps import resize_columns, token_maps
 from ..prompts import TokenSpans
+
+EMBEDDED_SELF_LAYER = LayerSelect(kind="self", names=("down_blocks.0.attentions.0.*",))
+"""The embedded model's object-coherent 16-px self-attention layer, read by the "embedded" presets of T2M and
+iSeg: the papers' layer maps onto its near-uniform last decoder layer (docs/EMBEDDED-MODEL-TRAINING.md)."""
 
 
 @dataclass

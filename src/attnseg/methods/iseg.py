@@ -17,7 +17,7 @@ from ..capture import AttentionStore
 from ..layers import LayerInfo, LayerSelect
 from ..maps import background_score, max_normalise, minmax, propagate, sum_normalise, with_background
 from ..prompts import TokenSpans
-from .base import CapturePlan, fused_cross, mean_self
+from .base import EMBEDDED_SELF_LAYER, CapturePlan, fused_cross, mean_self
 
 
 @dataclass
@@ -61,12 +61,10 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
     # on validation scenes (step-6,500 weights) as the paper chose them per dataset (5-10 above): this layer
     # leaks about half of an object cell's attention to the background, so every iteration beyond the first
     # spreads the maps (docs/EMBEDDED-MODEL-TRAINING.md).
-    "embedded": ISegConfig(iters=1, self_layer=LayerSelect(kind="self", names=("down_blocks.0.attentions.0.*",))),
+    "embedded": ISegConfig(iters=1, self_layer=EMBEDDED_SELF_LAYER),
     # The same layer with the paper's iterations (N = 8), and without Cat-Cross: ablations on the embedded model.
-    "embedded-n8": ISegConfig(self_layer=LayerSelect(kind="self", names=("down_blocks.0.attentions.0.*",))),
-    "embedded-no-cat": ISegConfig(
-        gamma=1.0, iters=1, self_layer=LayerSelect(kind="self", names=("down_blocks.0.attentions.0.*",))
-    ),
+    "embedded-n8": ISegConfig(self_layer=EMBEDDED_SELF_LAYER),
+    "embedded-no-cat": ISegConfig(gamma=1.0, iters=1, self_layer=EMBEDDED_SELF_LAYER),
 }
 
 

@@ -16,7 +16,7 @@ from ..capture import AttentionStore
 from ..layers import LayerInfo, LayerSelect, resolve_all
 from ..maps import background_score, minmax, propagate, with_background
 from ..prompts import T2M_BACKGROUND_WORDS, TokenSpans
-from .base import CapturePlan, fused_cross, mean_self
+from .base import EMBEDDED_SELF_LAYER, CapturePlan, fused_cross, mean_self
 
 
 @dataclass
@@ -61,9 +61,7 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     # layer maps onto the model's last decoder self-attention layer, which attends almost uniformly
     # (object lift 1.1, `python -m attnseg.toy.diagnose`); the same-resolution (16 px) encoder layer
     # is object-coherent and was chosen on validation scenes (docs/EMBEDDED-MODEL-TRAINING.md).
-    "embedded": T2MConfig(
-        synonyms=False, background_words=(), self_layer=LayerSelect(kind="self", names=("down_blocks.0.attentions.0.*",))
-    ),
+    "embedded": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_SELF_LAYER),
 }
 
 

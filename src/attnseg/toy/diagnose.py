@@ -41,24 +41,25 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-@torch.inference_mode()
-def localisation_report(pipe, n: int = 64, timesteps=(150, 400), seed: int = HOLDOUT_SEED) -> dict:
+def _held_out(pipe, n: int, seed: int):
+    """``n`` scenes of world ``seed``, their latents and captions "a photo of a <colour> <shape> and a ..."."""
     from ..predictor import AttnSegPredictor
 
     pred = AttnSegPredictor(pipe)
     scenes = [make_scene(seed, i) for i in range(n)]
-    latents = pred.encode_images([s.image for s in scenes])
-    texts, spans = [], []
-    for s in scenes:
-        phr = [o.phrase for o in s.objects]
-        text = "a photo of a " + " and a ".join(phr)
+    texts = ["a photo of a " + " and a ".join(o.phrase for o in s.objects) for s in scenes]
+    return pred, scenes, pred.encode_images([s.image for s in scenes]), texts
+
+
+@torch.inference_mode()
+def localisation_report(pipe, n: int = 64, timesteps=(150, 400), seed: int = HOLDOUT_SEED) -> dict:
+    pred, scenes, latents, texts = _held_out(pipe, n, seed)
+    spans = []
+    for s, text in zip(scenes, texts, strict=True):
         words = []
         for o in s.objects:
             words += [o.colour, o.shape]
-        sp = find_phrase_spans(text, words)
-        ts = resolve_spans(pipe.tokenizer, text, sp, words)
-        texts.append(text)
-        spans.append(ts)
+        spans.append(resolve_spans(pipe.tokenizer, text, find_phrase_spans(text, words), words))
     emb = pred._encode_text(texts)
     inv = [lay for lay in layer_inventory(pipe.unet) if lay.kind == "cross"]
     names = [lay.name for lay in inv]
@@ -128,12 +129,8 @@ def object_affinity(attn: torch.Tensor, cells: torch.Tensor) -> dict[str, float]
 @torch.inference_mode()
 def self_attention_report(pipe, n: int = 32, timesteps=(100, 150), seed: int = HOLDOUT_SEED) -> dict:
     """Per self-attention layer and timestep: mean ``object_affinity`` over ``n`` held-out scenes."""
-    from ..predictor import AttnSegPredictor
-
-    pred = AttnSegPredictor(pipe)
-    scenes = [make_scene(seed, i) for i in range(n)]
-    latents = pred.encode_images([s.image for s in scenes])
-    emb = pred._encode_text(["a photo of a " + " and a ".join(o.phrase for o in s.objects) for s in scenes])
+    pred, scenes, latents, texts = _held_out(pipe, n, seed)
+    emb = pred._encode_text(texts)
     inv = [lay for lay in layer_inventory(pipe.unet) if lay.kind == "self"]
     g = torch.Generator().manual_seed(0)
     out: dict = {}

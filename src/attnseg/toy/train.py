@@ -197,7 +197,7 @@ def stage_encode(cfg: TrainConfig) -> None:
 # ----------------------------------------------------------------------------- UNet
 
 
-def _caption_batch(objs: np.ndarray, rng: np.random.Generator, empty_prob: float, colour_prob: float = 0.8) -> list[str]:
+def _caption_batch(objs: np.ndarray, rng: np.random.Generator, empty_prob: float, colour_prob: float) -> list[str]:
     caps = []
     for row in objs:
         if rng.random() < empty_prob:
@@ -430,26 +430,20 @@ def write_clip_vocab_files(tok, folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def _resumed_value(cfg: TrainConfig, name: str, asked):
-    """A caption setting: as asked, else what the checkpoint being resumed used, else the default (logged on resume)."""
-    if asked is not None:
-        return asked
+def _checkpoint_config(work: str) -> dict | None:
+    """The TrainConfig (as a dict) of the checkpoint in ``work`` that a run would resume, or None."""
     import torch
 
-    ck = Path(cfg.work) / "ckpt.pt"
-    if ck.exists():
-        return torch.load(ck, weights_only=False)["config"].get(name, getattr(TrainConfig, name))
-    return getattr(TrainConfig, name)
+    ck = Path(work) / "ckpt.pt"
+    return torch.load(ck, weights_only=False, mmap=True)["config"] if ck.exists() else None
 
 
 def _text_layers(cfg: TrainConfig, asked: int | None, init_from: str | None) -> int:
     """Text encoder depth: what a checkpoint being resumed or a warm-start folder has, else ``asked`` or 3."""
-    import torch
-
-    ck = Path(cfg.work) / "ckpt.pt"
+    resumed = _checkpoint_config(cfg.work)
     have = None
-    if ck.exists():
-        have = int(torch.load(ck, weights_only=False)["config"].get("text_layers", 3))
+    if resumed is not None:
+        have = int(resumed.get("text_layers", 3))
     elif init_from and (Path(init_from) / "text_encoder" / "config.json").exists():
         have = int(json.loads((Path(init_from) / "text_encoder" / "config.json").read_text())["num_hidden_layers"])
     if have is not None and asked is not None and asked != have:
@@ -483,7 +477,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
     cfg.text_layers = _text_layers(cfg, a.text_layers, a.init_from)
-    cfg.colour_prob = _resumed_value(cfg, "colour_prob", a.colour_prob)
+    # A caption setting: as asked, else what the run being resumed used (logged on resume), else the default.
+    cfg.colour_prob = (
+        a.colour_prob if a.colour_prob is not None else (_checkpoint_config(cfg.work) or {}).get("colour_prob", cfg.colour_prob)
+    )
     import torch
 
     torch.set_num_threads(cfg.threads)
