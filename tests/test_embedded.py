@@ -114,3 +114,18 @@ def test_text_layers_follow_the_model_being_continued(tmp_path):
     assert _text_layers(cfg, None, None) == 0
     with pytest.raises(SystemExit, match="new --work folder"):
         _text_layers(cfg, 3, None)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    from attnseg.toy.train import TrainConfig, learning_rate
+
+    cfg = TrainConfig(lr=1e-3, warmup=10)
+    assert learning_rate(cfg, 0, 0, None) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 500, 0, None) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 500, 0, 100) == pytest.approx(1e-3)  # decay asked for but lr_decay_steps = 0
+    cfg.lr_decay_steps = 200
+    assert learning_rate(cfg, 100, 0, 100) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 200, 0, 100) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way down the cosine
+    assert learning_rate(cfg, 300, 0, 100) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 10_000, 0, 100) == pytest.approx(1e-4)  # stays at the floor
+    assert learning_rate(cfg, 105, 100, 100) == pytest.approx(1e-3 * 6 / 10, rel=2e-3)  # fresh warm-up still applies

@@ -253,6 +253,29 @@ def test_model_profile_sets_the_default_preset_and_an_explicit_one_wins(tiny_pip
         AttnSegPredictor.from_pretrained(folder)
 
 
+def test_model_profile_sets_diffseg_preset_in_python_and_eval(tiny_pipe_dir, tmp_path, scene):
+    import shutil
+
+    from attnseg.data.shapes import export_voc
+    from attnseg.datasets import VOCDataset
+    from attnseg.evaluate import evaluate
+    from attnseg.methods.diffseg import DIFFSEG_PRESETS
+    from attnseg.predictor import AttnSegPredictor
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_pipe_dir, folder)
+    (folder / "attnseg.json").write_text(json.dumps({"presets": {"diffseg": "small-unet"}}))
+    pred = AttnSegPredictor.from_pretrained(folder)
+    got = pred.segment_unsupervised([scene.image])[0]
+    assert np.array_equal(got, pred.segment_unsupervised([scene.image], DIFFSEG_PRESETS["small-unet"])[0])
+    assert np.array_equal(got, pred.segment_unsupervised([scene.image], "small-unet")[0])
+    with pytest.raises(ValueError, match="unknown DiffSeg preset 'nope'"):
+        pred.segment_unsupervised([scene.image], "nope")
+    export_voc(tmp_path / "scenes", n=1, seed=11)
+    rep = evaluate(pred, VOCDataset(tmp_path / "scenes"), ["diffseg", "diffseg:default"], tmp_path / "r", progress=False)
+    assert list(rep["methods"]) == ["diffseg-small-unet", "diffseg-default"]
+
+
 @pytest.mark.parametrize(
     "content",
     ['{"presets": {"t2m": ', '{"presets": null}', '{"presets": {"t2m": ["embedded"]}}', "[1, 2]", b"\xff\xfe"],

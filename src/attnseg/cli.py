@@ -195,14 +195,13 @@ def eval_cmd(
         _err(f"labels file {labels_file} does not exist")
         raise typer.Exit(2)
     from .evaluate import MethodSpec
-    from .methods import METHODS, PRESETS
-    from .methods.diffseg import DIFFSEG_PRESETS
+    from .methods import ALL_PRESETS
 
     for m in method:
         spec = MethodSpec.parse(m)
-        presets = DIFFSEG_PRESETS if spec.method == "diffseg" else PRESETS.get(spec.method)
+        presets = ALL_PRESETS.get(spec.method)
         if presets is None:
-            _err(f"unknown method {spec.method!r}; choose among {', '.join([*METHODS, 'diffseg'])}")
+            _err(f"unknown method {spec.method!r}; choose among {', '.join(ALL_PRESETS)}")
             raise typer.Exit(2)
         if spec.preset is not None and spec.preset not in presets:
             _err(f"unknown preset {spec.preset!r} for {spec.method}; choose one of {', '.join(presets)}")

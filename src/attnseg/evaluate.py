@@ -118,7 +118,7 @@ def evaluate(
     specs: list[MethodSpec] = []
     for m in methods:
         s = MethodSpec.parse(m)
-        if s.preset is None and s.method not in UNSUPERVISED:
+        if s.preset is None:
             # The model's recommended preset (its attnseg.json), named in the report's keys.
             s = MethodSpec(s.method, predictor.default_presets.get(s.method), s.crf)
         for spec in (s, MethodSpec(s.method, s.preset, True)) if crf and not s.crf else (s,):
@@ -213,10 +213,7 @@ def _segmenter_prediction(segmenter, lut: np.ndarray, image: Callable[[], np.nda
 
 
 def _unsupervised(predictor, image, spec: MethodSpec, seed: int) -> np.ndarray:
-    from .methods.diffseg import DIFFSEG_PRESETS
-
-    cfg = DIFFSEG_PRESETS[spec.preset or "default"]
-    seg = predictor.segment_unsupervised([image], cfg, seed=seed)[0]
+    seg = predictor.segment_unsupervised([image], spec.preset, seed=seed)[0]
     if seg.max() > 254:
         raise ValueError("more than 255 segments cannot be cached as a palette PNG")
     return seg.astype(np.uint8)

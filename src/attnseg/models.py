@@ -62,10 +62,10 @@ def model_profile(pipe) -> dict[str, str]:
     presets = data.get("presets", {}) if isinstance(data, dict) else None
     if not isinstance(presets, dict) or not all(isinstance(v, str) for v in presets.values()):
         raise ModelError(f'{f} must hold {{"presets": {{"method": "preset", ...}}}}; fix or delete it')
-    from .methods import PRESETS
+    from .methods import ALL_PRESETS
 
     for method, preset in presets.items():
-        if preset not in PRESETS.get(method, {}):
+        if preset not in ALL_PRESETS.get(method, {}):
             raise ModelError(f"{f} names preset {preset!r} for {method!r}, which attnseg does not have; fix or delete it")
     return dict(presets)
 

@@ -219,11 +219,21 @@ class AttnSegPredictor:
 
     @torch.inference_mode()
     def segment_unsupervised(self, images: Sequence, config=None, seed: int = 0) -> list[np.ndarray]:
-        """DiffSeg: class-agnostic segments (H, W) int64 of each image, from self-attention alone."""
-        from .maps import grid_side
-        from .methods.diffseg import DiffSegConfig, assign, diffseg_proposals
+        """DiffSeg: class-agnostic segments (H, W) int64 of each image, from self-attention alone.
 
-        cfg = config or DiffSegConfig()
+        ``config``: a ``DiffSegConfig`` or a preset name of ``DIFFSEG_PRESETS``; None takes the model's own
+        preset (its ``attnseg.json``) if it names one, else the paper's settings.
+        """
+        from .maps import grid_side
+        from .methods.diffseg import DIFFSEG_PRESETS, assign, diffseg_proposals
+
+        if config is None or isinstance(config, str):
+            name = config or self.default_presets.get("diffseg", "default")
+            if name not in DIFFSEG_PRESETS:
+                raise ValueError(f"unknown DiffSeg preset {name!r}; choose one of {sorted(DIFFSEG_PRESETS)}")
+            cfg = DIFFSEG_PRESETS[name]
+        else:
+            cfg = config
         arrays = [load_image(im) for im in images]
         latents = self.encode_images(arrays)
         names = [lay.name for lay in self.inventory if lay.kind == "self"]

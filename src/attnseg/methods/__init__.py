@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from .cross import CROSS_PRESETS, CrossAttentionBaseline, CrossConfig
+from .diffseg import DIFFSEG_PRESETS
 from .iseg import ISEG_PRESETS, ISeg, ISegConfig, entropy_reduced_self
 from .t2m import T2M, T2M_PRESETS, T2MConfig, self_cross
 
 METHODS = {"cross": CrossAttentionBaseline, "t2m": T2M, "iseg": ISeg}
 PRESETS = {"cross": CROSS_PRESETS, "t2m": T2M_PRESETS, "iseg": ISEG_PRESETS}
+ALL_PRESETS = {**PRESETS, "diffseg": DIFFSEG_PRESETS}
+"""The presets of every real-image method, the unsupervised DiffSeg included (what ``attnseg eval`` and a model's
+``attnseg.json`` may name)."""
 
 
 def get_method(name: str, preset: str | None = None, **overrides):
@@ -24,7 +28,9 @@ def get_method(name: str, preset: str | None = None, **overrides):
 
 
 __all__ = [
+    "ALL_PRESETS",
     "CROSS_PRESETS",
+    "DIFFSEG_PRESETS",
     "ISEG_PRESETS",
     "METHODS",
     "PRESETS",

@@ -96,7 +96,7 @@ def release(
         VOCDataset(scenes),
         # "t2m"/"iseg" take the model's own presets (its attnseg.json: "embedded"); "t2m:no-bg-words" and
         # "iseg:paper" are the papers' layer mappings and "iseg:embedded-n8" the paper's iteration count,
-        # kept to show what each choice does.
+        # kept to show what each choice does; "diffseg" is the model's preset and "diffseg:default" the paper's.
         [
             "cross",
             "t2m",
@@ -107,7 +107,8 @@ def release(
             "iseg:embedded-n8",
             "iseg:embedded-no-cat",
             "iseg:paper",
-            "diffseg:small-unet",
+            "diffseg",
+            "diffseg:default",
         ],
         rep_dir,
         progress=False,

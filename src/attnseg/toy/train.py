@@ -59,6 +59,19 @@ class TrainConfig:
     """Transformer layers of the text encoder; 0 leaves each token's embedding unmixed (see the training log)."""
     colour_prob: float = 0.8
     """Probability that a caption names an object by "colour shape" rather than by its shape alone."""
+    lr_decay_steps: int = 0
+    """If > 0: cosine decay of the learning rate to ``lr_floor`` x lr over this many steps, counted from the step
+    at which the decay was first asked for (kept in the checkpoint as ``decay_from``); 0 keeps lr constant."""
+    lr_floor: float = 0.1
+
+
+def learning_rate(cfg: TrainConfig, step: int, warm_from: int, decay_from: int | None) -> float:
+    """Learning rate at ``step``: linear warm-up from ``warm_from``, then constant, or cosine-decayed from ``decay_from``."""
+    lr = cfg.lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
+    if cfg.lr_decay_steps > 0 and decay_from is not None:
+        frac = min(1.0, max(0.0, (step - decay_from) / cfg.lr_decay_steps))
+        lr *= cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * frac))
+    return lr
 
 
 def _log(work: Path, rec: dict) -> None:
@@ -232,6 +245,7 @@ def stage_unet(
     ema = [p.detach().clone() for p in params]
     step = 0
     warm_from = 0  # step at which a fresh optimizer started (its warm-up counts from there)
+    decay_from: int | None = None
     ck = work / "ckpt.pt"
     if ck.exists():
         state = torch.load(ck, weights_only=False)
@@ -242,6 +256,7 @@ def stage_unet(
             e.copy_(s)
         step = state["step"]
         warm_from = int(state.get("warm_from", 0))
+        decay_from = state.get("decay_from")
         _log(work, {"stage": "unet", "resumed_at": step, "colour_prob": cfg.colour_prob})
     elif init_ckpt:
         # Start from another run's checkpoint (online weights); the text encoder may have fewer layers:
@@ -269,6 +284,9 @@ def stage_unet(
         meta = json.loads((Path(init_from) / "training.json").read_text()) if (Path(init_from) / "training.json").exists() else {}
         step = int(meta.get("step", 0))
         _log(work, {"stage": "unet", "init_from": str(init_from), "step": step})
+    if cfg.lr_decay_steps > 0 and decay_from is None:
+        decay_from = step
+        _log(work, {"stage": "unet", "lr_decay_from": step, "lr_decay_steps": cfg.lr_decay_steps})
     alphas = sched.alphas_cumprod.float()
     snr = alphas / (1 - alphas)
     w_t = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
@@ -293,7 +311,7 @@ def stage_unet(
         pix_w = 1 + cfg.object_weight * of
         per = ((pred - noise) ** 2 * pix_w).mean(dim=(1, 2, 3)) / pix_w.mean(dim=(1, 2, 3))
         loss = (per * w_t[t]).mean()
-        lr = cfg.lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
+        lr = learning_rate(cfg, step, warm_from, decay_from)
         for gr in opt.param_groups:
             gr["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -318,6 +336,7 @@ def stage_unet(
                 "ema": ema,
                 "step": step,
                 "warm_from": warm_from,
+                "decay_from": decay_from,
                 "config": asdict(cfg),
             }
             atomic_torch_save(state, ck)
@@ -369,11 +388,12 @@ def text_gain(unet, te, tok, vae, scale: float, n: int = 48) -> dict[str, float]
 
 
 EMBEDDED_PROFILE = {
-    "presets": {"t2m": "embedded", "iseg": "embedded"},
+    "presets": {"t2m": "embedded", "iseg": "embedded", "diffseg": "embedded"},
     "why": (
         "The papers' self-attention layer maps onto this model's last decoder layer, which attends almost uniformly; "
-        "the 'embedded' presets read the object-coherent 16-px encoder layer instead "
-        "(python -m attnseg.toy.diagnose; docs/EMBEDDED-MODEL-TRAINING.md). Pass a preset to override."
+        "the 'embedded' presets of T2M and iSeg read the object-coherent 16-px encoder layer instead "
+        "(python -m attnseg.toy.diagnose); DiffSeg's merges a KL threshold scaled to this model's 16-px grid "
+        "(docs/EMBEDDED-MODEL-TRAINING.md). Pass a preset to override."
     ),
 }
 
@@ -474,12 +494,23 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="share of objects named 'colour shape' rather than 'shape' in captions (default: as resumed, else 0.8)",
     )
+    p.add_argument(
+        "--lr-decay-steps",
+        type=int,
+        default=None,
+        help="cosine-decay the learning rate to 10%% over this many steps from now (default: as resumed, else 0 = constant)",
+    )
     a = p.parse_args(argv)
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
     cfg.text_layers = _text_layers(cfg, a.text_layers, a.init_from)
     # A caption setting: as asked, else what the run being resumed used (logged on resume), else the default.
     cfg.colour_prob = (
         a.colour_prob if a.colour_prob is not None else (_checkpoint_config(cfg.work) or {}).get("colour_prob", cfg.colour_prob)
+    )
+    cfg.lr_decay_steps = (
+        a.lr_decay_steps
+        if a.lr_decay_steps is not None
+        else int((_checkpoint_config(cfg.work) or {}).get("lr_decay_steps", cfg.lr_decay_steps))
     )
     import torch
 
