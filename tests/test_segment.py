@@ -253,22 +253,26 @@ def test_model_profile_sets_the_default_preset_and_an_explicit_one_wins(tiny_pip
         AttnSegPredictor.from_pretrained(folder)
 
 
-def test_model_profile_sets_diffseg_preset_in_python_and_eval(tiny_pipe_dir, tmp_path, scene):
+def test_model_profile_sets_diffseg_preset_in_python_and_eval(tiny_pipe_dir, tmp_path, scene, monkeypatch):
     import shutil
 
+    import attnseg.methods.diffseg as diffseg
     from attnseg.data.shapes import export_voc
     from attnseg.datasets import VOCDataset
     from attnseg.evaluate import evaluate
     from attnseg.methods.diffseg import DIFFSEG_PRESETS
     from attnseg.predictor import AttnSegPredictor
 
+    used = []
+    real = diffseg.diffseg_proposals
+    monkeypatch.setattr(diffseg, "diffseg_proposals", lambda maps, cfg: used.append(cfg) or real(maps, cfg))
     folder = tmp_path / "model"
     shutil.copytree(tiny_pipe_dir, folder)
     (folder / "attnseg.json").write_text(json.dumps({"presets": {"diffseg": "small-unet"}}))
     pred = AttnSegPredictor.from_pretrained(folder)
-    got = pred.segment_unsupervised([scene.image])[0]
-    assert np.array_equal(got, pred.segment_unsupervised([scene.image], DIFFSEG_PRESETS["small-unet"])[0])
-    assert np.array_equal(got, pred.segment_unsupervised([scene.image], "small-unet")[0])
+    for config in (None, "small-unet", DIFFSEG_PRESETS["small-unet"], "default"):
+        pred.segment_unsupervised([scene.image], config)
+    assert used == [DIFFSEG_PRESETS["small-unet"]] * 3 + [DIFFSEG_PRESETS["default"]]
     with pytest.raises(ValueError, match="unknown DiffSeg preset 'nope'"):
         pred.segment_unsupervised([scene.image], "nope")
     export_voc(tmp_path / "scenes", n=1, seed=11)

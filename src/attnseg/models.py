@@ -46,9 +46,9 @@ PROFILE_FILE = "attnseg.json"
 def model_profile(pipe) -> dict[str, str]:
     """Default presets a local model folder recommends, from its ``attnseg.json``: ``{method: preset}``.
 
-    A model whose layers differ from Stable Diffusion's can name, per method, the preset whose
-    layers suit it (the embedded model does: its last decoder self-attention layer attends almost
-    uniformly). A preset passed explicitly always wins; hub ids and folders without the file get the
+    A model whose layers differ from Stable Diffusion's can name, per method, the preset that suits
+    it (the embedded model does: its last decoder self-attention layer attends almost uniformly, and
+    DiffSeg's KL threshold was set for 64-px maps). A preset passed explicitly always wins; hub ids and folders without the file get the
     paper's defaults.
     """
     root = getattr(pipe, "name_or_path", None)

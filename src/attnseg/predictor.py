@@ -26,6 +26,7 @@ from .images import load_image
 from .layers import layer_inventory
 from .maps import columns_to_images
 from .methods import get_method
+from .methods.diffseg import DiffSegConfig
 from .models import load_pipeline, model_profile, native_resolution
 from .postprocess import CRFConfig, confidence_map, dense_crf, scores_to_probs
 from .prompts import T2M_SYNONYMS, TokenSpans, compose_prompt, prompt_spans
@@ -218,7 +219,9 @@ class AttnSegPredictor:
         return self._segment(latents, arrays, [list(x) for x in labels], method, preset, draws, seed, crf, overrides)
 
     @torch.inference_mode()
-    def segment_unsupervised(self, images: Sequence, config=None, seed: int = 0) -> list[np.ndarray]:
+    def segment_unsupervised(
+        self, images: Sequence, config: DiffSegConfig | str | None = None, seed: int = 0
+    ) -> list[np.ndarray]:
         """DiffSeg: class-agnostic segments (H, W) int64 of each image, from self-attention alone.
 
         ``config``: a ``DiffSegConfig`` or a preset name of ``DIFFSEG_PRESETS``; None takes the model's own

@@ -135,7 +135,8 @@ def _measurements_md(meas: dict) -> str:
     ev = meas["eval"]
     lines = [
         f"- Pseudo-mask mIoU on {meas.get('eval_n', 200)} held-out scenes (image-level labels from the ground truth, background + 8 shapes; "
-        "`attnseg eval`, details in docs/BENCHMARKS.md):",
+        "`attnseg eval`, details in docs/BENCHMARKS.md; DiffSeg is unsupervised, its segments are matched to the classes "
+        "per image by the Hungarian algorithm, which the label-driven methods do not get):",
         "",
         "| method | mIoU | pixel acc |",
         "|---|---|---|",

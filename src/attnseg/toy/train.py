@@ -8,6 +8,9 @@ Stages, each resumable and run in order by ``all``:
 4. ``unet``:   train the UNet and the text encoder jointly on the cached latents
                (epsilon prediction, min-SNR-5 weights, object-weighted loss, 10% empty captions,
                EMA of the weights), checkpointing to ``WORK/ckpt.pt`` and logging to ``WORK/log.jsonl``.
+   ``--lr-decay-steps N`` cosine-decays the learning rate to 10% over N steps from the step where it is first
+   asked for (a finishing phase; the schedule is kept in the checkpoint). SIGTERM / Ctrl-C save a checkpoint
+   before stopping.
 5. ``export``: write the EMA weights as a Stable Diffusion pipeline folder in fp16 safetensors.
 
 The attention is never trained on masks. The masks enter training in one place only: the
@@ -20,7 +23,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,6 +69,7 @@ class TrainConfig:
     """If > 0: cosine decay of the learning rate to ``lr_floor`` x lr over this many steps, counted from the step
     at which the decay was first asked for (kept in the checkpoint as ``decay_from``); 0 keeps lr constant."""
     lr_floor: float = 0.1
+    """Learning rate at the end of the decay, as a fraction of ``lr``."""
 
 
 def learning_rate(cfg: TrainConfig, step: int, warm_from: int, decay_from: int | None) -> float:
@@ -257,7 +264,16 @@ def stage_unet(
         step = state["step"]
         warm_from = int(state.get("warm_from", 0))
         decay_from = state.get("decay_from")
-        _log(work, {"stage": "unet", "resumed_at": step, "colour_prob": cfg.colour_prob})
+        _log(
+            work,
+            {
+                "stage": "unet",
+                "resumed_at": step,
+                "colour_prob": cfg.colour_prob,
+                "lr_decay_steps": cfg.lr_decay_steps,
+                "decay_from": decay_from,
+            },
+        )
     elif init_ckpt:
         # Start from another run's checkpoint (online weights); the text encoder may have fewer layers:
         # its embeddings and final norm are kept. Fresh optimizer and EMA, with a new warm-up.
@@ -282,7 +298,7 @@ def stage_unet(
         for e, p in zip(ema, params, strict=True):
             e.copy_(p.detach())
         meta = json.loads((Path(init_from) / "training.json").read_text()) if (Path(init_from) / "training.json").exists() else {}
-        step = int(meta.get("step", 0))
+        step = warm_from = int(meta.get("step", 0))  # a fresh optimizer: warm up again
         _log(work, {"stage": "unet", "init_from": str(init_from), "step": step})
     if cfg.lr_decay_steps > 0 and decay_from is None:
         decay_from = step
@@ -290,62 +306,85 @@ def stage_unet(
     alphas = sched.alphas_cumprod.float()
     snr = alphas / (1 - alphas)
     w_t = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
+
+    def save() -> None:
+        state = {
+            "unet": unet.state_dict(),
+            "text_encoder": te.state_dict(),
+            "opt": opt.state_dict(),
+            "ema": ema,
+            "step": step,
+            "warm_from": warm_from,
+            "decay_from": decay_from,
+            "config": asdict(cfg),
+        }
+        atomic_torch_save(state, ck)
+
     t_start = time.time()
     loss_acc, n_acc = 0.0, 0
     unet.train()
     te.train()
-    while step < cfg.unet_steps:
-        rng = np.random.default_rng([cfg.seed, step])
-        idx = rng.integers(0, len(latents), cfg.batch)
-        z0 = torch.from_numpy(latents[idx].astype(np.float32)) * scale
-        of = torch.from_numpy(obj_frac[idx].astype(np.float32))[:, None]
-        caps = _caption_batch(objs[idx], rng, cfg.empty_caption_prob, cfg.colour_prob)
-        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, 1000, (cfg.batch,), generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        ids = _tokenize(tok, caps)
-        enc = te(ids)[0]
-        pred = unet(zt, t, enc).sample
-        pix_w = 1 + cfg.object_weight * of
-        per = ((pred - noise) ** 2 * pix_w).mean(dim=(1, 2, 3)) / pix_w.mean(dim=(1, 2, 3))
-        loss = (per * w_t[t]).mean()
-        lr = learning_rate(cfg, step, warm_from, decay_from)
-        for gr in opt.param_groups:
-            gr["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for e, p in zip(ema, params, strict=True):
-                e.mul_(d).add_(p.detach(), alpha=1 - d)
-        step += 1
-        loss_acc += loss.item()
-        n_acc += 1
-        if step % 50 == 0:
-            _log(work, {"stage": "unet", "step": step, "loss": loss_acc / n_acc, "lr": lr, "elapsed": time.time() - t_start})
-            loss_acc, n_acc = 0.0, 0
-        if step % cfg.ckpt_every == 0 or step == cfg.unet_steps:
-            state = {
-                "unet": unet.state_dict(),
-                "text_encoder": te.state_dict(),
-                "opt": opt.state_dict(),
-                "ema": ema,
-                "step": step,
-                "warm_from": warm_from,
-                "decay_from": decay_from,
-                "config": asdict(cfg),
-            }
-            atomic_torch_save(state, ck)
-        if step % cfg.diag_every == 0:
-            _log(work, {"stage": "diag", "step": step, **text_gain(unet, te, tok, _load_vae(work), scale)})
-            unet.train()
-            te.train()
-        if max_minutes is not None and (time.time() - t_start) > max_minutes * 60:
-            break
+    with _stop_requests() as stop:
+        while step < cfg.unet_steps:
+            rng = np.random.default_rng([cfg.seed, step])
+            idx = rng.integers(0, len(latents), cfg.batch)
+            z0 = torch.from_numpy(latents[idx].astype(np.float32)) * scale
+            of = torch.from_numpy(obj_frac[idx].astype(np.float32))[:, None]
+            caps = _caption_batch(objs[idx], rng, cfg.empty_caption_prob, cfg.colour_prob)
+            g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            noise = torch.randn(z0.shape, generator=g)
+            t = torch.randint(0, 1000, (cfg.batch,), generator=g)
+            a = alphas[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            ids = _tokenize(tok, caps)
+            enc = te(ids)[0]
+            pred = unet(zt, t, enc).sample
+            pix_w = 1 + cfg.object_weight * of
+            per = ((pred - noise) ** 2 * pix_w).mean(dim=(1, 2, 3)) / pix_w.mean(dim=(1, 2, 3))
+            loss = (per * w_t[t]).mean()
+            lr = learning_rate(cfg, step, warm_from, decay_from)
+            for gr in opt.param_groups:
+                gr["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            with torch.no_grad():
+                d = min(cfg.ema_decay, (1 + step) / (10 + step))
+                for e, p in zip(ema, params, strict=True):
+                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+            step += 1
+            loss_acc += loss.item()
+            n_acc += 1
+            if step % 50 == 0:
+                _log(work, {"stage": "unet", "step": step, "loss": loss_acc / n_acc, "lr": lr, "elapsed": time.time() - t_start})
+                loss_acc, n_acc = 0.0, 0
+            out_of_time = max_minutes is not None and (time.time() - t_start) > max_minutes * 60
+            if step % cfg.ckpt_every == 0 or step == cfg.unet_steps or out_of_time or stop:
+                save()
+            if stop or out_of_time:
+                _log(work, {"stage": "unet", "stopped_at": step, "why": f"signal {stop[0]}" if stop else "--max-minutes"})
+                break
+            if step % cfg.diag_every == 0:
+                _log(work, {"stage": "diag", "step": step, **text_gain(unet, te, tok, _load_vae(work), scale)})
+                unet.train()
+                te.train()
+
+
+@contextmanager
+def _stop_requests():
+    """While inside: SIGTERM and SIGINT are recorded in the yielded list instead of killing the process, so the
+    training loop can finish its step, save a checkpoint and return (nothing lost when a job is stopped)."""
+    stop: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
+        yield stop
+        return
+    old = {sig: signal.signal(sig, lambda n, _f: stop.append(n)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def text_gain(unet, te, tok, vae, scale: float, n: int = 48) -> dict[str, float]:
@@ -392,8 +431,8 @@ EMBEDDED_PROFILE = {
     "why": (
         "The papers' self-attention layer maps onto this model's last decoder layer, which attends almost uniformly; "
         "the 'embedded' presets of T2M and iSeg read the object-coherent 16-px encoder layer instead "
-        "(python -m attnseg.toy.diagnose); DiffSeg's merges a KL threshold scaled to this model's 16-px grid "
-        "(docs/EMBEDDED-MODEL-TRAINING.md). Pass a preset to override."
+        "(python -m attnseg.toy.diagnose); DiffSeg's 'embedded' preset merges with a KL threshold (0.1) chosen on "
+        "validation scenes for this model's 16-px maps (docs/EMBEDDED-MODEL-TRAINING.md). Pass a preset to override."
     ),
 }
 
@@ -471,6 +510,24 @@ def _text_layers(cfg: TrainConfig, asked: int | None, init_from: str | None) -> 
     return have if have is not None else (asked if asked is not None else 3)
 
 
+def _lr_decay_steps(resumed: dict | None, asked: int | None) -> int:
+    """Decay length: as asked, else what the run being resumed uses, else 0 (constant lr).
+
+    A run whose decay has begun keeps its length: another value would make the learning rate jump.
+    """
+    have = int((resumed or {}).get("lr_decay_steps", 0))
+    if asked is None:
+        return have
+    if asked < 0:
+        raise SystemExit(f"--lr-decay-steps must be >= 0, not {asked}")
+    if have > 0 and asked != have:
+        raise SystemExit(
+            f"--lr-decay-steps {asked} but the run being continued decays over {have} steps; "
+            "pass the same value (or none), or continue in a new --work folder with --init-ckpt"
+        )
+    return asked
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -498,20 +555,16 @@ def main(argv: list[str] | None = None) -> None:
         "--lr-decay-steps",
         type=int,
         default=None,
-        help="cosine-decay the learning rate to 10%% over this many steps from now (default: as resumed, else 0 = constant)",
+        help="cosine-decay the learning rate to 10%% over this many steps, counted from the step where the decay is "
+        "first asked for (default: as resumed, else 0 = constant; a decay once begun keeps its length)",
     )
     a = p.parse_args(argv)
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
     cfg.text_layers = _text_layers(cfg, a.text_layers, a.init_from)
+    resumed = _checkpoint_config(cfg.work)
     # A caption setting: as asked, else what the run being resumed used (logged on resume), else the default.
-    cfg.colour_prob = (
-        a.colour_prob if a.colour_prob is not None else (_checkpoint_config(cfg.work) or {}).get("colour_prob", cfg.colour_prob)
-    )
-    cfg.lr_decay_steps = (
-        a.lr_decay_steps
-        if a.lr_decay_steps is not None
-        else int((_checkpoint_config(cfg.work) or {}).get("lr_decay_steps", cfg.lr_decay_steps))
-    )
+    cfg.colour_prob = a.colour_prob if a.colour_prob is not None else (resumed or {}).get("colour_prob", cfg.colour_prob)
+    cfg.lr_decay_steps = _lr_decay_steps(resumed, a.lr_decay_steps)
     import torch
 
     torch.set_num_threads(cfg.threads)
