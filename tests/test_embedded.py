@@ -172,3 +172,14 @@ def test_training_loop_turns_a_termination_signal_into_a_stop_request():
         os.kill(os.getpid(), signal.SIGTERM)  # would end the test process without the handler
         assert stop == [signal.SIGTERM]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_model_card_states_the_learning_rate_schedule():
+    from attnseg.toy.release import _lr_text
+
+    assert _lr_text({"lr": 3e-4}, None) == "0.0003"
+    assert _lr_text({"lr": 3e-4, "lr_decay_steps": 0}, 9000) == "0.0003"
+    decayed = _lr_text({"lr": 3e-4, "lr_decay_steps": 3500, "lr_floor": 0.1}, 9000)
+    assert decayed == "0.0003, cosine-decayed to 3e-05 over steps 9,000-12,500"
+    meta = json.loads((EMBEDDED_DIR / "training.json").read_text())
+    assert _lr_text(meta["train_config"], meta["decay_from"]) in (EMBEDDED_DIR / "README.md").read_text()

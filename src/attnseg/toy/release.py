@@ -192,6 +192,15 @@ def _measurements_md(meas: dict) -> str:
     return "\n".join(lines)
 
 
+def _lr_text(cfg: dict, decay_from: int | None) -> str:
+    """The learning rate schedule in words, from a training config and the step where its decay began."""
+    n = int(cfg.get("lr_decay_steps", 0))
+    if n <= 0 or decay_from is None:
+        return f"{cfg['lr']}"
+    floor = cfg["lr"] * cfg.get("lr_floor", 0.1)
+    return f"{cfg['lr']}, cosine-decayed to {floor:.2g} over steps {decay_from:,}-{decay_from + n:,}"
+
+
 def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) -> None:
     from transformers import CLIPTextModel
 
@@ -242,7 +251,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         unet_steps=meta["step"],
         batch=cfg["batch"],
         samples=meta["step"] * cfg["batch"],
-        lr=cfg["lr"],
+        lr=_lr_text(cfg, meta.get("decay_from")),
         gamma=cfg["min_snr_gamma"],
         ema=cfg["ema_decay"],
         loss=unet_log[-1]["loss"] if unet_log else float("nan"),

@@ -471,7 +471,13 @@ def stage_export(cfg: TrainConfig, out_dir: str | Path, use_ema: bool = True) ->
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     write_clip_vocab_files(tok, out_dir / "tokenizer")
-    meta = {"step": state["step"], "ema": use_ema, "train_config": state["config"], "arch": asdict(arch)}
+    meta = {
+        "step": state["step"],
+        "ema": use_ema,
+        "train_config": state["config"],
+        "decay_from": state.get("decay_from"),
+        "arch": asdict(arch),
+    }
     (out_dir / "training.json").write_text(json.dumps(meta, indent=1))
     (out_dir / PROFILE_FILE).write_text(json.dumps(EMBEDDED_PROFILE, indent=1) + "\n")
     return out_dir
