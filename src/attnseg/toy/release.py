@@ -197,7 +197,9 @@ def _lr_text(cfg: dict, decay_from: int | None) -> str:
     n = int(cfg.get("lr_decay_steps", 0))
     if n <= 0 or decay_from is None:
         return f"{cfg['lr']}"
-    floor = cfg["lr"] * cfg.get("lr_floor", 0.1)
+    from .train import TrainConfig
+
+    floor = cfg["lr"] * cfg.get("lr_floor", TrainConfig.lr_floor)
     return f"{cfg['lr']}, cosine-decayed to {floor:.2g} over steps {decay_from:,}-{decay_from + n:,}"
 
 
