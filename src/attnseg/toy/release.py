@@ -55,10 +55,12 @@ captions are empty (for classifier-free guidance). Evaluation scenes use world s
 - Its attention localises colour and shape words to the degree given above; it is a test bed for the methods, not
   a general segmenter. Users with real Stable Diffusion weights pass `--model`.
 - Resolution is fixed at 64x64; other sizes are resized.
-- `attnseg.json` beside this card makes `t2m:embedded` and `iseg:embedded` its default presets: the papers'
-  self-attention layer maps onto this model's last decoder layer, which attends almost uniformly (table above),
-  so these presets read the object-coherent 16-px encoder layer (iSeg also with 1 iteration instead of 8; both
-  chosen on validation scenes, docs/EMBEDDED-MODEL-TRAINING.md). Pass a preset to use another.
+- `attnseg.json` beside this card makes `t2m:embedded`, `iseg:embedded` and `diffseg:embedded` its default presets:
+  the papers' self-attention layer maps onto this model's last decoder layer, which attends almost uniformly (table
+  above), so the T2M and iSeg presets read the object-coherent 16-px encoder layer (iSeg also with 1 iteration
+  instead of 8), and DiffSeg merges with a KL threshold of 0.1 instead of the paper's 1.1, which merges every scene
+  of this model into one segment; all chosen on validation scenes, docs/EMBEDDED-MODEL-TRAINING.md. Pass a preset
+  to use another.
 """
 
 
