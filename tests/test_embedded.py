@@ -68,6 +68,20 @@ def test_masks_beat_all_foreground(embedded):
     assert np.mean(ious["t2m"]) > 0.45, ious
 
 
+def test_profile_points_t2m_and_iseg_at_an_object_coherent_self_attention_layer(embedded):
+    # The shipped attnseg.json must name presets whose self-attention layer exists in this model and keeps an
+    # object cell's attention on its object well above uniform (lift 1; the chosen layer measured about 5).
+    from attnseg.methods import get_method
+    from attnseg.toy.diagnose import self_attention_report
+
+    assert embedded.default_presets == {"t2m": "embedded", "iseg": "embedded", "diffseg": "embedded"}
+    for method in ("t2m", "iseg"):
+        cfg = get_method(method, embedded.default_presets[method]).config
+        (layer,) = cfg.self_layer.resolve(embedded.inventory)
+        rep = self_attention_report(embedded.pipe, n=8, timesteps=(cfg.timestep,))  # the method's own timestep
+        assert rep[f"t{cfg.timestep}/" + layer.name.replace(".transformer_blocks.0.attn1", "")]["lift"] > 2.5, (method, rep)
+
+
 def test_diffseg_with_the_model_profile_finds_objects(embedded):
     # The profile's DiffSeg threshold splits scenes into segments that cover objects (best segment IoU per object
     # was 0.07-0.45, mean 0.34, on scenes 0-5 for the shipped model); the paper's threshold merges each scene
