@@ -197,3 +197,31 @@ def test_model_card_states_the_learning_rate_schedule():
     assert decayed == "0.0003, cosine-decayed to 3e-05 over steps 9,000-12,500"
     meta = json.loads((EMBEDDED_DIR / "training.json").read_text())
     assert _lr_text(meta["train_config"], meta["decay_from"]) in (EMBEDDED_DIR / "README.md").read_text()
+
+
+def test_unet_layout_follows_the_run_being_continued_and_builds_the_asked_blocks():
+    from attnseg.toy.arch import ToyArch, build_unet
+    from attnseg.toy.train import _unet_layout
+
+    assert _unet_layout(None, None, None) == ((64, 128, 128), False)
+    assert _unet_layout(None, "64,128", True) == ((64, 128), True)
+    assert _unet_layout({}, None, None) == ((64, 128, 128), False)  # checkpoints older than the option
+    run3 = {"unet_channels": (64, 128), "unet_cross_every_level": True}
+    assert _unet_layout(run3, None, None) == ((64, 128), True)
+    with pytest.raises(SystemExit, match="new --work folder"):
+        _unet_layout(run3, "64,128,128", None)
+    with pytest.raises(SystemExit, match="new --work folder"):
+        _unet_layout(run3, None, False)
+    for bad in ("64,x", "64,100"):
+        with pytest.raises(SystemExit, match="--unet-channels"):
+            _unet_layout(None, bad, None)
+
+    small = dict(unet_heads=2, text_hidden=32)
+    sd = build_unet(ToyArch(**small)).config
+    assert sd.down_block_types == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert sd.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    every = build_unet(ToyArch(unet_channels=(32, 64), unet_cross_every_level=True, **small))
+    assert every.config.down_block_types == ("CrossAttnDownBlock2D",) * 2
+    assert every.config.up_block_types == ("CrossAttnUpBlock2D",) * 2
+    cross = [k for k in every.attn_processors if k.endswith("attn2.processor")]
+    assert len(cross) == 1 + 1 + 1 + 2 + 2  # two encoder levels, the mid block, two decoder levels of 2

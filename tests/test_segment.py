@@ -244,7 +244,7 @@ def test_model_profile_sets_the_default_preset_and_an_explicit_one_wins(tiny_pip
     pred.set_image(scene.image)
     r = pred.segment(scene.labels, method="t2m", draws=1)
     assert r.settings["preset"] == "embedded"
-    assert list(r.settings["self_layer"]["names"]) == ["down_blocks.0.attentions.0.*"]
+    assert list(r.settings["self_layer"]["names"]) == ["up_blocks.2.attentions.0.*"]
     r = pred.segment(scene.labels, method="t2m", preset="voc", draws=1)
     assert r.settings["preset"] == "voc" and not r.settings["self_layer"]["names"]
     assert pred.segment(scene.labels, method="iseg", draws=1).settings["preset"] is None  # no entry: paper's

@@ -17,7 +17,7 @@ from ..capture import AttentionStore
 from ..layers import LayerInfo, LayerSelect
 from ..maps import background_score, max_normalise, minmax, propagate, sum_normalise, with_background
 from ..prompts import TokenSpans
-from .base import EMBEDDED_SELF_LAYER, CapturePlan, fused_cross, mean_self
+from .base import EMBEDDED_ISEG_SELF_LAYER, CapturePlan, fused_cross, mean_self
 
 
 @dataclass
@@ -57,14 +57,14 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
     "ov-voc": ISegConfig(lam=0.015, iters=8),
     "ov-context": ISegConfig(lam=0.002, iters=5),
     "ov-coco": ISegConfig(lam=0.2, iters=10),
-    # The embedded ShapesWorld model: same reason and layer as T2M's "embedded" preset, and the iterations chosen
-    # on validation scenes (step-6,500 weights) as the paper chose them per dataset (5-10 above): this layer
+    # The embedded ShapesWorld model: same reason as T2M's "embedded" preset, read at the 16-px encoder layer, and
+    # the iterations chosen on validation scenes (step-6,500 weights) as the paper chose them per dataset (5-10 above): this layer
     # leaks about half of an object cell's attention to the background, so every iteration beyond the first
     # spreads the maps (docs/EMBEDDED-MODEL-TRAINING.md).
-    "embedded": ISegConfig(iters=1, self_layer=EMBEDDED_SELF_LAYER),
+    "embedded": ISegConfig(iters=1, self_layer=EMBEDDED_ISEG_SELF_LAYER),
     # The same layer with the paper's iterations (N = 8), and without Cat-Cross: ablations on the embedded model.
-    "embedded-n8": ISegConfig(self_layer=EMBEDDED_SELF_LAYER),
-    "embedded-no-cat": ISegConfig(gamma=1.0, iters=1, self_layer=EMBEDDED_SELF_LAYER),
+    "embedded-n8": ISegConfig(self_layer=EMBEDDED_ISEG_SELF_LAYER),
+    "embedded-no-cat": ISegConfig(gamma=1.0, iters=1, self_layer=EMBEDDED_ISEG_SELF_LAYER),
 }
 
 

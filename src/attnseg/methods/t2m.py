@@ -16,7 +16,7 @@ from ..capture import AttentionStore
 from ..layers import LayerInfo, LayerSelect, resolve_all
 from ..maps import background_score, minmax, propagate, with_background
 from ..prompts import T2M_BACKGROUND_WORDS, TokenSpans
-from .base import EMBEDDED_SELF_LAYER, CapturePlan, fused_cross, mean_self
+from .base import EMBEDDED_T2M_SELF_LAYER, CapturePlan, fused_cross, mean_self
 
 
 @dataclass
@@ -59,9 +59,9 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     "no-bg-words": T2MConfig(synonyms=False, background_words=()),
     # The embedded ShapesWorld model (its folder's attnseg.json makes this its default): the paper's
     # layer maps onto the model's last decoder self-attention layer, which attends almost uniformly
-    # (object lift 1.1, `python -m attnseg.toy.diagnose`); the same-resolution (16 px) encoder layer
-    # is object-coherent and was chosen on validation scenes (docs/EMBEDDED-MODEL-TRAINING.md).
-    "embedded": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_SELF_LAYER),
+    # (object lift 1.1, `python -m attnseg.toy.diagnose`); the first decoder layer at the same resolution
+    # (16 px) is object-coherent and was chosen on validation scenes (docs/EMBEDDED-MODEL-TRAINING.md).
+    "embedded": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_T2M_SELF_LAYER),
 }
 
 

@@ -19,6 +19,10 @@ class ToyArch:
     vae_channels: tuple[int, ...] = (32, 64, 64)
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_layers_per_block: int = 1
+    unet_cross_every_level: bool = False
+    """False: SD 1.x's layout, cross-attention at every level but the lowest (plain ResNet blocks there) and in the
+    mid block. True: cross-attention at every level, so the mid block sits at the lowest level's resolution with
+    cross-attention (with two levels, 16 and 8 px: run 3, docs/EMBEDDED-MODEL-TRAINING.md)."""
     unet_heads: int = 4
     text_hidden: int = 128
     text_layers: int = 3
@@ -50,12 +54,14 @@ def build_vae(arch: ToyArch):
 def build_unet(arch: ToyArch):
     from diffusers import UNet2DConditionModel
 
+    n = len(arch.unet_channels)
+    cross = [True] * n if arch.unet_cross_every_level else [True] * (n - 1) + [False]
     return UNet2DConditionModel(
         sample_size=arch.latent_size,
         in_channels=arch.latent_channels,
         out_channels=arch.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross),
+        up_block_types=tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)),
         block_out_channels=arch.unet_channels,
         layers_per_block=arch.unet_layers_per_block,
         cross_attention_dim=arch.text_hidden,

@@ -57,9 +57,10 @@ captions are empty (for classifier-free guidance). Evaluation scenes use world s
 - Resolution is fixed at 64x64; other sizes are resized.
 - `attnseg.json` beside this card makes `t2m:embedded`, `iseg:embedded` and `diffseg:embedded` its default presets:
   the papers' self-attention layer maps onto this model's last decoder layer, which attends almost uniformly (table
-  above), so the T2M and iSeg presets read the object-coherent 16-px encoder layer (iSeg also with 1 iteration
-  instead of 8), and DiffSeg merges with a KL threshold of 0.1 instead of the paper's 1.1, which merges every scene
-  of this model into one segment; all chosen on validation scenes, docs/EMBEDDED-MODEL-TRAINING.md. Pass a preset
+  above), so the T2M and iSeg presets read object-coherent 16-px layers (T2M the first decoder layer
+  up_blocks.2.attentions.0, iSeg the encoder layer down_blocks.0.attentions.0, with 1 iteration instead of 8), and
+  DiffSeg merges with a KL threshold of 0.1 instead of the paper's 1.1, which merges every scene of this model into
+  one segment; all chosen on validation scenes, docs/EMBEDDED-MODEL-TRAINING.md. Pass a preset
   to use another.
 """
 

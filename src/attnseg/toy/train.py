@@ -70,6 +70,19 @@ class TrainConfig:
     at which the decay was first asked for (kept in the checkpoint as ``decay_from``); 0 keeps lr constant."""
     lr_floor: float = 0.1
     """Learning rate at the end of the decay, as a fraction of ``lr``."""
+    unet_channels: tuple[int, ...] = ToyArch.unet_channels
+    """UNet width per level (one level per entry; the latent is halved between levels)."""
+    unet_cross_every_level: bool = ToyArch.unet_cross_every_level
+    """Cross-attention at the lowest level too (and the mid block at its resolution); see ``ToyArch``."""
+
+
+def train_arch(config: dict) -> ToyArch:
+    """The architecture a checkpoint's TrainConfig (as a dict; older checkpoints lack the UNet fields) describes."""
+    return ToyArch(
+        text_layers=int(config.get("text_layers", 3)),
+        unet_channels=tuple(config.get("unet_channels", ToyArch.unet_channels)),
+        unet_cross_every_level=bool(config.get("unet_cross_every_level", ToyArch.unet_cross_every_level)),
+    )
 
 
 def learning_rate(cfg: TrainConfig, step: int, warm_from: int, decay_from: int | None) -> float:
@@ -242,7 +255,7 @@ def stage_unet(
     latents, obj_frac = lat_d["latents"], lat_d["object_frac"]
     scale = float(lat_d["scaling_factor"])
     objs = _load_scenes(work)["objects"]
-    arch = ToyArch(text_layers=cfg.text_layers)
+    arch = train_arch(asdict(cfg))
     tok = build_tokenizer(arch.max_length)
     unet = build_unet(arch)
     te = build_text_encoder(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
@@ -430,7 +443,8 @@ EMBEDDED_PROFILE = {
     "presets": {"t2m": "embedded", "iseg": "embedded", "diffseg": "embedded"},
     "why": (
         "The papers' self-attention layer maps onto this model's last decoder layer, which attends almost uniformly; "
-        "the 'embedded' presets of T2M and iSeg read the object-coherent 16-px encoder layer instead "
+        "the 'embedded' presets of T2M and iSeg read object-coherent 16-px layers instead (T2M the first decoder "
+        "layer, iSeg the encoder layer; each chosen on validation scenes) "
         "(python -m attnseg.toy.diagnose); DiffSeg's 'embedded' preset merges with a KL threshold (0.1) chosen on "
         "validation scenes for this model's 16-px maps (docs/EMBEDDED-MODEL-TRAINING.md). Pass a preset to override."
     ),
@@ -443,7 +457,7 @@ def stage_export(cfg: TrainConfig, out_dir: str | Path, use_ema: bool = True) ->
 
     work = Path(cfg.work)
     state = torch.load(work / "ckpt.pt", weights_only=False)
-    arch = ToyArch(text_layers=int(state["config"].get("text_layers", 3)))
+    arch = train_arch(state["config"])
     tok = build_tokenizer(arch.max_length)
     unet = build_unet(arch)
     te = build_text_encoder(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
@@ -516,6 +530,32 @@ def _text_layers(cfg: TrainConfig, asked: int | None, init_from: str | None) -> 
     return have if have is not None else (asked if asked is not None else 3)
 
 
+def _unet_layout(resumed: dict | None, channels: str | None, every_level: bool | None) -> tuple[tuple[int, ...], bool]:
+    """UNet widths and cross-attention layout: what a run being resumed has, else as asked, else the defaults."""
+    asked_ch = None
+    if channels is not None:
+        try:
+            asked_ch = tuple(int(c) for c in channels.split(","))
+        except ValueError:
+            raise SystemExit(f"--unet-channels takes comma-separated integers such as 64,128, not {channels!r}") from None
+        if not asked_ch or any(c <= 0 or c % 32 for c in asked_ch):
+            raise SystemExit(f"--unet-channels {channels}: each width must be a positive multiple of 32 (group norm)")
+    if resumed is not None:
+        have = train_arch(resumed)
+        if (asked_ch is not None and asked_ch != have.unet_channels) or (
+            every_level is not None and every_level != have.unet_cross_every_level
+        ):
+            raise SystemExit(
+                f"the run being continued has UNet channels {have.unet_channels} and cross-attention at every level "
+                f"= {have.unet_cross_every_level}; a new layout needs a new --work folder"
+            )
+        return have.unet_channels, have.unet_cross_every_level
+    return (
+        asked_ch if asked_ch is not None else ToyArch.unet_channels,
+        every_level if every_level is not None else ToyArch.unet_cross_every_level,
+    )
+
+
 def _lr_decay_steps(resumed: dict | None, asked: int | None) -> int:
     """Decay length: as asked, else what the run being resumed uses, else 0 (constant lr).
 
@@ -564,6 +604,15 @@ def main(argv: list[str] | None = None) -> None:
         help="cosine-decay the learning rate to 10%% over this many steps, counted from the step where the decay is "
         "first asked for (default: as resumed, else 0 = constant; a decay once begun keeps its length)",
     )
+    p.add_argument(
+        "--unet-channels", default=None, help="new runs: UNet width per level, e.g. 64,128 (default 64,128,128)"
+    )
+    p.add_argument(
+        "--cross-every-level",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="new runs: cross-attention at the lowest level too, with the mid block at its resolution",
+    )
     a = p.parse_args(argv)
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
     cfg.text_layers = _text_layers(cfg, a.text_layers, a.init_from)
@@ -571,6 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     # A caption setting: as asked, else what the run being resumed used (logged on resume), else the default.
     cfg.colour_prob = a.colour_prob if a.colour_prob is not None else (resumed or {}).get("colour_prob", cfg.colour_prob)
     cfg.lr_decay_steps = _lr_decay_steps(resumed, a.lr_decay_steps)
+    cfg.unet_channels, cfg.unet_cross_every_level = _unet_layout(resumed, a.unet_channels, a.cross_every_level)
     import torch
 
     torch.set_num_threads(cfg.threads)
