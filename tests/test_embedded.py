@@ -225,3 +225,18 @@ def test_unet_layout_follows_the_run_being_continued_and_builds_the_asked_blocks
     assert every.config.up_block_types == ("CrossAttnUpBlock2D",) * 2
     cross = [k for k in every.attn_processors if k.endswith("attn2.processor")]
     assert len(cross) == 1 + 1 + 1 + 2 + 2  # two encoder levels, the mid block, two decoder levels of 2
+
+
+def test_model_card_describes_the_unet_layout_it_ships():
+    from attnseg.toy.release import unet_layout_text
+
+    sd_like = unet_layout_text(["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"], "UNetMidBlock2DCrossAttn", 16)
+    assert sd_like == (
+        "CrossAttnDown (16 px), CrossAttnDown (8 px), Down (4 px), cross-attention mid block (4 px), mirrored up "
+        "blocks; self- and cross-attention at 16 and 8 px and in the mid block"
+    )
+    two = unet_layout_text(["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "UNetMidBlock2DCrossAttn", 16)
+    assert two.startswith("CrossAttnDown (16 px), CrossAttnDown (8 px), cross-attention mid block (8 px),")
+    cfg = json.loads((EMBEDDED_DIR / "unet" / "config.json").read_text())
+    shipped = unet_layout_text(cfg["down_block_types"], cfg["mid_block_type"], cfg["sample_size"])
+    assert shipped in (EMBEDDED_DIR / "README.md").read_text()

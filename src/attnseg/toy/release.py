@@ -23,8 +23,7 @@ download. It loads with `StableDiffusionPipeline.from_pretrained(this_folder)`.
 
 ## Architecture ({total_params:.2f} M parameters, {size_mb:.1f} MB in fp16)
 - AutoencoderKL, channels {vae_channels}, 4x down-sampling: 64x64 RGB -> 16x16x4 latents; scaling factor {scaling:.4f}.
-- UNet2DConditionModel ({unet_params:.2f} M), channels {unet_channels}, {heads} heads: CrossAttnDown (16 px), CrossAttnDown (8 px),
-  Down (4 px), cross-attention mid block (4 px), mirrored up blocks; self- and cross-attention at 16 and 8 px and in the mid block.
+- UNet2DConditionModel ({unet_params:.2f} M), channels {unet_channels}, {heads} heads: {unet_layout}.
 - CLIPTextModel ({text_params:.2f} M), {text_layers} layers, width {text_hidden}; CLIPTokenizer with the project's own BPE
   vocabulary in CLIP's format ({vocab} tokens, `vocab.json` + `merges.txt`), 77 tokens.
 - DDIM scheduler with Stable Diffusion's scaled-linear betas (0.00085-0.012, T = 1000).
@@ -63,6 +62,19 @@ captions are empty (for classifier-free guidance). Evaluation scenes use world s
   one segment; all chosen on validation scenes, docs/EMBEDDED-MODEL-TRAINING.md. Pass a preset
   to use another.
 """
+
+
+def unet_layout_text(down_block_types: list[str], mid_block_type: str | None, latent_side: int) -> str:
+    """The UNet's blocks in words, e.g. ``CrossAttnDown (16 px), Down (8 px), cross-attention mid block (8 px)``."""
+    sides = [latent_side // 2**i for i in range(len(down_block_types))]
+    blocks = [f"{t.removesuffix('Block2D')} ({px} px)" for t, px in zip(down_block_types, sides, strict=True)]
+    cross_px = [px for t, px in zip(down_block_types, sides, strict=True) if t.startswith("CrossAttn")]
+    mid_cross = mid_block_type is not None and "CrossAttn" in mid_block_type
+    if mid_block_type is not None:
+        blocks.append(f"{'cross-attention' if mid_cross else 'plain'} mid block ({sides[-1]} px)")
+    where = [" and ".join(str(px) for px in cross_px) + " px"] if cross_px else []
+    where += ["in the mid block"] if mid_cross else []
+    return ", ".join(blocks) + f", mirrored up blocks; self- and cross-attention at {' and '.join(where)}"
 
 
 def _params(module) -> float:
@@ -246,6 +258,9 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         unet_params=_params(pipe.unet),
         unet_channels="/".join(map(str, arch["unet_channels"])),
         heads=arch["unet_heads"],
+        unet_layout=unet_layout_text(
+            list(pipe.unet.config.down_block_types), pipe.unet.config.mid_block_type, pipe.unet.config.sample_size
+        ),
         text_params=_params(pipe.text_encoder),
         text_layers=arch["text_layers"],
         text_hidden=arch["text_hidden"],

@@ -604,9 +604,7 @@ def main(argv: list[str] | None = None) -> None:
         help="cosine-decay the learning rate to 10%% over this many steps, counted from the step where the decay is "
         "first asked for (default: as resumed, else 0 = constant; a decay once begun keeps its length)",
     )
-    p.add_argument(
-        "--unet-channels", default=None, help="new runs: UNet width per level, e.g. 64,128 (default 64,128,128)"
-    )
+    p.add_argument("--unet-channels", default=None, help="new runs: UNet width per level, e.g. 64,128 (default 64,128,128)")
     p.add_argument(
         "--cross-every-level",
         action=argparse.BooleanOptionalAction,
