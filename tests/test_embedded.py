@@ -75,9 +75,11 @@ def test_profile_points_t2m_and_iseg_at_an_object_coherent_self_attention_layer(
     from attnseg.toy.diagnose import self_attention_report
 
     assert embedded.default_presets == {"t2m": "embedded", "iseg": "embedded", "diffseg": "embedded"}
+    chosen = {"t2m": "up_blocks.2.attentions.0", "iseg": "down_blocks.0.attentions.0"}  # on validation scenes
     for method in ("t2m", "iseg"):
         cfg = get_method(method, embedded.default_presets[method]).config
         (layer,) = cfg.self_layer.resolve(embedded.inventory)
+        assert layer.name == chosen[method] + ".transformer_blocks.0.attn1", (method, layer.name)
         rep = self_attention_report(embedded.pipe, n=8, timesteps=(cfg.timestep,))  # the method's own timestep
         assert rep[f"t{cfg.timestep}/" + layer.name.replace(".transformer_blocks.0.attn1", "")]["lift"] > 2.5, (method, rep)
 
@@ -212,7 +214,7 @@ def test_unet_layout_follows_the_run_being_continued_and_builds_the_asked_blocks
         _unet_layout(run3, "64,128,128", None)
     with pytest.raises(SystemExit, match="new --work folder"):
         _unet_layout(run3, None, False)
-    for bad in ("64,x", "64,100"):
+    for bad in ("64,x", "64,100", "64", "32,32,32,32,32"):
         with pytest.raises(SystemExit, match="--unet-channels"):
             _unet_layout(None, bad, None)
 
@@ -236,7 +238,33 @@ def test_model_card_describes_the_unet_layout_it_ships():
         "blocks; self- and cross-attention at 16 and 8 px and in the mid block"
     )
     two = unet_layout_text(["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "UNetMidBlock2DCrossAttn", 16)
-    assert two.startswith("CrossAttnDown (16 px), CrossAttnDown (8 px), cross-attention mid block (8 px),")
+    assert two == (
+        "CrossAttnDown (16 px), CrossAttnDown (8 px), cross-attention mid block (8 px), mirrored up blocks; "
+        "self- and cross-attention at 16 and 8 px and in the mid block"
+    )
+    three = unet_layout_text(["CrossAttnDownBlock2D"] * 3, "UNetMidBlock2DCrossAttn", 32)
+    assert three.endswith("at 32, 16 and 8 px and in the mid block")
     cfg = json.loads((EMBEDDED_DIR / "unet" / "config.json").read_text())
     shipped = unet_layout_text(cfg["down_block_types"], cfg["mid_block_type"], cfg["sample_size"])
     assert shipped in (EMBEDDED_DIR / "README.md").read_text()
+
+
+def test_warm_start_sources_give_their_unet_layout_and_old_configs_rebuild_the_shipped_unet(tmp_path):
+    import torch
+
+    from attnseg.toy.arch import build_unet
+    from attnseg.toy.train import _source_layout, _unet_layout, train_arch
+
+    assert _source_layout(None, None) is None
+    shipped = _source_layout(str(EMBEDDED_DIR), None)
+    assert shipped == {"unet_channels": (64, 128, 128), "unet_cross_every_level": False}
+    torch.save({"config": {"unet_channels": (64, 128), "unet_cross_every_level": True}}, tmp_path / "ckpt.pt")
+    assert _unet_layout(_source_layout(None, str(tmp_path / "ckpt.pt")), None, None) == ((64, 128), True)
+    with pytest.raises(SystemExit, match="fresh run"):
+        _unet_layout(shipped, "64,128", True)
+    # The shipped model's training config predates the layout fields: it must rebuild the UNet it ships.
+    meta = json.loads((EMBEDDED_DIR / "training.json").read_text())
+    rebuilt = build_unet(train_arch(meta["train_config"])).config
+    cfg = json.loads((EMBEDDED_DIR / "unet" / "config.json").read_text())
+    for key in ("block_out_channels", "down_block_types", "up_block_types", "mid_block_type"):
+        assert json.loads(json.dumps(rebuilt[key])) == cfg[key], key

@@ -230,6 +230,14 @@ def test_cli_rejects_bad_options_without_traceback(tmp_path, args, expect):
     assert expect in res.output and "Traceback" not in res.output
 
 
+def _reported_layers(select: dict, pred) -> list[str]:
+    """The layers that a result's reported LayerSelect settings pick on the predictor's UNet."""
+    from attnseg.layers import LayerSelect
+
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in select.items()}
+    return [lay.name for lay in LayerSelect(**fields).resolve(pred.inventory)]
+
+
 def test_model_profile_sets_the_default_preset_and_an_explicit_one_wins(tiny_pipe_dir, tmp_path, scene):
     import shutil
 
@@ -244,9 +252,10 @@ def test_model_profile_sets_the_default_preset_and_an_explicit_one_wins(tiny_pip
     pred.set_image(scene.image)
     r = pred.segment(scene.labels, method="t2m", draws=1)
     assert r.settings["preset"] == "embedded"
-    assert list(r.settings["self_layer"]["names"]) == ["up_blocks.2.attentions.0.*"]
+    assert _reported_layers(r.settings["self_layer"], pred) == ["up_blocks.2.attentions.0.transformer_blocks.0.attn1"]
     r = pred.segment(scene.labels, method="t2m", preset="voc", draws=1)
-    assert r.settings["preset"] == "voc" and not r.settings["self_layer"]["names"]
+    assert r.settings["preset"] == "voc"
+    assert _reported_layers(r.settings["self_layer"], pred) == ["up_blocks.2.attentions.1.transformer_blocks.0.attn1"]
     assert pred.segment(scene.labels, method="iseg", draws=1).settings["preset"] is None  # no entry: paper's
     (folder / "attnseg.json").write_text(json.dumps({"presets": {"t2m": "nonsense"}}))
     with pytest.raises(ModelError, match=r"attnseg\.json names preset 'nonsense'"):

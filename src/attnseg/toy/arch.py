@@ -2,7 +2,8 @@
 
 64x64 RGB images, a VAE with 4x down-sampling (16x16x4 latents), a UNet2DConditionModel with
 the layout of SD 1.x (cross-attention down blocks, a plain lowest down block, a cross-attention
-mid block, mirrored up blocks), a small CLIPTextModel and the project's own CLIP tokenizer.
+mid block, mirrored up blocks; or, with ``unet_cross_every_level``, cross-attention at every level),
+a small CLIPTextModel and the project's own CLIP tokenizer.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ class ToyArch:
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_layers_per_block: int = 1
     unet_cross_every_level: bool = False
-    """False: SD 1.x's layout, cross-attention at every level but the lowest (plain ResNet blocks there) and in the
-    mid block. True: cross-attention at every level, so the mid block sits at the lowest level's resolution with
-    cross-attention (with two levels, 16 and 8 px: run 3, docs/EMBEDDED-MODEL-TRAINING.md)."""
+    """False: SD 1.x's layout, cross-attention down/up blocks at every level but the lowest (plain ResNet blocks
+    there). True: cross-attention blocks at every level, the lowest included. The mid block, always at the lowest
+    level's resolution, has cross-attention either way (run 3 uses True with two levels, 16 and 8 px, so that no
+    attention is read at 4 px: docs/EMBEDDED-MODEL-TRAINING.md)."""
     unet_heads: int = 4
     text_hidden: int = 128
     text_layers: int = 3

@@ -15,9 +15,11 @@ import platform
 import time
 from pathlib import Path
 
+from ..methods.base import EMBEDDED_ISEG_SELF_LAYER, EMBEDDED_T2M_SELF_LAYER
+
 CARD = """# attnseg embedded model (ShapesWorld, Stable Diffusion architecture)
 
-A small text-to-image latent diffusion model with the components and layout of Stable Diffusion 1.x,
+A small text-to-image latent diffusion model with the components of Stable Diffusion 1.x (layout below),
 trained from scratch by this project on ShapesWorld so that attnseg runs and is measured with no
 download. It loads with `StableDiffusionPipeline.from_pretrained(this_folder)`.
 
@@ -57,7 +59,7 @@ captions are empty (for classifier-free guidance). Evaluation scenes use world s
 - `attnseg.json` beside this card makes `t2m:embedded`, `iseg:embedded` and `diffseg:embedded` its default presets:
   the papers' self-attention layer maps onto this model's last decoder layer, which attends almost uniformly (table
   above), so the T2M and iSeg presets read object-coherent 16-px layers (T2M the first decoder layer
-  up_blocks.2.attentions.0, iSeg the encoder layer down_blocks.0.attentions.0, with 1 iteration instead of 8), and
+  {t2m_layer}, iSeg the encoder layer {iseg_layer}, with 1 iteration instead of 8), and
   DiffSeg merges with a KL threshold of 0.1 instead of the paper's 1.1, which merges every scene of this model into
   one segment; all chosen on validation scenes, docs/EMBEDDED-MODEL-TRAINING.md. Pass a preset
   to use another.
@@ -72,9 +74,22 @@ def unet_layout_text(down_block_types: list[str], mid_block_type: str | None, la
     mid_cross = mid_block_type is not None and "CrossAttn" in mid_block_type
     if mid_block_type is not None:
         blocks.append(f"{'cross-attention' if mid_cross else 'plain'} mid block ({sides[-1]} px)")
-    where = [" and ".join(str(px) for px in cross_px) + " px"] if cross_px else []
+    where = [_and([str(px) for px in cross_px]) + " px"] if cross_px else []
     where += ["in the mid block"] if mid_cross else []
-    return ", ".join(blocks) + f", mirrored up blocks; self- and cross-attention at {' and '.join(where)}"
+    attention = f"self- and cross-attention at {' and '.join(where)}" if where else "no cross-attention"
+    return ", ".join(blocks) + f", mirrored up blocks; {attention}"
+
+
+def _block_name(select, unet) -> str:
+    """The attention block (``up_blocks.2.attentions.0``) of the one layer that ``select`` picks in ``unet``."""
+    from ..layers import layer_inventory
+
+    (layer,) = select.resolve(layer_inventory(unet))
+    return layer.name.split(".transformer_blocks")[0]
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _params(module) -> float:
@@ -258,6 +273,8 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         unet_params=_params(pipe.unet),
         unet_channels="/".join(map(str, arch["unet_channels"])),
         heads=arch["unet_heads"],
+        t2m_layer=_block_name(EMBEDDED_T2M_SELF_LAYER, pipe.unet),
+        iseg_layer=_block_name(EMBEDDED_ISEG_SELF_LAYER, pipe.unet),
         unet_layout=unet_layout_text(
             list(pipe.unet.config.down_block_types), pipe.unet.config.mid_block_type, pipe.unet.config.sample_size
         ),

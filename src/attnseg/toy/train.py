@@ -73,7 +73,7 @@ class TrainConfig:
     unet_channels: tuple[int, ...] = ToyArch.unet_channels
     """UNet width per level (one level per entry; the latent is halved between levels)."""
     unet_cross_every_level: bool = ToyArch.unet_cross_every_level
-    """Cross-attention at the lowest level too (and the mid block at its resolution); see ``ToyArch``."""
+    """Cross-attention down/up blocks at every level, the lowest included; see ``ToyArch``."""
 
 
 def train_arch(config: dict) -> ToyArch:
@@ -530,24 +530,44 @@ def _text_layers(cfg: TrainConfig, asked: int | None, init_from: str | None) -> 
     return have if have is not None else (asked if asked is not None else 3)
 
 
+def _source_layout(init_from: str | None, init_ckpt: str | None) -> dict | None:
+    """The UNet layout (as TrainConfig fields) of a warm-start source, or None without one."""
+    if init_ckpt:
+        import torch
+
+        return torch.load(init_ckpt, weights_only=False, mmap=True)["config"]
+    if init_from and (Path(init_from) / "unet" / "config.json").exists():
+        unet = json.loads((Path(init_from) / "unet" / "config.json").read_text())
+        return {
+            "unet_channels": tuple(unet["block_out_channels"]),
+            "unet_cross_every_level": all(t.startswith("CrossAttn") for t in unet["down_block_types"]),
+        }
+    return None
+
+
 def _unet_layout(resumed: dict | None, channels: str | None, every_level: bool | None) -> tuple[tuple[int, ...], bool]:
-    """UNet widths and cross-attention layout: what a run being resumed has, else as asked, else the defaults."""
+    """UNet widths and cross-attention layout: what the model being continued (a run resumed, or a warm-start
+    source) has, else as asked, else the defaults."""
     asked_ch = None
     if channels is not None:
         try:
             asked_ch = tuple(int(c) for c in channels.split(","))
         except ValueError:
             raise SystemExit(f"--unet-channels takes comma-separated integers such as 64,128, not {channels!r}") from None
-        if not asked_ch or any(c <= 0 or c % 32 for c in asked_ch):
-            raise SystemExit(f"--unet-channels {channels}: each width must be a positive multiple of 32 (group norm)")
+        if not 2 <= len(asked_ch) <= 4 or any(c <= 0 or c % 32 for c in asked_ch):
+            raise SystemExit(
+                f"--unet-channels {channels}: give 2 to 4 levels (the 16-px latent is halved between levels), "
+                "each a positive multiple of 32 (group norm)"
+            )
     if resumed is not None:
         have = train_arch(resumed)
         if (asked_ch is not None and asked_ch != have.unet_channels) or (
             every_level is not None and every_level != have.unet_cross_every_level
         ):
             raise SystemExit(
-                f"the run being continued has UNet channels {have.unet_channels} and cross-attention at every level "
-                f"= {have.unet_cross_every_level}; a new layout needs a new --work folder"
+                f"the model being continued has UNet channels {have.unet_channels} and cross-attention at every level "
+                f"= {have.unet_cross_every_level}; another layout needs a fresh run: a new --work folder, without "
+                "--init-ckpt or --init-from"
             )
         return have.unet_channels, have.unet_cross_every_level
     return (
@@ -609,7 +629,8 @@ def main(argv: list[str] | None = None) -> None:
         "--cross-every-level",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="new runs: cross-attention at the lowest level too, with the mid block at its resolution",
+        help="new runs: cross-attention down/up blocks at every level, the lowest included (the mid block, always at "
+        "the lowest level's resolution, has cross-attention either way)",
     )
     a = p.parse_args(argv)
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
@@ -618,7 +639,8 @@ def main(argv: list[str] | None = None) -> None:
     # A caption setting: as asked, else what the run being resumed used (logged on resume), else the default.
     cfg.colour_prob = a.colour_prob if a.colour_prob is not None else (resumed or {}).get("colour_prob", cfg.colour_prob)
     cfg.lr_decay_steps = _lr_decay_steps(resumed, a.lr_decay_steps)
-    cfg.unet_channels, cfg.unet_cross_every_level = _unet_layout(resumed, a.unet_channels, a.cross_every_level)
+    continued = resumed if resumed is not None else _source_layout(a.init_from, a.init_ckpt)
+    cfg.unet_channels, cfg.unet_cross_every_level = _unet_layout(continued, a.unet_channels, a.cross_every_level)
     import torch
 
     torch.set_num_threads(cfg.threads)
