@@ -58,9 +58,9 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
     "ov-context": ISegConfig(lam=0.002, iters=5),
     "ov-coco": ISegConfig(lam=0.2, iters=10),
     # The embedded ShapesWorld model: same reason as T2M's "embedded" preset, read at the 16-px encoder layer, and
-    # the iterations chosen on validation scenes (step-6,500 weights) as the paper chose them per dataset (5-10 above): this layer
-    # leaks about half of an object cell's attention to the background, so every iteration beyond the first
-    # spreads the maps (docs/EMBEDDED-MODEL-TRAINING.md).
+    # the iterations chosen on validation scenes (step-6,500 weights) as the paper chose them per dataset (5-10
+    # above): this layer leaks about half of an object cell's attention to the background, so every iteration
+    # beyond the first spreads the maps (docs/EMBEDDED-MODEL-TRAINING.md).
     "embedded": ISegConfig(iters=1, self_layer=EMBEDDED_ISEG_SELF_LAYER),
     # The same layer with the paper's iterations (N = 8), and without Cat-Cross: ablations on the embedded model.
     "embedded-n8": ISegConfig(self_layer=EMBEDDED_ISEG_SELF_LAYER),

@@ -511,10 +511,15 @@ def write_clip_vocab_files(tok, folder: Path) -> None:
 
 def _checkpoint_config(work: str) -> dict | None:
     """The TrainConfig (as a dict) of the checkpoint in ``work`` that a run would resume, or None."""
+    ck = Path(work) / "ckpt.pt"
+    return _ckpt_config(ck) if ck.exists() else None
+
+
+def _ckpt_config(ckpt: str | Path) -> dict:
+    """The TrainConfig (as a dict) saved in the checkpoint file ``ckpt`` (memory-mapped: the weights are not read)."""
     import torch
 
-    ck = Path(work) / "ckpt.pt"
-    return torch.load(ck, weights_only=False, mmap=True)["config"] if ck.exists() else None
+    return torch.load(ckpt, weights_only=False, mmap=True)["config"]
 
 
 def _text_layers(cfg: TrainConfig, asked: int | None, init_from: str | None) -> int:
@@ -533,9 +538,7 @@ def _text_layers(cfg: TrainConfig, asked: int | None, init_from: str | None) -> 
 def _source_layout(init_from: str | None, init_ckpt: str | None) -> dict | None:
     """The UNet layout (as TrainConfig fields) of a warm-start source, or None without one."""
     if init_ckpt:
-        import torch
-
-        return torch.load(init_ckpt, weights_only=False, mmap=True)["config"]
+        return _ckpt_config(init_ckpt)
     if init_from and (Path(init_from) / "unet" / "config.json").exists():
         unet = json.loads((Path(init_from) / "unet" / "config.json").read_text())
         return {
