@@ -201,6 +201,31 @@ def test_model_card_states_the_learning_rate_schedule():
     assert _lr_text(meta["train_config"], meta["decay_from"]) in (EMBEDDED_DIR / "README.md").read_text()
 
 
+def test_model_card_history_drops_the_unet_of_runs_a_fresh_unet_did_not_continue():
+    from attnseg.toy.release import busy_seconds, lineage_log
+
+    data = [{"stage": "data", "elapsed": 100.0}, {"stage": "vae", "step": 0, "psnr": 20.0, "elapsed": 50.0}]
+    old_unet = [{"stage": "unet", "step": 50, "loss": 0.5, "elapsed": 1000.0}, {"stage": "diag", "step": 50}]
+    # a later folder continues the old UNet: its whole history counts
+    cont = [
+        {"stage": "unet", "init_ckpt": "old/ckpt.pt", "step": 50},
+        {"stage": "unet", "step": 100, "loss": 0.4, "elapsed": 30.0},
+    ]
+    assert lineage_log([data + old_unet, cont]) == data + old_unet + cont
+    # a folder that trains its UNet from scratch on the old folder's data keeps only the data-side records
+    fresh = [
+        {"stage": "unet", "step": 50, "loss": 0.6, "elapsed": 20.0},
+        {"stage": "unet", "step": 100, "loss": 0.3, "elapsed": 40.0},
+    ]
+    assert lineage_log([data + old_unet, fresh]) == data + fresh
+    assert lineage_log([data + old_unet, cont, fresh]) == data + fresh
+    assert lineage_log([data]) == data
+    # compute time: the last 'elapsed' of each process (a drop starts a new one)
+    assert busy_seconds(data + fresh) == 100.0 + 50.0 + 40.0
+    assert busy_seconds(data + old_unet + cont) == 100.0 + 1000.0 + 30.0
+    assert busy_seconds([]) == 0.0
+
+
 def test_unet_layout_follows_the_run_being_continued_and_builds_the_asked_blocks():
     from attnseg.toy.arch import ToyArch, build_unet
     from attnseg.toy.train import _unet_layout

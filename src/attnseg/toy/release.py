@@ -88,6 +88,39 @@ def _block_name(select, unet) -> str:
     return layer.name.split(".transformer_blocks")[0]
 
 
+def lineage_log(logs: list[list[dict]]) -> list[dict]:
+    """The training log of one model, from the logs of the work folders it came from (oldest first).
+
+    A folder whose UNet stage neither resumed nor warm-started from another (no ``init_ckpt`` / ``init_from``
+    record) trained its UNet from scratch: the UNet and diagnostics records of the folders before it are not this
+    model's history and are dropped; their data, VAE and encoding records (reused through the folder's links) stay.
+    """
+    out: list[dict] = []
+    for recs in logs:
+        unet = [r for r in recs if r.get("stage") == "unet"]
+        fresh = bool(unet) and not any("init_ckpt" in r or "init_from" in r for r in unet)
+        if fresh:
+            out = [r for r in out if r.get("stage") not in ("unet", "diag")]
+        out += recs
+    return out
+
+
+def busy_seconds(log: list[dict]) -> float:
+    """Compute time of a log: the sum over processes of their last ``elapsed`` (idle time between sessions excluded).
+
+    ``elapsed`` counts from the start of each process and stage, so a drop marks a new process.
+    """
+    busy, last = 0.0, 0.0
+    for r in log:
+        e = r.get("elapsed")
+        if e is None:
+            continue
+        if e < last:
+            busy += last
+        last = e
+    return busy + last
+
+
 def _and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -241,9 +274,9 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
     pipe = load_pipeline(out, device="cpu", dtype="float32")
     meta = json.loads((out / "training.json").read_text())
     cfg, arch = meta["train_config"], meta["arch"]
-    log = []
-    for w in (*prior, work):  # earlier runs this one continued from, oldest first
-        log += [json.loads(x) for x in (Path(w) / "log.jsonl").read_text().splitlines() if x.strip()]
+    log = lineage_log(
+        [[json.loads(x) for x in (Path(w) / "log.jsonl").read_text().splitlines() if x.strip()] for w in (*prior, work)]
+    )
     starts = [r for r in log if "init_ckpt" in r]
     history = ""
     if arch["text_layers"] == 0 and starts:
@@ -252,17 +285,14 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
             "  it has 0 (its token and position embeddings and final norm kept), so each token's output is its own embedding and\n"
             "  the start and padding outputs are constants (why: docs/EMBEDDED-MODEL-TRAINING.md, session 2).\n"
         )
+    elif arch["text_layers"] == 0:
+        history = (
+            "- The text encoder has 0 transformer layers (token and position embeddings and the final norm, trained jointly),\n"
+            "  so each token's output is its own embedding (why: docs/EMBEDDED-MODEL-TRAINING.md, session 2).\n"
+        )
     vae_log = [r for r in log if r.get("stage") == "vae" and "psnr" in r]
     unet_log = [r for r in log if r.get("stage") == "unet" and "loss" in r]
-    busy, last = 0.0, 0.0  # sum over processes of their last 'elapsed' (idle time between sessions excluded)
-    for r in log:
-        e = r.get("elapsed")
-        if e is None:
-            continue
-        if e < last:
-            busy += last
-        last = e
-    busy += last
+    busy = busy_seconds(log)
     size = sum(p.stat().st_size for p in out.rglob("*.safetensors")) / 2**20
     assert isinstance(pipe.text_encoder, CLIPTextModel)
     text = CARD.format(
