@@ -74,8 +74,12 @@ def test_profile_points_t2m_and_iseg_at_an_object_coherent_self_attention_layer(
     from attnseg.methods import get_method
     from attnseg.toy.diagnose import self_attention_report
 
-    assert embedded.default_presets == {"t2m": "embedded", "iseg": "embedded", "diffseg": "embedded"}
+    assert embedded.default_presets == {"cross": "embedded", "t2m": "embedded", "iseg": "embedded", "diffseg": "embedded"}
     chosen = {"t2m": "up_blocks.2.attentions.0", "iseg": "down_blocks.0.attentions.0"}  # on validation scenes
+    baseline = get_method("cross", embedded.default_presets["cross"]).config.cross.resolve(embedded.inventory)
+    assert [lay.name.split(".transformer_blocks")[0] for lay in baseline] == [
+        f"up_blocks.{b}.attentions.{a}" for b in (1, 2) for a in (0, 1)
+    ]
     for method in ("t2m", "iseg"):
         cfg = get_method(method, embedded.default_presets[method]).config
         (layer,) = cfg.self_layer.resolve(embedded.inventory)

@@ -136,3 +136,23 @@ def test_pamr_keeps_masks_inside_colour_regions():
     m[..., 6:] = 1.0  # spills two columns into the dark half
     out = pamr(img, m, PAMRConfig(iters=20, dilations=(1, 2)))
     assert out[..., 6:8].mean() < 0.5 < out[..., 8:].mean()
+
+
+def test_cross_baseline_background_threshold_moves_the_object_boundary(monkeypatch):
+    # Three pixels whose (min-max) label score is 0, 0.45, 1. The paper's rule (1 - max)^2 gives the middle pixel
+    # to the label (0.45 > 0.55^2); the embedded preset's threshold 0.7, (1.4 - max)^2, gives it to the background.
+    from attnseg.methods import cross as cross_mod
+    from attnseg.methods import get_method
+    from attnseg.methods.base import CapturePlan
+
+    fg = torch.tensor([[[0.0], [0.45], [1.0]]])
+    monkeypatch.setattr(cross_mod, "fused_cross", lambda *a: fg)
+    plan = CapturePlan(cross={}, self_names=[], grid=(1, 3))
+    paper = get_method("cross", "default").scores(None, None, plan)
+    assert torch.allclose(paper[0, :, 0], torch.tensor([1.0, 0.3025, 0.0]))
+    assert paper[0].argmax(1).tolist() == [0, 1, 1]
+    embedded = get_method("cross", "embedded")
+    assert embedded.config.bg_threshold == 0.7 and embedded.config.cross.blocks == ("up",)
+    scores = embedded.scores(None, None, plan)
+    assert torch.allclose(scores[0, :, 0], torch.tensor([1.96, 0.9025, 0.16]))
+    assert scores[0].argmax(1).tolist() == [0, 0, 1]
