@@ -149,6 +149,15 @@ def test_text_layers_follow_the_model_being_continued(tmp_path):
     assert _text_layers(cfg, None, None) == 0
     with pytest.raises(SystemExit, match="new --work folder"):
         _text_layers(cfg, 3, None)
+    # a new run started from another run's checkpoint keeps its depth, or drops layers, never adds them
+    fresh = TrainConfig(work=str(tmp_path / "new"))
+    (tmp_path / "src").mkdir()
+    torch.save({"config": {"text_layers": 2}}, tmp_path / "src" / "ckpt.pt")
+    source = str(tmp_path / "src" / "ckpt.pt")
+    assert _text_layers(fresh, None, None, source) == 2
+    assert _text_layers(fresh, 0, None, source) == 0
+    with pytest.raises(SystemExit, match="2 or fewer"):
+        _text_layers(fresh, 3, None, source)
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

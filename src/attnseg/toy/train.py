@@ -524,14 +524,25 @@ def _ckpt_config(ckpt: str | Path) -> dict:
     return torch.load(ckpt, weights_only=False, mmap=True)["config"]
 
 
-def _text_layers(cfg: TrainConfig, asked: int | None, init_from: str | None) -> int:
-    """Text encoder depth: what a checkpoint being resumed or a warm-start folder has, else ``asked`` or 3."""
+def _text_layers(cfg: TrainConfig, asked: int | None, init_from: str | None, init_ckpt: str | None = None) -> int:
+    """Text encoder depth: what a checkpoint being resumed or a warm-start folder has, else ``asked`` or 3.
+
+    A run started from another run's checkpoint (``init_ckpt``) keeps that run's depth unless fewer layers are
+    asked for (the embeddings and final norm are kept, the dropped layers discarded)."""
     resumed = _checkpoint_config(cfg.work)
     have = None
     if resumed is not None:
         have = int(resumed.get("text_layers", 3))
     elif init_from and (Path(init_from) / "text_encoder" / "config.json").exists():
         have = int(json.loads((Path(init_from) / "text_encoder" / "config.json").read_text())["num_hidden_layers"])
+    elif init_ckpt:
+        source = int(_ckpt_config(init_ckpt).get("text_layers", 3))
+        if asked is not None and asked > source:
+            raise SystemExit(
+                f"--text-layers {asked} but {init_ckpt} has {source} text encoder layers; a run started from it can keep "
+                f"or drop layers, not add them: ask for {source} or fewer"
+            )
+        return source if asked is None else asked
     if have is not None and asked is not None and asked != have:
         raise SystemExit(f"--text-layers {asked} but the model being continued has {have}; use a new --work folder")
     return have if have is not None else (asked if asked is not None else 3)
@@ -614,7 +625,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init-from", default=None, help="warm start from a pipeline folder (e.g. the shipped embedded model)")
     p.add_argument("--init-ckpt", default=None, help="unet stage: start from another work folder's ckpt.pt")
     p.add_argument(
-        "--text-layers", type=int, default=None, help="text encoder layers (default: as resumed / warm-started, else 3)"
+        "--text-layers",
+        type=int,
+        default=None,
+        help="text encoder layers (default: as resumed / warm-started / in the --init-ckpt run, else 3; --init-ckpt allows fewer)",
     )
     p.add_argument(
         "--colour-prob",
@@ -639,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = p.parse_args(argv)
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
-    cfg.text_layers = _text_layers(cfg, a.text_layers, a.init_from)
+    cfg.text_layers = _text_layers(cfg, a.text_layers, a.init_from, a.init_ckpt)
     resumed = _checkpoint_config(cfg.work)
     # A caption setting: as asked, else what the run being resumed used (logged on resume), else the default.
     cfg.colour_prob = a.colour_prob if a.colour_prob is not None else (resumed or {}).get("colour_prob", cfg.colour_prob)
