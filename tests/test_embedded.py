@@ -239,6 +239,18 @@ def test_model_card_history_drops_the_unet_of_runs_a_fresh_unet_did_not_continue
     assert busy_seconds([]) == 0.0
 
 
+def test_model_card_states_a_change_of_caption_mix():
+    from attnseg.toy.release import caption_history
+
+    assert caption_history([(3500, 0.8), (12500, 0.8)]) == ""
+    assert caption_history([]) == ""
+    line = caption_history([(3500, 0.8), (12500, 0.8), (14500, 0.3)])
+    assert (
+        line
+        == "- Caption mix by phase (share of objects named by colour and shape): 80% over steps 0-12,500; 30% over steps 12,500-14,500.\n"
+    )
+
+
 def test_unet_layout_follows_the_run_being_continued_and_builds_the_asked_blocks():
     from attnseg.toy.arch import ToyArch, build_unet
     from attnseg.toy.train import _unet_layout

@@ -109,6 +109,36 @@ def lineage_log(logs: list[list[dict]]) -> list[dict]:
     return out
 
 
+def caption_history(runs: list[tuple[int, float]]) -> str:
+    """A card line when the caption mix changed between the runs of a lineage: ``runs`` = (last step, colour_prob)
+    of each run, oldest first; empty when it never changed."""
+    if len({p for _, p in runs}) <= 1:
+        return ""
+    parts, start = [], 0
+    for i, (end, p) in enumerate(runs):
+        if i + 1 < len(runs) and runs[i + 1][1] == p:
+            continue
+        parts.append(f"{100 * p:.0f}% over steps {start:,}-{end:,}")
+        start = end
+    return "- Caption mix by phase (share of objects named by colour and shape): " + "; ".join(parts) + ".\n"
+
+
+def _has_ckpt(work: str) -> bool:
+    return (Path(work) / "ckpt.pt").exists()
+
+
+def _ckpt_config_of(work: str) -> dict:
+    from .train import _ckpt_config
+
+    return _ckpt_config(Path(work) / "ckpt.pt")
+
+
+def _ckpt_step(work: str) -> int:
+    import torch
+
+    return int(torch.load(Path(work) / "ckpt.pt", weights_only=False, mmap=True)["step"])
+
+
 def busy_seconds(log: list[dict]) -> float:
     """Compute time of a log: the sum over processes of their last ``elapsed`` (idle time between sessions excluded).
 
@@ -285,7 +315,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
     log = lineage_log(
         [[json.loads(x) for x in (Path(w) / "log.jsonl").read_text().splitlines() if x.strip()] for w in (*prior, work)]
     )
-    starts = [r for r in log if "init_ckpt" in r]
+    starts = [r for r in log if "init_ckpt" in r and r.get("dropped")]  # the start that dropped text layers
     history = ""
     if arch["text_layers"] == 0 and starts:
         history = (
@@ -298,6 +328,9 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
             "- The text encoder has 0 transformer layers (token and position embeddings and the final norm, trained jointly),\n"
             "  so each token's output is its own embedding (why: docs/EMBEDDED-MODEL-TRAINING.md, session 2).\n"
         )
+    history += caption_history(
+        [(int(_ckpt_step(w)), float(_ckpt_config_of(w).get("colour_prob", 0.8))) for w in (*prior, work) if _has_ckpt(w)]
+    )
     vae_log = [r for r in log if r.get("stage") == "vae" and "psnr" in r]
     unet_log = [r for r in log if r.get("stage") == "unet" and "loss" in r]
     busy = busy_seconds(log)
