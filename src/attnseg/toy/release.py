@@ -61,12 +61,12 @@ captions are empty (for classifier-free guidance). Evaluation scenes use world s
   rule (2 thr - max)^2, whose thr 0.5 is the papers' (1 - max)^2; iSeg a constant 0.5), as the papers set theirs
   per dataset: ShapesWorld's objects are small, and the papers' VOC rule lets the label maps spread over the
   background (measured above: `cross:default`, `*:embedded-paper-bg`). The baseline averages the decoder's cross
-  layers (DAAM averages all; this model's 4-px mid block is inverted), also chosen on validation scenes. The papers' self-attention layer maps onto
-  this model's last decoder layer, which attends almost uniformly (table above), so the T2M and iSeg presets read
-  object-coherent 16-px layers (T2M the first decoder layer {t2m_layer}, iSeg the encoder layer
-  {iseg_layer}, with 1 iteration instead of 8), and DiffSeg merges with a KL threshold of 0.1 instead of
-  the paper's 1.1, which merges every scene of this model into one segment; all chosen on validation scenes,
-  docs/EMBEDDED-MODEL-TRAINING.md. Pass a preset to use another.
+  layers (DAAM averages all; this model's 4-px mid block is inverted), also chosen on validation scenes. The papers'
+  self-attention layer maps onto this model's last decoder layer, which attends almost uniformly (table above), so
+  the T2M and iSeg presets read object-coherent 16-px layers (T2M the first decoder layer {t2m_layer},
+  iSeg the encoder layer {iseg_layer}, with 1 iteration instead of 8), and DiffSeg merges with a KL
+  threshold of 0.1 instead of the paper's 1.1, which merges every scene of this model into one segment; all chosen on
+  validation scenes, docs/EMBEDDED-MODEL-TRAINING.md. Pass a preset to use another.
 """
 
 
@@ -99,14 +99,19 @@ def lineage_log(logs: list[list[dict]]) -> list[dict]:
     record) trained its UNet from scratch: the UNet and diagnostics records of the folders before it are not this
     model's history and are dropped; their data, VAE and encoding records (reused through the folder's links) stay.
     """
-    out: list[dict] = []
-    for recs in logs:
+    origin = unet_origin(logs)
+    return [r for i, recs in enumerate(logs) for r in recs if i >= origin or r.get("stage") not in ("unet", "diag")]
+
+
+def unet_origin(logs: list[list[dict]]) -> int:
+    """Index of the last folder (of the logs, oldest first) whose UNet started from scratch: where this model's
+    UNet lineage begins (0 when none did)."""
+
+    def fresh(recs: list[dict]) -> bool:
         unet = [r for r in recs if r.get("stage") == "unet"]
-        fresh = bool(unet) and not any("init_ckpt" in r or "init_from" in r for r in unet)
-        if fresh:
-            out = [r for r in out if r.get("stage") not in ("unet", "diag")]
-        out += recs
-    return out
+        return bool(unet) and not any("init_ckpt" in r or "init_from" in r for r in unet)
+
+    return max((i for i, recs in enumerate(logs) if fresh(recs)), default=0)
 
 
 def caption_history(runs: list[tuple[int, float]]) -> str:
@@ -123,20 +128,19 @@ def caption_history(runs: list[tuple[int, float]]) -> str:
     return "- Caption mix by phase (share of objects named by colour and shape): " + "; ".join(parts) + ".\n"
 
 
-def _has_ckpt(work: str) -> bool:
-    return (Path(work) / "ckpt.pt").exists()
-
-
-def _ckpt_config_of(work: str) -> dict:
-    from .train import _ckpt_config
-
-    return _ckpt_config(Path(work) / "ckpt.pt")
-
-
-def _ckpt_step(work: str) -> int:
+def _caption_phases(works: list[str]) -> list[tuple[int, float]]:
+    """(last step, colour_prob) of the checkpoint of each work folder that has one (one memory-mapped read each)."""
     import torch
 
-    return int(torch.load(Path(work) / "ckpt.pt", weights_only=False, mmap=True)["step"])
+    from .train import TrainConfig
+
+    runs = []
+    for w in works:
+        ck = Path(w) / "ckpt.pt"
+        if ck.exists():
+            state = torch.load(ck, weights_only=False, mmap=True)
+            runs.append((int(state["step"]), float(state["config"].get("colour_prob", TrainConfig.colour_prob))))
+    return runs
 
 
 def busy_seconds(log: list[dict]) -> float:
@@ -312,9 +316,9 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
     pipe = load_pipeline(out, device="cpu", dtype="float32")
     meta = json.loads((out / "training.json").read_text())
     cfg, arch = meta["train_config"], meta["arch"]
-    log = lineage_log(
-        [[json.loads(x) for x in (Path(w) / "log.jsonl").read_text().splitlines() if x.strip()] for w in (*prior, work)]
-    )
+    works = [*prior, work]  # the runs this one continued from, oldest first
+    logs = [[json.loads(x) for x in (Path(w) / "log.jsonl").read_text().splitlines() if x.strip()] for w in works]
+    log = lineage_log(logs)
     starts = [r for r in log if "init_ckpt" in r and r.get("dropped")]  # the start that dropped text layers
     history = ""
     if arch["text_layers"] == 0 and starts:
@@ -328,9 +332,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
             "- The text encoder has 0 transformer layers (token and position embeddings and the final norm, trained jointly),\n"
             "  so each token's output is its own embedding (why: docs/EMBEDDED-MODEL-TRAINING.md, session 2).\n"
         )
-    history += caption_history(
-        [(int(_ckpt_step(w)), float(_ckpt_config_of(w).get("colour_prob", 0.8))) for w in (*prior, work) if _has_ckpt(w)]
-    )
+    history += caption_history(_caption_phases(works[unet_origin(logs) :]))
     vae_log = [r for r in log if r.get("stage") == "vae" and "psnr" in r]
     unet_log = [r for r in log if r.get("stage") == "unet" and "loss" in r]
     busy = busy_seconds(log)
