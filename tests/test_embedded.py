@@ -206,12 +206,18 @@ def test_training_loop_turns_a_termination_signal_into_a_stop_request():
 def test_model_card_states_the_learning_rate_schedule():
     from attnseg.toy.release import _lr_text
 
-    assert _lr_text({"lr": 3e-4}, None) == "0.0003"
-    assert _lr_text({"lr": 3e-4, "lr_decay_steps": 0}, 9000) == "0.0003"
-    decayed = _lr_text({"lr": 3e-4, "lr_decay_steps": 3500, "lr_floor": 0.1}, 9000)
-    assert decayed == "0.0003, cosine-decayed to 3e-05 over steps 9,000-12,500"
+    assert _lr_text({"lr": 3e-4}, []) == "0.0003"
+    assert _lr_text({"lr": 3e-4}, [(None, 0), (9000, 0)]) == "0.0003"
+    cfg = {"lr": 3e-4, "lr_decay_steps": 3500, "lr_floor": 0.1}
+    assert _lr_text(cfg, [(None, 0), (9000, 3500)]) == "0.0003, cosine-decayed to 3e-05 over steps 9,000-12,500"
+    three = _lr_text(cfg, [(9000, 3500), (12500, 2000), (14500, 4000)])
+    assert three == (
+        "0.0003, cosine-decayed to 3e-05 over steps 9,000-12,500, then re-warmed and decayed again over steps "
+        "12,500-14,500 and 14,500-18,500"
+    )
     meta = json.loads((EMBEDDED_DIR / "training.json").read_text())
-    assert _lr_text(meta["train_config"], meta["decay_from"]) in (EMBEDDED_DIR / "README.md").read_text()
+    last = f"{meta['decay_from']:,}-{meta['decay_from'] + meta['train_config']['lr_decay_steps']:,}"
+    assert last in (EMBEDDED_DIR / "README.md").read_text()  # the shipped card names the last decay
 
 
 def test_model_card_history_drops_the_unet_of_runs_a_fresh_unet_did_not_continue():

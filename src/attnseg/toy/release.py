@@ -128,8 +128,9 @@ def caption_history(runs: list[tuple[int, float]]) -> str:
     return "- Caption mix by phase (share of objects named by colour and shape): " + "; ".join(parts) + ".\n"
 
 
-def _caption_phases(works: list[str]) -> list[tuple[int, float]]:
-    """(last step, colour_prob) of the checkpoint of each work folder that has one (one memory-mapped read each)."""
+def _run_summaries(works: list[str]) -> list[dict]:
+    """Step, caption mix and learning-rate decay of the checkpoint of each work folder that has one, oldest first
+    (one memory-mapped read each)."""
     import torch
 
     from .train import TrainConfig
@@ -139,7 +140,14 @@ def _caption_phases(works: list[str]) -> list[tuple[int, float]]:
         ck = Path(w) / "ckpt.pt"
         if ck.exists():
             state = torch.load(ck, weights_only=False, mmap=True)
-            runs.append((int(state["step"]), float(state["config"].get("colour_prob", TrainConfig.colour_prob))))
+            cfg = state["config"]
+            runs.append(
+                {
+                    "step": int(state["step"]),
+                    "colour_prob": float(cfg.get("colour_prob", TrainConfig.colour_prob)),
+                    "decay": (state.get("decay_from"), int(cfg.get("lr_decay_steps", 0))),
+                }
+            )
     return runs
 
 
@@ -297,15 +305,20 @@ def _measurements_md(meas: dict) -> str:
     return "\n".join(lines)
 
 
-def _lr_text(cfg: dict, decay_from: int | None) -> str:
-    """The learning rate schedule in words, from a training config and the step where its decay began."""
-    n = int(cfg.get("lr_decay_steps", 0))
-    if n <= 0 or decay_from is None:
+def _lr_text(cfg: dict, decays: list[tuple[int | None, int]]) -> str:
+    """The learning rate schedule in words, from a training config and the (first step, length) of each cosine
+    decay of the lineage, oldest first; a decay of length 0 or with no first step did not happen. Each decay after
+    the first began in a new run, with a fresh optimizer that warmed up again."""
+    spans = [f"{a:,}-{a + n:,}" for a, n in decays if a is not None and n > 0]
+    if not spans:
         return f"{cfg['lr']}"
     from .train import TrainConfig
 
     floor = cfg["lr"] * cfg.get("lr_floor", TrainConfig.lr_floor)
-    return f"{cfg['lr']}, cosine-decayed to {floor:.2g} over steps {decay_from:,}-{decay_from + n:,}"
+    text = f"{cfg['lr']}, cosine-decayed to {floor:.2g} over steps {spans[0]}"
+    if len(spans) > 1:
+        text += f", then re-warmed and decayed again over steps {_and(spans[1:])}"
+    return text
 
 
 def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) -> None:
@@ -332,7 +345,8 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
             "- The text encoder has 0 transformer layers (token and position embeddings and the final norm, trained jointly),\n"
             "  so each token's output is its own embedding (why: docs/EMBEDDED-MODEL-TRAINING.md, session 2).\n"
         )
-    history += caption_history(_caption_phases(works[unet_origin(logs) :]))
+    runs = _run_summaries(works[unet_origin(logs) :])
+    history += caption_history([(r["step"], r["colour_prob"]) for r in runs])
     vae_log = [r for r in log if r.get("stage") == "vae" and "psnr" in r]
     unet_log = [r for r in log if r.get("stage") == "unet" and "loss" in r]
     busy = busy_seconds(log)
@@ -361,7 +375,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         unet_steps=meta["step"],
         batch=cfg["batch"],
         samples=meta["step"] * cfg["batch"],
-        lr=_lr_text(cfg, meta.get("decay_from")),
+        lr=_lr_text(cfg, [r["decay"] for r in runs] or [(meta.get("decay_from"), int(cfg.get("lr_decay_steps", 0)))]),
         gamma=cfg["min_snr_gamma"],
         ema=cfg["ema_decay"],
         loss=unet_log[-1]["loss"] if unet_log else float("nan"),
