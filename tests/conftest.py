@@ -17,7 +17,7 @@ def tiny_pipe_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_pipe_dir):
-    from attnseg.models import load_pipeline
+    from attnseg.diffusion.loading import load_pipeline
 
     return load_pipeline(tiny_pipe_dir, device="cpu", dtype="float32")
 
@@ -36,7 +36,7 @@ def voc(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from attnseg.images import palette_png
+    from attnseg.io.images import palette_png
 
     root = tmp_path / "voc"
     gts = {"a": np.array([[1, 1, 0, 0], [1, 1, 0, 0]]), "b": np.array([[0, 0, 0, 2], [0, 0, 255, 2]])}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnseg.capture import capture_attention
-from attnseg.layers import LayerSelect, layer_inventory
+from attnseg.diffusion.capture import capture_attention
+from attnseg.diffusion.layers import LayerSelect, layer_inventory
 
 
 @pytest.fixture(scope="module")

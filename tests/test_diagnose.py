@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnseg.toy.diagnose import object_affinity
+from attnseg.train.embedded.diagnose import object_affinity
 
 
 def test_object_affinity_of_a_perfect_and_a_uniform_map():

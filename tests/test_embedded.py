@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from attnseg.data.shapes import make_scene
-from attnseg.models import EMBEDDED_DIR, embedded_model_path
+from attnseg.diffusion.loading import EMBEDDED_DIR, embedded_model_path
+from attnseg.shapes.world import make_scene
 
 
 def test_embedded_model_files():
@@ -72,7 +72,7 @@ def test_profile_points_t2m_and_iseg_at_an_object_coherent_self_attention_layer(
     # The shipped attnseg.json must name presets whose self-attention layer exists in this model and keeps an
     # object cell's attention on its object well above uniform (lift 1; the chosen layer measured about 5).
     from attnseg.methods import get_method
-    from attnseg.toy.diagnose import self_attention_report
+    from attnseg.train.embedded.diagnose import self_attention_report
 
     assert embedded.default_presets == {"cross": "embedded", "t2m": "embedded", "iseg": "embedded", "diffseg": "embedded"}
     chosen = {"t2m": "up_blocks.2.attentions.0", "iseg": "down_blocks.0.attentions.0"}  # on validation scenes
@@ -115,7 +115,7 @@ def test_refined_methods_give_masks_with_background_and_objects(embedded, method
 def test_caption_lowers_the_denoising_error(embedded):
     import torch
 
-    from attnseg.data.shapes import caption
+    from attnseg.shapes.world import caption
 
     pipe = embedded.pipe
     scenes = [make_scene(1, i) for i in range(16)]
@@ -136,7 +136,7 @@ def test_caption_lowers_the_denoising_error(embedded):
 def test_text_layers_follow_the_model_being_continued(tmp_path):
     import torch
 
-    from attnseg.toy.train import TrainConfig, _text_layers
+    from attnseg.train.embedded.train import TrainConfig, _text_layers
 
     cfg = TrainConfig(work=str(tmp_path))
     assert _text_layers(cfg, None, None) == 3
@@ -161,7 +161,7 @@ def test_text_layers_follow_the_model_being_continued(tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    from attnseg.toy.train import TrainConfig, learning_rate
+    from attnseg.train.embedded.train import TrainConfig, learning_rate
 
     cfg = TrainConfig(lr=1e-3, warmup=10)
     assert learning_rate(cfg, 0, 0, None) == pytest.approx(1e-4)
@@ -176,7 +176,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 
 def test_lr_decay_length_follows_the_run_being_continued():
-    from attnseg.toy.train import _lr_decay_steps
+    from attnseg.train.embedded.train import _lr_decay_steps
 
     assert _lr_decay_steps(None, None) == 0
     assert _lr_decay_steps(None, 500) == 500
@@ -194,7 +194,7 @@ def test_training_loop_turns_a_termination_signal_into_a_stop_request():
     import os
     import signal
 
-    from attnseg.toy.train import _stop_requests
+    from attnseg.train.embedded.train import _stop_requests
 
     before = signal.getsignal(signal.SIGTERM)
     with _stop_requests() as stop:
@@ -204,7 +204,7 @@ def test_training_loop_turns_a_termination_signal_into_a_stop_request():
 
 
 def test_model_card_states_the_learning_rate_schedule():
-    from attnseg.toy.release import _lr_text
+    from attnseg.train.embedded.release import _lr_text
 
     assert _lr_text({"lr": 3e-4}, []) == "0.0003"
     assert _lr_text({"lr": 3e-4}, [(None, 0), (9000, 0)]) == "0.0003"
@@ -221,7 +221,7 @@ def test_model_card_states_the_learning_rate_schedule():
 
 
 def test_model_card_history_drops_the_unet_of_runs_a_fresh_unet_did_not_continue():
-    from attnseg.toy.release import busy_seconds, lineage_log
+    from attnseg.train.embedded.release import busy_seconds, lineage_log
 
     data = [{"stage": "data", "elapsed": 100.0}, {"stage": "vae", "step": 0, "psnr": 20.0, "elapsed": 50.0}]
     old_unet = [{"stage": "unet", "step": 50, "loss": 0.5, "elapsed": 1000.0}, {"stage": "diag", "step": 50}]
@@ -246,7 +246,7 @@ def test_model_card_history_drops_the_unet_of_runs_a_fresh_unet_did_not_continue
 
 
 def test_model_card_states_a_change_of_caption_mix():
-    from attnseg.toy.release import caption_history
+    from attnseg.train.embedded.release import caption_history
 
     assert caption_history([(3500, 0.8), (12500, 0.8)]) == ""
     assert caption_history([]) == ""
@@ -258,8 +258,8 @@ def test_model_card_states_a_change_of_caption_mix():
 
 
 def test_unet_layout_follows_the_run_being_continued_and_builds_the_asked_blocks():
-    from attnseg.toy.arch import ToyArch, build_unet
-    from attnseg.toy.train import _unet_layout
+    from attnseg.train.embedded.arch import ToyArch, build_unet
+    from attnseg.train.embedded.train import _unet_layout
 
     assert _unet_layout(None, None, None) == ((64, 128, 128), False)
     assert _unet_layout(None, "64,128", True) == ((64, 128), True)
@@ -286,7 +286,7 @@ def test_unet_layout_follows_the_run_being_continued_and_builds_the_asked_blocks
 
 
 def test_model_card_describes_the_unet_layout_it_ships():
-    from attnseg.toy.release import unet_layout_text
+    from attnseg.train.embedded.release import unet_layout_text
 
     sd_like = unet_layout_text(["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"], "UNetMidBlock2DCrossAttn", 16)
     assert sd_like == (
@@ -308,8 +308,8 @@ def test_model_card_describes_the_unet_layout_it_ships():
 def test_warm_start_sources_give_their_unet_layout_and_old_configs_rebuild_the_shipped_unet(tmp_path):
     import torch
 
-    from attnseg.toy.arch import build_unet
-    from attnseg.toy.train import _source_layout, _unet_layout, train_arch
+    from attnseg.train.embedded.arch import build_unet
+    from attnseg.train.embedded.train import _source_layout, _unet_layout, train_arch
 
     assert _source_layout(None, None) is None
     shipped = _source_layout(str(EMBEDDED_DIR), None)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnseg.data.shapes import voc_palette
-from attnseg.datasets import COCODataset, VOCDataset
-from attnseg.evaluate import evaluate
+from attnseg.io.datasets import COCODataset, VOCDataset
+from attnseg.jobs.evaluate import evaluate
+from attnseg.shapes.world import voc_palette
 
 
 class FakeResult:
@@ -80,7 +80,7 @@ def test_model_profile_names_the_report_key_and_a_repeated_method_counts_once(vo
 
 
 def test_voc_errors(voc):
-    from attnseg.datasets import DatasetError
+    from attnseg.io.datasets import DatasetError
 
     with pytest.raises(DatasetError, match="no split 'train'"):
         VOCDataset(voc, "train")
@@ -130,7 +130,7 @@ def test_coco_reader_and_eval(tmp_path):
 
 
 def test_eval_real_predictor_supervised_and_unsupervised(predictor, tmp_path):
-    from attnseg.data.shapes import export_voc
+    from attnseg.shapes.world import export_voc
 
     export_voc(tmp_path / "scenes", n=3, seed=11)
     rep = evaluate(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnseg.bench import SD15_UNET
-from attnseg.layers import LayerSelect, layer_inventory, resolve_all
+from attnseg.diffusion.layers import LayerSelect, layer_inventory, resolve_all
+from attnseg.jobs.bench import SD15_UNET
 from attnseg.methods import T2M, ISeg
 
 

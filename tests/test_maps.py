@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from attnseg.maps import background_score, minmax, propagate, resize_columns, token_maps, with_background
 from attnseg.methods import entropy_reduced_self, self_cross
+from attnseg.ops.maps import background_score, minmax, propagate, resize_columns, token_maps, with_background
 
 
 def _row_stochastic(n: int, seed: int = 0) -> torch.Tensor:
@@ -92,7 +92,7 @@ def test_entropy_reduced_self_paper_variant_sharpens():
 
 
 def test_confidence_is_top2_margin():
-    from attnseg.postprocess import confidence_map
+    from attnseg.ops.refine import confidence_map
 
     s = torch.tensor([0.1, 0.5, 0.4]).reshape(3, 1, 1)  # (classes, H, W)
     conf, unc = confidence_map(s)
@@ -112,7 +112,7 @@ def test_dense_crf_follows_colour_edges():
     import pytest
 
     pytest.importorskip("pydensecrf")
-    from attnseg.postprocess import dense_crf
+    from attnseg.ops.refine import dense_crf
 
     img = np.zeros((20, 20, 3), np.uint8)
     img[:, 10:] = 255
@@ -128,7 +128,7 @@ def test_dense_crf_follows_colour_edges():
 
 
 def test_pamr_keeps_masks_inside_colour_regions():
-    from attnseg.postprocess import PAMRConfig, pamr
+    from attnseg.ops.refine import PAMRConfig, pamr
 
     img = torch.zeros((1, 3, 16, 16))
     img[..., 8:] = 1.0

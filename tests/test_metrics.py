@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from attnseg.metrics import confusion, hungarian_confusion, iou_per_class, summarize
+from attnseg.ops.metrics import confusion, hungarian_confusion, iou_per_class, summarize
 
 
 def test_confusion_iou_by_hand():

@@ -7,8 +7,8 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 
-from attnseg.data.oracle import ShapesOracle, colour_mask
-from attnseg.data.shapes import make_scene
+from attnseg.shapes.oracle import ShapesOracle, colour_mask
+from attnseg.shapes.world import make_scene
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_colour_mask_matches_ground_truth():
 
 
 def test_same_shape_pairs_report_on_a_perfect_and_a_swapping_predictor():
-    from attnseg.toy.pairs import pair_scenes, same_shape_report
+    from attnseg.train.embedded.pairs import pair_scenes, same_shape_report
 
     scenes = pair_scenes(3)
     for sc, a, b in scenes:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from attnseg.prompts import PromptError, compose_prompt, find_phrase_spans, prompt_spans, resolve_spans
-from attnseg.toy.tokenizer import build_tokenizer
+from attnseg.diffusion.prompts import PromptError, compose_prompt, find_phrase_spans, prompt_spans, resolve_spans
+from attnseg.train.embedded.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +79,10 @@ def test_vocabulary_is_the_same_in_every_process_and_matches_the_shipped_model()
     import subprocess
     import sys
 
-    from attnseg.models import EMBEDDED_DIR
-    from attnseg.toy.tokenizer import VOCAB_DIR
+    from attnseg.diffusion.loading import EMBEDDED_DIR
+    from attnseg.train.embedded.tokenizer import VOCAB_DIR
 
-    code = "from attnseg.toy.tokenizer import build_tokenizer; print(build_tokenizer()('a red circle and a blue star').input_ids)"
+    code = "from attnseg.train.embedded.tokenizer import build_tokenizer; print(build_tokenizer()('a red circle and a blue star').input_ids)"
     outs = {
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": s}

@@ -54,7 +54,7 @@ def test_generate_local_and_ray_identical(tiny_pipe_dir, tmp_path):
 
 
 def test_segment_with_ray_engine(tiny_pipe_dir, tmp_path):
-    from attnseg.data.shapes import export_voc
+    from attnseg.shapes.world import export_voc
 
     export_voc(tmp_path / "scenes", n=3, seed=9)
     imgs = tmp_path / "scenes" / "JPEGImages"

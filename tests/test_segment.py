@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from attnseg.cli import app
-from attnseg.data.shapes import make_scene
+from attnseg.shapes.world import make_scene
 
 METHODS = ["cross", "t2m", "iseg"]
 
@@ -196,7 +196,7 @@ def test_cli_label_too_long(tiny_pipe_dir, tmp_path):
 def test_pickled_weights_refused(tiny_pipe_dir, tmp_path):
     import shutil
 
-    from attnseg.models import ModelError, load_pipeline
+    from attnseg.diffusion.loading import ModelError, load_pipeline
 
     bad = tmp_path / "pickled"
     shutil.copytree(tiny_pipe_dir, bad)
@@ -232,7 +232,7 @@ def test_cli_rejects_bad_options_without_traceback(tmp_path, args, expect):
 
 def _reported_layers(select: dict, pred) -> list[str]:
     """The layers that a result's reported LayerSelect settings pick on the predictor's UNet."""
-    from attnseg.layers import LayerSelect
+    from attnseg.diffusion.layers import LayerSelect
 
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in select.items()}
     return [lay.name for lay in LayerSelect(**fields).resolve(pred.inventory)]
@@ -241,7 +241,7 @@ def _reported_layers(select: dict, pred) -> list[str]:
 def test_model_profile_sets_the_default_preset_and_an_explicit_one_wins(tiny_pipe_dir, tmp_path, scene):
     import shutil
 
-    from attnseg.models import ModelError
+    from attnseg.diffusion.loading import ModelError
     from attnseg.predictor import AttnSegPredictor
 
     folder = tmp_path / "model"
@@ -266,11 +266,11 @@ def test_model_profile_sets_diffseg_preset_in_python_and_eval(tiny_pipe_dir, tmp
     import shutil
 
     import attnseg.methods.diffseg as diffseg
-    from attnseg.data.shapes import export_voc
-    from attnseg.datasets import VOCDataset
-    from attnseg.evaluate import evaluate
+    from attnseg.io.datasets import VOCDataset
+    from attnseg.jobs.evaluate import evaluate
     from attnseg.methods.diffseg import DIFFSEG_PRESETS
     from attnseg.predictor import AttnSegPredictor
+    from attnseg.shapes.world import export_voc
 
     used = []
     real = diffseg.diffseg_proposals

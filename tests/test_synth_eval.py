@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnseg.data.oracle import ColourDetector, shapes_phrase
-from attnseg.data.shapes import COLOURS, shapes_prompts
-from attnseg.images import palette_png
-from attnseg.synth_eval import load_detector, markdown, score_generated
+from attnseg.io.images import palette_png
+from attnseg.jobs.score_generated import load_detector, markdown, score_generated
+from attnseg.shapes.oracle import ColourDetector, shapes_phrase
+from attnseg.shapes.world import COLOURS, shapes_prompts
 
 
 def _folder(root, mask):
@@ -61,7 +61,7 @@ def test_detector_and_phrases():
     with pytest.raises(ValueError, match="names no ShapesWorld colour"):
         ColourDetector()(np.zeros((2, 2, 3), np.uint8), "star")
     assert isinstance(load_detector("shapes"), ColourDetector)
-    assert load_detector("attnseg.data.oracle:ColourDetector") is not None
+    assert load_detector("attnseg.shapes.oracle:ColourDetector") is not None
     with pytest.raises(ValueError, match="cannot load detector"):
         load_detector("attnseg.nothing:Here")
     with pytest.raises(ValueError, match=r"package\.module:name"):

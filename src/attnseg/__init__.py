@@ -10,15 +10,15 @@ __all__ = ["AttnSegPredictor", "SegmentationResult", "__version__", "capture_att
 def __getattr__(name: str):
     # Lazy: importing attnseg does not import torch / diffusers until something is used.
     if name in ("AttnSegPredictor", "SegmentationResult"):
-        from . import predictor
+        from attnseg import predictor
 
         return getattr(predictor, name)
     if name == "capture_attention":
-        from .capture import capture_attention
+        from attnseg.diffusion.capture import capture_attention
 
         return capture_attention
     if name == "load_pipeline":
-        from .models import load_pipeline
+        from attnseg.diffusion.loading import load_pipeline
 
         return load_pipeline
     raise AttributeError(name)

@@ -47,8 +47,8 @@ def _quiet_libraries() -> None:
 
 
 def _load_predictor(model: str | None, device: str, dtype: str):
-    from .models import ModelError
-    from .predictor import AttnSegPredictor
+    from attnseg.diffusion.loading import ModelError
+    from attnseg.predictor import AttnSegPredictor
 
     try:
         return AttnSegPredictor.from_pretrained(model, device=device, dtype=dtype)
@@ -81,8 +81,8 @@ def segment(
 ) -> None:
     """Segment INPUT images for the given labels; write masks, overlays, scores and JSON to --out."""
     _quiet_libraries()
-    from .jobs import segment_paths
-    from .methods import METHODS, PRESETS
+    from attnseg.jobs.segment import segment_paths
+    from attnseg.methods import METHODS, PRESETS
 
     labels = _split_labels(labels)
     if method not in METHODS:
@@ -144,8 +144,8 @@ def layers(
 ) -> None:
     """List the attention layers of a model with their grid side and resolution rank."""
     _quiet_libraries()
-    from .layers import layer_inventory
-    from .models import native_resolution
+    from attnseg.diffusion.layers import layer_inventory
+    from attnseg.diffusion.loading import native_resolution
 
     pred = _load_predictor(model, "cpu", "float32")
     res = size or native_resolution(pred.pipe)
@@ -178,8 +178,8 @@ def eval_cmd(
 ) -> None:
     """Pseudo-mask mIoU of methods on a dataset (image-level labels from the ground truth)."""
     _quiet_libraries()
-    from .datasets import DatasetError, open_dataset
-    from .evaluate import evaluate, markdown_table
+    from attnseg.io.datasets import DatasetError, open_dataset
+    from attnseg.jobs.evaluate import evaluate, markdown_table
 
     method, segmenter = method or [], segmenter or []
     if not method and not segmenter:
@@ -194,8 +194,8 @@ def eval_cmd(
     if labels_file is not None and not labels_file.is_file():
         _err(f"labels file {labels_file} does not exist")
         raise typer.Exit(2)
-    from .evaluate import MethodSpec
-    from .methods import ALL_PRESETS
+    from attnseg.jobs.evaluate import MethodSpec
+    from attnseg.methods import ALL_PRESETS
 
     for m in method:
         spec = MethodSpec.parse(m)
@@ -239,9 +239,9 @@ def bench(
 ) -> None:
     """Seconds per image, throughput, peak memory and the ratio to the bare model cost, per method."""
     _quiet_libraries()
-    from .bench import bench_markdown, run_bench
-    from .methods import METHODS
-    from .models import ModelError
+    from attnseg.diffusion.loading import ModelError
+    from attnseg.jobs.bench import bench_markdown, run_bench
+    from attnseg.methods import METHODS
 
     unknown = [m for m in (method or []) if m not in METHODS]
     if unknown:
@@ -280,8 +280,8 @@ def generate(
 ) -> None:
     """Generate images from prompts together with their masks (a labelled synthetic dataset)."""
     _quiet_libraries()
-    from .methods.generated import GENERATED_METHODS, GENERATED_PRESETS
-    from .synth import RunSpec, SynthError, generate_dataset, plan_items
+    from attnseg.jobs.generate import RunSpec, SynthError, generate_dataset, plan_items
+    from attnseg.methods.generated import GENERATED_METHODS, GENERATED_PRESETS
 
     if method not in GENERATED_METHODS:
         _err(f"unknown method {method!r}; choose one of {', '.join(GENERATED_METHODS)}")
@@ -302,8 +302,8 @@ def generate(
         raise typer.Exit(2) from None
     predictor = _load_predictor(model, device, dtype)
     _warn_unknown_words(predictor.pipe.tokenizer, cls)
-    from .generation import label_token_spans
-    from .prompts import PromptError
+    from attnseg.diffusion.prompts import PromptError
+    from attnseg.generator import label_token_spans
 
     for prompt, labs in dict.fromkeys((it.prompt, tuple(it.labels)) for it in items):
         try:  # every prompt is checked before hours of generation start
@@ -366,7 +366,7 @@ def shapes_export(
     split: Annotated[str, typer.Option(help="Name of the split file.")] = "val",
 ) -> None:
     """Write N ShapesWorld scenes in the VOC layout, with labels.json for `segment --labels-file`."""
-    from .data.shapes import export_voc
+    from attnseg.shapes.world import export_voc
 
     if n < 1:
         _err("--n must be at least 1")
@@ -383,13 +383,13 @@ def shapes_prompts(
     max_objects: Annotated[int, typer.Option(help="Objects per prompt: 1 to this, of distinct shapes.")] = 2,
 ) -> None:
     """Write ShapesWorld prompts ("a red circle and a blue star") for `attnseg generate --prompts`."""
-    from .data.shapes import shapes_prompts as make
+    from attnseg.shapes.world import shapes_prompts as make
 
     if n < 1 or not 1 <= max_objects <= 3:
         _err("--n must be at least 1 and --max-objects 1 to 3")
         raise typer.Exit(2)
     lines = [json.dumps({"prompt": p, "labels": labs}) for p, labs in make(n, seed, max_objects)]
-    from .files import atomic_write_bytes
+    from attnseg.io.files import atomic_write_bytes
 
     atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
     typer.echo(f"wrote {n} prompts to {out}")
@@ -410,7 +410,7 @@ def train_segmenter_cmd(
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's).")] = None,
 ) -> None:
     """Train a small segmentation network on image/mask pairs (Protocol II); score it with `attnseg eval --segmenter`."""
-    from .segmenter import SegmenterConfig, SegmenterError, train_segmenter
+    from attnseg.train.segmenter import SegmenterConfig, SegmenterError, train_segmenter
 
     if threads:
         import torch
@@ -433,7 +433,7 @@ def score_generated_cmd(
     limit: Annotated[int | None, typer.Option(help="Score the first N items only.")] = None,
 ) -> None:
     """mIoU of generated masks against an oracle detector on the generated images."""
-    from .synth_eval import load_detector, markdown, score_generated
+    from attnseg.jobs.score_generated import load_detector, markdown, score_generated
 
     try:
         det = load_detector(detector)
@@ -442,7 +442,7 @@ def score_generated_cmd(
         _err(str(e))
         raise typer.Exit(2) from None
     if out is not None:
-        from .files import atomic_write_bytes
+        from attnseg.io.files import atomic_write_bytes
 
         atomic_write_bytes(out, json.dumps(results, indent=1).encode())
     typer.echo(markdown(results))
@@ -451,7 +451,7 @@ def score_generated_cmd(
 @app.command("train-toy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_toy(ctx: typer.Context) -> None:
     """Train the embedded model (stages data, vae, encode, unet, export, all); see --help of the module."""
-    from .toy.train import main
+    from attnseg.train.embedded.train import main
 
     main(list(ctx.args))
 

@@ -21,15 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .capture import capture_attention
-from .images import load_image
-from .layers import layer_inventory
-from .maps import columns_to_images
-from .methods import get_method
-from .methods.diffseg import DiffSegConfig
-from .models import load_pipeline, model_profile, native_resolution
-from .postprocess import CRFConfig, confidence_map, dense_crf, scores_to_probs
-from .prompts import T2M_SYNONYMS, TokenSpans, compose_prompt, prompt_spans
+from attnseg.diffusion.capture import capture_attention
+from attnseg.diffusion.layers import layer_inventory
+from attnseg.diffusion.loading import load_pipeline, model_profile, native_resolution
+from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt, prompt_spans
+from attnseg.io.images import load_image
+from attnseg.methods import get_method
+from attnseg.methods.diffseg import DiffSegConfig
+from attnseg.ops.maps import columns_to_images
+from attnseg.ops.refine import CRFConfig, confidence_map, dense_crf, scores_to_probs
 
 
 @dataclass
@@ -227,8 +227,8 @@ class AttnSegPredictor:
         ``config``: a ``DiffSegConfig`` or a preset name of ``DIFFSEG_PRESETS``; None takes the model's own
         preset (its ``attnseg.json``) if it names one, else the paper's settings.
         """
-        from .maps import grid_side
-        from .methods.diffseg import DIFFSEG_PRESETS, assign, diffseg_proposals
+        from attnseg.methods.diffseg import DIFFSEG_PRESETS, assign, diffseg_proposals
+        from attnseg.ops.maps import grid_side
 
         if config is None or isinstance(config, str):
             name = config or self.default_presets.get("diffseg", "default")

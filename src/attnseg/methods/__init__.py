@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .cross import CROSS_PRESETS, CrossAttentionBaseline, CrossConfig
-from .diffseg import DIFFSEG_PRESETS
-from .iseg import ISEG_PRESETS, ISeg, ISegConfig, entropy_reduced_self
-from .t2m import T2M, T2M_PRESETS, T2MConfig, self_cross
+from attnseg.methods.cross import CROSS_PRESETS, CrossAttentionBaseline, CrossConfig
+from attnseg.methods.diffseg import DIFFSEG_PRESETS
+from attnseg.methods.iseg import ISEG_PRESETS, ISeg, ISegConfig, entropy_reduced_self
+from attnseg.methods.t2m import T2M, T2M_PRESETS, T2MConfig, self_cross
 
 METHODS = {"cross": CrossAttentionBaseline, "t2m": T2M, "iseg": ISeg}
 PRESETS = {"cross": CROSS_PRESETS, "t2m": T2M_PRESETS, "iseg": ISEG_PRESETS}

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..capture import AttentionStore
-from ..layers import LayerSelect
-from ..maps import resize_columns, token_maps
-from ..prompts import TokenSpans
+from attnseg.diffusion.capture import AttentionStore
+from attnseg.diffusion.layers import LayerSelect
+from attnseg.diffusion.prompts import TokenSpans
+from attnseg.ops.maps import resize_columns, token_maps
 
 EMBEDDED_T2M_SELF_LAYER = LayerSelect(kind="self", ranks=(99,), blocks=("up",), take=(0, 1))
 """The self-attention layer of T2M's "embedded" preset: the first layer of the finest decoder level (the embedded

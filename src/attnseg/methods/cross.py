@@ -6,11 +6,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..capture import AttentionStore
-from ..layers import LayerInfo, LayerSelect
-from ..maps import background_score, minmax, with_background
-from ..prompts import TokenSpans
-from .base import CapturePlan, fused_cross
+from attnseg.diffusion.capture import AttentionStore
+from attnseg.diffusion.layers import LayerInfo, LayerSelect
+from attnseg.diffusion.prompts import TokenSpans
+from attnseg.methods.base import CapturePlan, fused_cross
+from attnseg.ops.maps import background_score, minmax, with_background
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..maps import grid_side
+from attnseg.ops.maps import grid_side
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..maps import columns_to_images, max_normalise, minmax, propagate, resize_columns, token_maps
+from attnseg.ops.maps import columns_to_images, max_normalise, minmax, propagate, resize_columns, token_maps
 
 
 @dataclass
@@ -182,7 +182,7 @@ def finalize(
     Upsample, optional PAMR on ``image`` (B, 3, H, W), then per pixel: the label with the highest
     score if it reaches beta, else background; scores inside the uncertain band become 255.
     """
-    from ..postprocess import PAMRConfig, pamr
+    from attnseg.ops.refine import PAMRConfig, pamr
 
     up = torch.nn.functional.interpolate(soft.float(), size=size, mode="bilinear", align_corners=False)
     if cfg.pamr and image is not None:

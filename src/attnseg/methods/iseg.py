@@ -13,11 +13,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..capture import AttentionStore
-from ..layers import LayerInfo, LayerSelect
-from ..maps import background_score, max_normalise, minmax, propagate, sum_normalise, with_background
-from ..prompts import TokenSpans
-from .base import EMBEDDED_ISEG_SELF_LAYER, CapturePlan, fused_cross, mean_self
+from attnseg.diffusion.capture import AttentionStore
+from attnseg.diffusion.layers import LayerInfo, LayerSelect
+from attnseg.diffusion.prompts import TokenSpans
+from attnseg.methods.base import EMBEDDED_ISEG_SELF_LAYER, CapturePlan, fused_cross, mean_self
+from attnseg.ops.maps import background_score, max_normalise, minmax, propagate, sum_normalise, with_background
 
 
 @dataclass

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..capture import AttentionStore
-from ..layers import LayerInfo, LayerSelect, resolve_all
-from ..maps import background_score, minmax, propagate, with_background
-from ..prompts import T2M_BACKGROUND_WORDS, TokenSpans
-from .base import EMBEDDED_T2M_SELF_LAYER, CapturePlan, fused_cross, mean_self
+from attnseg.diffusion.capture import AttentionStore
+from attnseg.diffusion.layers import LayerInfo, LayerSelect, resolve_all
+from attnseg.diffusion.prompts import T2M_BACKGROUND_WORDS, TokenSpans
+from attnseg.methods.base import EMBEDDED_T2M_SELF_LAYER, CapturePlan, fused_cross, mean_self
+from attnseg.ops.maps import background_score, minmax, propagate, with_background
 
 
 @dataclass
@@ -59,7 +59,7 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     "no-bg-words": T2MConfig(synonyms=False, background_words=()),
     # The embedded ShapesWorld model (its folder's attnseg.json makes this its default): the paper's
     # layer maps onto the model's last decoder self-attention layer, which attends almost uniformly
-    # (object lift 1.1, `python -m attnseg.toy.diagnose`); the first decoder layer at the same resolution
+    # (object lift 1.1, `python -m attnseg.train.embedded.diagnose`); the first decoder layer at the same resolution
     # (16 px) is object-coherent and was chosen on validation scenes (docs/EMBEDDED-MODEL-TRAINING.md). Its
     # background threshold (the code's (2 thr - max)^2; VOC 0.5) was chosen there too, for ShapesWorld's small objects.
     "embedded": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_T2M_SELF_LAYER, bg_threshold=0.65),

@@ -10,8 +10,8 @@ def build_tiny_pipeline(seed: int = 0, channels: tuple[int, ...] = (32, 64, 64),
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from ..toy.arch import ToyArch, build_scheduler, build_text_encoder, build_unet, build_vae
-    from ..toy.tokenizer import build_tokenizer
+    from attnseg.train.embedded.arch import ToyArch, build_scheduler, build_text_encoder, build_unet, build_vae
+    from attnseg.train.embedded.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
     arch = ToyArch(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.shapes import make_scene
+from attnseg.shapes.world import make_scene
 
 HOLDOUT_SEED = 1
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.shapes import COLOURS, SHAPES
+from attnseg.shapes.world import COLOURS, SHAPES
 
 # Words of the captions and of the methods' prompt templates.
 PROMPT_WORDS = (

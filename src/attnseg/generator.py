@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .capture import capture_attention
-from .layers import layer_inventory
-from .maps import grid_side
-from .methods.generated import finalize, generated_method, needed_sides
-from .prompts import find_phrase_spans, resolve_spans
+from attnseg.diffusion.capture import capture_attention
+from attnseg.diffusion.layers import layer_inventory
+from attnseg.diffusion.prompts import find_phrase_spans, resolve_spans
+from attnseg.methods.generated import finalize, generated_method, needed_sides
+from attnseg.ops.maps import grid_side
 
 
 @dataclass

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..capture import capture_attention
-from ..data.shapes import make_scene
-from ..layers import layer_inventory
-from ..maps import grid_side
-from ..prompts import find_phrase_spans, resolve_spans
-from .train import HOLDOUT_SEED
+from attnseg.diffusion.capture import capture_attention
+from attnseg.diffusion.layers import layer_inventory
+from attnseg.diffusion.prompts import find_phrase_spans, resolve_spans
+from attnseg.ops.maps import grid_side
+from attnseg.shapes.world import make_scene
+from attnseg.train.embedded.train import HOLDOUT_SEED
 
 
 def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -43,7 +43,7 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def _held_out(pipe, n: int, seed: int):
     """``n`` scenes of world ``seed``, their latents and captions "a photo of a <colour> <shape> and a ..."."""
-    from ..predictor import AttnSegPredictor
+    from attnseg.predictor import AttnSegPredictor
 
     pred = AttnSegPredictor(pipe)
     scenes = [make_scene(seed, i) for i in range(n)]
@@ -155,7 +155,7 @@ def self_attention_report(pipe, n: int = 32, timesteps=(100, 150), seed: int = H
 def main(argv=None) -> None:
     import argparse
 
-    from ..models import load_pipeline
+    from attnseg.diffusion.loading import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("model", nargs="?", default=None)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .files import atomic_write_bytes  # noqa: F401 - re-exported for the writers of images
+from attnseg.io.files import atomic_write_bytes  # noqa: F401 - re-exported for the writers of images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
@@ -95,7 +95,7 @@ def encode_png(im: Image.Image) -> bytes:
 
 def palette_png(mask: np.ndarray) -> Image.Image:
     """A palette ('P') PNG image of a label map with the Pascal VOC palette."""
-    from .data.shapes import voc_palette
+    from attnseg.shapes.world import voc_palette
 
     if mask.max(initial=0) > 255:
         raise ValueError("label maps with more than 255 classes cannot be palette PNGs")
@@ -106,7 +106,7 @@ def palette_png(mask: np.ndarray) -> Image.Image:
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blend the VOC colour of every labelled pixel into ``image`` (background left as is)."""
-    from .data.shapes import voc_palette
+    from attnseg.shapes.world import voc_palette
 
     pal = np.asarray(voc_palette(), dtype=np.float32).reshape(256, 3)
     col = pal[mask.astype(np.int64)]

@@ -1,9 +1,9 @@
 """Score the masks of a generated dataset against a detector (the papers' oracle protocol).
 
 The synthetic-data papers run an off-the-shelf detector (Mask R-CNN) on their generated images and
-report the mIoU of their masks against its masks. Here any :class:`attnseg.data.oracle.Detector`
+report the mIoU of their masks against its masks. Here any :class:`attnseg.shapes.oracle.Detector`
 (``(image, phrase) -> bool mask``) plays that part; on the embedded model's world it is
-:class:`~attnseg.data.oracle.ColourDetector`, which finds each prompted object by the colour the prompt
+:class:`~attnseg.shapes.oracle.ColourDetector`, which finds each prompted object by the colour the prompt
 names. For each item the oracle label map paints, label by label in prompt order, the detector's
 mask of that label's phrase; a method's uncertain pixels (255) are left out of its confusion matrix
 and counted as ``uncertain``. Two naive references are scored on the same oracle maps: every pixel
@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .datasets import read_classes
-from .images import load_image
-from .metrics import confusion, summarize
+from attnseg.io.datasets import read_classes
+from attnseg.io.images import load_image
+from attnseg.ops.metrics import confusion, summarize
 
 
 def load_detector(spec: str):
     """``shapes`` (the ShapesWorld colour oracle) or ``package.module:name`` (a callable, or a class made with no args)."""
     if spec == "shapes":
-        from .data.oracle import ColourDetector
+        from attnseg.shapes.oracle import ColourDetector
 
         return ColourDetector()
     mod, _, attr = spec.partition(":")
@@ -58,8 +58,8 @@ def score_generated(
     limit: int | None = None,
 ) -> dict:
     """mIoU of a generated folder's masks against the detector's, with the two naive references."""
-    from .data.oracle import shapes_phrase
-    from .synth import read_manifest
+    from attnseg.jobs.generate import read_manifest
+    from attnseg.shapes.oracle import shapes_phrase
 
     folder = Path(folder)
     if not (folder / "manifest.jsonl").exists() or not (folder / "classes.txt").exists():

@@ -1,6 +1,6 @@
 """Samples, the oracle check and the model card of the embedded model.
 
-python -m attnseg.toy.report MODEL_DIR --grid docs/samples.png --card MODEL_DIR/README.md
+python -m attnseg.train.embedded.report MODEL_DIR --grid docs/samples.png --card MODEL_DIR/README.md
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..data.oracle import ShapesOracle
-from ..data.shapes import COLOURS, SHAPES
+from attnseg.shapes.oracle import ShapesOracle
+from attnseg.shapes.world import COLOURS, SHAPES
 
 GRID_PROMPTS = [
     "a red circle",
@@ -114,7 +114,7 @@ def oracle_rate(pipe, n_per_count: int = 32, seed: int = 7, steps: int = 50, gui
 def main(argv=None) -> None:
     import argparse
 
-    from ..models import load_pipeline
+    from attnseg.diffusion.loading import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("model", nargs="?", default=None)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-EMBEDDED_DIR = Path(__file__).parent / "assets" / "embedded"
+EMBEDDED_DIR = Path(__file__).parent.parent / "assets" / "embedded"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DTYPES = {
     "float32": torch.float32,
@@ -62,7 +62,7 @@ def model_profile(pipe) -> dict[str, str]:
     presets = data.get("presets", {}) if isinstance(data, dict) else None
     if not isinstance(presets, dict) or not all(isinstance(v, str) for v in presets.values()):
         raise ModelError(f'{f} must hold {{"presets": {{"method": "preset", ...}}}}; fix or delete it')
-    from .methods import ALL_PRESETS
+    from attnseg.methods import ALL_PRESETS
 
     for method, preset in presets.items():
         if preset not in ALL_PRESETS.get(method, {}):

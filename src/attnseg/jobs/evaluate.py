@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .datasets import image_labels
-from .files import atomic_write_bytes, settings_diff
-from .images import encode_png, palette_png
-from .metrics import confusion, hungarian_confusion, summarize
+from attnseg.io.datasets import image_labels
+from attnseg.io.files import atomic_write_bytes, settings_diff
+from attnseg.io.images import encode_png, palette_png
+from attnseg.ops.metrics import confusion, hungarian_confusion, summarize
 
 UNSUPERVISED = ("diffseg",)
 
@@ -104,7 +104,7 @@ def evaluate(
     """
     out = Path(out)
     classes = list(dataset.classes)
-    from .segmenter import Segmenter
+    from attnseg.train.segmenter import Segmenter
 
     segs = {}
     for folder in segmenters:
@@ -124,7 +124,7 @@ def evaluate(
         for spec in (s, MethodSpec(s.method, s.preset, True)) if crf and not s.crf else (s,):
             if spec not in specs:  # "t2m" and "t2m:embedded" can name the same thing
                 specs.append(spec)
-    from .jobs import load_labels_file
+    from attnseg.jobs.segment import load_labels_file
 
     table = load_labels_file(labels_file) if labels_file else None
     settings = {

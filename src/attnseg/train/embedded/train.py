@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.shapes import COLOURS, SHAPES, SceneObject, ShapesWorldConfig, caption, make_scene
-from ..files import atomic_torch_save
-from ..models import PROFILE_FILE
-from .arch import ToyArch, build_scheduler, build_text_encoder, build_unet, build_vae
-from .tokenizer import build_tokenizer
+from attnseg.diffusion.loading import PROFILE_FILE
+from attnseg.io.files import atomic_torch_save
+from attnseg.shapes.world import COLOURS, SHAPES, SceneObject, ShapesWorldConfig, caption, make_scene
+from attnseg.train.embedded.arch import ToyArch, build_scheduler, build_text_encoder, build_unet, build_vae
+from attnseg.train.embedded.tokenizer import build_tokenizer
 
 TRAIN_SEED = 0
 HOLDOUT_SEED = 1_000_003
@@ -445,7 +445,7 @@ EMBEDDED_PROFILE = {
         "The papers' self-attention layer maps onto this model's last decoder layer, which attends almost uniformly; "
         "the 'embedded' presets of T2M and iSeg read object-coherent 16-px layers instead (T2M the first decoder "
         "layer, iSeg the encoder layer; each chosen on validation scenes) "
-        "(python -m attnseg.toy.diagnose); the 'embedded' presets of the cross-attention baseline, T2M and iSeg "
+        "(python -m attnseg.train.embedded.diagnose); the 'embedded' presets of the cross-attention baseline, T2M and iSeg "
         "take background thresholds chosen on validation scenes for ShapesWorld's small objects (the papers' are "
         "made for VOC); DiffSeg's 'embedded' preset merges with a KL threshold (0.1) chosen on "
         "validation scenes for this model's 16-px maps (docs/EMBEDDED-MODEL-TRAINING.md). Pass a preset to override."

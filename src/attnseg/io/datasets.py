@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import load_image
+from attnseg.io.images import load_image
 
 
 class DatasetError(ValueError):

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write_bytes, settings_diff
-from .images import encode_png, palette_png
+from attnseg.io.files import atomic_write_bytes, settings_diff
+from attnseg.io.images import encode_png, palette_png
 
 
 class SynthError(ValueError):
@@ -231,7 +231,7 @@ def run_block(pipe, block: list[Item], spec: RunSpec):
 
 
 def _generate(pipe, block: list[Item], spec: RunSpec, gens):
-    from .generation import generate_with_masks
+    from attnseg.generator import generate_with_masks
 
     return generate_with_masks(
         pipe,
@@ -308,7 +308,7 @@ def generate_dataset(
 
     n_done_before = len(done)
     if engine == "ray":
-        from .distributed import run_blocks_ray
+        from attnseg.jobs.engine import run_blocks_ray
 
         run_blocks_ray(model, out, todo, spec, done, workers, progress)
     elif engine == "local":

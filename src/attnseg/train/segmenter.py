@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import atomic_torch_save, atomic_write_bytes, settings_diff
+from attnseg.io.files import atomic_torch_save, atomic_write_bytes, settings_diff
 
 IGNORE = 255
 
@@ -99,13 +99,13 @@ def _normalise(images: torch.Tensor) -> torch.Tensor:
 
 def read_pairs(root: str | Path, split: str = "train") -> tuple[list[tuple[Path, Path]], list[str]]:
     """(image, mask) paths and the class names (background first) of a generated or VOC folder."""
-    from .datasets import DatasetError, VOCDataset, read_classes
+    from attnseg.io.datasets import DatasetError, VOCDataset, read_classes
 
     root = Path(root)
     if not root.is_dir():
         raise SegmenterError(f"dataset folder {root} does not exist")
     if (root / "manifest.jsonl").exists():
-        from .synth import read_manifest
+        from attnseg.jobs.generate import read_manifest
 
         if not (root / "classes.txt").exists():
             raise SegmenterError(f"{root} has a manifest but no classes.txt; is it an `attnseg generate` folder?")
@@ -132,7 +132,7 @@ def load_pairs(pairs: list[tuple[Path, Path]], size: int, n_classes: int) -> tup
     """Images (N, size, size, 3) uint8 and masks (N, size, size) uint8, resized (masks by nearest)."""
     from PIL import Image
 
-    from .images import load_image
+    from attnseg.io.images import load_image
 
     images = np.zeros((len(pairs), size, size, 3), np.uint8)
     masks = np.zeros((len(pairs), size, size), np.uint8)

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import ImageError, atomic_write_bytes, encode_png, list_images, load_image, overlay, palette_png
-from .prompts import PromptError
+from attnseg.diffusion.prompts import PromptError
+from attnseg.io.images import ImageError, atomic_write_bytes, encode_png, list_images, load_image, overlay, palette_png
 
 
 @dataclass
@@ -135,7 +135,7 @@ def segment_paths(
         todo.append((p, labs))
 
     if engine == "ray":
-        from .distributed import run_segment_ray
+        from attnseg.jobs.engine import run_segment_ray
 
         options = {"method": method, "preset": preset, "draws": draws, "seed": seed, "crf": crf}
         for src, err in run_segment_ray(model, [(str(p), labs) for p, labs in todo], out, options, workers):
@@ -199,6 +199,6 @@ def _done_with(meta_path: Path, labels, method, preset, model, seed, crf, draws)
 
 
 def _method(name: str, preset: str | None):
-    from .methods import get_method
+    from attnseg.methods import get_method
 
     return get_method(name, preset)

@@ -81,7 +81,7 @@ def machine() -> dict:
 
 def bench_methods(predictor, methods: Sequence[str], repeats: int = 5, batch: int = 8, labels=("circle", "star")) -> dict:
     """Per method: seconds per image (one draw), images/s batched, peak RSS, ratio to the bare cost."""
-    from .data.shapes import make_scene
+    from attnseg.shapes.world import make_scene
 
     pipe = predictor.pipe
     img = make_scene(12345, 0).image
@@ -137,7 +137,7 @@ def bench_methods(predictor, methods: Sequence[str], repeats: int = 5, batch: in
 
 def bench_refinement(p: int = 4096, k: int = 3, iters: Sequence[int] = (1, 2, 4, 8, 16), repeats: int = 7) -> dict:
     """Time of the refinement (repeated matrix-vector products) against the number of iterations."""
-    from .maps import propagate
+    from attnseg.ops.maps import propagate
 
     g = torch.Generator().manual_seed(0)
     a = torch.rand((1, p, p), generator=g)
@@ -162,7 +162,7 @@ def bench_refinement(p: int = 4096, k: int = 3, iters: Sequence[int] = (1, 2, 4,
 
 def bench_generation(pipe, methods: Sequence[str] = ("ca", "ca-sa", "seediff"), steps: int = 20, repeats: int = 3) -> dict:
     """Generation with capture (and the method's masks) against plain generation, same prompts and seeds."""
-    from .generation import generate_with_masks
+    from attnseg.generator import generate_with_masks
 
     prompts, labels = ["a photo of a red circle"], [["circle"]]
 
@@ -223,9 +223,9 @@ def bench_real_size(methods: Sequence[str] = ("t2m", "iseg"), dtype: torch.dtype
     """SD 1.5-shaped UNet (random weights) at 512 px: peak memory of capture against a plain forward."""
     from diffusers import UNet2DConditionModel
 
-    from .capture import capture_attention
-    from .layers import layer_inventory
-    from .methods import get_method
+    from attnseg.diffusion.capture import capture_attention
+    from attnseg.diffusion.layers import layer_inventory
+    from attnseg.methods import get_method
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET).to(dtype).eval()
@@ -273,7 +273,7 @@ def run_bench(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> dict:
-    from .predictor import AttnSegPredictor
+    from attnseg.predictor import AttnSegPredictor
 
     predictor = AttnSegPredictor.from_pretrained(model, device=device, dtype=dtype)
     res = {

@@ -70,8 +70,8 @@ class BlockGenerator:
     def __init__(self, model, out: str, spec: dict, threads: int = 1) -> None:
         import torch
 
-        from .models import load_pipeline
-        from .synth import RunSpec
+        from attnseg.diffusion.loading import load_pipeline
+        from attnseg.jobs.generate import RunSpec
 
         torch.set_num_threads(threads)
         self.pipe = load_pipeline(model, device="auto", dtype="auto")
@@ -79,7 +79,7 @@ class BlockGenerator:
         self.spec = RunSpec(**spec)
 
     def __call__(self, batch: dict) -> dict:
-        from .synth import Item, item_seed, run_block, write_item
+        from attnseg.jobs.generate import Item, item_seed, run_block, write_item
 
         records = []
         for raw in batch["block"]:
@@ -99,7 +99,7 @@ def run_blocks_ray(model, out: Path, blocks, spec, done: dict, workers: int, pro
 
     if importlib.util.find_spec("ray") is None:
         raise ImportError("the ray engine needs Ray Data: pip install 'attnseg[ray]'")
-    from .synth import append_manifest
+    from attnseg.jobs.generate import append_manifest
 
     _init_ray(workers)
     rows = [{"block": json.dumps([asdict(it) for it in b])} for b in blocks]
@@ -127,7 +127,7 @@ class SegmentWorker:
     def __init__(self, model, out: str, options: dict, threads: int = 1) -> None:
         import torch
 
-        from .predictor import AttnSegPredictor
+        from attnseg.predictor import AttnSegPredictor
 
         torch.set_num_threads(threads)
         self.predictor = AttnSegPredictor.from_pretrained(model, device="auto", dtype=options.pop("dtype", "auto"))
@@ -135,8 +135,8 @@ class SegmentWorker:
         self.options = options
 
     def __call__(self, batch: dict) -> dict:
-        from .images import ImageError, load_image
-        from .jobs import write_outputs
+        from attnseg.io.images import ImageError, load_image
+        from attnseg.jobs.segment import write_outputs
 
         results = []
         for raw in batch["job"]:

@@ -1,6 +1,6 @@
 """Export a checkpoint as the shipped embedded model, measure it and write its model card.
 
-    python -m attnseg.toy.release --work /work/toy-train --out src/attnseg/assets/embedded \\
+    python -m attnseg.train.embedded.release --work /work/toy-train --out src/attnseg/assets/embedded \\
         --docs docs --eval-n 200
 
 Steps: export the EMA weights (fp16 safetensors) -> localisation diagnostics -> ``attnseg eval``
@@ -15,7 +15,7 @@ import platform
 import time
 from pathlib import Path
 
-from ..methods.base import EMBEDDED_ISEG_SELF_LAYER, EMBEDDED_T2M_SELF_LAYER
+from attnseg.methods.base import EMBEDDED_ISEG_SELF_LAYER, EMBEDDED_T2M_SELF_LAYER
 
 CARD = """# attnseg embedded model (ShapesWorld, Stable Diffusion architecture)
 
@@ -31,7 +31,7 @@ download. It loads with `StableDiffusionPipeline.from_pretrained(this_folder)`.
 - DDIM scheduler with Stable Diffusion's scaled-linear betas (0.00085-0.012, T = 1000).
 
 ## Data
-ShapesWorld (`attnseg.data.shapes`), world seed 0, {n_scenes} scenes of 64x64 px: 1-3 objects of 8 shapes
+ShapesWorld (`attnseg.shapes.world`), world seed 0, {n_scenes} scenes of 64x64 px: 1-3 objects of 8 shapes
 (circle, square, triangle, star, hexagon, heart, cross, ring) in 8 colours on calm backgrounds (gradients,
 soft blobs, low-contrast stripes or checks, mild noise), with occlusion and same-shape pairs. Captions are drawn
 anew at every step from 9 templates, naming each object by colour and shape ({colour_pct:.0f}%) or by shape alone; 10% of
@@ -86,7 +86,7 @@ def unet_layout_text(down_block_types: list[str], mid_block_type: str | None, la
 
 def _block_name(select, unet) -> str:
     """The attention block (``up_blocks.2.attentions.0``) of the one layer that ``select`` picks in ``unet``."""
-    from ..layers import layer_inventory
+    from attnseg.diffusion.layers import layer_inventory
 
     (layer,) = select.resolve(layer_inventory(unet))
     return layer.name.split(".transformer_blocks")[0]
@@ -133,7 +133,7 @@ def _run_summaries(works: list[str]) -> list[dict]:
     (one memory-mapped read each)."""
     import torch
 
-    from .train import TrainConfig
+    from attnseg.train.embedded.train import TrainConfig
 
     runs = []
     for w in works:
@@ -179,14 +179,14 @@ def release(
     work: str, out: str, docs: str, eval_n: int = 200, oracle_n: int = 24, diag_n: int = 64, prior: tuple[str, ...] = ()
 ) -> dict:
 
-    from ..data.shapes import export_voc
-    from ..datasets import VOCDataset
-    from ..evaluate import evaluate
-    from ..models import load_pipeline
-    from ..predictor import AttnSegPredictor
-    from .diagnose import localisation_report, self_attention_report
-    from .report import GRID_PROMPTS, grid, oracle_rate, sample
-    from .train import TrainConfig, stage_export
+    from attnseg.diffusion.loading import load_pipeline
+    from attnseg.io.datasets import VOCDataset
+    from attnseg.jobs.evaluate import evaluate
+    from attnseg.predictor import AttnSegPredictor
+    from attnseg.shapes.world import export_voc
+    from attnseg.train.embedded.diagnose import localisation_report, self_attention_report
+    from attnseg.train.embedded.report import GRID_PROMPTS, grid, oracle_rate, sample
+    from attnseg.train.embedded.train import TrainConfig, stage_export
 
     t0 = time.time()
     out_p, docs_p = Path(out), Path(docs)
@@ -229,7 +229,7 @@ def release(
     meas["eval"] = {
         k: {"miou": v["miou"], "pixel_acc": v["pixel_acc"], "per_class": v["per_class"]} for k, v in report["methods"].items()
     }
-    from .pairs import same_shape_report
+    from attnseg.train.embedded.pairs import same_shape_report
 
     meas["same_shape"] = same_shape_report(pred, 50)
     meas["oracle"] = oracle_rate(pipe, oracle_n)
@@ -284,7 +284,7 @@ def _measurements_md(meas: dict) -> str:
         lines += [
             "",
             "- Two objects of one shape told apart by colour (50 held-out scenes, labels '<colour> <shape>'; IoU of each",
-            "  object with its own phrase's mask vs with the other phrase's; `attnseg.toy.pairs`):",
+            "  object with its own phrase's mask vs with the other phrase's; `attnseg.train.embedded.pairs`):",
             "",
             "| method | own IoU | swapped IoU | own higher |",
             "|---|---|---|---|",
@@ -312,7 +312,7 @@ def _lr_text(cfg: dict, decays: list[tuple[int | None, int]]) -> str:
     spans = [f"{a:,}-{a + n:,}" for a, n in decays if a is not None and n > 0]
     if not spans:
         return f"{cfg['lr']}"
-    from .train import TrainConfig
+    from attnseg.train.embedded.train import TrainConfig
 
     floor = cfg["lr"] * cfg.get("lr_floor", TrainConfig.lr_floor)
     text = f"{cfg['lr']}, cosine-decayed to {floor:.2g} over steps {spans[0]}"
@@ -324,7 +324,7 @@ def _lr_text(cfg: dict, decays: list[tuple[int | None, int]]) -> str:
 def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) -> None:
     from transformers import CLIPTextModel
 
-    from ..models import load_pipeline
+    from attnseg.diffusion.loading import load_pipeline
 
     pipe = load_pipeline(out, device="cpu", dtype="float32")
     meta = json.loads((out / "training.json").read_text())
