@@ -54,8 +54,8 @@ def _fg_iou(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def test_masks_beat_all_foreground(embedded):
     # Loose bounds that a broken model file or profile cannot meet: mean foreground IoU on 12 fixed held-out
-    # scenes was 0.45 (cross) and 0.67 (T2M with the model's preset) for the shipped model (session 4; 0.46 / 0.62
-    # for session 3's), against 0.12 for "everything is foreground".
+    # scenes was 0.45 (cross) and 0.67 (T2M with the model's preset) for a shipped model (0.46 / 0.62 for an earlier
+    # one), against 0.12 for "everything is foreground".
     ious: dict[str, list[float]] = {"cross": [], "t2m": []}
     all_fg = []
     for i in range(12):
@@ -128,7 +128,7 @@ def test_caption_lowers_the_denoising_error(embedded):
     with torch.inference_mode():
         err = {}
         for name, texts in (("caption", caps), ("empty", [""] * len(caps))):
-            pred = pipe.unet(zt, t, encoder_hidden_states=embedded._encode_text(texts)).sample
+            pred = pipe.unet(zt, t, encoder_hidden_states=embedded.backbone.encode_prompts(texts).hidden).sample
             err[name] = float((pred - noise).pow(2).mean())
     assert err["caption"] < err["empty"] < 0.5, err
 

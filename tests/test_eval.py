@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from attnseg.io.datasets import COCODataset, VOCDataset
+from attnseg.io.images import voc_palette
 from attnseg.jobs.evaluate import evaluate
-from attnseg.shapes.world import voc_palette
 
 
 class FakeResult:
@@ -41,7 +41,7 @@ class FakePredictor:
 def _png(path, arr, palette=False):
     im = Image.fromarray(arr.astype(np.uint8), mode="P" if palette else None)
     if palette:
-        im.putpalette(voc_palette())
+        im.putpalette(list(voc_palette()))
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
 

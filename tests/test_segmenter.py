@@ -12,7 +12,8 @@ from PIL import Image
 from attnseg.io.datasets import VOCDataset
 from attnseg.io.images import palette_png
 from attnseg.jobs.evaluate import evaluate
-from attnseg.train.segmenter import Segmenter, SegmenterConfig, SegmenterError, SegNet, augment, train_segmenter
+from attnseg.segnet import Segmenter, SegmenterError, SegNet
+from attnseg.train.segmenter import SegmenterConfig, augment, train_segmenter
 
 
 def _save(path, arr, palette=False):
@@ -128,7 +129,7 @@ def test_eval_scores_a_segmenter_by_class_name(voc, tmp_path, monkeypatch):
     net = SegNet(3, 8)
     save_file(net.state_dict(), str(model / "model.safetensors"))
     (model / "config.json").write_text(json.dumps({"classes": ["background", "dog", "cat"], "config": {"width": 8, "size": 4}}))
-    import attnseg.train.segmenter as segmod
+    import attnseg.segnet as segmod
 
     orig = segmod.Segmenter.load
 

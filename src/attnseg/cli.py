@@ -46,6 +46,28 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _out_folder(folder: Path) -> None:
+    """Exit 2 with one clear line when an output folder cannot be created or written."""
+    from attnseg.io.files import OutputError, writable_folder
+
+    try:
+        writable_folder(folder)
+    except OutputError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+
+
+def _check_method(name: str, preset: str | None, images: str, needs_labels: bool | None = None) -> None:
+    """Exit 2 with the registry's message for an unknown method or preset."""
+    from attnseg.methods.registry import MethodError, resolve
+
+    try:
+        resolve(name, preset, images, needs_labels)
+    except MethodError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+
+
 def _load_predictor(model: str | None, device: str, dtype: str):
     from attnseg.diffusion.loading import ModelError
     from attnseg.predictor import AttnSegPredictor
@@ -82,15 +104,10 @@ def segment(
     """Segment INPUT images for the given labels; write masks, overlays, scores and JSON to --out."""
     _quiet_libraries()
     from attnseg.jobs.segment import segment_paths
-    from attnseg.methods import METHODS, PRESETS
+    from attnseg.methods.registry import REAL
 
     labels = _split_labels(labels)
-    if method not in METHODS:
-        _err(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        raise typer.Exit(2)
-    if preset is not None and preset not in PRESETS[method]:
-        _err(f"unknown preset {preset!r} for {method}; choose one of {', '.join(PRESETS[method])}")
-        raise typer.Exit(2)
+    _check_method(method, preset, REAL, needs_labels=True)
     if not labels and labels_file is None:
         _err("no labels given: pass --labels L1 L2 ... or --labels-file F")
         raise typer.Exit(2)
@@ -100,6 +117,7 @@ def segment(
     if labels_file is not None and not labels_file.is_file():
         _err(f"labels file {labels_file} does not exist")
         raise typer.Exit(2)
+    _out_folder(out)
     predictor = _load_predictor(model, device, dtype)
     if preset is None and method in predictor.default_presets:
         typer.echo(
@@ -144,13 +162,9 @@ def layers(
 ) -> None:
     """List the attention layers of a model with their grid side and resolution rank."""
     _quiet_libraries()
-    from attnseg.diffusion.layers import layer_inventory
-    from attnseg.diffusion.loading import native_resolution
-
-    pred = _load_predictor(model, "cpu", "float32")
-    res = size or native_resolution(pred.pipe)
-    side = res // pred.pipe.vae_scale_factor
-    for lay in layer_inventory(pred.pipe.unet):
+    bb = _load_predictor(model, "cpu", "float32").backbone
+    side = bb.latent_side(size or bb.native_resolution)
+    for lay in bb.layers:
         typer.echo(f"{lay.name:70s} {lay.kind:5s} {lay.block:4s} side={lay.side(side):3d} rank={lay.rank} heads={lay.heads}")
 
 
@@ -195,17 +209,12 @@ def eval_cmd(
         _err(f"labels file {labels_file} does not exist")
         raise typer.Exit(2)
     from attnseg.jobs.evaluate import MethodSpec
-    from attnseg.methods import ALL_PRESETS
+    from attnseg.methods.registry import REAL
 
     for m in method:
         spec = MethodSpec.parse(m)
-        presets = ALL_PRESETS.get(spec.method)
-        if presets is None:
-            _err(f"unknown method {spec.method!r}; choose among {', '.join(ALL_PRESETS)}")
-            raise typer.Exit(2)
-        if spec.preset is not None and spec.preset not in presets:
-            _err(f"unknown preset {spec.preset!r} for {spec.method}; choose one of {', '.join(presets)}")
-            raise typer.Exit(2)
+        _check_method(spec.method, spec.preset, REAL)
+    _out_folder(out)
     try:
         report = evaluate(
             predictor,
@@ -241,12 +250,12 @@ def bench(
     _quiet_libraries()
     from attnseg.diffusion.loading import ModelError
     from attnseg.jobs.bench import bench_markdown, run_bench
-    from attnseg.methods import METHODS
+    from attnseg.methods.registry import REAL
 
-    unknown = [m for m in (method or []) if m not in METHODS]
-    if unknown:
-        _err(f"unknown method(s) {unknown}; choose among {', '.join(METHODS)}")
-        raise typer.Exit(2)
+    for m in method or []:
+        _check_method(m, None, REAL, needs_labels=True)
+    if out is not None:
+        _out_folder(out)
     try:
         res = run_bench(model, method or ["cross", "t2m", "iseg"], out, repeats, batch, real_size, device, dtype)
     except ModelError as e:
@@ -280,17 +289,13 @@ def generate(
 ) -> None:
     """Generate images from prompts together with their masks (a labelled synthetic dataset)."""
     _quiet_libraries()
+    from attnseg.jobs.engine import ENGINES
     from attnseg.jobs.generate import RunSpec, SynthError, generate_dataset, plan_items
-    from attnseg.methods.generated import GENERATED_METHODS, GENERATED_PRESETS
+    from attnseg.methods.registry import GENERATED
 
-    if method not in GENERATED_METHODS:
-        _err(f"unknown method {method!r}; choose one of {', '.join(GENERATED_METHODS)}")
-        raise typer.Exit(2)
-    if preset is not None and preset not in GENERATED_PRESETS[method]:
-        _err(f"unknown preset {preset!r} for {method}; choose one of {', '.join(GENERATED_PRESETS[method])}")
-        raise typer.Exit(2)
-    if engine not in ("local", "ray"):
-        _err(f"unknown engine {engine!r}: use local or ray")
+    _check_method(method, preset, GENERATED)
+    if engine not in ENGINES:
+        _err(f"unknown engine {engine!r}: use {' or '.join(ENGINES)}")
         raise typer.Exit(2)
     if block < 1 or steps < 1 or workers < 1 or cpu_threads < 1:
         _err("--block, --steps, --workers and --cpu-threads must be at least 1")
@@ -300,6 +305,7 @@ def generate(
     except SynthError as e:
         _err(str(e))
         raise typer.Exit(2) from None
+    _out_folder(out)
     predictor = _load_predictor(model, device, dtype)
     _warn_unknown_words(predictor.pipe.tokenizer, cls)
     from attnseg.diffusion.prompts import PromptError
@@ -307,7 +313,7 @@ def generate(
 
     for prompt, labs in dict.fromkeys((it.prompt, tuple(it.labels)) for it in items):
         try:  # every prompt is checked before hours of generation start
-            label_token_spans(predictor.pipe.tokenizer, prompt, list(labs))
+            label_token_spans(predictor.backbone, prompt, list(labs))
         except PromptError as e:
             _err(str(e))
             raise typer.Exit(2) from None
@@ -329,7 +335,7 @@ def generate(
     )
     try:
         rep = generate_dataset(
-            predictor.pipe,
+            predictor.backbone,
             out,
             items,
             spec,
@@ -410,7 +416,8 @@ def train_segmenter_cmd(
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's).")] = None,
 ) -> None:
     """Train a small segmentation network on image/mask pairs (Protocol II); score it with `attnseg eval --segmenter`."""
-    from attnseg.train.segmenter import SegmenterConfig, SegmenterError, train_segmenter
+    from attnseg.segnet import SegmenterError
+    from attnseg.train.segmenter import SegmenterConfig, train_segmenter
 
     if threads:
         import torch

@@ -1,22 +1,22 @@
 """Generate images together with their masks: attention captured over every denoising step.
 
-With classifier-free guidance on, the pipeline's batch is ``[unconditional, conditional]``; only
-the conditional half is read (``cond_rows="second_half"``). Each step's map is max-normalised
-(per token for cross maps, per map for self maps: SeeDiff eq. 5) before the running mean.
+The backbone runs its pipeline's own generation with the method's layers captured (with classifier-free
+guidance only the conditional rows are read). Each step's cross map is max-normalised per token before
+the running mean (SeeDiff eq. 5), and self maps too for the methods that ask for it; the method then turns
+the maps aggregated over the steps into soft masks, and :func:`~attnseg.methods.generated.finalize` into labels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from attnseg.diffusion.capture import capture_attention
-from attnseg.diffusion.layers import layer_inventory
-from attnseg.diffusion.prompts import find_phrase_spans, resolve_spans
-from attnseg.methods.generated import finalize, generated_method, needed_sides
+from attnseg.diffusion.prompts import find_phrase_spans
+from attnseg.methods.generated import finalize
+from attnseg.methods.registry import GENERATED, resolve
 from attnseg.ops.maps import grid_side
 
 
@@ -35,25 +35,21 @@ class GeneratedItem:
     mask: np.ndarray
 
 
-def step_max_normalise(name: str, m: torch.Tensor) -> torch.Tensor:
-    """SeeDiff eq. 5: A / max(A) per layer and step; per token for cross maps."""
-    if name.endswith("attn2"):
+def step_max_normalise(m: torch.Tensor, cross: bool) -> torch.Tensor:
+    """SeeDiff eq. 5: A / max(A) per layer and step; per token for cross maps (B, P, T), per map for self maps."""
+    if cross:
         return m / m.amax(dim=1, keepdim=True).clamp_min(1e-12)
     return m / m.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 
 
-def cross_max_normalise(name: str, m: torch.Tensor) -> torch.Tensor:
-    """Eq. 5 for cross maps only: self maps stay row-stochastic (Dataset Diffusion's Self^tau)."""
-    return step_max_normalise(name, m) if name.endswith("attn2") else m
-
-
-def label_token_spans(tokenizer, prompt: str, labels: Sequence[str]):
-    return resolve_spans(tokenizer, prompt, find_phrase_spans(prompt, labels), labels)
+def label_token_spans(backbone, prompt: str, labels: Sequence[str]):
+    """Token spans of ``labels`` (words of the user's ``prompt``, in order)."""
+    return backbone.token_spans(prompt, find_phrase_spans(prompt, labels), labels)
 
 
 @torch.inference_mode()
 def generate_with_masks(
-    pipe,
+    backbone,
     prompts: Sequence[str],
     labels: Sequence[Sequence[str]],
     method: str = "seediff",
@@ -63,50 +59,44 @@ def generate_with_masks(
     **overrides,
 ) -> list[GeneratedItem]:
     """Generate one image per prompt and segment ``labels`` (words of the prompt) in it."""
-    cfg, fn = generated_method(method, preset, **overrides)
-    spans = [label_token_spans(pipe.tokenizer, p, labs) for p, labs in zip(prompts, labels, strict=True)]
-    res = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    latent = int(pipe.unet.config.sample_size)
-    inv = layer_inventory(pipe.unet)
-    cross_sides = sorted({lay.side(latent) for lay in inv if lay.kind == "cross"})
-    self_sides = sorted({lay.side(latent) for lay in inv if lay.kind == "self"})
-    want_c, want_s = needed_sides(method, cfg, cross_sides, self_sides)
-    names = [
-        lay.name
-        for lay in inv
-        if (lay.kind == "cross" and lay.side(latent) in want_c) or (lay.kind == "self" and lay.side(latent) in want_s)
-    ]
-    kw = dict(
-        prompt=list(prompts),
-        num_inference_steps=cfg.steps,
-        guidance_scale=cfg.guidance,
-        generator=list(generators) if generators is not None else None,
-        height=res,
-        width=res,
-        output_type="np",
-    )
+    info, _, cfg = resolve(method, preset, images=GENERATED)
+    m = info.build(replace(cfg, **overrides))
+    cfg = m.config
     if not capture:
-        images = pipe(**kw).images
+        images, _ = backbone.generate(prompts, cfg.steps, cfg.guidance, generators)
         return [
             GeneratedItem(p, list(lab), _u8(im), np.zeros((0,)), np.zeros((0,)))
             for p, lab, im in zip(prompts, labels, images, strict=True)
         ]
-    rows = "second_half" if cfg.guidance > 1 else "all"
-    transform = step_max_normalise if method == "seediff" else cross_max_normalise
-    with capture_attention(pipe.unet, names, cond_rows=rows, transform=transform) as store:
-        images = pipe(**kw).images
+    spans = [label_token_spans(backbone, p, labs) for p, labs in zip(prompts, labels, strict=True)]
+    latent = backbone.latent_side(backbone.native_resolution)
+    cross_layers = {lay.name for lay in backbone.layers if lay.kind == "cross"}
+    cross_sides = sorted({lay.side(latent) for lay in backbone.layers if lay.kind == "cross"})
+    self_sides = sorted({lay.side(latent) for lay in backbone.layers if lay.kind == "self"})
+    want_c, want_s = m.sides(cross_sides, self_sides)
+    names = [
+        lay.name
+        for lay in backbone.layers
+        if (lay.kind == "cross" and lay.side(latent) in want_c) or (lay.kind == "self" and lay.side(latent) in want_s)
+    ]
+
+    def transform(name: str, a: torch.Tensor) -> torch.Tensor:
+        cross = name in cross_layers
+        return step_max_normalise(a, cross) if cross or m.step_normalise == "all" else a
+
+    images, store = backbone.generate(prompts, cfg.steps, cfg.guidance, generators, names, transform)
     cross: dict[int, list[torch.Tensor]] = {}
     selfm: dict[int, list[torch.Tensor]] = {}
     for n in names:
-        m = store.mean(n)
-        (cross if n.endswith("attn2") else selfm).setdefault(grid_side(m.shape[1]), []).append(m)
+        a = store.mean(n)
+        (cross if n in cross_layers else selfm).setdefault(grid_side(a.shape[1]), []).append(a)
     cross_mean = {s: torch.stack(v).mean(0).float().cpu() for s, v in cross.items()}
     self_mean = {s: torch.stack(v).mean(0).float().cpu() for s, v in selfm.items()}
     items = []
     for i, (p, labs, im) in enumerate(zip(prompts, labels, images, strict=True)):
         c_i = {s: v[i : i + 1] for s, v in cross_mean.items()}
         s_i = {s: v[i : i + 1] for s, v in self_mean.items()}
-        soft = fn(c_i, s_i, spans[i].spans, cfg)
+        soft = m.soft(c_i, s_i, spans[i].spans)
         img_t = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float()
         up, lab = finalize(soft, img_t, im.shape[:2], cfg)
         items.append(GeneratedItem(p, list(labs), _u8(im), up[0].numpy().astype(np.float32), lab[0].numpy()))

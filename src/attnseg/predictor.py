@@ -5,10 +5,11 @@
     result = predictor.segment(["red circle", "blue star"], method="t2m")
     result.mask, result.scores, result.confidence
 
-Data path: image -> VAE posterior mean -> noised latent at the method's timestep -> one UNet
-forward per noise draw with attention captured (``attnseg.capture``) -> the method's per-label
-scores (``attnseg.methods``) -> upsampled to the input size, averaged over draws -> optional
-dense CRF -> argmax and confidence (``attnseg.postprocess``).
+Data path: image -> latents (``backbone.encode_images``) -> noised at the method's timestep -> one denoiser
+forward per noise draw with the method's layers captured (``backbone.forward``) -> the method's per-label
+scores (:mod:`attnseg.methods`) -> upsampled to the input size, averaged over draws -> optional dense CRF ->
+argmax and confidence (:mod:`attnseg.ops.refine`). Everything model-specific goes through the backbone
+(:mod:`attnseg.diffusion.backbone`); everything method-specific through the registry.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnseg.diffusion.capture import capture_attention
-from attnseg.diffusion.layers import layer_inventory
-from attnseg.diffusion.loading import load_pipeline, model_profile, native_resolution
-from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt, prompt_spans
+from attnseg.diffusion.loading import ModelError, backbone_for, load_pipeline, profile_path, read_profile
+from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt
 from attnseg.io.images import load_image
-from attnseg.methods import get_method
-from attnseg.methods.diffseg import DiffSegConfig
+from attnseg.methods.diffseg import DiffSeg, DiffSegConfig, assign
+from attnseg.methods.registry import check_profile, get_method, resolve
 from attnseg.ops.maps import columns_to_images
 from attnseg.ops.refine import CRFConfig, confidence_map, dense_crf, scores_to_probs
+
+PROMPT_CACHE_SIZE = 256
+"""Composed prompts (labels and template -> text and token spans) kept per predictor."""
 
 
 @dataclass
@@ -58,20 +60,24 @@ def _settings(method) -> dict:
 
 
 class AttnSegPredictor:
-    """Open-vocabulary segmentation of real images from a diffusion model's attention."""
+    """Open-vocabulary segmentation of real images from a diffusion model's attention.
 
-    def __init__(self, pipe, resolution: int | None = None, max_batch: int = 16) -> None:
-        self.pipe = pipe
-        self.resolution = int(resolution or native_resolution(pipe))
+    ``model`` is a loaded pipeline or a backbone (:mod:`attnseg.diffusion.backbone`).
+    """
+
+    def __init__(self, model, resolution: int | None = None, max_batch: int = 16) -> None:
+        self.backbone = model if hasattr(model, "encode_prompts") else backbone_for(model)
+        self.resolution = int(resolution or self.backbone.native_resolution)
         self.max_batch = max_batch
-        self.inventory = layer_inventory(pipe.unet)
-        self.model_name = getattr(pipe, "attnseg_model_name", type(pipe).__name__)
-        self.default_presets = model_profile(pipe)
+        self.model_name = self.backbone.model_name
+        profile = read_profile(self.pipe)
+        problems = check_profile(profile)
+        if problems:
+            raise ModelError(f"{profile_path(self.pipe)} names {problems[0]}; fix or delete it")
+        self.default_presets = profile
         """{method: preset} used when a call names no preset (the model folder's ``attnseg.json``)."""
         self._latents: torch.Tensor | None = None
         self._images: list[np.ndarray] = []
-        self.text_cache_size = 256
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._prompt_cache: OrderedDict[tuple, tuple[str, TokenSpans]] = OrderedDict()
 
     @classmethod
@@ -79,30 +85,28 @@ class AttnSegPredictor:
         return cls(load_pipeline(model, device=device, dtype=dtype), **kw)
 
     @property
+    def pipe(self):
+        """The diffusers pipeline behind the backbone."""
+        return self.backbone.pipe
+
+    @property
+    def inventory(self):
+        """The model's attention layers (:class:`~attnseg.diffusion.layers.LayerInfo`)."""
+        return self.backbone.layers
+
+    @property
     def device(self) -> torch.device:
-        # Read from one parameter: diffusers' ``unet.device`` walks every module on each call.
-        return next(self.pipe.unet.parameters()).device
+        return self.backbone.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.pipe.unet.parameters()).dtype
+        return self.backbone.dtype
 
     # ------------------------------------------------------------------ encoding
 
-    @torch.inference_mode()
     def encode_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """VAE posterior means (scaled) of RGB uint8 images, resized to the model's resolution."""
-        r = self.resolution
-        xs = []
-        for im in images:
-            t = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 127.5 - 1
-            xs.append(F.interpolate(t, size=(r, r), mode="bilinear", align_corners=False, antialias=True))
-        x = torch.cat(xs).to(self.device, next(self.pipe.vae.parameters()).dtype)
-        vae = self.pipe.vae
-        lat = []
-        for i in range(0, len(x), self.max_batch):
-            lat.append(vae.encode(x[i : i + self.max_batch]).latent_dist.mean * vae.config.scaling_factor)
-        return torch.cat(lat)
+        """Latents of RGB uint8 images, resized to the predictor's resolution."""
+        return self.backbone.encode_images(images, self.resolution, self.max_batch)
 
     def set_image(self, image) -> None:
         """Encode one image (path, PIL image or array) once for later ``segment`` calls."""
@@ -114,30 +118,28 @@ class AttnSegPredictor:
 
     # ------------------------------------------------------------------ segmentation
 
-    def _prompt(self, labels: Sequence[str], method) -> tuple[str, TokenSpans]:
-        cfg = method.config
-        key = (tuple(labels), cfg.template, bool(getattr(cfg, "synonyms", False)), tuple(getattr(cfg, "background_words", ())))
+    def method(self, name: str, preset: str | None = None, **overrides):
+        """The method object for ``name`` with ``preset`` (None: the model's recommended one, else the paper's)."""
+        return get_method(name, preset or self.default_presets.get(name), **overrides)
+
+    def prompt_for(self, labels: Sequence[str], method, preset: str | None = None) -> tuple[str, TokenSpans]:
+        """The prompt text of ``labels`` for ``method`` (a name or a method object) and its label token spans.
+
+        Raises ``ValueError`` when a label cannot be placed (empty, or beyond the tokenizer's limit).
+        """
+        cfg = (self.method(method, preset) if isinstance(method, str) else method).config
+        synonyms = bool(getattr(cfg, "synonyms", False))
+        background = tuple(getattr(cfg, "background_words", ()))
+        key = (tuple(labels), cfg.template, synonyms, background)
         if key in self._prompt_cache:
+            self._prompt_cache.move_to_end(key)
             return self._prompt_cache[key]
-        prompt = compose_prompt(
-            labels,
-            cfg.template,
-            synonyms=T2M_SYNONYMS if getattr(cfg, "synonyms", False) else None,
-            background_words=getattr(cfg, "background_words", ()),
-        )
-        out = (prompt.text, prompt_spans(self.pipe.tokenizer, prompt))
+        prompt = compose_prompt(labels, cfg.template, synonyms=T2M_SYNONYMS if synonyms else None, background_words=background)
+        out = (prompt.text, self.backbone.token_spans(prompt.text, prompt.char_spans, prompt.labels, prompt.background_spans))
         self._prompt_cache[key] = out
-        if len(self._prompt_cache) > self.text_cache_size:
+        if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
         return out
-
-    @torch.inference_mode()
-    def _encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer
-        ids = tok(
-            list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        return self.pipe.text_encoder(ids.to(self.device))[0].to(self.dtype)
 
     @torch.inference_mode()
     def score_maps(
@@ -149,32 +151,28 @@ class AttnSegPredictor:
         seed: int = 0,
     ) -> tuple[list[torch.Tensor], list[str]]:
         """Per-image (K_i + 1, h, w) scores on the method's grid, averaged over ``draws``."""
+        bb = self.backbone
         n = len(latents)
-        prompts = [self._prompt(labs, method) for labs in label_lists]
-        emb = self._encode_text([p for p, _ in prompts])
-        side = int(latents.shape[-1])
-        plan = method.plan(self.inventory, side)
+        prompts = [self.prompt_for(labs, method) for labs in label_lists]
+        text = bb.encode_prompts([p for p, _ in prompts])
+        plan = method.plan(bb.layers, int(latents.shape[-1]))
         cfg = method.config
-        sched = self.pipe.scheduler
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn((draws, *latents.shape[1:]), generator=g).to(self.device, latents.dtype)
-        t = torch.tensor([int(cfg.timestep)], device=self.device)
         rows = [(i, d) for i in range(n) for d in range(draws)]
         sums: list[torch.Tensor | None] = [None] * n
         key_scale = None
         if plan.key_scale_gamma is not None:
-            t_len = emb.shape[1]
-            key_scale = torch.ones((n, t_len), dtype=torch.float32)
+            key_scale = torch.ones((n, text.hidden.shape[1]), dtype=torch.float32)
             for i, (_, sp) in enumerate(prompts):
                 for s in sp.spans:
                     key_scale[i, s] = plan.key_scale_gamma
         for c0 in range(0, len(rows), self.max_batch):
             chunk = rows[c0 : c0 + self.max_batch]
             idx = torch.tensor([i for i, _ in chunk])
-            z = sched.add_noise(latents[idx], noise[[d for _, d in chunk]], t.expand(len(chunk)))
+            z = bb.add_noise(latents[idx], noise[[d for _, d in chunk]], cfg.timestep)
             ks = key_scale[idx] if key_scale is not None else None
-            with capture_attention(self.pipe.unet, plan.names, per_head=plan.per_head, key_scale=ks) as store:
-                self.pipe.unet(z, t.expand(len(chunk)), encoder_hidden_states=emb[idx])
+            store = bb.forward(z, cfg.timestep, text.rows(idx), plan.names, per_head=plan.per_head, key_scale=ks)
             for i in sorted(set(idx.tolist())):
                 r = [j for j, (ii, _) in enumerate(chunk) if ii == i]
                 sc = method.scores(store.rows(r), prompts[i][1], plan)  # (R, P, K + 1)
@@ -219,51 +217,38 @@ class AttnSegPredictor:
         return self._segment(latents, arrays, [list(x) for x in labels], method, preset, draws, seed, crf, overrides)
 
     @torch.inference_mode()
-    def segment_unsupervised(
-        self, images: Sequence, config: DiffSegConfig | str | None = None, seed: int = 0
-    ) -> list[np.ndarray]:
+    def segment_unsupervised(self, images: Sequence, config: DiffSegConfig | str | None = None, seed: int = 0) -> list[np.ndarray]:
         """DiffSeg: class-agnostic segments (H, W) int64 of each image, from self-attention alone.
 
-        ``config``: a ``DiffSegConfig`` or a preset name of ``DIFFSEG_PRESETS``; None takes the model's own
-        preset (its ``attnseg.json``) if it names one, else the paper's settings.
+        ``config``: a ``DiffSegConfig`` or a DiffSeg preset name; None takes the model's own preset (its
+        ``attnseg.json``) if it names one, else the paper's settings.
         """
-        from attnseg.methods.diffseg import DIFFSEG_PRESETS, assign, diffseg_proposals
-        from attnseg.ops.maps import grid_side
-
         if config is None or isinstance(config, str):
-            name = config or self.default_presets.get("diffseg", "default")
-            if name not in DIFFSEG_PRESETS:
-                raise ValueError(f"unknown DiffSeg preset {name!r}; choose one of {sorted(DIFFSEG_PRESETS)}")
-            cfg = DIFFSEG_PRESETS[name]
+            _, _, cfg = resolve("diffseg", config or self.default_presets.get("diffseg"))
         else:
             cfg = config
+        method = DiffSeg(cfg)
+        bb = self.backbone
         arrays = [load_image(im) for im in images]
         latents = self.encode_images(arrays)
-        names = [lay.name for lay in self.inventory if lay.kind == "self"]
-        emb = self._encode_text([cfg.prompt] * len(arrays))
+        plan = method.plan(bb.layers, int(latents.shape[-1]))
+        text = bb.encode_prompts([cfg.prompt] * len(arrays))
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn(latents.shape[1:], generator=g).to(self.device, latents.dtype).expand_as(latents)
-        t = torch.tensor([int(cfg.timestep)], device=self.device)
         out = []
         step = 2  # every self-attention layer is kept: at 512 px the 64-px layers alone are ~300 MB an image
         for i0 in range(0, len(arrays), step):
             sl = slice(i0, i0 + step)
-            z = self.pipe.scheduler.add_noise(latents[sl], noise[sl], t.expand(len(latents[sl])))
-            with capture_attention(self.pipe.unet, names) as store:
-                self.pipe.unet(z, t.expand(len(z)), encoder_hidden_states=emb[sl])
-            by_side: dict[int, list[torch.Tensor]] = {}
-            for n in names:
-                m = store.mean(n)
-                by_side.setdefault(grid_side(m.shape[1]), []).append(m)
-            maps = {s: torch.stack(v).mean(0) for s, v in by_side.items()}
-            for props, img in zip(diffseg_proposals(maps, cfg), arrays[sl], strict=True):
+            z = bb.add_noise(latents[sl], noise[sl], cfg.timestep)
+            store = bb.forward(z, cfg.timestep, text.rows(sl), plan.self_names)
+            for props, img in zip(method.proposals(store, plan), arrays[sl], strict=True):
                 out.append(assign(props.float().cpu(), img.shape[:2]).numpy())
         return out
 
     def _segment(self, latents, images, label_lists, method, preset, draws, seed, crf, overrides):
         if isinstance(method, str):
             preset = preset or self.default_presets.get(method)
-            m = get_method(method, preset, **overrides)
+            m = self.method(method, preset, **overrides)
         else:
             m = method
         n_draws = int(draws if draws is not None else getattr(m.config, "draws", 1))

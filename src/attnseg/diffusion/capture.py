@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from attnseg.diffusion.layers import layer_inventory
+
 # Largest number of attention-score elements materialised at once by a capture processor.
 _SCORE_BUDGET = 1 << 25
 
@@ -39,7 +41,6 @@ class AttentionStore:
     cond_rows: str = "all"
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
-    enabled: bool = True
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
     """Applied to each forward's map before it is added (e.g. SeeDiff's per-step max-normalisation)."""
 
@@ -65,10 +66,6 @@ class AttentionStore:
         sub.sums = {k: v[index] for k, v in self.sums.items()}
         sub.counts = dict(self.counts)
         return sub
-
-    def reset(self) -> None:
-        self.sums.clear()
-        self.counts.clear()
 
 
 class CaptureProcessor:
@@ -158,7 +155,7 @@ class CaptureProcessor:
 
     def _attend_and_record(self, attn, q, k, v, mask) -> torch.Tensor:
         """Explicit attention for (B, H, Q, d) inputs; records probabilities when asked."""
-        if not (self.record and self.store.enabled):
+        if not self.record:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         b, h, nq, _ = q.shape
         nk = k.shape[2]
@@ -193,23 +190,22 @@ def capture_attention(
     cond_rows: str = "all",
     key_scale: torch.Tensor | None = None,
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    cross_names: Sequence[str] | None = None,
 ) -> Iterator[AttentionStore]:
     """Capture the attention of modules ``names`` of ``unet`` for the duration of the block.
 
-    key_scale (iSeg Cat-Cross) is applied to every cross-attention module, captured or not.
+    key_scale (iSeg Cat-Cross) is applied to every cross-attention module, captured or not (``cross_names``: those
+    modules, when the caller knows them already; else they are read from the UNet).
     transform(name, map) is applied to each forward's map before the running sum.
     The UNet's original processors are restored on exit, also on error.
     """
     if cond_rows not in ("all", "second_half"):
         raise ValueError("cond_rows must be 'all' or 'second_half'")
     store = AttentionStore(per_head=frozenset(per_head), cond_rows=cond_rows, transform=transform)
-    targets: dict[str, CaptureProcessor] = {}
-    for n in names:
-        targets[n] = CaptureProcessor(store, n, record=True, key_scale=key_scale if n.endswith("attn2") else None)
+    targets = {n: CaptureProcessor(store, n, record=True, key_scale=key_scale) for n in names}
     if key_scale is not None:
-        for n in _cross_attention_names(unet):
-            if n not in targets:
-                targets[n] = CaptureProcessor(store, n, record=False, key_scale=key_scale)
+        for n in cross_names if cross_names is not None else _cross_attention_names(unet):
+            targets.setdefault(n, CaptureProcessor(store, n, record=False, key_scale=key_scale))
     modules = {}
     for n in targets:
         try:
@@ -232,8 +228,4 @@ def capture_attention(
 
 
 def _cross_attention_names(unet) -> list[str]:
-    names = getattr(unet, "_attnseg_cross_names", None)
-    if names is None:
-        names = [k[: -len(".processor")] for k in unet.attn_processors if k.endswith("attn2.processor")]
-        unet._attnseg_cross_names = names
-    return names
+    return [lay.name for lay in layer_inventory(unet) if lay.kind == "cross"]

@@ -1,10 +1,11 @@
-"""Loading text-to-image pipelines of the Stable Diffusion architecture.
+"""Loading text-to-image pipelines, and the backbone that reads each.
 
 ``load_pipeline(None)`` loads the embedded default model shipped inside the package;
 ``load_pipeline("path/to/folder")`` a local diffusers folder (no network call);
 ``load_pipeline("org/name")`` a hub id through ``from_pretrained``. Weights load from
 safetensors only: pickled checkpoints (.bin, .ckpt, .pt, .pth) can run code when loaded and
-are refused.
+are refused. ``load_backbone`` wraps the pipeline in the backbone of its family
+(:mod:`attnseg.diffusion.backbone`).
 """
 
 from __future__ import annotations
@@ -43,13 +44,12 @@ def embedded_model_path() -> Path:
 PROFILE_FILE = "attnseg.json"
 
 
-def model_profile(pipe) -> dict[str, str]:
+def read_profile(pipe) -> dict[str, str]:
     """Default presets a local model folder recommends, from its ``attnseg.json``: ``{method: preset}``.
 
-    A model whose layers differ from Stable Diffusion's can name, per method, the preset that suits
-    it (the embedded model does: its last decoder self-attention layer attends almost uniformly, and
-    DiffSeg's KL threshold was set for 64-px maps). A preset passed explicitly always wins; hub ids and folders without the file get the
-    paper's defaults.
+    A model whose layers differ from Stable Diffusion's can name, per method, the preset that suits it (the
+    embedded model does). Hub ids and folders without the file give ``{}``. Only the file's shape is checked
+    here; whether each preset exists is the method registry's to say.
     """
     root = getattr(pipe, "name_or_path", None)
     f = Path(str(root)) / PROFILE_FILE if root else None
@@ -62,12 +62,12 @@ def model_profile(pipe) -> dict[str, str]:
     presets = data.get("presets", {}) if isinstance(data, dict) else None
     if not isinstance(presets, dict) or not all(isinstance(v, str) for v in presets.values()):
         raise ModelError(f'{f} must hold {{"presets": {{"method": "preset", ...}}}}; fix or delete it')
-    from attnseg.methods import ALL_PRESETS
-
-    for method, preset in presets.items():
-        if preset not in ALL_PRESETS.get(method, {}):
-            raise ModelError(f"{f} names preset {preset!r} for {method!r}, which attnseg does not have; fix or delete it")
     return dict(presets)
+
+
+def profile_path(pipe) -> Path:
+    """Where a pipeline's ``attnseg.json`` is (or would be)."""
+    return Path(str(getattr(pipe, "name_or_path", ""))) / PROFILE_FILE
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -195,6 +195,15 @@ def _dtype_kw(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (0, 42) else {"torch_dtype": dtype}
 
 
-def native_resolution(pipe) -> int:
-    """Image side the pipeline was trained at (SD 1.5: 512; the embedded model: 64)."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+def backbone_for(pipe, model_name: str | None = None):
+    """The backbone that reads ``pipe``'s family (today the Stable Diffusion 1.x / 2.x UNet)."""
+    from attnseg.diffusion.unet import UNetBackbone
+
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
+        raise ModelError(f"{type(pipe).__name__} is not a Stable Diffusion 1.x / 2.x pipeline; attnseg reads those")
+    return UNetBackbone(pipe, model_name)
+
+
+def load_backbone(model: str | Path | None = None, device: str | None = "cpu", dtype: str | torch.dtype | None = "auto"):
+    """``load_pipeline`` and the backbone of its family."""
+    return backbone_for(load_pipeline(model, device=device, dtype=dtype))

@@ -57,7 +57,7 @@ class VOCDataset:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _image_path(self, i: str) -> Path:
+    def image_path(self, i: str) -> Path:
         for ext in (".jpg", ".png", ".jpeg", ".JPG", ".PNG"):
             p = self.root / "JPEGImages" / f"{i}{ext}"
             if p.exists():
@@ -76,7 +76,7 @@ class VOCDataset:
             if im.mode not in ("P", "L"):
                 raise DatasetError(f"{gt_path} is {im.mode}: ground truth must be a palette or index PNG")
             gt = np.asarray(im, dtype=np.uint8).copy()
-        return Sample(i, self._image_path(i), gt)
+        return Sample(i, self.image_path(i), gt)
 
 
 class COCODataset:

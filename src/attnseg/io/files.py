@@ -50,3 +50,21 @@ def _fsync_dir(folder: Path) -> None:
 def settings_diff(a: dict, b: dict) -> list[str]:
     """Keys whose values differ between two recorded settings."""
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+class OutputError(OSError):
+    """An output folder cannot be created or written; the message names it and says what to do."""
+
+
+def writable_folder(folder: Path) -> Path:
+    """Create ``folder`` (and its parents) and check that a file can be written in it; raise :class:`OutputError`."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".attnseg-write-check.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise OutputError(f"cannot write to output folder {folder} ({reason}); pass a folder you can write to") from None
+    return folder

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from attnseg.io.files import atomic_write_bytes  # noqa: F401 - re-exported for the writers of images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
@@ -93,21 +92,33 @@ def encode_png(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+@functools.cache
+def voc_palette() -> tuple[int, ...]:
+    """The Pascal VOC colour palette (256 entries, flattened RGB): class i's colour from the bits of i."""
+    pal: list[int] = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal.extend((r, g, b))
+    return tuple(pal)
+
+
 def palette_png(mask: np.ndarray) -> Image.Image:
     """A palette ('P') PNG image of a label map with the Pascal VOC palette."""
-    from attnseg.shapes.world import voc_palette
-
     if mask.max(initial=0) > 255:
         raise ValueError("label maps with more than 255 classes cannot be palette PNGs")
     im = Image.fromarray(mask.astype(np.uint8), mode="P")
-    im.putpalette(voc_palette())
+    im.putpalette(list(voc_palette()))
     return im
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blend the VOC colour of every labelled pixel into ``image`` (background left as is)."""
-    from attnseg.shapes.world import voc_palette
-
     pal = np.asarray(voc_palette(), dtype=np.float32).reshape(256, 3)
     col = pal[mask.astype(np.int64)]
     out = image.astype(np.float32)

@@ -19,6 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attnseg.diffusion.capture import capture_attention
+from attnseg.diffusion.layers import layer_inventory
+from attnseg.generator import generate_with_masks
+from attnseg.methods.registry import get_method
+from attnseg.ops.maps import propagate
+from attnseg.predictor import AttnSegPredictor
+from attnseg.shapes.world import make_scene
+
 
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0)."""
@@ -81,23 +89,17 @@ def machine() -> dict:
 
 def bench_methods(predictor, methods: Sequence[str], repeats: int = 5, batch: int = 8, labels=("circle", "star")) -> dict:
     """Per method: seconds per image (one draw), images/s batched, peak RSS, ratio to the bare cost."""
-    from attnseg.shapes.world import make_scene
-
-    pipe = predictor.pipe
+    bb = predictor.backbone
     img = make_scene(12345, 0).image
     images = [make_scene(12345, i).image for i in range(batch)]
-    emb = predictor._encode_text(["a photo including circle and star."])
-    t = torch.tensor([150], device=predictor.device)
+    text = bb.encode_prompts(["a photo including circle and star."])
+    text_batch = bb.encode_prompts(["a photo including circle and star."] * batch)
 
-    @torch.inference_mode()
     def bare():
-        z = predictor.encode_images([img])
-        pipe.unet(z, t, encoder_hidden_states=emb)
+        bb.forward(predictor.encode_images([img]), 150, text)
 
-    @torch.inference_mode()
     def bare_batch():
-        z = predictor.encode_images(images)
-        pipe.unet(z, t.expand(len(images)), encoder_hidden_states=emb.expand(len(images), -1, -1))
+        bb.forward(predictor.encode_images(images), 150, text_batch)
 
     gc.collect()
     _reset_peak_rss()
@@ -137,8 +139,6 @@ def bench_methods(predictor, methods: Sequence[str], repeats: int = 5, batch: in
 
 def bench_refinement(p: int = 4096, k: int = 3, iters: Sequence[int] = (1, 2, 4, 8, 16), repeats: int = 7) -> dict:
     """Time of the refinement (repeated matrix-vector products) against the number of iterations."""
-    from attnseg.ops.maps import propagate
-
     g = torch.Generator().manual_seed(0)
     a = torch.rand((1, p, p), generator=g)
     a = a / a.sum(-1, keepdim=True)
@@ -160,22 +160,20 @@ def bench_refinement(p: int = 4096, k: int = 3, iters: Sequence[int] = (1, 2, 4,
     }
 
 
-def bench_generation(pipe, methods: Sequence[str] = ("ca", "ca-sa", "seediff"), steps: int = 20, repeats: int = 3) -> dict:
+def bench_generation(backbone, methods: Sequence[str] = ("ca", "ca-sa", "seediff"), steps: int = 20, repeats: int = 3) -> dict:
     """Generation with capture (and the method's masks) against plain generation, same prompts and seeds."""
-    from attnseg.generator import generate_with_masks
-
     prompts, labels = ["a photo of a red circle"], [["circle"]]
 
     def run(method: str, capture: bool):
         gens = [torch.Generator().manual_seed(0)]
-        generate_with_masks(pipe, prompts, labels, method=method, generators=gens, capture=capture, steps=steps)
+        generate_with_masks(backbone, prompts, labels, method=method, generators=gens, capture=capture, steps=steps)
 
     out = {}
     for m in methods:
         plain, _ = timed(lambda m=m: run(m, False), repeats)
         cap, _ = timed(lambda m=m: run(m, True), repeats)
         out[m] = {"plain_seconds": plain, "capture_seconds": cap, "ratio": cap / plain, "steps": steps}
-    peer = bench_daam(pipe, prompts[0], labels[0][0], steps, repeats)
+    peer = bench_daam(backbone.pipe, prompts[0], labels[0][0], steps, repeats)
     if peer is not None:
         out["daam (peer)"] = peer
     return out
@@ -223,10 +221,6 @@ def bench_real_size(methods: Sequence[str] = ("t2m", "iseg"), dtype: torch.dtype
     """SD 1.5-shaped UNet (random weights) at 512 px: peak memory of capture against a plain forward."""
     from diffusers import UNet2DConditionModel
 
-    from attnseg.diffusion.capture import capture_attention
-    from attnseg.diffusion.layers import layer_inventory
-    from attnseg.methods import get_method
-
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET).to(dtype).eval()
     z = torch.randn((1, 4, 64, 64), dtype=dtype)
@@ -273,8 +267,6 @@ def run_bench(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> dict:
-    from attnseg.predictor import AttnSegPredictor
-
     predictor = AttnSegPredictor.from_pretrained(model, device=device, dtype=dtype)
     res = {
         "machine": machine(),
@@ -282,7 +274,7 @@ def run_bench(
         "resolution": predictor.resolution,
         "methods": bench_methods(predictor, methods, repeats, batch),
         "refinement": bench_refinement(),
-        "generation": bench_generation(predictor.pipe),
+        "generation": bench_generation(predictor.backbone),
     }
     if real_size:
         del predictor

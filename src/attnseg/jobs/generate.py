@@ -1,12 +1,7 @@
 """``attnseg generate``: a labelled synthetic dataset of generated images and masks, resumable.
 
-Layout of ``--out DIR``:
-- ``images/<id>.png`` and ``masks/<id>.png`` (palette, 0 = background, class ids of classes.txt,
-  255 = uncertain where the method defines it);
-- ``manifest.jsonl``: one line per finished item (id, index, prompt, labels, seed, files), the
-  record of what is done;
-- ``annotations.json``: COCO instances with RLE masks (rebuilt from the manifest at the end);
-- ``classes.txt`` (background first) and ``run.json`` (the settings of the run).
+The folder's layout is :mod:`attnseg.io.generated`'s. The unit of work is a block of items, run by an
+engine of :mod:`attnseg.jobs.engine` (local or Ray); the driver alone appends manifest lines.
 
 Item i's seed is derived from (--seed, i) and items are generated in fixed blocks of
 ``block`` items, so every item is byte-identical whatever the engine or the worker count.
@@ -17,16 +12,18 @@ exactly once: files are written to a temporary name and renamed, the manifest li
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from attnseg.generator import generate_with_masks
 from attnseg.io.files import atomic_write_bytes, settings_diff
-from attnseg.io.images import encode_png, palette_png
+from attnseg.io.generated import MANIFEST, append_manifest, read_manifest, write_classes, write_coco, write_item
+from attnseg.jobs.engine import EngineError, run_tasks
 
 
 class SynthError(ValueError):
@@ -138,36 +135,6 @@ def _names(text: str, word: str) -> bool:
     return re.search(r"(?<![\w])" + re.escape(word.lower()) + r"(?![\w])", text.lower()) is not None
 
 
-def read_manifest(path: Path) -> dict[int, dict]:
-    """Finished items by index; a torn last line (killed mid-append) is dropped from the file."""
-    done: dict[int, dict] = {}
-    if not path.exists():
-        return done
-    data = path.read_bytes()
-    good = 0
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        done[int(rec["index"])] = rec
-        good += len(line)
-    if good != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return done
-
-
-def append_manifest(path: Path, records: Iterable[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def prepare_run(out: Path, spec: RunSpec, resume: bool) -> None:
     """Create ``out`` or check that it holds the same run; refuse another run's folder."""
     out.mkdir(parents=True, exist_ok=True)
@@ -184,35 +151,12 @@ def prepare_run(out: Path, spec: RunSpec, resume: bool) -> None:
         return
     if resume:
         raise SynthError(f"--resume given but {out} holds no run to resume")
-    if (out / "manifest.jsonl").exists():
+    if (out / MANIFEST).exists():
         raise SynthError(f"{out} holds a manifest without run.json; use a new --out folder")
     atomic_write_bytes(run, json.dumps(mine, indent=1).encode())
 
 
-def write_item(out: Path, item: Item, gen, classes: Sequence[str], seed: int) -> dict:
-    """Write one item's image and mask atomically; return its manifest record."""
-    from PIL import Image
-
-    lut = np.zeros(256, np.uint8)
-    for i, lab in enumerate(item.labels, 1):
-        lut[i] = classes.index(lab) + 1
-    lut[255] = 255
-    mask = lut[gen.mask]
-    img_rel, mask_rel = f"images/{item.id}.png", f"masks/{item.id}.png"
-    atomic_write_bytes(out / img_rel, encode_png(Image.fromarray(gen.image)))
-    atomic_write_bytes(out / mask_rel, encode_png(palette_png(mask)))
-    return {
-        "id": item.id,
-        "index": item.index,
-        "prompt": item.prompt,
-        "labels": item.labels,
-        "seed": seed,
-        "image": img_rel,
-        "mask": mask_rel,
-    }
-
-
-def run_block(pipe, block: list[Item], spec: RunSpec):
+def run_block(backbone, block: list[Item], spec: RunSpec):
     """Generate one block of items (the unit of work of every engine).
 
     On CPU the block runs with ``spec.cpu_threads`` intra-op threads whatever the engine, so that
@@ -222,71 +166,62 @@ def run_block(pipe, block: list[Item], spec: RunSpec):
 
     gens = [torch.Generator().manual_seed(item_seed(spec.seed, it.index)) for it in block]
     before = torch.get_num_threads()
-    if pipe.device.type == "cpu":
+    if backbone.device.type == "cpu":
         torch.set_num_threads(spec.cpu_threads)
     try:
-        return _generate(pipe, block, spec, gens)
+        return generate_with_masks(
+            backbone,
+            [it.prompt for it in block],
+            [it.labels for it in block],
+            method=spec.method,
+            preset=spec.preset,
+            generators=gens,
+            steps=spec.steps,
+            guidance=spec.guidance,
+        )
     finally:
         torch.set_num_threads(before)
 
 
-def _generate(pipe, block: list[Item], spec: RunSpec, gens):
-    from attnseg.generator import generate_with_masks
+class BlockWorker:
+    """Generates one block (a task: its items and the indices already done) and writes its files.
 
-    return generate_with_masks(
-        pipe,
-        [it.prompt for it in block],
-        [it.labels for it in block],
-        method=spec.method,
-        preset=spec.preset,
-        generators=gens,
-        steps=spec.steps,
-        guidance=spec.guidance,
-    )
+    Returns the manifest records of the items it wrote; the caller appends them.
+    """
 
+    def __init__(self, backbone, out: str | Path, spec: RunSpec) -> None:
+        self.backbone, self.out, self.spec = backbone, Path(out), spec
 
-def write_coco(out: Path, classes: Sequence[str]) -> Path:
-    """annotations.json (COCO, RLE) from the manifest and the mask files."""
-    try:
-        from pycocotools import mask as mask_utils
-    except ImportError as e:
-        raise ImportError("COCO annotations need pycocotools: pip install 'attnseg[coco]'") from e
-    from PIL import Image
-
-    done = read_manifest(out / "manifest.jsonl")
-    images, anns = [], []
-    for idx in sorted(done):
-        rec = done[idx]
-        m = np.asarray(Image.open(out / rec["mask"]), dtype=np.uint8)
-        h, w = m.shape
-        images.append({"id": idx, "file_name": rec["image"], "height": h, "width": w})
-        for c in sorted(int(v) for v in np.unique(m) if 0 < v < 255):
-            rle = mask_utils.encode(np.asfortranarray((m == c).astype(np.uint8)))
-            area = float(mask_utils.area(rle))
-            bbox = [float(x) for x in mask_utils.toBbox(rle)]
-            rle["counts"] = rle["counts"].decode("ascii")
-            anns.append(
-                {
-                    "id": len(anns) + 1,
-                    "image_id": idx,
-                    "category_id": c,
-                    "segmentation": rle,
-                    "area": area,
-                    "bbox": bbox,
-                    "iscrowd": 0,
-                }
+    def __call__(self, task: dict) -> list[dict]:
+        block = [Item(**d) for d in task["items"]]
+        skip = set(task["skip"])
+        gens = run_block(self.backbone, block, self.spec)
+        return [
+            write_item(
+                self.out,
+                it.id,
+                it.index,
+                it.prompt,
+                it.labels,
+                g.image,
+                g.mask,
+                self.spec.classes,
+                item_seed(self.spec.seed, it.index),
             )
-    coco = {
-        "images": images,
-        "annotations": anns,
-        "categories": [{"id": i, "name": n} for i, n in enumerate(classes, 1)],
-    }
-    atomic_write_bytes(out / "annotations.json", json.dumps(coco).encode())
-    return out / "annotations.json"
+            for it, g in zip(block, gens, strict=True)
+            if it.index not in skip
+        ]
+
+
+def _block_worker(model, out: str, spec: dict) -> BlockWorker:
+    """Worker factory of an engine process: loads the model there (device and dtype as in ``spec``)."""
+    from attnseg.diffusion.loading import load_backbone
+
+    return BlockWorker(load_backbone(model, device="auto", dtype="auto"), out, RunSpec(**spec))
 
 
 def generate_dataset(
-    pipe,
+    backbone,
     out: str | Path,
     items: list[Item],
     spec: RunSpec,
@@ -299,21 +234,24 @@ def generate_dataset(
     """Generate every item not yet in the manifest, then rebuild annotations.json."""
     out = Path(out)
     prepare_run(out, spec, resume)
-    classes = spec.classes
-    atomic_write_bytes(out / "classes.txt", ("\n".join(["background", *classes]) + "\n").encode())
-    done = read_manifest(out / "manifest.jsonl")
+    write_classes(out, spec.classes)
+    done = read_manifest(out / MANIFEST)
     blocks = [items[i : i + spec.block] for i in range(0, len(items), spec.block)]
-    todo = [b for b in blocks if any(it.index not in done for it in b)]
+    tasks = [
+        {"items": [asdict(it) for it in b], "skip": [it.index for it in b if it.index in done]}
+        for b in blocks
+        if any(it.index not in done for it in b)
+    ]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     n_done_before = len(done)
-    if engine == "ray":
-        from attnseg.jobs.engine import run_blocks_ray
-
-        run_blocks_ray(model, out, todo, spec, done, workers, progress)
-    elif engine == "local":
+    factory = functools.partial(_block_worker, model, str(out), asdict(spec))
+    try:
+        results = run_tasks(
+            engine, tasks, factory, workers, local_worker=BlockWorker(backbone, out, spec) if engine == "local" else None
+        )
         with Progress(
-            TextColumn("generate"),
+            TextColumn(f"generate ({engine})" if engine != "local" else "generate"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -321,19 +259,14 @@ def generate_dataset(
             disable=not progress,
         ) as bar:
             task = bar.add_task("generate", total=len(items), completed=len(done))
-            for block in todo:
-                gens = run_block(pipe, block, spec)
-                recs = [
-                    write_item(out, it, g, classes, item_seed(spec.seed, it.index))
-                    for it, g in zip(block, gens, strict=True)
-                    if it.index not in done
-                ]
-                append_manifest(out / "manifest.jsonl", recs)
+            for recs in results:
+                recs = [r for r in recs if r["index"] not in done]
+                append_manifest(out / MANIFEST, recs)
                 for r in recs:
                     done[r["index"]] = r
                 bar.update(task, completed=len(done))
-    else:
-        raise SynthError(f"unknown engine {engine!r}: use local or ray")
-    done = read_manifest(out / "manifest.jsonl")
-    coco = write_coco(out, classes)
+    except (EngineError, ValueError) as e:
+        raise SynthError(str(e)) from None
+    done = read_manifest(out / MANIFEST)
+    coco = write_coco(out, spec.classes)
     return {"items": len(items), "generated": len(done) - n_done_before, "done": len(done), "annotations": str(coco)}

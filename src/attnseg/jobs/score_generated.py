@@ -58,7 +58,7 @@ def score_generated(
     limit: int | None = None,
 ) -> dict:
     """mIoU of a generated folder's masks against the detector's, with the two naive references."""
-    from attnseg.jobs.generate import read_manifest
+    from attnseg.io.generated import read_manifest
     from attnseg.shapes.oracle import shapes_phrase
 
     folder = Path(folder)

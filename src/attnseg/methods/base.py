@@ -8,19 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
-from attnseg.diffusion.layers import LayerSelect
 from attnseg.diffusion.prompts import TokenSpans
 from attnseg.ops.maps import resize_columns, token_maps
-
-EMBEDDED_T2M_SELF_LAYER = LayerSelect(kind="self", ranks=(99,), blocks=("up",), take=(0, 1))
-"""The self-attention layer of T2M's "embedded" preset: the first layer of the finest decoder level (the embedded
-model's up_blocks.2.attentions.0, 16 px). The paper's layer maps onto the model's near-uniform last decoder layer;
-this one was chosen on validation scenes with the final weights (docs/EMBEDDED-MODEL-TRAINING.md, session 5).
-Selected by position, not by block index, so that it names the same place in UNets with another number of levels."""
-EMBEDDED_ISEG_SELF_LAYER = LayerSelect(kind="self", ranks=(99,), blocks=("down",), take=(0, 1))
-"""The self-attention layer of iSeg's "embedded" presets: the first layer of the finest encoder level (the embedded
-model's down_blocks.0.attentions.0, 16 px), chosen on validation scenes like T2M's (the decoder layer above scored
-within 0.5 of it for iSeg, so it was kept)."""
 
 
 @dataclass

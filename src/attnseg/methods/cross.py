@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,7 +39,7 @@ class CrossConfig:
 CROSS_PRESETS: dict[str, CrossConfig] = {
     "default": CrossConfig(),
     # The embedded ShapesWorld model (its attnseg.json makes this its default), both settings chosen on validation
-    # scenes (docs/EMBEDDED-MODEL-TRAINING.md, session 6). Background: ShapesWorld's objects cover 5-20% of the
+    # scenes (docs/EMBEDDED-MODEL-TRAINING.md). Background: ShapesWorld's objects cover 5-20% of the
     # image, and the paper's rule (thr 0.5), made for VOC's large objects, lets every label map spread over the
     # background; the threshold is the one T2M's ablation sweeps (its figure 8). Layers: the decoder's ("chosen
     # layers" of the baseline; the 4-px mid block of this model is inverted and its encoder layers localise colours).
@@ -62,6 +62,3 @@ class CrossAttentionBaseline:
         """(B, P, K + 1) scores on ``plan.grid``, background first."""
         fg = minmax(fused_cross(store, plan.cross, spans, plan.grid))
         return with_background(fg, background_score(fg, self.config.bg_power, self.config.bg_threshold))
-
-    def with_overrides(self, **kw) -> CrossAttentionBaseline:
-        return CrossAttentionBaseline(replace(self.config, **kw))

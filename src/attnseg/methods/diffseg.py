@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from attnseg.diffusion.capture import AttentionStore
+from attnseg.diffusion.layers import LayerInfo
+from attnseg.methods.base import CapturePlan
 from attnseg.ops.maps import grid_side
 
 
@@ -108,3 +111,25 @@ def assign(proposals: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Non-maximum suppression at ``size``: (Q, s, s) proposals -> (H, W) segment ids."""
     up = F.interpolate(proposals[None].float(), size=size, mode="bilinear", align_corners=False)[0]
     return up.argmax(0)
+
+
+class DiffSeg:
+    """DiffSeg on a backbone: capture every self-attention layer, merge, return proposals per image."""
+
+    name = "diffseg"
+
+    def __init__(self, config: DiffSegConfig | None = None) -> None:
+        self.config = config or DiffSegConfig()
+
+    def plan(self, inventory: list[LayerInfo], latent_side: int) -> CapturePlan:
+        layers = [lay for lay in inventory if lay.kind == "self"]
+        side = max(lay.side(latent_side) for lay in layers)
+        return CapturePlan(cross={}, self_names=[lay.name for lay in layers], grid=(side, side))
+
+    def proposals(self, store: AttentionStore, plan: CapturePlan) -> list[torch.Tensor]:
+        """Per image, the merged proposals (Q, S, S) from the captured maps, grouped by grid side."""
+        by_side: dict[int, list[torch.Tensor]] = {}
+        for n in plan.self_names:
+            m = store.mean(n)
+            by_side.setdefault(grid_side(m.shape[1]), []).append(m)
+        return diffseg_proposals({s: torch.stack(v).mean(0) for s, v in by_side.items()}, self.config)

@@ -1,6 +1,6 @@
 """Masks for images the model generates: CA (DiffuMask), CA.SA (Dataset Diffusion) and SeeDiff.
 
-Inputs are maps aggregated over all denoising steps (``attnseg.generation``), grouped by
+Inputs are maps aggregated over all denoising steps (:mod:`attnseg.generator`), grouped by
 resolution: ``cross[s]`` (B, s*s, T) and ``self_attn[s]`` (B, s*s, s*s) for each grid side s.
 Each method returns soft per-label maps (B, K, S, S) on the finest grid, in [0, 1].
 Binarisation (beta), the uncertain band and PAMR are shared steps in :func:`finalize`.
@@ -9,11 +9,12 @@ Binarisation (beta), the uncertain band and PAMR are shared steps in :func:`fina
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from attnseg.ops.maps import columns_to_images, max_normalise, minmax, propagate, resize_columns, token_maps
+from attnseg.ops.refine import PAMRConfig, pamr
 
 
 @dataclass
@@ -24,8 +25,6 @@ class GeneratedConfig:
     """Denoising steps (SeeDiff: 50 with SD 2-base)."""
     guidance: float = 7.5
     """Classifier-free guidance scale."""
-    template: str = "a photo of a {}"
-    """Prompt of one class (SeeDiff, DiffuMask, Dataset Diffusion)."""
     beta: float = 0.3
     """Threshold of the final soft mask (SeeDiff's comparison protocol for every method)."""
     uncertain_band: tuple[float, float] | None = None
@@ -63,13 +62,6 @@ class SeeDiffConfig(GeneratedConfig):
     variant: str = "paper"
     """"paper": thresholds alpha and beta, mean of self rows; "code": Otsu thresholds and cosine
     similarity of self rows to the seeds (the authors' public code)."""
-
-
-GENERATED_PRESETS = {
-    "ca": {"default": CAConfig()},
-    "ca-sa": {"default": CASAConfig(), "seediff-comparison": CASAConfig(beta=0.3, uncertain_band=None, pamr=True)},
-    "seediff": {"default": SeeDiffConfig(), "code": SeeDiffConfig(variant="code")},
-}
 
 
 def sides_by_rank(sides: Sequence[int]) -> list[int]:
@@ -182,8 +174,6 @@ def finalize(
     Upsample, optional PAMR on ``image`` (B, 3, H, W), then per pixel: the label with the highest
     score if it reaches beta, else background; scores inside the uncertain band become 255.
     """
-    from attnseg.ops.refine import PAMRConfig, pamr
-
     up = torch.nn.functional.interpolate(soft.float(), size=size, mode="bilinear", align_corners=False)
     if cfg.pamr and image is not None:
         up = pamr(image, up, PAMRConfig(iters=cfg.pamr_iters))
@@ -195,29 +185,60 @@ def finalize(
     return up, lab
 
 
-GENERATED_METHODS = {
-    "ca": (CAConfig, lambda cross, self_attn, spans, cfg: cross_aggregation(cross, spans, cfg)),
-    "ca-sa": (CASAConfig, cross_self),
-    "seediff": (SeeDiffConfig, seediff),
-}
+class GeneratedMethod:
+    """A generated-image method: its config, the maps it reads, and its soft masks.
+
+    ``step_normalise`` says which maps are max-normalised at every step before the running mean (SeeDiff eq. 5):
+    ``"all"`` (cross per token, self per map) or ``"cross"`` (self maps stay row-stochastic, for Self^tau).
+    """
+
+    name: str
+    step_normalise: str = "cross"
+
+    def __init__(self, config: GeneratedConfig) -> None:
+        self.config = config
+
+    def sides(self, cross_sides: Sequence[int], self_sides: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Grid sides of the cross and self maps the method reads (only those layers are captured)."""
+        raise NotImplementedError
+
+    def soft(self, cross: dict[int, torch.Tensor], self_attn: dict[int, torch.Tensor], spans: Sequence[Sequence[int]]):
+        """Soft per-label masks (B, K, S, S) in [0, 1] from the maps aggregated over the steps."""
+        raise NotImplementedError
 
 
-def needed_sides(name: str, cfg, cross_sides: Sequence[int], self_sides: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Grid sides of the cross and self maps a method reads (so only those layers are captured)."""
-    if name == "ca":
+class CA(GeneratedMethod):
+    name = "ca"
+
+    def sides(self, cross_sides, self_sides):
         return sorted(set(cross_sides)), []
-    if name == "ca-sa":
-        return [_rank_side(cross_sides, cfg.cross_rank)], [_rank_side(self_sides, cfg.self_rank)]
-    s0 = _rank_side(cross_sides, cfg.seed_rank)
-    return [s0], [s for s in sorted(set(self_sides)) if s >= s0]
+
+    def soft(self, cross, self_attn, spans):
+        return cross_aggregation(cross, spans, self.config)
 
 
-def generated_method(name: str, preset: str | None = None, **overrides):
-    """(config, function) of a generated-image method by name and preset."""
-    if name not in GENERATED_METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(GENERATED_METHODS)}")
-    presets = GENERATED_PRESETS[name]
-    if preset is not None and preset not in presets:
-        raise ValueError(f"unknown preset {preset!r} for {name}; choose one of {', '.join(presets)}")
-    cfg = replace(presets[preset or "default"], **overrides)
-    return cfg, GENERATED_METHODS[name][1]
+class CASA(GeneratedMethod):
+    name = "ca-sa"
+
+    def sides(self, cross_sides, self_sides):
+        return [_rank_side(cross_sides, self.config.cross_rank)], [_rank_side(self_sides, self.config.self_rank)]
+
+    def soft(self, cross, self_attn, spans):
+        return cross_self(cross, self_attn, spans, self.config)
+
+
+class SeeDiff(GeneratedMethod):
+    name = "seediff"
+    step_normalise = "all"
+
+    def sides(self, cross_sides, self_sides):
+        s0 = _rank_side(cross_sides, self.config.seed_rank)
+        return [s0], [s for s in sorted(set(self_sides)) if s >= s0]
+
+    def soft(self, cross, self_attn, spans):
+        return seediff(cross, self_attn, spans, self.config)
+
+
+CA_PRESETS = {"default": CAConfig()}
+CASA_PRESETS = {"default": CASAConfig(), "seediff-comparison": CASAConfig(beta=0.3, uncertain_band=None, pamr=True)}
+SEEDIFF_PRESETS = {"default": SeeDiffConfig(), "code": SeeDiffConfig(variant="code")}

@@ -8,15 +8,20 @@ per-label min-max; background (1 - max)^2; several noise draws averaged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
 from attnseg.diffusion.layers import LayerInfo, LayerSelect, resolve_all
 from attnseg.diffusion.prompts import T2M_BACKGROUND_WORDS, TokenSpans
-from attnseg.methods.base import EMBEDDED_T2M_SELF_LAYER, CapturePlan, fused_cross, mean_self
+from attnseg.methods.base import CapturePlan, fused_cross, mean_self
 from attnseg.ops.maps import background_score, minmax, propagate, with_background
+
+EMBEDDED_SELF_LAYER = LayerSelect(kind="self", ranks=(99,), blocks=("up",), take=(0, 1))
+"""The self-attention layer of the "embedded" presets: the first layer of the finest decoder level (the embedded
+model's up_blocks.2.attentions.0, 16 px), chosen on validation scenes (docs/EMBEDDED-MODEL-TRAINING.md). Selected by
+position, not by block index, so that it names the same place in UNets with another number of levels."""
 
 
 @dataclass
@@ -62,9 +67,9 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     # (object lift 1.1, `python -m attnseg.train.embedded.diagnose`); the first decoder layer at the same resolution
     # (16 px) is object-coherent and was chosen on validation scenes (docs/EMBEDDED-MODEL-TRAINING.md). Its
     # background threshold (the code's (2 thr - max)^2; VOC 0.5) was chosen there too, for ShapesWorld's small objects.
-    "embedded": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_T2M_SELF_LAYER, bg_threshold=0.65),
+    "embedded": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.65),
     # The same with the paper's background rule (1 - max)^2: an ablation on the embedded model.
-    "embedded-paper-bg": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_T2M_SELF_LAYER),
+    "embedded-paper-bg": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_SELF_LAYER),
 }
 
 
@@ -91,6 +96,3 @@ class T2M:
         fg = minmax(sc)
         bg = background_score(fg, self.config.bg_power, self.config.bg_threshold)
         return with_background(fg, bg)
-
-    def with_overrides(self, **kw) -> T2M:
-        return T2M(replace(self.config, **kw))

@@ -334,24 +334,6 @@ def shapes_prompts(n: int, seed: int = 3, max_objects: int = 2) -> list[tuple[st
 
 # ----------------------------------------------------------------------------- export
 
-PALETTE: list[int] = []
-
-
-def voc_palette() -> list[int]:
-    """The Pascal VOC colour palette (256 entries, flattened RGB)."""
-    if not PALETTE:
-        for i in range(256):
-            r = g = b = 0
-            c = i
-            for j in range(8):
-                r |= ((c >> 0) & 1) << (7 - j)
-                g |= ((c >> 1) & 1) << (7 - j)
-                b |= ((c >> 2) & 1) << (7 - j)
-                c >>= 3
-            PALETTE.extend((r, g, b))
-    return PALETTE
-
-
 def export_voc(
     out: str | Path,
     n: int,
@@ -368,6 +350,8 @@ def export_voc(
     """
     from PIL import Image
 
+    from attnseg.io.images import palette_png
+
     out = Path(out)
     for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -378,16 +362,13 @@ def export_voc(
         from rich.progress import track
 
         it = track(it, description=f"exporting {n} scenes")
-    pal = voc_palette()
     for i in it:
         sc = make_scene(seed, i, cfg)
         sid = f"shapes_{seed}_{i:06d}"
         ids.append(sid)
         Image.fromarray(sc.image).save(out / "JPEGImages" / f"{sid}.png")
         for arr, sub in ((sc.semantic, "SegmentationClass"), (sc.instance, "SegmentationObject")):
-            im = Image.fromarray(arr, mode="P")
-            im.putpalette(pal)
-            im.save(out / sub / f"{sid}.png")
+            palette_png(arr).save(out / sub / f"{sid}.png")
         labels[f"{sid}.png"] = sc.labels
         captions[f"{sid}.png"] = sc.caption
         objects[f"{sid}.png"] = [o.__dict__ for o in sc.objects]

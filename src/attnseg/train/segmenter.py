@@ -1,6 +1,6 @@
-"""Protocol II of the synthetic-data papers: train a small segmenter on generated pairs, score it on real images.
+"""Protocol II of the synthetic-data papers: train a small segmenter on generated pairs (scored on real images).
 
-``attnseg train-segmenter DATASET --out MODEL`` trains :class:`SegNet` (a plain-torch U-Net of three
+``attnseg train-segmenter DATASET --out MODEL`` trains :class:`~attnseg.segnet.SegNet` (a plain-torch U-Net of three
 levels) with cross-entropy on a dataset of image/mask pairs:
 
 - a folder written by ``attnseg generate`` (``manifest.jsonl``, ``classes.txt``, ``images/``, ``masks/``;
@@ -25,15 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from attnseg.io.files import atomic_torch_save, atomic_write_bytes, settings_diff
-
-IGNORE = 255
-
-
-class SegmenterError(ValueError):
-    """Bad input to segmenter training or loading; the message says what to do."""
+from attnseg.ops.metrics import IGNORE
+from attnseg.segnet import SegmenterError, SegNet, normalise
 
 
 @dataclass
@@ -56,44 +51,6 @@ class SegmenterConfig:
     ckpt_every: int = 250
 
 
-# ----------------------------------------------------------------------------- network
-
-
-def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1),
-        nn.GroupNorm(8, cout),
-        nn.SiLU(),
-        nn.Conv2d(cout, cout, 3, padding=1),
-        nn.GroupNorm(8, cout),
-        nn.SiLU(),
-    )
-
-
-class SegNet(nn.Module):
-    """A small U-Net: three levels (w, 2w, 4w), bilinear up-sampling with skip connections."""
-
-    def __init__(self, n_classes: int, width: int = 32) -> None:
-        super().__init__()
-        w = width
-        self.enc1, self.enc2, self.enc3 = _block(3, w), _block(w, 2 * w), _block(2 * w, 4 * w)
-        self.dec2, self.dec1 = _block(4 * w + 2 * w, 2 * w), _block(2 * w + w, w)
-        self.head = nn.Conv2d(w, n_classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e1 = self.enc1(x)
-        e2 = self.enc2(F.max_pool2d(e1, 2))
-        e3 = self.enc3(F.max_pool2d(e2, 2))
-        d2 = self.dec2(torch.cat([F.interpolate(e3, size=e2.shape[-2:], mode="bilinear", align_corners=False), e2], 1))
-        d1 = self.dec1(torch.cat([F.interpolate(d2, size=e1.shape[-2:], mode="bilinear", align_corners=False), e1], 1))
-        return self.head(d1)
-
-
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -105,7 +62,7 @@ def read_pairs(root: str | Path, split: str = "train") -> tuple[list[tuple[Path,
     if not root.is_dir():
         raise SegmenterError(f"dataset folder {root} does not exist")
     if (root / "manifest.jsonl").exists():
-        from attnseg.jobs.generate import read_manifest
+        from attnseg.io.generated import read_manifest
 
         if not (root / "classes.txt").exists():
             raise SegmenterError(f"{root} has a manifest but no classes.txt; is it an `attnseg generate` folder?")
@@ -118,7 +75,7 @@ def read_pairs(root: str | Path, split: str = "train") -> tuple[list[tuple[Path,
         except DatasetError as e:
             raise SegmenterError(str(e)) from None
         classes = ds.classes
-        pairs = [(ds._image_path(i), root / "SegmentationClass" / f"{i}.png") for i in ds.ids]
+        pairs = [(ds.image_path(i), root / "SegmentationClass" / f"{i}.png") for i in ds.ids]
     else:
         raise SegmenterError(
             f"{root} is neither an `attnseg generate` folder (manifest.jsonl) nor a VOC-layout folder (ImageSets/Segmentation/)"
@@ -245,7 +202,7 @@ def train_segmenter(
         running = []
         while step < cfg.steps:
             idx = torch.randint(0, len(pairs), (cfg.batch,), generator=gen)
-            x, y = augment(_normalise(ims_t[idx]), masks_t[idx], gen, cfg.min_scale, cfg.vflip)
+            x, y = augment(normalise(ims_t[idx]), masks_t[idx], gen, cfg.min_scale, cfg.vflip)
             loss = F.cross_entropy(net(x), y, ignore_index=IGNORE)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"segmenter loss became {loss.item()} at step {step}; lower --lr")
@@ -281,41 +238,3 @@ def train_segmenter(
     if ck.exists():
         ck.unlink()
     return {**record, "finished": True, "step": step}
-
-
-# ----------------------------------------------------------------------------- inference
-
-
-class Segmenter:
-    """A trained :class:`SegNet` with its class names; ``predict`` returns a label map at the image's size."""
-
-    def __init__(self, net: SegNet, classes: list[str], size: int, name: str) -> None:
-        self.net, self.classes, self.size, self.name = net.eval(), classes, size, name
-
-    @classmethod
-    def load(cls, folder: str | Path) -> Segmenter:
-        folder = Path(folder)
-        if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
-            raise SegmenterError(f"{folder} is not a trained segmenter (config.json and model.safetensors expected)")
-        from safetensors.torch import load_file
-
-        rec = json.loads((folder / "config.json").read_text())
-        net = SegNet(len(rec["classes"]), rec["config"]["width"])
-        net.load_state_dict(load_file(str(folder / "model.safetensors")))
-        return cls(net, rec["classes"], rec["config"]["size"], folder.name)
-
-    @torch.no_grad()
-    def predict(self, image: np.ndarray) -> np.ndarray:
-        """(H, W) uint8 class ids in this segmenter's class space."""
-        h, w = image.shape[:2]
-        x = _normalise(torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))[None])
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        logits = F.interpolate(self.net(x), size=(h, w), mode="bilinear", align_corners=False)
-        return logits.argmax(1)[0].numpy().astype(np.uint8)
-
-    def lut_to(self, classes: list[str]) -> np.ndarray:
-        """Map this segmenter's class ids to ids of ``classes`` (by name); unknown names are an error."""
-        missing = [c for c in self.classes[1:] if c not in classes]
-        if missing:
-            raise SegmenterError(f"segmenter {self.name} predicts {missing}, which are not classes of the dataset {classes[1:]}")
-        return np.array([0] + [classes.index(c) for c in self.classes[1:]], np.uint8)

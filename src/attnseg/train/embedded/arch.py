@@ -23,8 +23,8 @@ class ToyArch:
     unet_cross_every_level: bool = False
     """False: SD 1.x's layout, cross-attention down/up blocks at every level but the lowest (plain ResNet blocks
     there). True: cross-attention blocks at every level, the lowest included. The mid block, always at the lowest
-    level's resolution, has cross-attention either way (run 3 uses True with two levels, 16 and 8 px, so that no
-    attention is read at 4 px: docs/EMBEDDED-MODEL-TRAINING.md)."""
+    level's resolution, has cross-attention either way (True with two levels, 16 and 8 px, reads no
+    attention at 4 px: docs/EMBEDDED-MODEL-TRAINING.md)."""
     unet_heads: int = 4
     text_hidden: int = 128
     text_layers: int = 3

@@ -25,10 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnseg.diffusion.capture import capture_attention
-from attnseg.diffusion.layers import layer_inventory
-from attnseg.diffusion.prompts import find_phrase_spans, resolve_spans
+from attnseg.diffusion.prompts import find_phrase_spans
 from attnseg.ops.maps import grid_side
+from attnseg.predictor import AttnSegPredictor
 from attnseg.shapes.world import make_scene
 from attnseg.train.embedded.train import HOLDOUT_SEED
 
@@ -43,8 +42,6 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def _held_out(pipe, n: int, seed: int):
     """``n`` scenes of world ``seed``, their latents and captions "a photo of a <colour> <shape> and a ..."."""
-    from attnseg.predictor import AttnSegPredictor
-
     pred = AttnSegPredictor(pipe)
     scenes = [make_scene(seed, i) for i in range(n)]
     texts = ["a photo of a " + " and a ".join(o.phrase for o in s.objects) for s in scenes]
@@ -59,17 +56,16 @@ def localisation_report(pipe, n: int = 64, timesteps=(150, 400), seed: int = HOL
         words = []
         for o in s.objects:
             words += [o.colour, o.shape]
-        spans.append(resolve_spans(pipe.tokenizer, text, find_phrase_spans(text, words), words))
-    emb = pred._encode_text(texts)
-    inv = [lay for lay in layer_inventory(pipe.unet) if lay.kind == "cross"]
+        spans.append(pred.backbone.token_spans(text, find_phrase_spans(text, words), words))
+    emb = pred.backbone.encode_prompts(texts)
+    inv = [lay for lay in pred.inventory if lay.kind == "cross"]
     names = [lay.name for lay in inv]
     out: dict = {}
     g = torch.Generator().manual_seed(0)
     for t in timesteps:
         noise = torch.randn(latents.shape, generator=g)
-        z = pipe.scheduler.add_noise(latents, noise, torch.tensor([t]))
-        with capture_attention(pipe.unet, names) as store:
-            pipe.unet(z, torch.full((n,), t), encoder_hidden_states=emb)
+        z = pred.backbone.add_noise(latents, noise, t)
+        store = pred.backbone.forward(z, t, emb, names)
         for lay in inv:
             m = store.mean(lay.name)  # (n, P, T)
             side = grid_side(m.shape[1])
@@ -130,14 +126,13 @@ def object_affinity(attn: torch.Tensor, cells: torch.Tensor) -> dict[str, float]
 def self_attention_report(pipe, n: int = 32, timesteps=(100, 150), seed: int = HOLDOUT_SEED) -> dict:
     """Per self-attention layer and timestep: mean ``object_affinity`` over ``n`` held-out scenes."""
     pred, scenes, latents, texts = _held_out(pipe, n, seed)
-    emb = pred._encode_text(texts)
-    inv = [lay for lay in layer_inventory(pipe.unet) if lay.kind == "self"]
+    emb = pred.backbone.encode_prompts(texts)
+    inv = [lay for lay in pred.inventory if lay.kind == "self"]
     g = torch.Generator().manual_seed(0)
     out: dict = {}
     for t in timesteps:
-        z = pipe.scheduler.add_noise(latents, torch.randn(latents.shape, generator=g), torch.tensor([t]))
-        with capture_attention(pipe.unet, [lay.name for lay in inv]) as store:
-            pipe.unet(z, torch.full((n,), t), encoder_hidden_states=emb)
+        z = pred.backbone.add_noise(latents, torch.randn(latents.shape, generator=g), t)
+        store = pred.backbone.forward(z, t, emb, [lay.name for lay in inv])
         for lay in inv:
             m = store.mean(lay.name)
             side = grid_side(m.shape[1])

@@ -1,4 +1,4 @@
-"""Are two objects of the same shape told apart by their colour words? (issue 3's acceptance test)
+"""Are two objects of the same shape told apart by their colour words? (the embedded model's colour test)
 
 Held-out ShapesWorld scenes (seed 1) holding two objects of the same shape in different colours are
 segmented with the labels "<colour A> <shape>" and "<colour B> <shape>". For each object the IoU of

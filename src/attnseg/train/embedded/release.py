@@ -15,7 +15,9 @@ import platform
 import time
 from pathlib import Path
 
-from attnseg.methods.base import EMBEDDED_ISEG_SELF_LAYER, EMBEDDED_T2M_SELF_LAYER
+from attnseg.diffusion.layers import layer_inventory
+from attnseg.diffusion.loading import EMBEDDED_DIR
+from attnseg.methods.registry import REGISTRY
 
 CARD = """# attnseg embedded model (ShapesWorld, Stable Diffusion architecture)
 
@@ -56,18 +58,39 @@ captions are empty (for classifier-free guidance). Evaluation scenes use world s
 - Its attention localises colour and shape words to the degree given above; it is a test bed for the methods, not
   a general segmenter. Users with real Stable Diffusion weights pass `--model`.
 - Resolution is fixed at 64x64; other sizes are resized.
-- `attnseg.json` beside this card makes `cross:embedded`, `t2m:embedded`, `iseg:embedded` and `diffseg:embedded` its
-  default presets. The first three take background thresholds chosen on validation scenes (cross 0.7, T2M 0.65 in the
-  rule (2 thr - max)^2, whose thr 0.5 is the papers' (1 - max)^2; iSeg a constant 0.5), as the papers set theirs
+{presets}
+"""
+
+
+PRESETS_TEXT = """- `attnseg.json` beside this card makes `cross:embedded`, `t2m:embedded`, `iseg:embedded` and `diffseg:embedded` its
+  default presets. The first three take background thresholds chosen on validation scenes (cross {cross_bg}, T2M {t2m_bg} in the
+  rule (2 thr - max)^2, whose thr 0.5 is the papers' (1 - max)^2; iSeg a constant {iseg_bg}), as the papers set theirs
   per dataset: ShapesWorld's objects are small, and the papers' VOC rule lets the label maps spread over the
   background (measured above: `cross:default`, `*:embedded-paper-bg`). The baseline averages the decoder's cross
   layers (DAAM averages all; this model's 4-px mid block is inverted), also chosen on validation scenes. The papers'
   self-attention layer maps onto this model's last decoder layer, which attends almost uniformly (table above), so
   the T2M and iSeg presets read object-coherent 16-px layers (T2M the first decoder layer {t2m_layer},
-  iSeg the encoder layer {iseg_layer}, with 1 iteration instead of 8), and DiffSeg merges with a KL
-  threshold of 0.1 instead of the paper's 1.1, which merges every scene of this model into one segment; all chosen on
-  validation scenes, docs/EMBEDDED-MODEL-TRAINING.md. Pass a preset to use another.
-"""
+  iSeg the encoder layer {iseg_layer}, with {iseg_iters} iteration instead of {iseg_paper_iters}), and DiffSeg merges with a KL
+  threshold of {diffseg_kl} instead of the paper's {diffseg_paper_kl}, which merges every scene of this model into one segment; all chosen on
+  validation scenes, docs/EMBEDDED-MODEL-TRAINING.md. Pass a preset to use another."""
+"""The card's paragraph on the model's default presets; every number in it is read from the preset configs."""
+
+
+def presets_text(unet) -> str:
+    """:data:`PRESETS_TEXT` filled from the "embedded" presets of the registry and the layers they pick in ``unet``."""
+    emb = {m: REGISTRY[m].presets["embedded"] for m in ("cross", "t2m", "iseg", "diffseg")}
+    paper = {m: REGISTRY[m].config() for m in ("iseg", "diffseg")}
+    return PRESETS_TEXT.format(
+        cross_bg=emb["cross"].bg_threshold,
+        t2m_bg=emb["t2m"].bg_threshold,
+        iseg_bg=emb["iseg"].bg_threshold,
+        t2m_layer=_block_name(emb["t2m"].self_layer, unet),
+        iseg_layer=_block_name(emb["iseg"].self_layer, unet),
+        iseg_iters=emb["iseg"].iters,
+        iseg_paper_iters=paper["iseg"].iters,
+        diffseg_kl=emb["diffseg"].kl_threshold,
+        diffseg_paper_kl=paper["diffseg"].kl_threshold,
+    )
 
 
 def unet_layout_text(down_block_types: list[str], mid_block_type: str | None, latent_side: int) -> str:
@@ -86,8 +109,6 @@ def unet_layout_text(down_block_types: list[str], mid_block_type: str | None, la
 
 def _block_name(select, unet) -> str:
     """The attention block (``up_blocks.2.attentions.0``) of the one layer that ``select`` picks in ``unet``."""
-    from attnseg.diffusion.layers import layer_inventory
-
     (layer,) = select.resolve(layer_inventory(unet))
     return layer.name.split(".transformer_blocks")[0]
 
@@ -139,7 +160,7 @@ def _run_summaries(works: list[str]) -> list[dict]:
     for w in works:
         ck = Path(w) / "ckpt.pt"
         if ck.exists():
-            state = torch.load(ck, weights_only=False, mmap=True)
+            state = torch.load(ck, weights_only=True, mmap=True)
             cfg = state["config"]
             runs.append(
                 {
@@ -338,12 +359,12 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         history = (
             f"- History: up to step {starts[-1]['step']:,} the text encoder had 3 transformer layers, trained jointly; from then on\n"
             "  it has 0 (its token and position embeddings and final norm kept), so each token's output is its own embedding and\n"
-            "  the start and padding outputs are constants (why: docs/EMBEDDED-MODEL-TRAINING.md, session 2).\n"
+            "  the start and padding outputs are constants (why: docs/EMBEDDED-MODEL-TRAINING.md).\n"
         )
     elif arch["text_layers"] == 0:
         history = (
             "- The text encoder has 0 transformer layers (token and position embeddings and the final norm, trained jointly),\n"
-            "  so each token's output is its own embedding (why: docs/EMBEDDED-MODEL-TRAINING.md, session 2).\n"
+            "  so each token's output is its own embedding (why: docs/EMBEDDED-MODEL-TRAINING.md).\n"
         )
     runs = _run_summaries(works[unet_origin(logs) :])
     history += caption_history([(r["step"], r["colour_prob"]) for r in runs])
@@ -360,8 +381,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         unet_params=_params(pipe.unet),
         unet_channels="/".join(map(str, arch["unet_channels"])),
         heads=arch["unet_heads"],
-        t2m_layer=_block_name(EMBEDDED_T2M_SELF_LAYER, pipe.unet),
-        iseg_layer=_block_name(EMBEDDED_ISEG_SELF_LAYER, pipe.unet),
+        presets=presets_text(pipe.unet),
         unet_layout=unet_layout_text(
             list(pipe.unet.config.down_block_types), pipe.unet.config.mid_block_type, pipe.unet.config.sample_size
         ),
@@ -395,7 +415,7 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/work/toy-train")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "embedded"))
+    p.add_argument("--out", default=str(EMBEDDED_DIR))
     p.add_argument("--docs", default="docs")
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--oracle-n", type=int, default=24)

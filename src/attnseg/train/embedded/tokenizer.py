@@ -100,7 +100,7 @@ VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
 
 :func:`train_vocab` made them once. It is not used at run time because the BPE trainer breaks ties
 between equally frequent merges in hash order, so two processes can number ~20 tokens differently
-(found in session 2: "and" was 772 in one process and 773 in another). Token ids index the text
+("and" was seen as 772 in one process and 773 in another). Token ids index the text
 encoder's embedding rows, so every process must read the same files.
 """
 

@@ -268,7 +268,7 @@ def stage_unet(
     decay_from: int | None = None
     ck = work / "ckpt.pt"
     if ck.exists():
-        state = torch.load(ck, weights_only=False)
+        state = torch.load(ck, weights_only=True)
         unet.load_state_dict(state["unet"])
         te.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
@@ -290,7 +290,7 @@ def stage_unet(
     elif init_ckpt:
         # Start from another run's checkpoint (online weights); the text encoder may have fewer layers:
         # its embeddings and final norm are kept. Fresh optimizer and EMA, with a new warm-up.
-        state = torch.load(init_ckpt, weights_only=False)
+        state = torch.load(init_ckpt, weights_only=True)
         unet.load_state_dict(state["unet"])
         res = te.load_state_dict(state["text_encoder"], strict=False)
         if res.missing_keys:
@@ -458,7 +458,7 @@ def stage_export(cfg: TrainConfig, out_dir: str | Path, use_ema: bool = True) ->
     from diffusers import StableDiffusionPipeline
 
     work = Path(cfg.work)
-    state = torch.load(work / "ckpt.pt", weights_only=False)
+    state = torch.load(work / "ckpt.pt", weights_only=True)
     arch = train_arch(state["config"])
     tok = build_tokenizer(arch.max_length)
     unet = build_unet(arch)
@@ -521,7 +521,7 @@ def _ckpt_config(ckpt: str | Path) -> dict:
     """The TrainConfig (as a dict) saved in the checkpoint file ``ckpt`` (memory-mapped: the weights are not read)."""
     import torch
 
-    return torch.load(ckpt, weights_only=False, mmap=True)["config"]
+    return torch.load(ckpt, weights_only=True, mmap=True)["config"]
 
 
 def _text_layers(cfg: TrainConfig, asked: int | None, init_from: str | None, init_ckpt: str | None = None) -> int:

@@ -1,0 +1,102 @@
+"""The backbone interface: every method reads a diffusion model through these few operations.
+
+A backbone wraps one loaded diffusers pipeline and answers, in model-independent terms:
+
+- ``layers``: its attention layers (:class:`~attnseg.diffusion.layers.LayerInfo`: kind ``cross``, ``self``,
+  ``joint`` or ``single``; block; level; resolution rank; heads), so a method's layer choice means the same
+  place on every model of a family;
+- ``encode_images``: RGB images -> latents at a resolution (the VAE posterior mean, scaled);
+- ``encode_prompts``: texts -> :class:`TextStates` (the denoiser's text input and any added conditioning),
+  cached per text, so that asking again for the same labels encodes nothing;
+- ``token_spans``: the token positions of each label phrase in a prompt;
+- ``add_noise``: a latent noised to a timestep;
+- ``forward``: one denoiser forward with chosen layers captured -> the maps, as
+  :class:`~attnseg.diffusion.capture.AttentionStore` (cross maps ``(B, P, T)`` of image pixels to text tokens,
+  self maps ``(B, P, P)``), whatever the model's own token layout;
+- ``generate``: the pipeline's own generation, with chosen layers captured over every step.
+
+The Stable Diffusion 1.x / 2.x UNet is :class:`~attnseg.diffusion.unet.UNetBackbone`. The interface is shaped
+for the families that differ: SDXL (two text encoders, ``TextStates.added`` for its pooled embedding and
+time ids), SD3 (joint attention, image tokens first: the image-to-text block of a joint map is the cross map,
+the image-to-image block the self map) and Flux (joint and single-stream blocks, text tokens first, RoPE, no
+classifier-free guidance for the distilled models). Methods never see which one they run on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from attnseg.diffusion.capture import AttentionStore
+from attnseg.diffusion.layers import LayerInfo
+from attnseg.diffusion.prompts import TokenSpans
+
+
+@dataclass
+class TextStates:
+    """Encoded prompts: ``hidden`` (B, T, D) text states and ``added`` conditioning tensors with B rows."""
+
+    hidden: torch.Tensor
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def rows(self, index) -> TextStates:
+        """The states of rows ``index`` (a tensor or list of row indices)."""
+        return TextStates(self.hidden[index], {k: v[index] for k, v in self.added.items()})
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+class Backbone(Protocol):
+    """What a method needs of a diffusion model; see the module docstring."""
+
+    pipe: Any
+    model_name: str
+    layers: list[LayerInfo]
+    native_resolution: int
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def latent_side(self, resolution: int) -> int: ...
+
+    def encode_images(self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16) -> torch.Tensor: ...
+
+    def encode_prompts(self, texts: Sequence[str]) -> TextStates: ...
+
+    def token_spans(
+        self,
+        text: str,
+        char_spans: Sequence[tuple[int, int]],
+        labels: Sequence[str],
+        background_spans: Sequence[tuple[int, int]] = (),
+    ) -> TokenSpans: ...
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor: ...
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: int,
+        text: TextStates,
+        names: Sequence[str] = (),
+        per_head: Sequence[str] = (),
+        key_scale: torch.Tensor | None = None,
+    ) -> AttentionStore: ...
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        steps: int,
+        guidance: float,
+        generators: Sequence[torch.Generator] | None = None,
+        names: Sequence[str] = (),
+        transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[np.ndarray, AttentionStore]: ...

@@ -1,0 +1,71 @@
+"""The output contract of ``attnseg segment`` (other tools read it; keep it stable).
+
+Per input ``<stem>``:
+- ``<stem>.png``: palette PNG at the input's size, 0 = background, i = the i-th label as given;
+- ``<stem>_overlay.png``: the image with the mask blended in;
+- ``<stem>_scores.npz``: ``scores`` (K + 1, H, W) float16 (background first), ``confidence``
+  (H, W) float16, ``labels``;
+- ``<stem>.json``: ``labels``, ``method``, ``model``, ``prompt``, ``settings``, ``image``, ``size``.
+The JSON is written last, each file atomically: an image whose JSON records the same request is done
+(:func:`is_done`); a run killed mid-image leaves no JSON and the image is redone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from attnseg.io.files import atomic_write_bytes
+from attnseg.io.images import encode_png, overlay, palette_png
+
+
+def write_outputs(out: Path, stem: str, image: np.ndarray, result, model_name: str, src: str, preset: str | None = None) -> None:
+    """Write the four files of one segmented image (``result``: an :class:`~attnseg.predictor.SegmentationResult`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / f"{stem}.png", encode_png(palette_png(result.mask)))
+    atomic_write_bytes(out / f"{stem}_overlay.png", encode_png(Image.fromarray(overlay(image, result.mask))))
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        scores=result.scores.astype(np.float16),
+        confidence=result.confidence.astype(np.float16),
+        labels=np.asarray(result.labels),
+    )
+    atomic_write_bytes(out / f"{stem}_scores.npz", buf.getvalue())
+    meta = {
+        "labels": result.labels,
+        "method": result.method,
+        "preset": preset,
+        "model": model_name,
+        "prompt": result.prompt,
+        "image": src,
+        "size": list(image.shape[:2]),
+        "uncertain_fraction": float(result.uncertain.mean()),
+        "settings": result.settings,
+    }
+    atomic_write_bytes(out / f"{stem}.json", json.dumps(meta, indent=1, default=str).encode())
+
+
+def is_done(meta_path: Path, labels: Sequence[str], method: str, preset, model: str, seed: int, crf: bool, draws) -> bool:
+    """True when ``meta_path`` records this very request (labels, method, preset, model, seed, CRF, draws)."""
+    if not meta_path.exists():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    st = meta.get("settings", {})
+    return (
+        meta.get("labels") == list(labels)
+        and meta.get("method") == method
+        and meta.get("preset") == preset
+        and meta.get("model") == model
+        and st.get("seed") == seed
+        and st.get("crf") == bool(crf)
+        and (draws is None or st.get("draws") == draws)
+    )

@@ -1,0 +1,107 @@
+"""One registry of every method: name -> config class, presets, what it needs, how it is built.
+
+The command line, ``attnseg eval``, ``attnseg generate``, the predictor and a model's ``attnseg.json`` all
+validate a method and preset through :func:`resolve`, so a name is checked in one place with one message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from attnseg.methods.cross import CROSS_PRESETS, CrossAttentionBaseline, CrossConfig
+from attnseg.methods.diffseg import DIFFSEG_PRESETS, DiffSeg, DiffSegConfig
+from attnseg.methods.generated import (
+    CA,
+    CA_PRESETS,
+    CASA,
+    CASA_PRESETS,
+    SEEDIFF_PRESETS,
+    CAConfig,
+    CASAConfig,
+    SeeDiff,
+    SeeDiffConfig,
+)
+from attnseg.methods.iseg import ISEG_PRESETS, ISeg, ISegConfig
+from attnseg.methods.t2m import T2M, T2M_PRESETS, T2MConfig
+
+REAL = "real"
+GENERATED = "generated"
+
+
+class MethodError(ValueError):
+    """An unknown method or preset; the message lists the choices."""
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the rest of attnseg knows of a method.
+
+    images: ``"real"`` (segment an existing image) or ``"generated"`` (masks of images the model generates).
+    needs_labels: False for unsupervised methods (segments without class names).
+    build: config -> the method object (its ``plan`` / ``scores`` or ``sides`` / ``soft``).
+    The first preset is the paper's and the default.
+    """
+
+    name: str
+    config: type
+    presets: Mapping[str, Any]
+    images: str
+    needs_labels: bool
+    build: Callable[[Any], Any]
+    summary: str
+
+    @property
+    def default_preset(self) -> str:
+        return next(iter(self.presets))
+
+
+REGISTRY: dict[str, MethodInfo] = {
+    m.name: m
+    for m in (
+        MethodInfo("cross", CrossConfig, CROSS_PRESETS, REAL, True, CrossAttentionBaseline, "DAAM / DiffuMask cross-attention baseline"),
+        MethodInfo("t2m", T2MConfig, T2M_PRESETS, REAL, True, T2M, "From Text to Mask: Self^2 . Cross"),
+        MethodInfo("iseg", ISegConfig, ISEG_PRESETS, REAL, True, ISeg, "iSeg: Cat-Cross and entropy-reduced Self"),
+        MethodInfo("diffseg", DiffSegConfig, DIFFSEG_PRESETS, REAL, False, DiffSeg, "DiffSeg: KL merging of self-attention"),
+        MethodInfo("ca", CAConfig, CA_PRESETS, GENERATED, True, CA, "DiffuMask CA: cross maps of every resolution"),
+        MethodInfo("ca-sa", CASAConfig, CASA_PRESETS, GENERATED, True, CASA, "Dataset Diffusion: Self^tau . Cross"),
+        MethodInfo("seediff", SeeDiffConfig, SEEDIFF_PRESETS, GENERATED, True, SeeDiff, "SeeDiff: seeds, region expansion"),
+    )
+}
+
+
+def names(images: str | None = None, needs_labels: bool | None = None) -> list[str]:
+    """Method names, optionally only those for ``images`` and with or without labels."""
+    return [
+        n
+        for n, m in REGISTRY.items()
+        if (images is None or m.images == images) and (needs_labels is None or m.needs_labels == needs_labels)
+    ]
+
+
+def resolve(name: str, preset: str | None = None, images: str | None = None, needs_labels: bool | None = None):
+    """(info, preset name, config) of a method; an unknown name or preset is a :class:`MethodError`."""
+    choices = names(images, needs_labels)
+    if name not in choices:
+        raise MethodError(f"unknown method {name!r}; choose one of {', '.join(choices)}")
+    info = REGISTRY[name]
+    if preset is not None and preset not in info.presets:
+        raise MethodError(f"unknown preset {preset!r} for {name}; choose one of {', '.join(info.presets)}")
+    preset = preset or info.default_preset
+    return info, preset, info.presets[preset]
+
+
+def get_method(name: str, preset: str | None = None, images: str | None = REAL, **overrides):
+    """Build method ``name`` from a named preset (default: the paper's) with field overrides."""
+    info, _, cfg = resolve(name, preset, images)
+    return info.build(replace(cfg, **overrides))
+
+
+def check_profile(presets: Mapping[str, str]) -> list[str]:
+    """Problems of a model profile's ``{method: preset}`` (empty when every pair exists)."""
+    out = []
+    for method, preset in presets.items():
+        if method not in REGISTRY or preset not in REGISTRY[method].presets:
+            out.append(f"preset {preset!r} for {method!r}, which attnseg does not have")
+    return out
