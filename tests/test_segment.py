@@ -305,3 +305,35 @@ def test_malformed_profile_is_one_clean_error_in_the_cli(tiny_pipe_dir, tmp_path
     r = CliRunner().invoke(app, ["segment", str(im), "--labels", "cat", "--model", str(folder), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2, r.output
     assert "attnseg.json" in r.output and "Traceback" not in r.output
+
+
+def test_a_second_segment_of_the_same_labels_encodes_no_text(tiny_pipe_dir, scene):
+    from attnseg.predictor import AttnSegPredictor
+
+    pred = AttnSegPredictor.from_pretrained(tiny_pipe_dir, device="cpu", dtype="float32")
+    calls = []
+    hook = pred.pipe.text_encoder.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    try:
+        pred.set_image(scene.image)
+        first = pred.segment(["circle", "star"], method="cross")
+        assert calls == [1]
+        again = pred.segment(["circle", "star"], method="cross")
+        assert calls == [1]  # neither the prompt nor its states were computed again
+        pred.segment_batch([scene.image, scene.image], [["circle", "star"], ["ring"]], method="cross")
+        assert calls == [1, 1]  # only the new prompt
+    finally:
+        hook.remove()
+    assert np.array_equal(first.scores, again.scores)
+
+
+def test_output_folder_that_cannot_be_made_is_a_usage_error(tiny_pipe_dir, tmp_path):
+    Image.fromarray(make_scene(3, 0).image).save(tmp_path / "a.png")
+    (tmp_path / "file").write_text("not a folder")
+    for cmd in (
+        ["segment", str(tmp_path / "a.png"), "--labels", "circle", "--model", str(tiny_pipe_dir)],
+        ["generate", "-c", "circle", "--model", str(tiny_pipe_dir)],
+    ):
+        res = CliRunner().invoke(app, [*cmd, "--out", str(tmp_path / "file" / "out")])
+        assert res.exit_code == 2, res.output
+        assert f"cannot write to output folder {tmp_path / 'file' / 'out'}" in res.output
+        assert "Traceback" not in res.output

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from attnseg.diffusion.unet import UNetBackbone
+
 EMBEDDED_DIR = Path(__file__).parent.parent / "assets" / "embedded"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DTYPES = {
@@ -197,8 +199,6 @@ def _dtype_kw(dtype: torch.dtype) -> dict:
 
 def backbone_for(pipe, model_name: str | None = None):
     """The backbone that reads ``pipe``'s family (today the Stable Diffusion 1.x / 2.x UNet)."""
-    from attnseg.diffusion.unet import UNetBackbone
-
     if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
         raise ModelError(f"{type(pipe).__name__} is not a Stable Diffusion 1.x / 2.x pipeline; attnseg reads those")
     return UNetBackbone(pipe, model_name)

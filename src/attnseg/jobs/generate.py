@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attnseg.diffusion.loading import load_backbone
 from attnseg.generator import generate_with_masks
 from attnseg.io.files import atomic_write_bytes, settings_diff
 from attnseg.io.generated import MANIFEST, append_manifest, read_manifest, write_classes, write_coco, write_item
@@ -215,8 +216,6 @@ class BlockWorker:
 
 def _block_worker(model, out: str, spec: dict) -> BlockWorker:
     """Worker factory of an engine process: loads the model there (device and dtype as in ``spec``)."""
-    from attnseg.diffusion.loading import load_backbone
-
     return BlockWorker(load_backbone(model, device="auto", dtype="auto"), out, RunSpec(**spec))
 
 

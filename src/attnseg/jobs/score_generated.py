@@ -21,15 +21,15 @@ import numpy as np
 from PIL import Image
 
 from attnseg.io.datasets import read_classes
+from attnseg.io.generated import read_manifest
 from attnseg.io.images import load_image
 from attnseg.ops.metrics import confusion, summarize
+from attnseg.shapes.oracle import ColourDetector, shapes_phrase
 
 
 def load_detector(spec: str):
     """``shapes`` (the ShapesWorld colour oracle) or ``package.module:name`` (a callable, or a class made with no args)."""
     if spec == "shapes":
-        from attnseg.shapes.oracle import ColourDetector
-
         return ColourDetector()
     mod, _, attr = spec.partition(":")
     if not attr:
@@ -58,9 +58,6 @@ def score_generated(
     limit: int | None = None,
 ) -> dict:
     """mIoU of a generated folder's masks against the detector's, with the two naive references."""
-    from attnseg.io.generated import read_manifest
-    from attnseg.shapes.oracle import shapes_phrase
-
     folder = Path(folder)
     if not (folder / "manifest.jsonl").exists() or not (folder / "classes.txt").exists():
         raise ValueError(f"{folder} is not an `attnseg generate` folder (manifest.jsonl and classes.txt expected)")

@@ -16,6 +16,7 @@ from attnseg.io.images import ImageError, list_images, load_image
 from attnseg.io.labels import labels_for, load_labels_file
 from attnseg.io.outputs import is_done, write_outputs
 from attnseg.jobs.engine import run_tasks
+from attnseg.predictor import AttnSegPredictor
 
 
 @dataclass
@@ -56,8 +57,6 @@ class SegmentWorker:
 
 def _segment_worker(model, out: str, options: dict) -> SegmentWorker:
     """Worker factory of an engine process: loads the model there."""
-    from attnseg.predictor import AttnSegPredictor
-
     return SegmentWorker(AttnSegPredictor.from_pretrained(model, device="auto", dtype="auto"), out, options)
 
 

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 from scipy import ndimage
 
-from attnseg.shapes.world import COLOURS, SHAPES
+from attnseg.shapes.world import COLOURS, SHAPES, make_scene
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 _NAMES = list(COLOURS)
@@ -93,7 +93,6 @@ class ShapeClassifier:
 
     def __init__(self, scenes: int = 600, seed: int = 0, k: int = 5) -> None:
         # Visible masks of training-world scenes (seed 0), occlusions included.
-        from attnseg.shapes.world import make_scene
 
         feats, labels = [], []
         for i in range(scenes):

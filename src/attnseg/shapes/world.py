@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from attnseg.io.images import palette_png
+
 SHAPES: tuple[str, ...] = (
     "circle",
     "square",
@@ -334,6 +336,7 @@ def shapes_prompts(n: int, seed: int = 3, max_objects: int = 2) -> list[tuple[st
 
 # ----------------------------------------------------------------------------- export
 
+
 def export_voc(
     out: str | Path,
     n: int,
@@ -349,8 +352,6 @@ def export_voc(
     classes.txt, labels.json ({id: [labels]}), captions.json and objects.json.
     """
     from PIL import Image
-
-    from attnseg.io.images import palette_png
 
     out = Path(out)
     for sub in ("JPEGImages", "SegmentationClass", "SegmentationObject", "ImageSets/Segmentation"):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnseg.diffusion.loading import load_pipeline
 from attnseg.diffusion.prompts import find_phrase_spans
 from attnseg.ops.maps import grid_side
 from attnseg.predictor import AttnSegPredictor
@@ -149,8 +150,6 @@ def self_attention_report(pipe, n: int = 32, timesteps=(100, 150), seed: int = H
 
 def main(argv=None) -> None:
     import argparse
-
-    from attnseg.diffusion.loading import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("model", nargs="?", default=None)

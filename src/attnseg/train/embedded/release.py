@@ -16,8 +16,16 @@ import time
 from pathlib import Path
 
 from attnseg.diffusion.layers import layer_inventory
-from attnseg.diffusion.loading import EMBEDDED_DIR
+from attnseg.diffusion.loading import EMBEDDED_DIR, load_pipeline
+from attnseg.io.datasets import VOCDataset
+from attnseg.jobs.evaluate import evaluate
 from attnseg.methods.registry import REGISTRY
+from attnseg.predictor import AttnSegPredictor
+from attnseg.shapes.world import export_voc
+from attnseg.train.embedded.diagnose import localisation_report, self_attention_report
+from attnseg.train.embedded.pairs import same_shape_report
+from attnseg.train.embedded.report import GRID_PROMPTS, grid, oracle_rate, sample
+from attnseg.train.embedded.train import TrainConfig, stage_export
 
 CARD = """# attnseg embedded model (ShapesWorld, Stable Diffusion architecture)
 
@@ -154,8 +162,6 @@ def _run_summaries(works: list[str]) -> list[dict]:
     (one memory-mapped read each)."""
     import torch
 
-    from attnseg.train.embedded.train import TrainConfig
-
     runs = []
     for w in works:
         ck = Path(w) / "ckpt.pt"
@@ -200,15 +206,6 @@ def release(
     work: str, out: str, docs: str, eval_n: int = 200, oracle_n: int = 24, diag_n: int = 64, prior: tuple[str, ...] = ()
 ) -> dict:
 
-    from attnseg.diffusion.loading import load_pipeline
-    from attnseg.io.datasets import VOCDataset
-    from attnseg.jobs.evaluate import evaluate
-    from attnseg.predictor import AttnSegPredictor
-    from attnseg.shapes.world import export_voc
-    from attnseg.train.embedded.diagnose import localisation_report, self_attention_report
-    from attnseg.train.embedded.report import GRID_PROMPTS, grid, oracle_rate, sample
-    from attnseg.train.embedded.train import TrainConfig, stage_export
-
     t0 = time.time()
     out_p, docs_p = Path(out), Path(docs)
     stage_export(TrainConfig(work=work), out_p)
@@ -250,7 +247,6 @@ def release(
     meas["eval"] = {
         k: {"miou": v["miou"], "pixel_acc": v["pixel_acc"], "per_class": v["per_class"]} for k, v in report["methods"].items()
     }
-    from attnseg.train.embedded.pairs import same_shape_report
 
     meas["same_shape"] = same_shape_report(pred, 50)
     meas["oracle"] = oracle_rate(pipe, oracle_n)
@@ -333,7 +329,6 @@ def _lr_text(cfg: dict, decays: list[tuple[int | None, int]]) -> str:
     spans = [f"{a:,}-{a + n:,}" for a, n in decays if a is not None and n > 0]
     if not spans:
         return f"{cfg['lr']}"
-    from attnseg.train.embedded.train import TrainConfig
 
     floor = cfg["lr"] * cfg.get("lr_floor", TrainConfig.lr_floor)
     text = f"{cfg['lr']}, cosine-decayed to {floor:.2g} over steps {spans[0]}"
@@ -344,8 +339,6 @@ def _lr_text(cfg: dict, decays: list[tuple[int | None, int]]) -> str:
 
 def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) -> None:
     from transformers import CLIPTextModel
-
-    from attnseg.diffusion.loading import load_pipeline
 
     pipe = load_pipeline(out, device="cpu", dtype="float32")
     meta = json.loads((out / "training.json").read_text())

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from attnseg.diffusion.loading import load_pipeline
 from attnseg.shapes.oracle import ShapesOracle
 from attnseg.shapes.world import COLOURS, SHAPES
 
@@ -113,8 +114,6 @@ def oracle_rate(pipe, n_per_count: int = 32, seed: int = 7, steps: int = 50, gui
 
 def main(argv=None) -> None:
     import argparse
-
-    from attnseg.diffusion.loading import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("model", nargs="?", default=None)
