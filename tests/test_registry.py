@@ -18,6 +18,7 @@ def test_names_by_kind():
 
 def test_resolve_defaults_to_the_papers_preset_and_names_the_choices():
     info, preset, cfg = resolve("t2m")
+    assert info.name == "t2m" and info.images == REAL and info.needs_labels
     assert (preset, cfg.timestep, cfg.iters, cfg.draws) == ("voc", 150, 2, 10)
     assert resolve("iseg", "wsss-coco")[2].bg_threshold == 0.45
     with pytest.raises(MethodError, match="unknown method 'seediff'; choose one of cross, t2m, iseg, diffseg"):
