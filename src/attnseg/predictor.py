@@ -135,7 +135,7 @@ class AttnSegPredictor:
             self._prompt_cache.move_to_end(key)
             return self._prompt_cache[key]
         prompt = compose_prompt(labels, cfg.template, synonyms=T2M_SYNONYMS if synonyms else None, background_words=background)
-        out = (prompt.text, self.backbone.token_spans(prompt.text, prompt.char_spans, prompt.labels, prompt.background_spans))
+        out = (prompt.text, self.backbone.token_spans(prompt.text, prompt.char_spans, prompt.labels))
         self._prompt_cache[key] = out
         if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)

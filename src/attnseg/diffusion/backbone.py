@@ -71,13 +71,7 @@ class Backbone(Protocol):
 
     def encode_prompts(self, texts: Sequence[str]) -> TextStates: ...
 
-    def token_spans(
-        self,
-        text: str,
-        char_spans: Sequence[tuple[int, int]],
-        labels: Sequence[str],
-        background_spans: Sequence[tuple[int, int]] = (),
-    ) -> TokenSpans: ...
+    def token_spans(self, text: str, char_spans: Sequence[tuple[int, int]], labels: Sequence[str]) -> TokenSpans: ...
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor: ...
 

@@ -157,16 +157,6 @@ class TokenSpans:
     input_ids: list[int]
     spans: list[list[int]]
     labels: list[str]
-    background: list[list[int]] = field(default_factory=list)
-
-    @property
-    def content(self) -> list[int]:
-        """Positions of every non-special token of the prompt."""
-        return list(range(1, self.n_tokens - 1))
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.input_ids)
 
 
 def resolve_spans(
@@ -174,7 +164,6 @@ def resolve_spans(
     text: str,
     char_spans: Sequence[tuple[int, int]],
     labels: Sequence[str],
-    background_spans: Sequence[tuple[int, int]] = (),
 ) -> TokenSpans:
     """Map character spans of ``text`` to token positions, checking the length limit."""
     max_len = int(getattr(tokenizer, "model_max_length", 77) or 77)
@@ -202,11 +191,8 @@ def resolve_spans(
             f"(the prompt has {len(ids)}); use fewer or shorter labels, fewer background words, "
             "or split the labels over several runs"
         )
-    bg = [p for p in (positions(s) for s in background_spans) if p and max(p) < limit]
-    return TokenSpans(
-        input_ids=ids[: max_len - 1] + ids[-1:] if len(ids) > max_len else ids, spans=spans, labels=list(labels), background=bg
-    )
+    return TokenSpans(input_ids=ids[: max_len - 1] + ids[-1:] if len(ids) > max_len else ids, spans=spans, labels=list(labels))
 
 
 def prompt_spans(tokenizer, prompt: ComposedPrompt) -> TokenSpans:
-    return resolve_spans(tokenizer, prompt.text, prompt.char_spans, prompt.labels, prompt.background_spans)
+    return resolve_spans(tokenizer, prompt.text, prompt.char_spans, prompt.labels)

@@ -78,8 +78,8 @@ class UNetBackbone:
             self._text_cache.popitem(last=False)
         return TextStates(hidden)
 
-    def token_spans(self, text, char_spans, labels, background_spans=()) -> TokenSpans:
-        return resolve_spans(self.pipe.tokenizer, text, char_spans, labels, background_spans)
+    def token_spans(self, text, char_spans, labels) -> TokenSpans:
+        return resolve_spans(self.pipe.tokenizer, text, char_spans, labels)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
         t = torch.tensor([int(timestep)], device=self.device)

@@ -12,7 +12,6 @@ The analogue of the papers' off-the-shelf detector (Mask R-CNN) for the embedded
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -134,13 +133,6 @@ class ShapesOracle:
             return OracleResult(False, False, None, np.zeros(image.shape[:2], bool))
         name = self.classifier(m)
         return OracleResult(shape is None or name == shape, True, name, colour_mask(image, colour))
-
-    def segment(self, image: np.ndarray, colours: Sequence[str]) -> np.ndarray:
-        """Label map (H, W): i where the i-th colour is found (later colours drawn over earlier)."""
-        out = np.zeros(image.shape[:2], np.uint8)
-        for i, c in enumerate(colours, 1):
-            out[colour_mask(image, c)] = i
-        return out
 
 
 class ColourDetector:
