@@ -458,7 +458,7 @@ def score_generated_cmd(
 @app.command("train-toy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_toy(ctx: typer.Context) -> None:
     """Train the embedded model (stages data, vae, encode, unet, export, all); see --help of the module."""
-    from attnseg.train.embedded.train import main
+    from attnseg.train.embedded.command import main
 
     main(list(ctx.args))
 

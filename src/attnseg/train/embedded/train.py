@@ -13,6 +13,9 @@ Stages, each resumable and run in order by ``all``:
    before stopping.
 5. ``export``: write the EMA weights as a Stable Diffusion pipeline folder in fp16 safetensors.
 
+``sd3`` and ``export-sd3`` train and export the embedded transformer model on the same latents instead of the UNet
+(:mod:`attnseg.train.embedded.sd3`; run ``data``, ``vae --init-from`` the embedded model and ``encode`` first).
+
 The attention is never trained on masks. The masks enter training in one place only: the
 per-pixel weight of the denoising loss is ``1 + object_weight`` on object pixels (stated in the
 model card).
@@ -608,72 +611,3 @@ def _lr_decay_steps(resumed: dict | None, asked: int | None) -> int:
             "pass the same value (or none), or continue in a new --work folder with --init-ckpt"
         )
     return asked
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["data", "vae", "encode", "unet", "export", "all"])
-    p.add_argument("--work", default=TrainConfig.work)
-    p.add_argument("--steps", type=int, default=TrainConfig.unet_steps)
-    p.add_argument("--n-scenes", type=int, default=TrainConfig.n_scenes)
-    p.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--out", default=None, help="export: pipeline folder to write")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--init-from", default=None, help="warm start from a pipeline folder (e.g. the shipped embedded model)")
-    p.add_argument("--init-ckpt", default=None, help="unet stage: start from another work folder's ckpt.pt")
-    p.add_argument(
-        "--text-layers",
-        type=int,
-        default=None,
-        help="text encoder layers (default: as resumed / warm-started / in the --init-ckpt run, else 3; --init-ckpt allows fewer)",
-    )
-    p.add_argument(
-        "--colour-prob",
-        type=float,
-        default=None,
-        help="share of objects named 'colour shape' rather than 'shape' in captions (default: as resumed, else 0.8)",
-    )
-    p.add_argument(
-        "--lr-decay-steps",
-        type=int,
-        default=None,
-        help="cosine-decay the learning rate to 10%% over this many steps, counted from the step where the decay is "
-        "first asked for (default: as resumed, else 0 = constant; a decay once begun keeps its length)",
-    )
-    p.add_argument("--unet-channels", default=None, help="new runs: UNet width per level, e.g. 64,128 (default 64,128,128)")
-    p.add_argument(
-        "--cross-every-level",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="new runs: cross-attention down/up blocks at every level, the lowest included (the mid block, always at "
-        "the lowest level's resolution, has cross-attention either way)",
-    )
-    a = p.parse_args(argv)
-    cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
-    cfg.text_layers = _text_layers(cfg, a.text_layers, a.init_from, a.init_ckpt)
-    resumed = _checkpoint_config(cfg.work)
-    # A caption setting: as asked, else what the run being resumed used (logged on resume), else the default.
-    cfg.colour_prob = a.colour_prob if a.colour_prob is not None else (resumed or {}).get("colour_prob", cfg.colour_prob)
-    cfg.lr_decay_steps = _lr_decay_steps(resumed, a.lr_decay_steps)
-    continued = resumed if resumed is not None else _source_layout(a.init_from, a.init_ckpt)
-    cfg.unet_channels, cfg.unet_cross_every_level = _unet_layout(continued, a.unet_channels, a.cross_every_level)
-    import torch
-
-    torch.set_num_threads(cfg.threads)
-    if a.stage in ("data", "all"):
-        stage_data(cfg)
-    if a.stage in ("vae", "all"):
-        stage_vae(cfg, a.init_from)
-    if a.stage in ("encode", "all"):
-        stage_encode(cfg)
-    if a.stage in ("unet", "all"):
-        stage_unet(cfg, a.max_minutes, a.init_from, a.init_ckpt)
-    if a.stage == "export":
-        stage_export(cfg, a.out or Path(cfg.work) / "pipeline")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,305 @@
+"""The embedded transformer model: a small Stable Diffusion 3 pipeline trained on ShapesWorld (``attnseg train-toy sd3``).
+
+It shares the embedded UNet model's data, VAE and tokenizer, so that the two backbones are compared on the same
+latents and words:
+
+- ``SD3Transformer2DModel`` (MMDiT: joint attention over image and text tokens, image tokens first), patch 1 on
+  the 16x16x4 latents, so that its attention maps are 16x16 like the UNet's finest ones;
+- two ``CLIPTextModelWithProjection`` encoders (SD3's CLIP-L and CLIP-G slots) with one transformer layer each:
+  the pipeline feeds the transformer their penultimate hidden states, here the token and position embeddings
+  (no mixing of tokens before the transformer, which the UNet's training showed helps words localise), and
+  their projected end-of-text states as the pooled conditioning. Their embeddings start from the embedded UNet
+  model's trained text encoder;
+- no T5 encoder: the pipeline's T5 slot is empty and is called with ``max_sequence_length=0`` (``SD3_CALL``), so
+  the transformer sees the 77 CLIP tokens only;
+- rectified flow as in SD3: x_t = (1 - s) x_0 + s e, the transformer predicts e - x_0, s drawn logit-normal
+  (mean 0, std 1), sampled with ``FlowMatchEulerDiscreteScheduler`` (shift 1: the images are 64 px).
+
+Training is the UNet's otherwise: cached latents, captions drawn anew at every step (10% empty), the loss of a
+pixel weighted by 1 + ``object_weight`` x its latent cell's object fraction (the only use of the masks; the
+attention is never trained), AdamW with warm-up and optional cosine decay, EMA weights exported, checkpoints to
+``WORK/sd3-ckpt.pt`` (resumable; SIGTERM / Ctrl-C and ``--max-minutes`` save one before stopping).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnseg.io.files import atomic_torch_save
+from attnseg.shapes.world import caption, make_scene
+from attnseg.train.embedded.arch import ToyArch
+from attnseg.train.embedded.tokenizer import build_tokenizer
+from attnseg.train.embedded.train import (
+    HOLDOUT_SEED,
+    TrainConfig,
+    _caption_batch,
+    _load_scenes,
+    _load_vae,
+    _log,
+    _stop_requests,
+    _tokenize,
+    learning_rate,
+    write_clip_vocab_files,
+)
+
+CKPT = "sd3-ckpt.pt"
+SD3_CALL = {"max_sequence_length": 0}
+"""Keyword arguments every call of the exported pipeline needs: the T5 slot is empty (see the module docstring)."""
+
+
+@dataclass
+class SD3Arch:
+    """Sizes of the embedded transformer model."""
+
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 32
+    patch: int = 1
+    text_hidden: int = 128
+    text_layers: int = 1
+    """One layer: the pipeline reads the penultimate hidden states, which are then the unmixed embeddings."""
+    text_heads: int = 4
+    projection_dim: int = 64
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+
+def build_transformer(arch: SD3Arch, latent_size: int, latent_channels: int):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=latent_size,
+        patch_size=arch.patch,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_layers=arch.layers,
+        attention_head_dim=arch.head_dim,
+        num_attention_heads=arch.heads,
+        joint_attention_dim=2 * arch.text_hidden,  # the two CLIP encoders' states, concatenated
+        caption_projection_dim=arch.width,
+        pooled_projection_dim=2 * arch.projection_dim,
+        pos_embed_max_size=latent_size // arch.patch,
+    )
+
+
+def build_text_encoders(arch: SD3Arch, vocab_size: int, bos_id: int, eos_id: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=arch.text_hidden,
+        intermediate_size=arch.text_hidden * 4,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        max_position_embeddings=ToyArch.max_length,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        projection_dim=arch.projection_dim,
+    )
+    return CLIPTextModelWithProjection(cfg), CLIPTextModelWithProjection(cfg)
+
+
+def build_flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def encode_text(te1, te2, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``StableDiffusion3Pipeline.encode_prompt`` computes with an empty T5 slot: states (B, 77, 2 D), pooled (B, 2 P)."""
+    o1 = te1(ids, output_hidden_states=True)
+    o2 = te2(ids, output_hidden_states=True)
+    return torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1), torch.cat([o1[0], o2[0]], dim=-1)
+
+
+def _arch_of(config: dict) -> SD3Arch:
+    return SD3Arch(**config.get("sd3_arch", {}))
+
+
+def stage_sd3(cfg: TrainConfig, arch: SD3Arch, max_minutes: float | None = None, init_from: str | None = None) -> None:
+    """Train (or resume) the transformer and its text encoders on ``WORK/latents.npz``."""
+    work = Path(cfg.work)
+    torch.set_num_threads(cfg.threads)
+    lat_d = np.load(work / "latents.npz")
+    latents, obj_frac = lat_d["latents"], lat_d["object_frac"]
+    scale = float(lat_d["scaling_factor"])
+    objs = _load_scenes(work)["objects"]
+    tok = build_tokenizer(ToyArch.max_length)
+    ck = work / CKPT
+    if ck.exists():
+        state = torch.load(ck, weights_only=True)
+        arch = _arch_of(state["config"])
+    model = build_transformer(arch, latents.shape[-1], latents.shape[1])
+    te1, te2 = build_text_encoders(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
+    params = [*model.parameters(), *te1.parameters(), *te2.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    step, warm_from, decay_from = 0, 0, None
+    if ck.exists():
+        model.load_state_dict(state["transformer"])
+        te1.load_state_dict(state["text_encoder"])
+        te2.load_state_dict(state["text_encoder_2"])
+        opt.load_state_dict(state["opt"])
+        for e, s in zip(ema, state["ema"], strict=True):
+            e.copy_(s)
+        step, warm_from, decay_from = int(state["step"]), int(state["warm_from"]), state["decay_from"]
+        _log(work, {"stage": "sd3", "resumed_at": step, "colour_prob": cfg.colour_prob, "lr_decay_steps": cfg.lr_decay_steps})
+    elif init_from:
+        # The embedded UNet model's trained token and position embeddings (its encoder has no layers to copy).
+        from transformers import CLIPTextModel
+
+        src = CLIPTextModel.from_pretrained(Path(init_from) / "text_encoder", dtype=torch.float32)
+        src = getattr(src, "text_model", src)  # transformers 5 flattened CLIPTextModel's modules
+        for te in (te1, te2):
+            te.text_model.embeddings.load_state_dict(src.embeddings.state_dict())
+            te.text_model.final_layer_norm.load_state_dict(src.final_layer_norm.state_dict())
+        for e, p in zip(ema, params, strict=True):
+            e.copy_(p.detach())
+        _log(work, {"stage": "sd3", "init_from": str(init_from), "arch": asdict(arch)})
+    if cfg.lr_decay_steps > 0 and decay_from is None:
+        decay_from = step
+        _log(work, {"stage": "sd3", "lr_decay_from": step, "lr_decay_steps": cfg.lr_decay_steps})
+
+    def save() -> None:
+        state = {
+            "transformer": model.state_dict(),
+            "text_encoder": te1.state_dict(),
+            "text_encoder_2": te2.state_dict(),
+            "opt": opt.state_dict(),
+            "ema": ema,
+            "step": step,
+            "warm_from": warm_from,
+            "decay_from": decay_from,
+            "config": {**asdict(cfg), "sd3_arch": asdict(arch)},
+        }
+        atomic_torch_save(state, ck)
+
+    t_start = time.time()
+    loss_acc, n_acc = 0.0, 0
+    for m in (model, te1, te2):
+        m.train()
+    with _stop_requests() as stop:
+        while step < cfg.unet_steps:
+            rng = np.random.default_rng([cfg.seed, step])
+            idx = rng.integers(0, len(latents), cfg.batch)
+            z0 = torch.from_numpy(latents[idx].astype(np.float32)) * scale
+            of = torch.from_numpy(obj_frac[idx].astype(np.float32))[:, None]
+            caps = _caption_batch(objs[idx], rng, cfg.empty_caption_prob, cfg.colour_prob)
+            g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            noise = torch.randn(z0.shape, generator=g)
+            s = torch.sigmoid(torch.randn((cfg.batch,), generator=g))  # logit-normal (SD3's sampling of s)
+            zt = (1 - s.view(-1, 1, 1, 1)) * z0 + s.view(-1, 1, 1, 1) * noise
+            states, pooled = encode_text(te1, te2, _tokenize(tok, caps))
+            pred = model(zt, encoder_hidden_states=states, pooled_projections=pooled, timestep=s * 1000).sample
+            pix_w = 1 + cfg.object_weight * of
+            loss = (((pred - (noise - z0)) ** 2 * pix_w).mean(dim=(1, 2, 3)) / pix_w.mean(dim=(1, 2, 3))).mean()
+            lr = learning_rate(cfg, step, warm_from, decay_from)
+            for gr in opt.param_groups:
+                gr["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            with torch.no_grad():
+                d = min(cfg.ema_decay, (1 + step) / (10 + step))
+                for e, p in zip(ema, params, strict=True):
+                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+            step += 1
+            loss_acc += loss.item()
+            n_acc += 1
+            if step % 50 == 0:
+                _log(work, {"stage": "sd3", "step": step, "loss": loss_acc / n_acc, "lr": lr, "elapsed": time.time() - t_start})
+                loss_acc, n_acc = 0.0, 0
+            out_of_time = max_minutes is not None and (time.time() - t_start) > max_minutes * 60
+            if step % cfg.ckpt_every == 0 or step == cfg.unet_steps or out_of_time or stop:
+                save()
+            if stop or out_of_time:
+                _log(work, {"stage": "sd3", "stopped_at": step, "why": f"signal {stop[0]}" if stop else "--max-minutes"})
+                break
+            if step % cfg.diag_every == 0:
+                _log(work, {"stage": "sd3-diag", "step": step, **flow_text_gain(model, te1, te2, tok, _load_vae(work), scale)})
+                for m in (model, te1, te2):
+                    m.train()
+
+
+def flow_text_gain(model, te1, te2, tok, vae, scale: float, n: int = 48) -> dict[str, float]:
+    """Velocity error on object pixels of held-out scenes with the right caption, none, and another scene's."""
+    for m in (model, te1, te2):
+        m.eval()
+    scenes = [make_scene(HOLDOUT_SEED, i) for i in range(n)]
+    x = torch.from_numpy(np.stack([sc.image for sc in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rng = np.random.default_rng(0)
+    caps = [caption(sc.objects, rng) for sc in scenes]
+    out = {}
+    with torch.inference_mode():
+        z0 = vae.encode(x).latent_dist.mean * scale
+        f = x.shape[-1] // z0.shape[-1]
+        obj = torch.from_numpy(np.stack([sc.semantic > 0 for sc in scenes])).float()
+        obj = torch.nn.functional.avg_pool2d(obj[:, None], f) > 0.5
+        texts = {
+            name: encode_text(te1, te2, _tokenize(tok, c))
+            for name, c in (("cap", caps), ("empty", [""] * n), ("wrong", caps[1:] + caps[:1]))
+        }
+        g = torch.Generator().manual_seed(0)
+        for s in (0.15, 0.4, 0.7):
+            noise = torch.randn(z0.shape, generator=g)
+            zt = (1 - s) * z0 + s * noise
+            t = torch.full((n,), s * 1000)
+            for name, (states, pooled) in texts.items():
+                err = (model(zt, encoder_hidden_states=states, pooled_projections=pooled, timestep=t).sample - (noise - z0)).pow(
+                    2
+                )
+                err = err.mean(1, keepdim=True)
+                out[f"err{int(s * 1000)}_{name}"] = float(err[obj.expand_as(err)].mean())
+    return out
+
+
+def stage_export_sd3(cfg: TrainConfig, out_dir: str | Path, use_ema: bool = True) -> Path:
+    """Write the EMA weights as a ``StableDiffusion3Pipeline`` folder in fp16 safetensors."""
+    from diffusers import StableDiffusion3Pipeline
+
+    work = Path(cfg.work)
+    state = torch.load(work / CKPT, weights_only=True)
+    arch = _arch_of(state["config"])
+    lat = np.load(work / "latents.npz")
+    scale = float(lat["scaling_factor"])
+    tok = build_tokenizer(ToyArch.max_length)
+    model = build_transformer(arch, lat["latents"].shape[-1], lat["latents"].shape[1])
+    te1, te2 = build_text_encoders(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
+    model.load_state_dict(state["transformer"])
+    te1.load_state_dict(state["text_encoder"])
+    te2.load_state_dict(state["text_encoder_2"])
+    if use_ema:
+        with torch.no_grad():
+            for p, e in zip([*model.parameters(), *te1.parameters(), *te2.parameters()], state["ema"], strict=True):
+                p.copy_(e)
+    vae = _load_vae(work)
+    vae.register_to_config(scaling_factor=scale, shift_factor=0.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=model,
+        scheduler=build_flow_scheduler(),
+        vae=vae,
+        text_encoder=te1,
+        tokenizer=tok,
+        text_encoder_2=te2,
+        tokenizer_2=tok,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.to(torch.float16)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        write_clip_vocab_files(tok, out_dir / sub)
+    meta = {"step": state["step"], "ema": use_ema, "train_config": state["config"], "arch": asdict(arch), "call": SD3_CALL}
+    (out_dir / "training.json").write_text(json.dumps(meta, indent=1))
+    return out_dir

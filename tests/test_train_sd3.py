@@ -1,0 +1,46 @@
+"""The embedded transformer model's training: trains, resumes where it stopped, exports a loadable SD3 pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_sd3_stage_trains_resumes_and_exports(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from attnseg.diffusion.loading import EMBEDDED_DIR
+    from attnseg.train.embedded.sd3 import SD3_CALL, SD3Arch, stage_export_sd3, stage_sd3
+    from attnseg.train.embedded.train import TrainConfig, stage_data, stage_encode, stage_vae
+
+    cfg = TrainConfig(work=str(tmp_path), n_scenes=16, unet_steps=2, batch=2, ckpt_every=1, diag_every=1000, threads=1)
+    stage_data(cfg)
+    stage_vae(cfg, str(EMBEDDED_DIR))
+    stage_encode(cfg)
+    stage_sd3(cfg, SD3Arch(layers=1), init_from=str(EMBEDDED_DIR))
+    first = torch.load(tmp_path / "sd3-ckpt.pt", weights_only=True)
+    assert first["step"] == 2 and first["config"]["sd3_arch"]["layers"] == 1
+    # The text encoders start from the embedded model's trained token embeddings.
+    from transformers import CLIPTextModel
+
+    src = CLIPTextModel.from_pretrained(EMBEDDED_DIR / "text_encoder", dtype=torch.float32)
+    start = getattr(src, "text_model", src).embeddings.token_embedding.weight
+    moved = first["text_encoder"]["text_model.embeddings.token_embedding.weight"] - start
+    assert moved.abs().max() < 0.01  # two small steps from there, not a fresh random table
+    cfg.unet_steps = 3
+    stage_sd3(cfg, SD3Arch(layers=4))  # resumes with the checkpoint's architecture
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("stage") == "sd3" and r.get("resumed_at") == 2 for r in log)
+    assert torch.load(tmp_path / "sd3-ckpt.pt", weights_only=True)["step"] == 3
+
+    out = stage_export_sd3(cfg, tmp_path / "pipe")
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, dtype=torch.float32, text_encoder_3=None, tokenizer_3=None)
+    assert pipe.transformer.dtype == torch.float32 and pipe.transformer.config.num_layers == 1
+    assert pipe.vae.config.shift_factor == 0.0
+    im = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np", **SD3_CALL).images
+    assert im.shape == (1, 64, 64, 3) and np.isfinite(im).all()
+    assert json.loads((out / "training.json").read_text())["step"] == 3
