@@ -324,3 +324,13 @@ def test_warm_start_sources_give_their_unet_layout_and_old_configs_rebuild_the_s
     cfg = json.loads((EMBEDDED_DIR / "unet" / "config.json").read_text())
     for key in ("block_out_channels", "down_block_types", "up_block_types", "mid_block_type"):
         assert json.loads(json.dumps(rebuilt[key])) == cfg[key], key
+
+
+def test_shipped_card_and_profile_are_generated_from_the_method_configs(embedded):
+    from attnseg.diffusion.loading import EMBEDDED_DIR
+    from attnseg.train.embedded.release import presets_text
+    from attnseg.train.embedded.train import EMBEDDED_PROFILE
+
+    # Every preset value the card states is read from the registry's configs, and the shipped card says the same.
+    assert presets_text(embedded.pipe.unet) in (EMBEDDED_DIR / "README.md").read_text()
+    assert json.dumps(EMBEDDED_PROFILE, indent=1) + "\n" == (EMBEDDED_DIR / "attnseg.json").read_text()

@@ -37,6 +37,7 @@ import numpy as np
 
 from attnseg.diffusion.loading import PROFILE_FILE
 from attnseg.io.files import atomic_torch_save
+from attnseg.methods.registry import REGISTRY
 from attnseg.shapes.world import COLOURS, SHAPES, SceneObject, ShapesWorldConfig, caption, make_scene
 from attnseg.train.embedded.arch import ToyArch, build_scheduler, build_text_encoder, build_unet, build_vae
 from attnseg.train.embedded.tokenizer import build_tokenizer
@@ -450,7 +451,8 @@ EMBEDDED_PROFILE = {
         "layer, iSeg the encoder layer; each chosen on validation scenes) "
         "(python -m attnseg.train.embedded.diagnose); the 'embedded' presets of the cross-attention baseline, T2M and iSeg "
         "take background thresholds chosen on validation scenes for ShapesWorld's small objects (the papers' are "
-        "made for VOC); DiffSeg's 'embedded' preset merges with a KL threshold (0.1) chosen on "
+        f"made for VOC); DiffSeg's 'embedded' preset merges with a KL threshold "
+        f"({REGISTRY['diffseg'].presets['embedded'].kl_threshold}) chosen on "
         "validation scenes for this model's 16-px maps (docs/EMBEDDED-MODEL-TRAINING.md). Pass a preset to override."
     ),
 }
