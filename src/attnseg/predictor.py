@@ -54,6 +54,7 @@ class SegmentationResult:
 
 
 def _settings(method) -> dict:
+    """The method's config as recorded in each result (tuples as lists, as JSON has them)."""
     cfg = method.config
     d = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
@@ -263,13 +264,14 @@ class AttnSegPredictor:
             if crf_cfg is not None:
                 up = torch.from_numpy(dense_crf(img, scores_to_probs(up), crf_cfg))
             conf, unc = confidence_map(up)
+            scores = up.numpy().astype(np.float32)
             settings = {**_settings(m), "preset": preset, "draws": n_draws, "seed": seed, "crf": crf_cfg is not None}
             settings["resolution"] = self.resolution
             results.append(
                 SegmentationResult(
                     labels=list(labs),
-                    mask=up.argmax(dim=0).to(torch.uint8).numpy(),
-                    scores=up.numpy().astype(np.float32),
+                    mask=scores.argmax(axis=0).astype(np.uint8),  # numpy: torch's argmax over dim 0 is slow on CPU
+                    scores=scores,
                     confidence=conf.numpy().astype(np.float32),
                     uncertain=unc.numpy(),
                     method=m.name,

@@ -62,6 +62,8 @@ class AttentionStore:
 
     def rows(self, index) -> AttentionStore:
         """A store holding only batch rows ``index`` (a slice or index list) of every map."""
+        if isinstance(index, list) and self.sums and index == list(range(len(next(iter(self.sums.values()))))):
+            return self  # every row, in order
         sub = AttentionStore(per_head=self.per_head, cond_rows=self.cond_rows)
         sub.sums = {k: v[index] for k, v in self.sums.items()}
         sub.counts = dict(self.counts)

@@ -55,7 +55,9 @@ class UNetBackbone:
         xs = []
         for im in images:
             t = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 127.5 - 1
-            xs.append(F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True))
+            if t.shape[-2:] != (resolution, resolution):  # resampling to the same size is the identity
+                t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+            xs.append(t)
         vae = self.pipe.vae
         x = torch.cat(xs).to(self.device, next(vae.parameters()).dtype)
         lat = [vae.encode(x[i : i + max_batch]).latent_dist.mean * vae.config.scaling_factor for i in range(0, len(x), max_batch)]
