@@ -134,7 +134,7 @@ class CaptureProcessor:
         if self.key_scale is not None and is_cross:
             w = self.key_scale.to(key.device, key.dtype)
             w = w.view(1, 1, -1, 1) if w.dim() == 1 else w.view(w.shape[0], 1, -1, 1)
-            key = torch.cat([key[:c0], key[c0:] * w], dim=0)
+            key = key * w if c0 == 0 else torch.cat([key[:c0], key[c0:] * w], dim=0)
         parts = []
         if c0 > 0:
             m = attention_mask[:c0] if attention_mask is not None else None
@@ -155,6 +155,14 @@ class CaptureProcessor:
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
 
+    @staticmethod
+    def _probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """softmax(q k^T scale + mask) in float32, scaled before the product: fp16 logits can overflow (SD 2.x upcasts too)."""
+        scores = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
+        if mask is not None:
+            scores = scores + mask if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1)
+
     def _attend_and_record(self, attn, q, k, v, mask) -> torch.Tensor:
         """Explicit attention for (B, H, Q, d) inputs; records probabilities when asked."""
         if not self.record:
@@ -163,16 +171,17 @@ class CaptureProcessor:
         nk = k.shape[2]
         per_head = self.name in self.store.per_head
         scale = attn.scale if getattr(attn, "scale", None) is not None else 1 / math.sqrt(q.shape[-1])
+        chunk = max(1, min(h, _SCORE_BUDGET // max(1, b * nq * nk)))
+        if chunk == h:  # every head at once: no accumulator, no copies
+            probs = self._probs(q, k, mask, scale)
+            out = torch.matmul(probs.to(v.dtype), v)
+            self.store.add(self.name, probs if per_head else probs.sum(dim=1) / h)
+            return out
         acc = torch.zeros((b, h, nq, nk) if per_head else (b, nq, nk), dtype=torch.float32, device=q.device)
         out = torch.empty_like(q)
-        chunk = max(1, min(h, _SCORE_BUDGET // max(1, b * nq * nk)))
         for h0 in range(0, h, chunk):
             hs = slice(h0, h0 + chunk)
-            # Scores in float32, scaled before the product: fp16 logits can overflow (SD 2.x upcasts too).
-            scores = torch.matmul(q[:, hs].float() * scale, k[:, hs].float().transpose(-1, -2))
-            if mask is not None:
-                scores = scores + mask[:, hs] if mask.dtype != torch.bool else scores.masked_fill(~mask[:, hs], float("-inf"))
-            probs = scores.softmax(dim=-1)
+            probs = self._probs(q[:, hs], k[:, hs], mask[:, hs] if mask is not None else None, scale)
             out[:, hs] = torch.matmul(probs.to(v.dtype), v[:, hs])
             if per_head:
                 acc[:, hs] = probs
