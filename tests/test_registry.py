@@ -35,9 +35,12 @@ def test_get_method_applies_overrides_and_leaves_presets_alone():
 
 def test_check_profile():
     assert check_profile({"t2m": "embedded", "diffseg": "embedded"}) == []
+    assert check_profile({"seediff": "default"}) == [
+        "method 'seediff', which is not a real-image method of attnseg (cross, t2m, iseg, diffseg)"
+    ]
     assert check_profile({"t2m": "nope", "magic": "default"}) == [
         "preset 'nope' for 't2m', which attnseg does not have",
-        "preset 'default' for 'magic', which attnseg does not have",
+        "method 'magic', which is not a real-image method of attnseg (cross, t2m, iseg, diffseg)",
     ]
 
 

@@ -337,3 +337,21 @@ def test_output_folder_that_cannot_be_made_is_a_usage_error(tiny_pipe_dir, tmp_p
         assert res.exit_code == 2, res.output
         assert f"cannot write to output folder {tmp_path / 'file' / 'out'}" in res.output
         assert "Traceback" not in res.output
+
+
+def test_diffseg_is_not_a_labelled_method_of_segment(predictor, scene):
+    predictor.set_image(scene.image)
+    with pytest.raises(ValueError, match="unknown method 'diffseg'; choose one of cross, t2m, iseg"):
+        predictor.segment(["circle"], method="diffseg")
+
+
+def test_one_bad_image_does_not_fail_the_others_of_its_batch(predictor, tmp_path, scene):
+    from attnseg.jobs.segment import SegmentWorker
+
+    Image.fromarray(scene.image).save(tmp_path / "good.png")
+    Image.fromarray(scene.image).save(tmp_path / "bad.png")
+    worker = SegmentWorker(predictor, tmp_path / "out", {"method": "cross", "draws": 1})
+    res = worker([{"path": str(tmp_path / "good.png"), "labels": ["circle"]}, {"path": str(tmp_path / "bad.png"), "labels": ["  "]}])
+    assert res[0] == {"path": str(tmp_path / "good.png"), "error": None}
+    assert res[1]["path"] == str(tmp_path / "bad.png") and "empty label" in res[1]["error"]
+    assert (tmp_path / "out" / "good.json").exists() and not (tmp_path / "out" / "bad.json").exists()

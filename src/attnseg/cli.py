@@ -103,11 +103,15 @@ def segment(
 ) -> None:
     """Segment INPUT images for the given labels; write masks, overlays, scores and JSON to --out."""
     _quiet_libraries()
+    from attnseg.jobs.engine import ENGINES
     from attnseg.jobs.segment import segment_paths
     from attnseg.methods.registry import REAL
 
     labels = _split_labels(labels)
     _check_method(method, preset, REAL, needs_labels=True)
+    if engine not in ENGINES:
+        _err(f"unknown engine {engine!r}: use {' or '.join(ENGINES)}")
+        raise typer.Exit(2)
     if not labels and labels_file is None:
         _err("no labels given: pass --labels L1 L2 ... or --labels-file F")
         raise typer.Exit(2)
@@ -141,6 +145,8 @@ def segment(
             engine=engine,
             workers=workers,
             model=model,
+            device=device,
+            dtype=dtype,
         )
     except (ValueError, ImportError, RuntimeError) as e:
         _err(str(e))

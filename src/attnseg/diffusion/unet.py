@@ -35,7 +35,7 @@ class UNetBackbone:
         self.layers = layer_inventory(pipe.unet)
         self.native_resolution = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         self._cross_names = [lay.name for lay in self.layers if lay.kind == "cross"]
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     @property
     def device(self) -> torch.device:
@@ -65,17 +65,19 @@ class UNetBackbone:
 
     @torch.inference_mode()
     def encode_prompts(self, texts: Sequence[str]) -> TextStates:
-        """Text-encoder states (B, 77, D) of ``texts``; a text encoded before is taken from the cache."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        """Text-encoder states (B, 77, D) of ``texts``; a text encoded before (on this device and dtype) is not encoded again."""
+        where = (self.device, self.dtype)
+        keys = [(t, *where) for t in texts]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
         if missing:
             tok = self.pipe.tokenizer
-            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            states = self.pipe.text_encoder(ids.to(self.device))[0].to(self.dtype)
-            for t, s in zip(missing, states, strict=True):
-                self._text_cache[t] = s
-        for t in texts:
-            self._text_cache.move_to_end(t)
-        hidden = torch.stack([self._text_cache[t] for t in texts])
+            ids = tok([k[0] for k in missing], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+            states = self.pipe.text_encoder(ids.input_ids.to(self.device))[0].to(self.dtype)
+            for k, s in zip(missing, states, strict=True):
+                self._text_cache[k] = s.clone()  # a row of its own: the batch is not kept alive by one entry
+        for k in keys:
+            self._text_cache.move_to_end(k)
+        hidden = torch.stack([self._text_cache[k] for k in keys])
         while len(self._text_cache) > TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
         return TextStates(hidden)

@@ -98,7 +98,7 @@ def write_coco(out: Path, classes: Sequence[str]) -> Path:
         from pycocotools import mask as mask_utils
     except ImportError as e:
         raise ImportError("COCO annotations need pycocotools: pip install 'attnseg[coco]'") from e
-    done = read_manifest(out / "manifest.jsonl")
+    done = read_manifest(out / MANIFEST)
     images, anns = [], []
     for idx in sorted(done):
         rec = done[idx]

@@ -65,9 +65,9 @@ def _run_ray(tasks: Sequence[Any], factory: Callable[[], Worker], workers: int) 
 
     if importlib.util.find_spec("ray") is None:
         raise EngineError("the ray engine needs Ray Data: pip install 'attnseg[ray]'")
-    _init_ray(workers)
     if not tasks:
         return
+    _init_ray(workers)
     import ray
 
     gpu = _has_gpu()

@@ -104,7 +104,7 @@ def evaluate(
 ) -> dict:
     """Evaluate ``methods`` on ``dataset``; write report.json, report.md and PNG charts to ``out``.
 
-    ``segmenters`` are folders of :mod:`attnseg.segmenter` models (Protocol II): they see the image only,
+    ``segmenters`` are folders of :mod:`attnseg.segnet` models (trained by ``attnseg train-segmenter``) (Protocol II): they see the image only,
     not its labels; ``predictor`` may be None when only segmenters are evaluated.
     """
     out = Path(out)

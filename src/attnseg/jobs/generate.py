@@ -215,8 +215,10 @@ class BlockWorker:
 
 
 def _block_worker(model, out: str, spec: dict) -> BlockWorker:
-    """Worker factory of an engine process: loads the model there (device and dtype as in ``spec``)."""
-    return BlockWorker(load_backbone(model, device="auto", dtype="auto"), out, RunSpec(**spec))
+    """Worker factory of an engine process: loads the model there on the run's device type and dtype, which are
+    part of the run (results differ across them); a ``cuda`` run takes the process's GPU."""
+    run = RunSpec(**spec)
+    return BlockWorker(load_backbone(model, device="auto" if run.device == "cuda" else run.device, dtype=run.dtype), out, run)
 
 
 def generate_dataset(
@@ -264,7 +266,7 @@ def generate_dataset(
                 for r in recs:
                     done[r["index"]] = r
                 bar.update(task, completed=len(done))
-    except (EngineError, ValueError) as e:
+    except EngineError as e:
         raise SynthError(str(e)) from None
     done = read_manifest(out / MANIFEST)
     coco = write_coco(out, spec.classes)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from attnseg.io.datasets import read_classes
-from attnseg.io.generated import read_manifest
+from attnseg.io.generated import MANIFEST, read_manifest
 from attnseg.io.images import load_image
 from attnseg.ops.metrics import confusion, summarize
 from attnseg.shapes.oracle import ColourDetector, shapes_phrase
@@ -59,12 +59,12 @@ def score_generated(
 ) -> dict:
     """mIoU of a generated folder's masks against the detector's, with the two naive references."""
     folder = Path(folder)
-    if not (folder / "manifest.jsonl").exists() or not (folder / "classes.txt").exists():
+    if not (folder / MANIFEST).exists() or not (folder / "classes.txt").exists():
         raise ValueError(f"{folder} is not an `attnseg generate` folder (manifest.jsonl and classes.txt expected)")
     phrase_of = phrase_of or shapes_phrase
     classes = read_classes(folder / "classes.txt")
     run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").exists() else {}
-    done = read_manifest(folder / "manifest.jsonl")
+    done = read_manifest(folder / MANIFEST)
     n = len(classes)
     conf = {k: np.zeros((n, n), np.int64) for k in ("method", "all-background", "first-label")}
     uncertain = total = 0

@@ -47,7 +47,10 @@ class SegmentWorker:
         try:
             segs = self.predictor.segment_batch([im for _, im in batch], [job["labels"] for job, _ in batch], **self.options)
         except ValueError as e:
-            return results + [{"path": job["path"], "error": str(e)} for job, _ in batch]
+            if len(batch) == 1:
+                return [*results, {"path": batch[0][0]["path"], "error": str(e)}]
+            # One image's problem must not fail the others of its batch: each on its own.
+            return results + [r for job, _ in batch for r in self([job])]
         for (job, image), res in zip(batch, segs, strict=True):
             stem = Path(job["path"]).stem
             write_outputs(self.out, stem, image, res, self.predictor.model_name, job["path"], self.options.get("preset"))
@@ -55,9 +58,9 @@ class SegmentWorker:
         return results
 
 
-def _segment_worker(model, out: str, options: dict) -> SegmentWorker:
-    """Worker factory of an engine process: loads the model there."""
-    return SegmentWorker(AttnSegPredictor.from_pretrained(model, device="auto", dtype="auto"), out, options)
+def _segment_worker(model, out: str, options: dict, device: str = "auto", dtype: str = "auto") -> SegmentWorker:
+    """Worker factory of an engine process: loads the model there, on ``device`` with ``dtype``."""
+    return SegmentWorker(AttnSegPredictor.from_pretrained(model, device=device, dtype=dtype), out, options)
 
 
 def segment_paths(
@@ -77,6 +80,8 @@ def segment_paths(
     engine: str = "local",
     workers: int = 1,
     model=None,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> SegmentJobReport:
     """Segment every image of ``inputs`` (files or folders) into ``out``; skip finished ones."""
     out = Path(out)
@@ -111,7 +116,8 @@ def segment_paths(
     options = {"method": method, "preset": preset, "draws": draws, "seed": seed, "crf": crf}
     tasks = [todo[b0 : b0 + batch_size] for b0 in range(0, len(todo), batch_size)]
     local = SegmentWorker(predictor, out, options) if engine == "local" else None
-    results = run_tasks(engine, tasks, functools.partial(_segment_worker, model, str(out), options), workers, local)
+    factory = functools.partial(_segment_worker, model, str(out), options, device, dtype)
+    results = run_tasks(engine, tasks, factory, workers, local)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(

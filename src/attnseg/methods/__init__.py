@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from attnseg.methods.cross import CrossAttentionBaseline, CrossConfig
 from attnseg.methods.iseg import ISeg, ISegConfig, entropy_reduced_self
-from attnseg.methods.registry import REGISTRY, MethodError, MethodInfo, get_method, resolve
+from attnseg.methods.registry import REAL, REGISTRY, MethodError, MethodInfo, get_method, resolve
 from attnseg.methods.t2m import T2M, T2MConfig, self_cross
 
-ALL_PRESETS = {n: dict(m.presets) for n, m in REGISTRY.items() if m.images == "real"}
+ALL_PRESETS = {n: dict(m.presets) for n, m in REGISTRY.items() if m.images == REAL}
 """The presets of every real-image method, the unsupervised DiffSeg included (what ``attnseg eval`` and a model's
 ``attnseg.json`` may name)."""
 

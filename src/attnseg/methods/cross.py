@@ -24,7 +24,7 @@ class CrossConfig:
     timestep: int = 150
     """Noise level t of T = 1000 at which the real image is read."""
     template: str = "t2m"
-    """Prompt template (see ``attnseg.prompts.TEMPLATES``)."""
+    """Prompt template (see ``attnseg.diffusion.prompts.TEMPLATES``)."""
     cross: LayerSelect = field(default_factory=lambda: LayerSelect(kind="cross"))
     """Layers averaged: every cross-attention layer, as DAAM does."""
     draws: int = 1

@@ -92,16 +92,18 @@ def resolve(name: str, preset: str | None = None, images: str | None = None, nee
     return info, preset, info.presets[preset]
 
 
-def get_method(name: str, preset: str | None = None, images: str | None = REAL, **overrides):
-    """Build method ``name`` from a named preset (default: the paper's) with field overrides."""
-    info, _, cfg = resolve(name, preset, images)
+def get_method(name: str, preset: str | None = None, **overrides):
+    """Build the label-driven real-image method ``name`` from a named preset (default: the paper's) with field overrides."""
+    info, _, cfg = resolve(name, preset, REAL, needs_labels=True)
     return info.build(replace(cfg, **overrides))
 
 
 def check_profile(presets: Mapping[str, str]) -> list[str]:
-    """Problems of a model profile's ``{method: preset}`` (empty when every pair exists)."""
+    """Problems of a model profile's ``{method: preset}`` (real-image methods; empty when every pair exists)."""
     out = []
     for method, preset in presets.items():
-        if method not in REGISTRY or preset not in REGISTRY[method].presets:
+        if method not in names(REAL):
+            out.append(f"method {method!r}, which is not a real-image method of attnseg ({', '.join(names(REAL))})")
+        elif preset not in REGISTRY[method].presets:
             out.append(f"preset {preset!r} for {method!r}, which attnseg does not have")
     return out

@@ -25,8 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from attnseg.io.datasets import DatasetError, VOCDataset, read_classes
 from attnseg.io.files import atomic_torch_save, atomic_write_bytes, settings_diff
+from attnseg.io.generated import MANIFEST, read_manifest
+from attnseg.io.images import load_image
 from attnseg.ops.metrics import IGNORE
 from attnseg.segnet import SegmenterError, SegNet, normalise
 
@@ -56,18 +60,14 @@ class SegmenterConfig:
 
 def read_pairs(root: str | Path, split: str = "train") -> tuple[list[tuple[Path, Path]], list[str]]:
     """(image, mask) paths and the class names (background first) of a generated or VOC folder."""
-    from attnseg.io.datasets import DatasetError, VOCDataset, read_classes
-
     root = Path(root)
     if not root.is_dir():
         raise SegmenterError(f"dataset folder {root} does not exist")
-    if (root / "manifest.jsonl").exists():
-        from attnseg.io.generated import read_manifest
-
+    if (root / MANIFEST).exists():
         if not (root / "classes.txt").exists():
             raise SegmenterError(f"{root} has a manifest but no classes.txt; is it an `attnseg generate` folder?")
         classes = read_classes(root / "classes.txt")
-        done = read_manifest(root / "manifest.jsonl")
+        done = read_manifest(root / MANIFEST)
         pairs = [(root / done[i]["image"], root / done[i]["mask"]) for i in sorted(done)]
     elif (root / "ImageSets" / "Segmentation").is_dir():
         try:
@@ -87,10 +87,6 @@ def read_pairs(root: str | Path, split: str = "train") -> tuple[list[tuple[Path,
 
 def load_pairs(pairs: list[tuple[Path, Path]], size: int, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, size, size, 3) uint8 and masks (N, size, size) uint8, resized (masks by nearest)."""
-    from PIL import Image
-
-    from attnseg.io.images import load_image
-
     images = np.zeros((len(pairs), size, size, 3), np.uint8)
     masks = np.zeros((len(pairs), size, size), np.uint8)
     for k, (ip, mp) in enumerate(pairs):

@@ -30,7 +30,6 @@ EXTRA_WORDS = (
     "sink refrigerator book clock vase scissors teddy hair drier toothbrush mug cola sky grass road "
     "wall floor building"
 ).split()
-PUNCTUATION = [",", ".", "!", "?", "-", "'", '"', ":", ";", "(", ")"]
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
