@@ -124,9 +124,8 @@ def segment(
     _out_folder(out)
     predictor = _load_predictor(model, device, dtype)
     if preset is None and method in predictor.default_presets:
-        typer.echo(
-            f"preset {predictor.default_presets[method]!r} from the model's attnseg.json (--preset overrides it)", err=True
-        )
+        source = "the model's attnseg.json" if method in predictor.profile_presets else f"the {predictor.backbone.family} family"
+        typer.echo(f"preset {predictor.default_presets[method]!r} from {source} (--preset overrides it)", err=True)
     try:
         report = segment_paths(
             predictor,
@@ -171,7 +170,9 @@ def layers(
     bb = _load_predictor(model, "cpu", "float32").backbone
     side = bb.latent_side(size or bb.native_resolution)
     for lay in bb.layers:
-        typer.echo(f"{lay.name:70s} {lay.kind:5s} {lay.block:4s} side={lay.side(side):3d} rank={lay.rank} heads={lay.heads}")
+        typer.echo(
+            f"{lay.name:70s} {lay.kind:5s} {lay.source:6s} {lay.block:5s} side={lay.side(side):3d} rank={lay.rank} heads={lay.heads}"
+        )
 
 
 @app.command("eval")

@@ -75,8 +75,10 @@ class AttnSegPredictor:
         problems = check_profile(profile)
         if problems:
             raise ModelError(f"{profile_path(self.pipe)} names {problems[0]}; fix or delete it")
-        self.default_presets = profile
-        """{method: preset} used when a call names no preset (the model folder's ``attnseg.json``)."""
+        self.profile_presets = profile
+        """{method: preset} the model folder's ``attnseg.json`` recommends."""
+        self.default_presets = {**self.backbone.default_presets, **profile}
+        """{method: preset} used when a call names no preset: the model folder's ``attnseg.json``, else the family's."""
         self._latents: torch.Tensor | None = None
         self._images: list[np.ndarray] = []
         self._prompt_cache: OrderedDict[tuple, tuple[str, TokenSpans]] = OrderedDict()
@@ -122,6 +124,15 @@ class AttnSegPredictor:
     def method(self, name: str, preset: str | None = None, **overrides):
         """The method object for ``name`` with ``preset`` (None: the model's recommended one, else the paper's)."""
         return get_method(name, preset or self.default_presets.get(name), **overrides)
+
+    def check_method(self, name: str, preset: str | None = None) -> None:
+        """Raise ``ValueError`` naming the model's layers when the method's layers do not exist in this model."""
+        m = self.method(name, preset)
+        try:
+            m.plan(self.inventory, self.backbone.latent_side(self.resolution))
+        except ValueError as e:
+            used = preset or self.default_presets.get(name) or "the paper's preset"
+            raise ValueError(f"{name} ({used}) cannot read this {self.backbone.family} model: {e}") from None
 
     def prompt_for(self, labels: Sequence[str], method, preset: str | None = None) -> tuple[str, TokenSpans]:
         """The prompt text of ``labels`` for ``method`` (a name or a method object) and its label token spans.

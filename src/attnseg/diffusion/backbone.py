@@ -56,8 +56,11 @@ class Backbone(Protocol):
 
     pipe: Any
     model_name: str
+    family: str
     layers: list[LayerInfo]
     native_resolution: int
+    default_presets: dict[str, str]
+    """{method: preset} a call naming no preset takes on this family (a model's attnseg.json may override)."""
 
     @property
     def device(self) -> torch.device: ...

@@ -193,6 +193,97 @@ class CaptureProcessor:
         return out
 
 
+class JointCaptureProcessor:
+    """Processor for joint (MMDiT) attention modules that records the image-to-text and image-to-image blocks.
+
+    Numerically the default ``JointAttnProcessor2_0`` (SD3; ``image_first``) for its outputs. For the conditional
+    rows, probabilities are computed explicitly over all tokens; the block of image queries to text keys is
+    renormalised over the text tokens and recorded as ``cross`` (B, P, T), the block of image queries to image
+    keys renormalised over the image tokens as ``self`` (B, P, P): the conditional distributions of an image
+    token's attention over the prompt and over the image. ``parts`` maps ``"cross"`` / ``"self"`` to the store
+    key each is recorded under. ``key_scale`` (iSeg's Cat-Cross) multiplies the text keys of the conditional rows.
+    """
+
+    def __init__(
+        self,
+        store: AttentionStore,
+        parts: dict[str, str],
+        key_scale: torch.Tensor | None = None,
+        image_first: bool = True,
+    ) -> None:
+        self.store, self.parts, self.key_scale, self.image_first = store, parts, key_scale, image_first
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None, *args, **kwargs):
+        b = hidden_states.shape[0]
+        q, k, v = (self._heads(attn, f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        n_img = q.shape[2]
+        n_txt = 0
+        if encoder_hidden_states is not None:
+            eq, ek, ev = (self._heads(attn, f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            n_txt = eq.shape[2]
+            c0 = b // 2 if self.store.cond_rows == "second_half" else 0
+            if self.key_scale is not None:
+                w = self.key_scale.to(ek.device, ek.dtype)
+                w = w.view(1, 1, -1, 1) if w.dim() == 1 else w.view(w.shape[0], 1, -1, 1)
+                ek = ek * w if c0 == 0 else torch.cat([ek[:c0], ek[c0:] * w], dim=0)
+            pairs = ((q, eq), (k, ek), (v, ev)) if self.image_first else ((eq, q), (ek, k), (ev, v))
+            q, k, v = (torch.cat(p, dim=2) for p in pairs)
+        out = self._attend(attn, q, k, v, n_img, n_txt)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        if encoder_hidden_states is not None:
+            img, txt = (out[:, :n_img], out[:, n_img:]) if self.image_first else (out[:, n_txt:], out[:, :n_txt])
+            if not attn.context_pre_only:
+                txt = attn.to_add_out(txt)
+            img = attn.to_out[1](attn.to_out[0](img))
+            return img, txt
+        return attn.to_out[1](attn.to_out[0](out))
+
+    @staticmethod
+    def _heads(attn, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, H d) -> (B, H, N, d)."""
+        return x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+    def _attend(self, attn, q, k, v, n_img: int, n_txt: int) -> torch.Tensor:
+        c0 = q.shape[0] // 2 if self.store.cond_rows == "second_half" else 0
+        parts = [F.scaled_dot_product_attention(q[:c0], k[:c0], v[:c0])] if c0 > 0 else []
+        qc, kc, vc = q[c0:], k[c0:], v[c0:]
+        b, h, n, _ = qc.shape
+        scale = attn.scale if getattr(attn, "scale", None) is not None else 1 / math.sqrt(qc.shape[-1])
+        img = slice(0, n_img) if self.image_first else slice(n_txt, n_txt + n_img)
+        txt = slice(n_img, n_img + n_txt) if self.image_first else slice(0, n_txt)
+        wanted = {part: (img if part == "self" else txt) for part in self.parts if part == "self" or n_txt > 0}
+        per_head = {part: self.parts[part] in self.store.per_head for part in wanted}
+        acc = {
+            part: torch.zeros((b, h, n_img, cols.stop - cols.start) if per_head[part] else (b, n_img, cols.stop - cols.start))
+            for part, cols in wanted.items()
+        }
+        out = torch.empty_like(qc)
+        chunk = max(1, min(h, _SCORE_BUDGET // max(1, b * n * n)))
+        for h0 in range(0, h, chunk):
+            hs = slice(h0, h0 + chunk)
+            probs = CaptureProcessor._probs(qc[:, hs], kc[:, hs], None, scale)
+            out[:, hs] = torch.matmul(probs.to(vc.dtype), vc[:, hs])
+            for part, cols in wanted.items():
+                block = probs[:, :, img, cols]
+                block = block / block.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+                if per_head[part]:
+                    acc[part][:, hs] = block
+                else:
+                    acc[part] += block.sum(dim=1)
+        for part, a in acc.items():
+            self.store.add(self.parts[part], a if per_head[part] else a / h)
+        parts.append(out)
+        return torch.cat(parts, dim=0) if len(parts) > 1 else out
+
+
 @contextlib.contextmanager
 def capture_attention(
     unet,
@@ -217,22 +308,32 @@ def capture_attention(
     if key_scale is not None:
         for n in cross_names if cross_names is not None else _cross_attention_names(unet):
             targets.setdefault(n, CaptureProcessor(store, n, record=False, key_scale=key_scale))
+    with installed(unet, targets):
+        yield store
+
+
+@contextlib.contextmanager
+def installed(model, processors: dict[str, Callable]) -> Iterator[None]:
+    """Install ``processors`` ({module name: processor}) on ``model``'s attention modules for the block.
+
+    ``Attention.set_processor`` on the chosen modules only (diffusers' processor API, without walking the whole
+    model: ``set_attn_processor`` costs ~10 ms per call on a small UNet); the original processors are restored on
+    exit, also on error.
+    """
     modules = {}
-    for n in targets:
+    for n in processors:
         try:
-            m = unet.get_submodule(n)
+            m = model.get_submodule(n)
         except AttributeError:
             m = None
         if m is None or not hasattr(m, "set_processor"):
-            raise ValueError(f"{n!r} is not an attention module of this UNet; see `attnseg layers`")
+            raise ValueError(f"{n!r} is not an attention module of this model; see `attnseg layers`")
         modules[n] = m
-    # Attention.set_processor on the chosen modules only: the processor API without walking the
-    # whole UNet on every call (UNet.set_attn_processor costs ~10 ms per call on a small UNet).
     original = {n: m.processor for n, m in modules.items()}
     try:
         for n, m in modules.items():
-            m.set_processor(targets[n])
-        yield store
+            m.set_processor(processors[n])
+        yield
     finally:
         for n, m in modules.items():
             m.set_processor(original[n])

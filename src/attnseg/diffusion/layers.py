@@ -1,8 +1,11 @@
-"""Which attention layers of a UNet to read, by name, by resolution or by a named preset.
+"""Which attention layers of a model to read, by name, by resolution or by a named preset.
 
-Every attention module of a ``UNet2DConditionModel`` is described by a :class:`LayerInfo`
-derived from the UNet's own config, so presets mean the same thing on Stable Diffusion 1.x/2.x
-and on a small UNet such as the embedded model.
+Every attention map a model offers is described by a :class:`LayerInfo` derived from the model's own
+config, so presets mean the same thing on Stable Diffusion 1.x/2.x and on a small UNet such as the
+embedded model. A UNet's ``attn2`` modules give cross maps and its ``attn1`` modules self maps; a joint
+(MMDiT) attention module gives both, as two layers named ``<module>:cross`` (its image-to-text block)
+and ``<module>:self`` (its image-to-image block), so that a method's choice of cross and self layers
+reads a transformer as it reads a UNet.
 
 Presets are written in *resolution ranks* counted from the coarsest attention resolution
 (rank 0 = the mid block's grid). On SD 1.x/2.x at 512 px the ranks are 0 -> 8 px, 1 -> 16 px,
@@ -18,14 +21,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One attention module of the UNet.
+    """One attention map of the model.
 
-    name: the processor key without ``.processor`` (``up_blocks.2.attentions.1.transformer_blocks.0.attn1``).
-    kind: ``"self"`` (attn1) or ``"cross"`` (attn2).
-    block: ``"down"``, ``"mid"`` or ``"up"``.
+    name: the processor key without ``.processor`` (``up_blocks.2.attentions.1.transformer_blocks.0.attn1``), with
+    ``:cross`` / ``:self`` for the two parts of a joint attention module (``transformer_blocks.9.attn:cross``).
+    kind: ``"self"`` (image to image) or ``"cross"`` (image to text).
+    block: ``"down"``, ``"mid"`` or ``"up"`` in a UNet; ``"joint"`` in a transformer.
     level: down-sampling level (0 = the latent grid, 1 = half of it, ...).
     rank: resolution rank counted from the coarsest attention level (0 = coarsest).
     heads: number of attention heads.
+    source: the attention module's own kind: ``"cross"`` or ``"self"`` (a UNet's attn2 / attn1), ``"joint"``
+    (text and image tokens in one attention), ``"single"`` (a single-stream block).
     """
 
     name: str
@@ -34,6 +40,12 @@ class LayerInfo:
     level: int
     rank: int
     heads: int
+    source: str = ""
+
+    @property
+    def module(self) -> str:
+        """The attention module this map is read from."""
+        return self.name.split(":", 1)[0]
 
     def side(self, latent_side: int) -> int:
         """Side of this layer's grid for a latent of side ``latent_side``."""
@@ -62,7 +74,24 @@ def layer_inventory(unet) -> list[LayerInfo]:
         module = unet.get_submodule(name)
         raw.append((name, kind, block, level, int(module.heads)))
     levels = sorted({lv for _, _, _, lv, _ in raw}, reverse=True)  # coarsest first
-    return [LayerInfo(n, k, b, lv, levels.index(lv), h) for n, k, b, lv, h in raw]
+    return [LayerInfo(n, k, b, lv, levels.index(lv), h, source=k) for n, k, b, lv, h in raw]
+
+
+def joint_inventory(transformer) -> list[LayerInfo]:
+    """The layers of an MMDiT transformer (``SD3Transformer2DModel``): each joint module's cross and self parts,
+    and the image-only ``attn2`` modules of SD3.5's dual-attention blocks (self maps). One grid: the latent
+    patched by ``patch_size``, rank 0."""
+    level = max(0, int(transformer.config.patch_size).bit_length() - 1)
+    out = []
+    for key in transformer.attn_processors:
+        module = key[: -len(".processor")]
+        heads = int(transformer.get_submodule(module).heads)
+        if module.endswith(".attn2"):
+            out.append(LayerInfo(module, "self", "joint", level, 0, heads, source="self"))
+        else:
+            out.append(LayerInfo(f"{module}:cross", "cross", "joint", level, 0, heads, source="joint"))
+            out.append(LayerInfo(f"{module}:self", "self", "joint", level, 0, heads, source="joint"))
+    return out
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from attnseg.diffusion.sd3 import SD3Backbone
 from attnseg.diffusion.unet import UNetBackbone
 
 EMBEDDED_DIR = Path(__file__).parent.parent / "assets" / "embedded"
@@ -95,8 +96,27 @@ def resolve_device(device: str | None) -> str:
     return str(device)
 
 
-def check_safetensors_folder(folder: Path) -> None:
-    """Refuse a pipeline folder whose weights exist only as pickles."""
+FAMILIES = {
+    "StableDiffusionPipeline": ("sd", ("unet", "vae", "text_encoder")),
+    "StableDiffusion3Pipeline": ("sd3", ("transformer", "vae", "text_encoder", "text_encoder_2")),
+}
+"""Pipeline classes attnseg reads, by ``model_index.json``'s ``_class_name``: family and weight folders."""
+
+
+def pipeline_family(meta: dict, where: str) -> tuple[str, tuple[str, ...]]:
+    """(family, weight folders) of a pipeline from its ``model_index.json``; a clear error for others."""
+    cls = str(meta.get("_class_name", ""))
+    if cls not in FAMILIES:
+        raise ModelError(
+            f"{where} is a {cls or 'unknown'} pipeline; attnseg reads {' and '.join(FAMILIES)} pipelines "
+            "(Stable Diffusion 1.x / 2.x and 3 / 3.5)"
+        )
+    return FAMILIES[cls]
+
+
+def check_safetensors_folder(folder: Path) -> dict:
+    """The folder's ``model_index.json``, after refusing a folder that is not a pipeline attnseg reads or whose
+    weights exist only as pickles."""
     index = folder / "model_index.json"
     if not index.exists():
         raise ModelError(
@@ -104,13 +124,11 @@ def check_safetensors_folder(folder: Path) -> None:
             "with save_pretrained, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
         )
     meta = json.loads(index.read_text())
-    cls = str(meta.get("_class_name", ""))
-    if "XL" in cls or "text_encoder_2" in meta:
-        raise ModelError(f"{folder} is a {cls} pipeline; attnseg supports Stable Diffusion 1.x and 2.x pipelines")
-    for comp in ("unet", "vae", "text_encoder"):
+    _, folders = pipeline_family(meta, str(folder))
+    for comp in folders:
         sub = folder / comp
         if not sub.is_dir():
-            raise ModelError(f"{folder} has no {comp}/ folder; it is not a Stable Diffusion pipeline")
+            raise ModelError(f"{folder} has no {comp}/ folder; it is not a complete {meta['_class_name']}")
         files = [p for p in sub.iterdir() if p.is_file()]
         has_st = any(p.suffix == ".safetensors" for p in files)
         pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
@@ -122,6 +140,15 @@ def check_safetensors_folder(folder: Path) -> None:
                     "pipe.save_pretrained(dir, safe_serialization=True) and pass that folder"
                 )
             raise ModelError(f"{sub} holds no .safetensors weights")
+    return meta
+
+
+def _pipeline_kwargs(meta: dict) -> dict:
+    """Components a family's class expects but the folder leaves empty (a pipeline saved without them)."""
+    family, _ = pipeline_family(meta, "this model")
+    if family == "sd":
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {k: None for k in ("text_encoder_3", "tokenizer_3") if meta.get(k, [None])[0] is None}
 
 
 def load_pipeline(
@@ -129,11 +156,11 @@ def load_pipeline(
     device: str | None = "cpu",
     dtype: str | torch.dtype | None = "auto",
 ):
-    """Load a Stable Diffusion pipeline (1.x / 2.x) for attention reading.
+    """Load a Stable Diffusion 1.x / 2.x or 3 / 3.5 pipeline for attention reading (recognised by its model_index.json).
 
     model: None for the embedded default model, a local folder, or a hub id.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -155,23 +182,14 @@ def load_pipeline(
             raise ModelError(f"model folder {model} does not exist; pass an existing folder or a hub id like org/name")
     try:
         if local is not None:
-            check_safetensors_folder(local)
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(local),
-                **_dtype_kw(torch_dtype),
-                use_safetensors=True,
-                local_files_only=True,
-                safety_checker=None,
-                requires_safety_checker=False,
-            )
+            meta = check_safetensors_folder(local)
+            source, hub = str(local), {"local_files_only": True}
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(model),
-                **_dtype_kw(torch_dtype),
-                use_safetensors=True,
-                safety_checker=None,
-                requires_safety_checker=False,
-            )
+            meta = diffusers.DiffusionPipeline.load_config(str(model))
+            pipeline_family(meta, str(model))
+            source, hub = str(model), {}
+        cls = getattr(diffusers, meta["_class_name"])
+        pipe = cls.from_pretrained(source, **_dtype_kw(torch_dtype), use_safetensors=True, **hub, **_pipeline_kwargs(meta))
     except ModelError:
         raise
     except Exception as e:  # diffusers / hub errors: say which model and what to do
@@ -198,10 +216,9 @@ def _dtype_kw(dtype: torch.dtype) -> dict:
 
 
 def backbone_for(pipe, model_name: str | None = None):
-    """The backbone that reads ``pipe``'s family (today the Stable Diffusion 1.x / 2.x UNet)."""
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
-        raise ModelError(f"{type(pipe).__name__} is not a Stable Diffusion 1.x / 2.x pipeline; attnseg reads those")
-    return UNetBackbone(pipe, model_name)
+    """The backbone that reads ``pipe``'s family."""
+    family, _ = pipeline_family({"_class_name": type(pipe).__name__}, f"this {type(pipe).__name__}")
+    return (SD3Backbone if family == "sd3" else UNetBackbone)(pipe, model_name)
 
 
 def load_backbone(model: str | Path | None = None, device: str | None = "cpu", dtype: str | torch.dtype | None = "auto"):

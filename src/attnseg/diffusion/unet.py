@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -28,6 +29,8 @@ class UNetBackbone:
     """A loaded ``StableDiffusionPipeline`` (or any pipeline with its components) as a backbone."""
 
     family = "sd"
+    default_presets: ClassVar[dict[str, str]] = {}
+    """The papers' presets are written for this family."""
 
     def __init__(self, pipe, model_name: str | None = None) -> None:
         self.pipe = pipe

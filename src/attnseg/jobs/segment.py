@@ -94,6 +94,7 @@ def segment_paths(
             on_error(src, msg)
 
     preset = preset or predictor.default_presets.get(method)  # the model's recommended preset, recorded as such
+    predictor.check_method(method, preset)  # a method this model cannot run fails here, not once per image
     seen: dict[str, Path] = {}
     todo: list[dict] = []
     for p in list_images(inputs):

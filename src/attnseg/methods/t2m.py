@@ -70,6 +70,9 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     "embedded": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.65),
     # The same with the paper's background rule (1 - max)^2: an ablation on the embedded model.
     "embedded-paper-bg": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_SELF_LAYER),
+    # Transformer (MMDiT) backbones have no encoder, decoder or resolution levels to map the paper's layers onto:
+    # Cross averages every joint layer's image-to-text block, Self every joint layer's image-to-image block (one grid).
+    "mmdit": T2MConfig(cross=(LayerSelect(kind="cross"),), self_layer=LayerSelect(kind="self")),
 }
 
 

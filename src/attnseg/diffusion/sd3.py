@@ -1,0 +1,157 @@
+"""Stable Diffusion 3 / 3.5 (MMDiT) behind the backbone interface (:mod:`attnseg.diffusion.backbone`).
+
+Each transformer block attends jointly over image and text tokens, image tokens first. Its image-to-text block
+is read as a cross map and its image-to-image block as a self map (:class:`~attnseg.diffusion.capture.
+JointCaptureProcessor`, installed through diffusers' processor API); SD3.5's image-only ``attn2`` modules are
+self maps. All layers share one grid, the latent patched by ``patch_size``.
+
+Noise levels are rectified flow's: the methods' timestep ``t`` of T = 1000 is read as x_t = (1 - s) x_0 + s e
+with s = t / 1000, and the transformer is given the timestep 1000 s, as the pipeline's scheduler does with no
+shift. A pipeline without its T5 encoder (``text_encoder_3`` None, as the embedded transformer model ships) is
+run with no T5 tokens (``max_sequence_length=0``): diffusers would otherwise append 256 all-zero tokens.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from attnseg.diffusion.backbone import TextStates
+from attnseg.diffusion.capture import AttentionStore, JointCaptureProcessor, installed
+from attnseg.diffusion.layers import joint_inventory
+from attnseg.diffusion.prompts import TokenSpans, resolve_spans
+
+TEXT_CACHE_SIZE = 256
+T5_TOKENS = 256
+"""diffusers' default number of T5 tokens, used when the pipeline has its T5 encoder."""
+
+
+class SD3Backbone:
+    """A loaded ``StableDiffusion3Pipeline`` as a backbone."""
+
+    family = "sd3"
+    default_presets: ClassVar[dict[str, str]] = {"t2m": "mmdit"}
+    """Presets a call naming none takes on this family: T2M's paper layers name UNet blocks. iSeg reads decoder
+    layers, which a transformer does not have (a clear error names the layers there are)."""
+
+    def __init__(self, pipe, model_name: str | None = None) -> None:
+        self.pipe = pipe
+        self.model_name = model_name or getattr(pipe, "attnseg_model_name", type(pipe).__name__)
+        self.layers = joint_inventory(pipe.transformer)
+        self.native_resolution = int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
+        self.t5_tokens = T5_TOKENS if getattr(pipe, "text_encoder_3", None) is not None else 0
+        self._text_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.pipe.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.pipe.transformer.parameters()).dtype
+
+    def latent_side(self, resolution: int) -> int:
+        return int(resolution) // int(self.pipe.vae_scale_factor)
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16) -> torch.Tensor:
+        """(posterior mean - shift) x scale of RGB uint8 images resized to ``resolution``, as SD3 reads latents."""
+        xs = []
+        for im in images:
+            t = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 127.5 - 1
+            if t.shape[-2:] != (resolution, resolution):
+                t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+            xs.append(t)
+        vae = self.pipe.vae
+        shift = float(vae.config.shift_factor or 0.0)
+        x = torch.cat(xs).to(self.device, next(vae.parameters()).dtype)
+        lat = [(vae.encode(x[i : i + max_batch]).latent_dist.mean - shift) * vae.config.scaling_factor for i in range(0, len(x), max_batch)]
+        return torch.cat(lat)
+
+    @torch.inference_mode()
+    def encode_prompts(self, texts: Sequence[str]) -> TextStates:
+        """The pipeline's own prompt encoding (CLIP-L and CLIP-G states, then T5's): states and pooled projections."""
+        where = (self.device, self.dtype)
+        keys = [(t, *where) for t in texts]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
+        if missing:
+            states, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=[k[0] for k in missing],
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.t5_tokens,
+            )
+            for k, s, p in zip(missing, states.to(self.dtype), pooled.to(self.dtype), strict=True):
+                self._text_cache[k] = (s.clone(), p.clone())
+        for k in keys:
+            self._text_cache.move_to_end(k)
+        hidden = torch.stack([self._text_cache[k][0] for k in keys])
+        pooled = torch.stack([self._text_cache[k][1] for k in keys])
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return TextStates(hidden, {"pooled_projections": pooled})
+
+    def token_spans(self, text, char_spans, labels) -> TokenSpans:
+        """Positions among the CLIP tokens, the first 77 of the joint text sequence (both CLIP tokenizers agree)."""
+        return resolve_spans(self.pipe.tokenizer, text, char_spans, labels)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+        s = float(timestep) / 1000
+        return (1 - s) * latents + s * noise
+
+    def _processors(self, store: AttentionStore, names: Sequence[str], key_scale: torch.Tensor | None) -> dict:
+        """One joint processor per module that has a captured part (or takes Cat-Cross), recording those parts."""
+        parts: dict[str, dict[str, str]] = {}
+        for n in names:
+            module, _, part = n.partition(":")
+            parts.setdefault(module, {})[part or "self"] = n
+        if key_scale is not None:
+            for lay in self.layers:
+                if lay.kind == "cross":
+                    parts.setdefault(lay.module, {})
+        return {m: JointCaptureProcessor(store, p, key_scale=key_scale if m.endswith(".attn") else None) for m, p in parts.items()}
+
+    @torch.inference_mode()
+    def forward(self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None) -> AttentionStore:
+        t = torch.full((len(latents),), float(timestep), device=self.device)
+        store = AttentionStore(per_head=frozenset(per_head))
+        with installed(self.pipe.transformer, self._processors(store, names, key_scale)):
+            self.pipe.transformer(
+                hidden_states=latents,
+                encoder_hidden_states=text.hidden,
+                pooled_projections=text.added["pooled_projections"],
+                timestep=t,
+            )
+        return store
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        steps: int,
+        guidance: float,
+        generators: Sequence[torch.Generator] | None = None,
+        names: Sequence[str] = (),
+        transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[np.ndarray, AttentionStore]:
+        res = self.native_resolution
+        store = AttentionStore(cond_rows="second_half" if guidance > 1 else "all", transform=transform)
+        with installed(self.pipe.transformer, self._processors(store, names, None)):
+            images = self.pipe(
+                prompt=list(prompts),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=list(generators) if generators is not None else None,
+                height=res,
+                width=res,
+                output_type="np",
+                max_sequence_length=self.t5_tokens,
+            ).images
+        return images, store

@@ -1,0 +1,164 @@
+"""The SD3 (MMDiT) backbone: joint attention read as cross and self maps, capture leaves outputs unchanged,
+and segment / eval / generate / layers on an SD3 pipeline folder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from attnseg.cli import app
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from attnseg.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd3") / "tiny-sd3", family="sd3")
+
+
+@pytest.fixture(scope="module")
+def sd3(sd3_dir):
+    from attnseg.predictor import AttnSegPredictor
+
+    return AttnSegPredictor.from_pretrained(sd3_dir, device="cpu", dtype="float32")
+
+
+def _inputs(bb, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((2, 4, 16, 16), generator=g), bb.encode_prompts(["a photo of a red circle", "a blue star"])
+
+
+def _plain(bb, z, text, t=150.0):
+    return bb.pipe.transformer(
+        hidden_states=z,
+        encoder_hidden_states=text.hidden,
+        pooled_projections=text.added["pooled_projections"],
+        timestep=torch.full((len(z),), t),
+    ).sample
+
+
+def test_layers_of_a_joint_transformer(sd3):
+    layers = sd3.backbone.layers
+    assert [(lay.name, lay.kind, lay.source, lay.block, lay.rank) for lay in layers] == [
+        ("transformer_blocks.0.attn:cross", "cross", "joint", "joint", 0),
+        ("transformer_blocks.0.attn:self", "self", "joint", "joint", 0),
+        ("transformer_blocks.1.attn:cross", "cross", "joint", "joint", 0),
+        ("transformer_blocks.1.attn:self", "self", "joint", "joint", 0),
+    ]
+    assert {lay.side(16) for lay in layers} == {16} and layers[0].module == "transformer_blocks.0.attn"
+
+
+def test_capture_leaves_the_output_unchanged_and_restores_processors(sd3):
+    from attnseg.diffusion.capture import AttentionStore, installed
+
+    bb = sd3.backbone
+    z, text = _inputs(bb)
+    before = {k: type(v) for k, v in bb.pipe.transformer.attn_processors.items()}
+    with torch.no_grad():
+        ref = _plain(bb, z, text)
+        ks = torch.ones((2, text.hidden.shape[1]))
+        with installed(bb.pipe.transformer, bb._processors(AttentionStore(), [lay.name for lay in bb.layers], None)):
+            out = _plain(bb, z, text)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+    assert {k: type(v) for k, v in bb.pipe.transformer.attn_processors.items()} == before
+    # Cat-Cross with factors of 1 changes nothing either.
+    with torch.no_grad(), installed(bb.pipe.transformer, bb._processors(AttentionStore(), [], ks)):
+        assert torch.allclose(_plain(bb, z, text), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_joint_maps_are_the_renormalised_blocks_of_the_joint_softmax(sd3):
+    bb = sd3.backbone
+    z, text = _inputs(bb, seed=1)
+    module = bb.pipe.transformer.get_submodule("transformer_blocks.1.attn")
+    seen = {}
+    hook = module.register_forward_pre_hook(lambda m, args, kw: seen.update(kw), with_kwargs=True)
+    try:
+        store = bb.forward(z, 300, text, ["transformer_blocks.1.attn:cross", "transformer_blocks.1.attn:self"])
+    finally:
+        hook.remove()
+    h, e = seen["hidden_states"], seen["encoder_hidden_states"]
+    with torch.no_grad():
+        split = lambda x: x.view(2, -1, module.heads, x.shape[-1] // module.heads).transpose(1, 2)  # noqa: E731
+        q = torch.cat([split(module.to_q(h)), split(module.add_q_proj(e))], dim=2)
+        k = torch.cat([split(module.to_k(h)), split(module.add_k_proj(e))], dim=2)
+        probs = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)  # (2, heads, 256 + 77, 256 + 77)
+    cross = probs[:, :, :256, 256:]
+    own = probs[:, :, :256, :256]
+    want_cross = (cross / cross.sum(-1, keepdim=True)).mean(1)
+    want_self = (own / own.sum(-1, keepdim=True)).mean(1)
+    assert torch.allclose(store.mean("transformer_blocks.1.attn:cross"), want_cross, atol=1e-5)
+    assert torch.allclose(store.mean("transformer_blocks.1.attn:self"), want_self, atol=1e-5)
+    assert torch.allclose(want_cross.sum(-1), torch.ones(2, 256), atol=1e-5)
+
+
+def test_sd35_dual_attention_blocks_add_image_only_self_layers():
+    from attnseg.diffusion.sd3 import SD3Backbone
+    from attnseg.testing import build_tiny_sd3_pipeline
+
+    bb = SD3Backbone(build_tiny_sd3_pipeline(dual_attention_layers=(0,)))
+    assert [lay.name for lay in bb.layers if lay.source == "self"] == ["transformer_blocks.0.attn2"]
+    z, text = _inputs(bb)
+    with torch.no_grad():
+        ref = _plain(bb, z, text)
+        store = bb.forward(z, 150, text, [lay.name for lay in bb.layers])
+        again = _plain(bb, z, text)
+    assert torch.equal(ref, again)
+    assert store.mean("transformer_blocks.0.attn2").shape == (2, 256, 256)
+
+
+def test_segment_eval_generate_and_layers_from_the_command_line(sd3_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner()
+    r = run.invoke(app, ["layers", "--model", str(sd3_dir)])
+    assert r.exit_code == 0 and "transformer_blocks.1.attn:cross" in r.output and " joint " in r.output
+    assert run.invoke(app, ["shapes", "export", "sc", "--n", "2", "--seed", "1"]).exit_code == 0
+    common = ["sc/JPEGImages", "--labels-file", "sc/labels.json", "--model", str(sd3_dir), "--device", "cpu"]
+    r = run.invoke(app, ["segment", *common, "--method", "t2m", "--out", "seg"])
+    assert r.exit_code == 0, r.output
+    assert "preset 'mmdit' from the sd3 family" in r.output
+    meta = json.loads((tmp_path / "seg" / "shapes_1_000000.json").read_text())
+    assert meta["preset"] == "mmdit" and meta["method"] == "t2m"
+    r = run.invoke(app, ["segment", *common, "--method", "iseg", "--out", "seg-iseg"])
+    assert r.exit_code == 2 and "iseg (the paper's preset) cannot read this sd3 model" in r.output
+    assert "Traceback" not in r.output
+    r = run.invoke(app, ["eval", "sc", "-m", "cross", "-m", "t2m", "-m", "diffseg", "--model", str(sd3_dir), "--out", "ev"])
+    assert r.exit_code == 0, r.output
+    assert set(json.loads((tmp_path / "ev" / "report.json").read_text())["methods"]) == {"cross", "t2m-mmdit", "diffseg"}
+    for method in ("ca", "ca-sa", "seediff"):
+        r = run.invoke(
+            app,
+            [
+                "generate",
+                "-c",
+                "circle",
+                "--per-class",
+                "1",
+                "--steps",
+                "2",
+                "--method",
+                method,
+                "--model",
+                str(sd3_dir),
+                "--out",
+                f"gen-{method}",
+            ],
+        )
+        assert r.exit_code == 0, r.output
+        assert np.asarray(Image.open(tmp_path / f"gen-{method}" / "masks" / "000000.png")).shape == (64, 64)
+
+
+def test_pipelines_attnseg_cannot_read_are_refused_by_name(tmp_path):
+    from attnseg.diffusion.loading import ModelError, load_pipeline
+
+    (tmp_path / "xl").mkdir()
+    (tmp_path / "xl" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ModelError, match="is a StableDiffusionXLPipeline pipeline; attnseg reads StableDiffusionPipeline and"):
+        load_pipeline(tmp_path / "xl")
