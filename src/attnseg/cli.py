@@ -11,6 +11,8 @@ import typer
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: "[crf]" in them is an extra's name, not markup
+    context_settings={"max_content_width": 120},
     pretty_exceptions_enable=False,
     no_args_is_help=True,
     help="Segment images with the attention of text-to-image diffusion models.",
@@ -23,27 +25,35 @@ def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
 
+_VERBOSE = {"on": False}
+"""Set by ``attnseg --verbose``: the libraries' own warnings, logs and progress bars are shown."""
+
+
+@app.callback()
+def _global_options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show the libraries' own warnings, logs and progress bars.")
+    ] = False,
+) -> None:
+    _VERBOSE["on"] = verbose
+
+
 def _quiet_libraries() -> None:
+    """Quiet diffusers, transformers and Python warnings for the whole command, unless ``--verbose``."""
+    if _VERBOSE["on"]:
+        return
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     for name in ("diffusers", "transformers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlog
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
 
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - cosmetic only
-        pass
-    try:
-        from transformers.utils import logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - cosmetic only
-        pass
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
 
 
 def _out_folder(folder: Path) -> None:
@@ -73,7 +83,7 @@ def _load_predictor(model: str | None, device: str, dtype: str):
     from attnseg.predictor import AttnSegPredictor
 
     try:
-        return AttnSegPredictor.from_pretrained(model, device=device, dtype=dtype)
+        return AttnSegPredictor.from_pretrained(model, device=device, dtype=dtype, quiet=not _VERBOSE["on"])
     except ModelError as e:
         _err(str(e))
         raise typer.Exit(2) from None
@@ -83,7 +93,8 @@ def _load_predictor(model: str | None, device: str, dtype: str):
 def segment(
     inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
     labels: Annotated[
-        list[str] | None, typer.Option("--labels", "-l", help="Names of what is in the image(s); repeat or list them.")
+        list[str] | None,
+        typer.Option("--labels", "-l", help="Names of what is in the image(s): repeat the option or give a,b,c."),
     ] = None,
     labels_file: Annotated[Path | None, typer.Option(help="JSON object: image file name -> list of labels.")] = None,
     method: Annotated[str, typer.Option(help="cross | t2m | iseg")] = "t2m",
@@ -92,7 +103,7 @@ def segment(
     ] = None,
     model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("attnseg-out"),
-    crf: Annotated[bool, typer.Option(help="Refine with a dense CRF (needs attnseg[crf]).")] = False,
+    crf: Annotated[bool, typer.Option(help="Refine with a dense CRF (needs the crf extra: pip install 'attnseg[crf]').")] = False,
     draws: Annotated[int | None, typer.Option(help="Noise draws averaged (default: the method's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the noise draws.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
@@ -109,11 +120,12 @@ def segment(
 
     labels = _split_labels(labels)
     _check_method(method, preset, REAL, needs_labels=True)
+    _check_inputs(inputs, bool(labels))
     if engine not in ENGINES:
         _err(f"unknown engine {engine!r}: use {' or '.join(ENGINES)}")
         raise typer.Exit(2)
     if not labels and labels_file is None:
-        _err("no labels given: pass --labels L1 L2 ... or --labels-file F")
+        _err("no labels given: pass --labels L1,L2 (or repeat --labels) or --labels-file F")
         raise typer.Exit(2)
     if batch_size < 1 or workers < 1 or (draws is not None and draws < 1):
         _err("--batch-size, --workers and --draws must be at least 1")
@@ -123,6 +135,14 @@ def segment(
         raise typer.Exit(2)
     _out_folder(out)
     predictor = _load_predictor(model, device, dtype)
+    from attnseg.io.labels import LabelsError, load_labels_file
+
+    try:
+        table = load_labels_file(labels_file) if labels_file is not None else {}
+    except LabelsError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    _warn_unknown_words(predictor, labels or [lab for labs in table.values() for lab in labs])
     if preset is None and method in predictor.default_presets:
         source = "the model's attnseg.json" if method in predictor.profile_presets else f"the {predictor.backbone.family} family"
         typer.echo(f"preset {predictor.default_presets[method]!r} from {source} (--preset overrides it)", err=True)
@@ -139,7 +159,7 @@ def segment(
             seed=seed,
             crf=crf,
             batch_size=batch_size,
-            on_error=lambda src, msg: _err(f"{src}: {msg}"),
+            on_error=lambda src, msg: _err(msg if msg.startswith(src) else f"{src}: {msg}"),
             progress=sys.stderr.isatty(),
             engine=engine,
             workers=workers,
@@ -156,8 +176,17 @@ def segment(
 
 
 def _split_labels(labels: list[str] | None) -> list[str]:
-    """``--labels a b`` arrives as one option value per ``--labels``; extra words as INPUTS are not labels."""
-    return [x for x in (labels or []) if x.strip()]
+    """Labels given by repeating the option (``-l cat -l dog``) or as one comma-separated list (``-l cat,dog``)."""
+    return [x.strip() for value in labels or [] for x in value.split(",") if x.strip()]
+
+
+def _check_inputs(inputs: list[Path], labels_given: bool) -> None:
+    """Exit 2 before any work when an input does not exist (a second label after ``--labels`` lands here)."""
+    missing = [p for p in inputs if not p.exists()]
+    if missing:
+        hint = "; to give several labels write --labels a,b or repeat --labels" if labels_given else "; check the path"
+        _err(f"{missing[0]}: no such file or folder{hint}")
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -192,10 +221,10 @@ def eval_cmd(
     crf: Annotated[bool, typer.Option(help="Also evaluate every method after dense CRF.")] = False,
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only.")] = None,
     draws: Annotated[int | None, typer.Option(help="Noise draws (default: each method's).")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the noise draws.")] = 0,
     model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
-    device: Annotated[str, typer.Option()] = "auto",
-    dtype: Annotated[str, typer.Option()] = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or auto.")] = "auto",
 ) -> None:
     """Pseudo-mask mIoU of methods on a dataset (image-level labels from the ground truth)."""
     _quiet_libraries()
@@ -250,8 +279,8 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 5,
     batch: Annotated[int, typer.Option(help="Images per batch for the throughput figure.")] = 8,
     real_size: Annotated[bool, typer.Option(help="Also measure an SD 1.5-shaped UNet at 512 px (about 4 GB of RAM).")] = False,
-    device: Annotated[str, typer.Option()] = "cpu",
-    dtype: Annotated[str, typer.Option()] = "float32",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or auto.")] = "float32",
 ) -> None:
     """Seconds per image, throughput, peak memory and the ratio to the bare model cost, per method."""
     _quiet_libraries()
@@ -274,7 +303,9 @@ def bench(
 @app.command()
 def generate(
     out: Annotated[Path, typer.Option(help="Output folder (images/, masks/, manifest.jsonl, annotations.json).")],
-    classes: Annotated[list[str] | None, typer.Option("--classes", "-c", help="Class names; repeat the option.")] = None,
+    classes: Annotated[
+        list[str] | None, typer.Option("--classes", "-c", help="Class names: repeat the option or give a,b,c.")
+    ] = None,
     prompts: Annotated[
         Path | None, typer.Option(help=".txt (one prompt per line, labels = --classes it names) or .jsonl ({prompt, labels}).")
     ] = None,
@@ -291,8 +322,8 @@ def generate(
     workers: Annotated[int, typer.Option(help="Ray actors (one model each).")] = 1,
     cpu_threads: Annotated[int, typer.Option(help="Threads per block on CPU (part of the run: results depend on it).")] = 1,
     resume: Annotated[bool, typer.Option(help="Require an existing run in --out and continue it.")] = False,
-    device: Annotated[str, typer.Option()] = "auto",
-    dtype: Annotated[str, typer.Option()] = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or auto.")] = "auto",
 ) -> None:
     """Generate images from prompts together with their masks (a labelled synthetic dataset)."""
     _quiet_libraries()
@@ -308,13 +339,13 @@ def generate(
         _err("--block, --steps, --workers and --cpu-threads must be at least 1")
         raise typer.Exit(2)
     try:
-        items, cls, digest = plan_items(classes, per_class, template, prompts)
+        items, cls, digest = plan_items(_split_labels(classes) or None, per_class, template, prompts)
     except SynthError as e:
         _err(str(e))
         raise typer.Exit(2) from None
     _out_folder(out)
     predictor = _load_predictor(model, device, dtype)
-    _warn_unknown_words(predictor.pipe.tokenizer, cls)
+    _warn_unknown_words(predictor, cls)
     from attnseg.diffusion.prompts import PromptError
     from attnseg.generator import label_token_spans
 
@@ -363,11 +394,17 @@ def generate(
     )
 
 
-def _warn_unknown_words(tokenizer, words) -> None:
-    for w in words:
-        pieces = tokenizer.tokenize(w)
-        if len(pieces) > len(w.split()) + 1:
-            typer.echo(f"warning: {w!r} is split into {len(pieces)} sub-word pieces; the model may not know it", err=True)
+def _warn_unknown_words(predictor, labels) -> None:
+    """One warning naming the words of ``labels`` the model does not know (and what it knows, when it lists it)."""
+    unknown = predictor.unknown_words(labels)
+    if not unknown:
+        return
+    words = ", ".join(repr(w) for w in unknown)
+    if predictor.vocabulary is not None:
+        known = ", ".join(predictor.vocabulary)
+        typer.echo(f"warning: the model does not know {words}; it knows: {known}. Their masks will be meaningless", err=True)
+    else:
+        typer.echo(f"warning: the tokenizer splits {words} into sub-word pieces; the model may not know them", err=True)
 
 
 @shapes_app.command("export")
@@ -419,7 +456,7 @@ def train_segmenter_cmd(
     size: Annotated[int, typer.Option(help="Side images are resized to.")] = 64,
     vflip: Annotated[bool, typer.Option(help="Vertical flips as augmentation (off for photographs).")] = True,
     split: Annotated[str, typer.Option(help="Split of a VOC-layout dataset.")] = "train",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the noise draws.")] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's).")] = None,
 ) -> None:
     """Train a small segmentation network on image/mask pairs (Protocol II); score it with `attnseg eval --segmenter`."""
@@ -462,7 +499,9 @@ def score_generated_cmd(
     typer.echo(markdown(results))
 
 
-@app.command("train-toy", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    "train-toy", add_help_option=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
 def train_toy(ctx: typer.Context) -> None:
     """Train the embedded model (stages data, vae, encode, unet, export, all); see --help of the module."""
     from attnseg.train.embedded.command import main
@@ -470,8 +509,22 @@ def train_toy(ctx: typer.Context) -> None:
     main(list(ctx.args))
 
 
+def _plain_metavars(command) -> None:
+    """Show option values as NAME (``--seed SEED``), not as Python type tags (``<int>``), in every command's help."""
+    for sub in getattr(command, "commands", {}).values():
+        _plain_metavars(sub)
+    for param in command.params:
+        if param.param_type_name == "argument":
+            param.metavar = param.metavar or param.name.upper()
+            param.display_type_rich = lambda ctx: None  # the argument's name says it; no "<list[Path]>"
+        elif param.metavar is None and not getattr(param, "is_flag", False):
+            param.metavar = param.name.upper()
+
+
 def main() -> None:
-    app()
+    command = typer.main.get_command(app)
+    _plain_metavars(command)
+    command(prog_name="attnseg")
 
 
 if __name__ == "__main__":

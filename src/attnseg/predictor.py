@@ -71,7 +71,8 @@ class AttnSegPredictor:
         self.resolution = int(resolution or self.backbone.native_resolution)
         self.max_batch = max_batch
         self.model_name = self.backbone.model_name
-        profile = read_profile(self.pipe)
+        profile, self.vocabulary = read_profile(self.pipe)
+        """``vocabulary``: the words the model was trained on, when its ``attnseg.json`` lists them."""
         problems = check_profile(profile)
         if problems:
             raise ModelError(f"{profile_path(self.pipe)} names {problems[0]}; fix or delete it")
@@ -84,8 +85,9 @@ class AttnSegPredictor:
         self._prompt_cache: OrderedDict[tuple, tuple[str, TokenSpans]] = OrderedDict()
 
     @classmethod
-    def from_pretrained(cls, model=None, device: str | None = "cpu", dtype="auto", **kw) -> AttnSegPredictor:
-        return cls(load_pipeline(model, device=device, dtype=dtype), **kw)
+    def from_pretrained(cls, model=None, device: str | None = "cpu", dtype="auto", quiet: bool = True, **kw) -> AttnSegPredictor:
+        """Load ``model`` (None: the embedded model; a folder; a hub id); ``quiet`` hides the libraries' loading noise."""
+        return cls(load_pipeline(model, device=device, dtype=dtype, quiet=quiet), **kw)
 
     @property
     def pipe(self):
@@ -124,6 +126,15 @@ class AttnSegPredictor:
     def method(self, name: str, preset: str | None = None, **overrides):
         """The method object for ``name`` with ``preset`` (None: the model's recommended one, else the paper's)."""
         return get_method(name, preset or self.default_presets.get(name), **overrides)
+
+    def unknown_words(self, labels: Sequence[str]) -> list[str]:
+        """Words of ``labels`` the model does not know: not in its listed vocabulary, or, for a model that lists
+        none, split by its tokenizer into several sub-word pieces (rare words; often unknown)."""
+        words = dict.fromkeys(w for lab in labels for w in str(lab).lower().replace(",", " ").split())
+        if self.vocabulary is not None:
+            known = {w.lower() for w in self.vocabulary}
+            return [w for w in words if w not in known]
+        return [w for w in words if self.backbone.word_pieces(w) > 1]
 
     def check_method(self, name: str, preset: str | None = None) -> None:
         """Raise ``ValueError`` naming the model's layers when the method's layers do not exist in this model."""

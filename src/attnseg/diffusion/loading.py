@@ -10,7 +10,9 @@ are refused. ``load_backbone`` wraps the pipeline in the backbone of its family
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +32,31 @@ DTYPES = {
 }
 
 
+@contextlib.contextmanager
+def quiet_libraries(quiet: bool = True) -> Iterator[None]:
+    """While inside, diffusers and transformers log errors only and show no progress bars; restored on exit.
+
+    Loading a pipeline otherwise prints their advice (``accelerate`` not installed, ``torchvision`` missing for an
+    image processor attnseg does not use) and a progress bar per component.
+    """
+    if not quiet:
+        yield
+        return
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, level, bar in saved:
+            lib.set_verbosity(level)
+            (lib.enable_progress_bar if bar else lib.disable_progress_bar)()
+
+
 class ModelError(RuntimeError):
     """A model cannot be loaded; the message says why and what to do."""
 
@@ -47,17 +74,18 @@ def embedded_model_path() -> Path:
 PROFILE_FILE = "attnseg.json"
 
 
-def read_profile(pipe) -> dict[str, str]:
-    """Default presets a local model folder recommends, from its ``attnseg.json``: ``{method: preset}``.
+def read_profile(pipe) -> tuple[dict[str, str], list[str] | None]:
+    """What a local model folder's ``attnseg.json`` says: ``({method: preset}, the words the model knows or None)``.
 
-    A model whose layers differ from Stable Diffusion's can name, per method, the preset that suits it (the
-    embedded model does). Hub ids and folders without the file give ``{}``. Only the file's shape is checked
-    here; whether each preset exists is the method registry's to say.
+    A model whose layers differ from Stable Diffusion's can name, per method, the preset that suits it, and a model
+    trained on a small vocabulary can list its words (the embedded model does both). Hub ids and folders without
+    the file give ``({}, None)``. Only the file's shape is checked here; whether each preset exists is the method
+    registry's to say.
     """
     root = getattr(pipe, "name_or_path", None)
     f = Path(str(root)) / PROFILE_FILE if root else None
     if f is None or not f.is_file():
-        return {}
+        return {}, None
     try:
         data = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
@@ -65,7 +93,10 @@ def read_profile(pipe) -> dict[str, str]:
     presets = data.get("presets", {}) if isinstance(data, dict) else None
     if not isinstance(presets, dict) or not all(isinstance(v, str) for v in presets.values()):
         raise ModelError(f'{f} must hold {{"presets": {{"method": "preset", ...}}}}; fix or delete it')
-    return dict(presets)
+    words = data.get("words")
+    if words is not None and not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
+        raise ModelError(f'{f}: "words" must be a list of the words the model knows; fix or delete it')
+    return dict(presets), words
 
 
 def profile_path(pipe) -> Path:
@@ -155,11 +186,18 @@ def load_pipeline(
     model: str | Path | None = None,
     device: str | None = "cpu",
     dtype: str | torch.dtype | None = "auto",
+    quiet: bool = True,
 ):
     """Load a Stable Diffusion 1.x / 2.x or 3 / 3.5 pipeline for attention reading (recognised by its model_index.json).
 
-    model: None for the embedded default model, a local folder, or a hub id.
+    model: None for the embedded default model, a local folder, or a hub id. quiet: hide the libraries' advice and
+    progress bars while loading (:func:`quiet_libraries`).
     """
+    with quiet_libraries(quiet):
+        return _load_pipeline(model, device, dtype)
+
+
+def _load_pipeline(model, device, dtype):
     import diffusers
 
     device = resolve_device(device)

@@ -102,6 +102,10 @@ class SD3Backbone:
         """Positions among the CLIP tokens, the first 77 of the joint text sequence (both CLIP tokenizers agree)."""
         return resolve_spans(self.pipe.tokenizer, text, char_spans, labels)
 
+    def word_pieces(self, word: str) -> int:
+        """How many tokens the tokenizer splits ``word`` into."""
+        return len(self.pipe.tokenizer.tokenize(word))
+
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
         s = float(timestep) / 1000
         return (1 - s) * latents + s * noise

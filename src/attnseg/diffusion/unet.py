@@ -88,6 +88,10 @@ class UNetBackbone:
     def token_spans(self, text, char_spans, labels) -> TokenSpans:
         return resolve_spans(self.pipe.tokenizer, text, char_spans, labels)
 
+    def word_pieces(self, word: str) -> int:
+        """How many tokens the tokenizer splits ``word`` into."""
+        return len(self.pipe.tokenizer.tokenize(word))
+
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
         t = torch.tensor([int(timestep)], device=self.device)
         return self.pipe.scheduler.add_noise(latents, noise, t.expand(len(latents)))

@@ -5,7 +5,7 @@ Per input ``<stem>``:
 - ``<stem>_overlay.png``: the image with the mask blended in;
 - ``<stem>_scores.npz``: ``scores`` (K + 1, H, W) float16 (background first), ``confidence``
   (H, W) float16, ``labels``;
-- ``<stem>.json``: ``labels``, ``method``, ``model``, ``prompt``, ``settings``, ``image``, ``size``.
+- ``<stem>.json``: ``labels``, ``method``, ``model``, ``prompt``, ``settings``, ``image``, ``size`` ([height, width]).
 The JSON is written last, each file atomically: an image whose JSON records the same request is done
 (:func:`is_done`); a run killed mid-image leaves no JSON and the image is redone.
 """

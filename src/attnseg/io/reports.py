@@ -26,9 +26,13 @@ _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 
 
 def bar_chart(report: dict, width_per_class: int = 60, height: int = 260) -> Image.Image:
-    """Per-class IoU bars, one colour per method (PIL only, no plotting dependency)."""
+    """Per-class IoU bars, one colour per method (PIL only, no plotting dependency).
+
+    Columns widen to fit the longest class name (PIL's default font is about 6 px a character).
+    """
     classes = report["classes"]
     methods = list(report["methods"])
+    width_per_class = max(width_per_class, 6 * max(len(c) for c in classes) + 10)
     w = 60 + width_per_class * len(classes)
     im = Image.new("RGB", (w, height + 60 + 14 * len(methods)), "white")
     d = ImageDraw.Draw(im)
@@ -47,7 +51,7 @@ def bar_chart(report: dict, width_per_class: int = 60, height: int = 260) -> Ima
                 continue
             x = x0 + mi * bw
             d.rectangle([x, base - v * (base - top), x + bw - 1, base], fill=_COLOURS[mi % len(_COLOURS)])
-        d.text((x0, base + 4), c[:9], fill="black")
+        d.text((x0, base + 4), c, fill="black")
     for mi, m in enumerate(methods):
         y = base + 24 + 14 * mi
         d.rectangle([55, y, 65, y + 10], fill=_COLOURS[mi % len(_COLOURS)])

@@ -445,6 +445,7 @@ def text_gain(unet, te, tok, vae, scale: float, n: int = 48) -> dict[str, float]
 
 EMBEDDED_PROFILE = {
     "presets": {"cross": "embedded", "t2m": "embedded", "iseg": "embedded", "diffseg": "embedded"},
+    "words": [*SHAPES, *COLOURS],
     "why": (
         "The papers' self-attention layer maps onto this model's last decoder layer, which attends almost uniformly; "
         "the 'embedded' presets of T2M and iSeg read object-coherent 16-px layers instead (T2M the first decoder "
