@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -73,16 +74,28 @@ def _run_ray(tasks: Sequence[Any], factory: Callable[[], Worker], workers: int) 
     gpu = _has_gpu()
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=min(len(tasks), 256))
-    res = ds.map_batches(
-        _RayActor,
-        batch_size=1,
-        concurrency=workers,
-        num_gpus=1 if gpu else 0,
-        num_cpus=0 if gpu else 1,
-        fn_constructor_kwargs={"factory": factory, "threads": threads},
-    )
-    for row in res.iter_rows():
-        yield json.loads(row["result"])
+    with warnings.catch_warnings():
+        # Ray 2.5x's only switch for actor restarts is an extra keyword it has begun to call deprecated.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        res = ds.map_batches(
+            _RayActor,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_gpus=1 if gpu else 0,
+            num_cpus=0 if gpu else 1,
+            fn_constructor_kwargs={"factory": factory, "threads": threads},
+            # An actor that dies is not restarted behind the job's back: its error reaches the caller, and the job
+            # resumes from its files when run again (Ray also warns, at error level, about restartable actors
+            # whose arguments live in the object store).
+            max_restarts=0,
+        )
+    try:
+        for row in res.iter_rows():
+            yield json.loads(row["result"])
+    except ray.exceptions.RayError as e:  # a worker's exception, wrapped by Ray with its whole traceback
+        cause = getattr(e, "cause", None) or e
+        first = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        raise EngineError(f"a Ray worker failed: {first}; run the same command again to resume") from e
 
 
 def _init_ray(workers: int) -> None:
@@ -93,17 +106,21 @@ def _init_ray(workers: int) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import logging
 
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the job shows its own progress bar
+    context.print_on_execution_start = False
     try:
         ray.init(
             num_cpus=max(1, workers) if not _has_gpu() else None,
             include_dashboard=False,
             log_to_driver=False,
             ignore_reinit_error=True,
+            logging_level=logging.ERROR,
         )
     except Exception as e:
         raise EngineError(f"could not start Ray ({e}); check RAY_TMPDIR (a short path) and free memory") from e
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _has_gpu() -> bool:
