@@ -140,3 +140,20 @@ def test_per_class_chart_fits_long_class_names():
         "methods": {"m": {"miou": 0.5, "per_class": {"background": 0.9, "pottedplant": 0.1}}},
     }
     assert bar_chart(report).width >= 60 + 2 * (6 * len("pottedplant") + 10)
+
+
+def test_presence_is_relative_peak_attention_and_names_weak_labels(tiny_pipe_dir, tmp_path, image):
+    import numpy as np
+
+    from attnseg.predictor import WEAK_PRESENCE, SegmentationResult
+
+    r = CliRunner().invoke(
+        app, ["segment", str(image), "-l", "circle,star,ring", "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "o")]
+    )
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "o" / "a.json").read_text())
+    assert len(meta["presence"]) == 3 and max(meta["presence"]) == 1.0 and min(meta["presence"]) > 0
+    assert meta["weak_labels"] == [lab for lab, p in zip(meta["labels"], meta["presence"], strict=True) if p < WEAK_PRESENCE]
+    z = np.zeros((1, 1))
+    res = SegmentationResult(["cat", "dog", "cat"], z, z, z, z, "t2m", "", presence=[0.2, 1.0, 0.35])
+    assert res.weak_labels == ["cat"]

@@ -24,6 +24,9 @@ def _cli(args, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": short, "RAY_USAGE_STATS_ENABLED": "0"}
     p = subprocess.run([sys.executable, "-m", "attnseg.cli", *args], capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
+    # Ray is quiet: no INFO banners, no deprecation warnings, no error-level lines about actor arguments.
+    noise = [ln for ln in p.stderr.splitlines() if "INFO" in ln or "deprecated" in ln or "core_worker" in ln]
+    assert not noise, noise[:3]
     return p
 
 

@@ -136,26 +136,16 @@ def test_cli_bad_inputs_each_one_line_and_others_processed(tiny_pipe_dir, tmp_pa
     _write_inputs(d)
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (d / "empty.jpg").write_bytes(b"")
-    res = CliRunner().invoke(
-        app,
-        [
-            "segment",
-            str(d),
-            str(tmp_path / "missing.png"),
-            "--labels",
-            "circle",
-            "--model",
-            str(tiny_pipe_dir),
-            "--out",
-            str(tmp_path / "o"),
-            "--method",
-            "cross",
-        ],
-    )
+    common = ["--labels", "circle", "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "o"), "--method", "cross"]
+    # An input named on the command line that does not exist is a usage error: nothing runs.
+    res = CliRunner().invoke(app, ["segment", str(d), str(tmp_path / "missing.png"), *common])
+    assert res.exit_code == 2 and "missing.png: no such file or folder" in res.output
+    assert not (tmp_path / "o").exists()
+    # Unreadable images in a folder fail one by one; the others are segmented.
+    res = CliRunner().invoke(app, ["segment", str(d), *common])
     assert res.exit_code == 1
     errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 3, res.output
-    assert any("missing.png: no such file" in e for e in errors)
+    assert len(errors) == 2, res.output
     assert any("corrupt.png: not a readable image" in e for e in errors)
     assert any("empty.jpg: not a readable image" in e for e in errors)
     assert "Traceback" not in res.output
@@ -352,6 +342,6 @@ def test_one_bad_image_does_not_fail_the_others_of_its_batch(predictor, tmp_path
     Image.fromarray(scene.image).save(tmp_path / "bad.png")
     worker = SegmentWorker(predictor, tmp_path / "out", {"method": "cross", "draws": 1})
     res = worker([{"path": str(tmp_path / "good.png"), "labels": ["circle"]}, {"path": str(tmp_path / "bad.png"), "labels": ["  "]}])
-    assert res[0] == {"path": str(tmp_path / "good.png"), "error": None}
+    assert res[0]["path"] == str(tmp_path / "good.png") and res[0]["error"] is None
     assert res[1]["path"] == str(tmp_path / "bad.png") and "empty label" in res[1]["error"]
     assert (tmp_path / "out" / "good.json").exists() and not (tmp_path / "out" / "bad.json").exists()

@@ -170,6 +170,13 @@ def segment(
     except (ValueError, ImportError, RuntimeError) as e:
         _err(str(e))
         raise typer.Exit(2) from None
+    if report.weak:
+        path, labs = next(iter(report.weak.items()))
+        typer.echo(
+            f"warning: {len(report.weak)} image(s) have labels of weak attention, perhaps not in them (weak_labels in "
+            f"their JSON), e.g. {Path(path).name}: {', '.join(labs)}",
+            err=True,
+        )
     typer.echo(f"{len(report.done)} segmented, {len(report.skipped)} already done, {len(report.failed)} failed -> {out}")
     if report.failed:
         raise typer.Exit(1)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from attnseg.diffusion.loading import ModelError, backbone_for, load_pipeline, profile_path, read_profile
 from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt
 from attnseg.io.images import load_image
+from attnseg.methods.base import fused_cross
 from attnseg.methods.diffseg import DiffSeg, DiffSegConfig, assign
 from attnseg.methods.registry import check_profile, get_method, resolve
 from attnseg.ops.maps import columns_to_images
@@ -32,6 +33,10 @@ from attnseg.ops.refine import CRFConfig, confidence_map, dense_crf, scores_to_p
 
 PROMPT_CACHE_SIZE = 256
 """Composed prompts (labels and template -> text and token spans) kept per predictor."""
+WEAK_PRESENCE = 0.3
+"""A label whose presence is below this is listed in ``weak_labels``. Chosen on validation scenes of the embedded
+model (world seed 3, one absent shape added to each scene's labels): it flags 34% of absent labels and 6% of present
+ones (docs/BENCHMARKS.md)."""
 
 
 @dataclass
@@ -41,6 +46,9 @@ class SegmentationResult:
     mask: (H, W) uint8, 0 = background, i = ``labels[i - 1]``.
     scores: (K + 1, H, W) float32 per-class scores, background first (CRF marginals with ``crf``).
     confidence: (H, W) top-2 margin of the scores; ``uncertain`` marks margins below 0.05.
+    presence: per label, the peak of its raw cross-attention (the method's cross layers, before any normalisation)
+    relative to the strongest label's, averaged over draws: 1 for the strongest; a label that is not in the image
+    tends to lower values. Labels are assumed present; ``weak_labels`` names those below ``WEAK_PRESENCE``.
     """
 
     labels: list[str]
@@ -51,6 +59,11 @@ class SegmentationResult:
     method: str
     prompt: str
     settings: dict = field(default_factory=dict)
+    presence: list[float] = field(default_factory=list)
+
+    @property
+    def weak_labels(self) -> list[str]:
+        return [lab for lab, p in zip(self.labels, self.presence, strict=True) if p < WEAK_PRESENCE]
 
 
 def _settings(method) -> dict:
@@ -172,8 +185,8 @@ class AttnSegPredictor:
         method,
         draws: int,
         seed: int = 0,
-    ) -> tuple[list[torch.Tensor], list[str]]:
-        """Per-image (K_i + 1, h, w) scores on the method's grid, averaged over ``draws``."""
+    ) -> tuple[list[torch.Tensor], list[str], list[list[float]]]:
+        """Per-image (K_i + 1, h, w) scores on the method's grid averaged over ``draws``, prompts, label presences."""
         bb = self.backbone
         n = len(latents)
         prompts = [self.prompt_for(labs, method) for labs in label_lists]
@@ -184,6 +197,7 @@ class AttnSegPredictor:
         noise = torch.randn((draws, *latents.shape[1:]), generator=g).to(self.device, latents.dtype)
         rows = [(i, d) for i in range(n) for d in range(draws)]
         sums: list[torch.Tensor | None] = [None] * n
+        peaks: list[torch.Tensor | None] = [None] * n
         key_scale = None
         if plan.key_scale_gamma is not None:
             key_scale = torch.ones((n, text.hidden.shape[1]), dtype=torch.float32)
@@ -198,11 +212,16 @@ class AttnSegPredictor:
             store = bb.forward(z, cfg.timestep, text.rows(idx), plan.names, per_head=plan.per_head, key_scale=ks)
             for i in sorted(set(idx.tolist())):
                 r = [j for j, (ii, _) in enumerate(chunk) if ii == i]
-                sc = method.scores(store.rows(r), prompts[i][1], plan)  # (R, P, K + 1)
+                rows_i = store.rows(r)
+                sc = method.scores(rows_i, prompts[i][1], plan)  # (R, P, K + 1)
                 s = sc.float().sum(dim=0)
                 sums[i] = s if sums[i] is None else sums[i] + s
+                if plan.cross:
+                    pk = fused_cross(rows_i, plan.cross, prompts[i][1], plan.grid).float().amax(dim=1).sum(dim=0)  # (K,)
+                    peaks[i] = pk if peaks[i] is None else peaks[i] + pk
         out = [columns_to_images((s / draws)[None], plan.grid)[0].cpu() for s in sums]
-        return out, [p for p, _ in prompts]
+        presence = [(pk / pk.max().clamp_min(1e-12)).tolist() if pk is not None else [] for pk in peaks]
+        return out, [p for p, _ in prompts], presence
 
     def segment(
         self,
@@ -277,10 +296,10 @@ class AttnSegPredictor:
         n_draws = int(draws if draws is not None else getattr(m.config, "draws", 1))
         if n_draws < 1:
             raise ValueError("draws must be at least 1")
-        maps, texts = self.score_maps(latents, label_lists, m, n_draws, seed)
+        maps, texts, presences = self.score_maps(latents, label_lists, m, n_draws, seed)
         results = []
         crf_cfg = crf if isinstance(crf, CRFConfig) else CRFConfig() if crf else None
-        for img, labs, sc, text in zip(images, label_lists, maps, texts, strict=True):
+        for img, labs, sc, text, presence in zip(images, label_lists, maps, texts, presences, strict=True):
             h, w = img.shape[:2]
             up = F.interpolate(sc[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
             if crf_cfg is not None:
@@ -299,6 +318,7 @@ class AttnSegPredictor:
                     method=m.name,
                     prompt=text,
                     settings=settings,
+                    presence=[round(p, 4) for p in presence],
                 )
             )
         return results

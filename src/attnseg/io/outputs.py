@@ -5,7 +5,9 @@ Per input ``<stem>``:
 - ``<stem>_overlay.png``: the image with the mask blended in;
 - ``<stem>_scores.npz``: ``scores`` (K + 1, H, W) float16 (background first), ``confidence``
   (H, W) float16, ``labels``;
-- ``<stem>.json``: ``labels``, ``method``, ``model``, ``prompt``, ``settings``, ``image``, ``size`` ([height, width]).
+- ``<stem>.json``: ``labels``, ``method``, ``model``, ``prompt``, ``settings``, ``image``, ``size`` ([height, width]),
+  ``presence`` (per label, its peak attention relative to the strongest label's) and ``weak_labels`` (below 0.3:
+  perhaps not in the image).
 The JSON is written last, each file atomically: an image whose JSON records the same request is done
 (:func:`is_done`); a run killed mid-image leaves no JSON and the image is redone.
 """
@@ -46,6 +48,8 @@ def write_outputs(out: Path, stem: str, image: np.ndarray, result, model_name: s
         "image": src,
         "size": list(image.shape[:2]),
         "uncertain_fraction": float(result.uncertain.mean()),
+        "presence": result.presence,
+        "weak_labels": result.weak_labels,
         "settings": result.settings,
     }
     atomic_write_bytes(out / f"{stem}.json", json.dumps(meta, indent=1, default=str).encode())

@@ -24,12 +24,15 @@ class SegmentJobReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    weak: dict[str, list[str]] = field(default_factory=dict)
+    """Images segmented now with labels of weak attention (perhaps not in the image): path -> labels."""
 
 
 class SegmentWorker:
     """Segments one batch (a task: ``[{"path", "labels"}, ...]``) and writes its files.
 
-    Returns ``[{"path", "error"}]``: error is None for a written image, else why it was not segmented.
+    Returns ``[{"path", "error", "weak"}]``: error is None for a written image, else why it was not segmented; weak
+    lists its labels of weak attention.
     """
 
     def __init__(self, predictor, out: str | Path, options: dict) -> None:
@@ -54,7 +57,7 @@ class SegmentWorker:
         for (job, image), res in zip(batch, segs, strict=True):
             stem = Path(job["path"]).stem
             write_outputs(self.out, stem, image, res, self.predictor.model_name, job["path"], self.options.get("preset"))
-            results.append({"path": job["path"], "error": None})
+            results.append({"path": job["path"], "error": None, "weak": res.weak_labels})
         return results
 
 
@@ -131,5 +134,7 @@ def segment_paths(
                     fail(r["path"], r["error"])
                 else:
                     report.done.append(r["path"])
+                    if r["weak"]:
+                        report.weak[r["path"]] = r["weak"]
                 bar.advance(task)
     return report
