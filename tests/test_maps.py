@@ -156,3 +156,37 @@ def test_cross_baseline_background_threshold_moves_the_object_boundary(monkeypat
     scores = embedded.scores(None, None, plan)
     assert torch.allclose(scores[0, :, 0], torch.tensor([1.96, 0.9025, 0.16]))
     assert scores[0].argmax(1).tolist() == [0, 0, 1]
+
+
+def test_diffseg_merge_rounds_average_unmatched_or_all_proposals():
+    from attnseg.methods.diffseg import merge_round
+
+    # A ~ B and B ~ C under the threshold, A and C far apart.
+    a, b, c = torch.tensor([0.8, 0.1, 0.1]), torch.tensor([0.45, 0.45, 0.1]), torch.tensor([0.1, 0.8, 0.1])
+    props = torch.stack([a, b, c])
+    ours = merge_round(props, threshold=0.5, merge="unmatched")
+    code = merge_round(props, threshold=0.5, merge="all")
+    assert torch.allclose(ours, torch.stack([(a + b) / 2, c]))  # B is taken by A; C stays alone
+    assert torch.allclose(code, torch.stack([(a + b) / 2, (b + c) / 2]))  # C averages B too, matched or not
+
+
+def test_diffseg_code_preset_reads_the_clean_latent(monkeypatch, predictor):
+    from attnseg.shapes.world import make_scene
+
+    added = []
+    orig = predictor.backbone.add_noise
+    monkeypatch.setattr(predictor.backbone, "add_noise", lambda *a: added.append(1) or orig(*a))
+    img = make_scene(7, 0).image
+    predictor.segment_unsupervised([img], "code")
+    assert added == []
+    predictor.segment_unsupervised([img], "default")
+    assert added == [1]
+
+
+def test_t2m_coco_presets_sample_once_as_the_paper_does():
+    from attnseg.methods.registry import resolve
+
+    # Appendix A: "For Pascal VOC 2012, MS COCO 2014, and Mug19 datasets, we sample 10, 1, and 1 times".
+    assert resolve("t2m", "voc")[2].draws == 10
+    assert resolve("t2m", "coco")[2].draws == 1 and resolve("t2m", "coco")[2].bg_threshold is None
+    assert resolve("t2m", "coco-code")[2].bg_threshold == 0.35

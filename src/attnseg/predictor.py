@@ -281,7 +281,7 @@ class AttnSegPredictor:
         step = 2  # every self-attention layer is kept: at 512 px the 64-px layers alone are ~300 MB an image
         for i0 in range(0, len(arrays), step):
             sl = slice(i0, i0 + step)
-            z = bb.add_noise(latents[sl], noise[sl], cfg.timestep)
+            z = bb.add_noise(latents[sl], noise[sl], cfg.timestep) if cfg.noised else latents[sl]
             store = bb.forward(z, cfg.timestep, text.rows(sl), plan.self_names)
             for props, img in zip(method.proposals(store, plan), arrays[sl], strict=True):
                 out.append(assign(props.float().cpu(), img.shape[:2]).numpy())
