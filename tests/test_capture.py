@@ -100,3 +100,21 @@ def test_key_scale_reweights_chosen_tokens(inputs):
     assert not torch.allclose(pa[..., 3], pb[..., 3])
     # Only token 3's logit changed, so every other pair of tokens keeps its ratio, per head.
     assert torch.allclose(pa[..., 5] / pa[..., 6], pb[..., 5] / pb[..., 6], rtol=1e-4)
+
+
+def test_cat_cross_on_the_embedding_equals_scaling_the_class_tokens_text(inputs):
+    # iSeg's Algorithm 1 / code: scale the class tokens' text embedding; SD's key and value projections have no
+    # bias, so scaling keys and values in the processor is the same as scaling those rows of the text states.
+    unet, z, emb = inputs
+    assert all(m.to_k.bias is None and m.to_v.bias is None for n, m in unet.named_modules() if n.endswith("attn2"))
+    w = torch.ones(77)
+    w[[3, 4]] = 1.6
+    t = torch.tensor([100, 100])
+    with torch.no_grad():
+        ref = unet(z, t, encoder_hidden_states=emb * w.view(1, -1, 1)).sample
+        with capture_attention(unet, [], key_scale=w, scale_values=True):
+            both = unet(z, t, encoder_hidden_states=emb).sample
+        with capture_attention(unet, [], key_scale=w):
+            keys_only = unet(z, t, encoder_hidden_states=emb).sample
+    assert torch.allclose(both, ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(keys_only, ref, atol=1e-4)  # eq. 8 leaves the values alone: another output

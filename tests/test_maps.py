@@ -190,3 +190,22 @@ def test_t2m_coco_presets_sample_once_as_the_paper_does():
     assert resolve("t2m", "voc")[2].draws == 10
     assert resolve("t2m", "coco")[2].draws == 1 and resolve("t2m", "coco")[2].bg_threshold is None
     assert resolve("t2m", "coco-code")[2].bg_threshold == 0.35
+
+
+def test_fused_cross_normalises_before_or_after_resizing():
+    from attnseg.diffusion.capture import AttentionStore
+    from attnseg.diffusion.prompts import TokenSpans
+    from attnseg.methods.base import fused_cross
+    from attnseg.ops.maps import sum_normalise
+
+    store = AttentionStore()
+    store.add("a", torch.tensor([[[0.0, 1.0], [0.0, 3.0], [0.0, 0.0], [0.0, 0.0]]]))  # 2x2 grid, token 1
+    store.add("b", torch.ones((1, 16, 2)))  # 4x4 grid, flat
+    spans = TokenSpans(input_ids=[0, 1], spans=[[1]], labels=["x"])
+    norm = lambda m: sum_normalise(m, dim=1)  # noqa: E731
+    after = fused_cross(store, {"a": 0.7, "b": 0.3}, spans, (4, 4), normalise=norm)
+    first = fused_cross(store, {"a": 0.7, "b": 0.3}, spans, (4, 4), normalise=norm, normalise_first=True)
+    assert torch.allclose(after.sum(dim=1), torch.ones(1, 1))  # each map sums to 1 on the working grid
+    # Normalised on its own 2x2 grid, the coarse map sums to 4 after upsampling to 4x4 (4 pixels per cell): it
+    # outweighs the fine one, whose 16 pixels each keep 1/16.
+    assert torch.allclose(first.sum(dim=1), torch.tensor([[0.7 * 4 + 0.3]]), atol=1e-5)

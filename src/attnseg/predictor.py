@@ -209,7 +209,9 @@ class AttnSegPredictor:
             idx = torch.tensor([i for i, _ in chunk])
             z = bb.add_noise(latents[idx], noise[[d for _, d in chunk]], cfg.timestep)
             ks = key_scale[idx] if key_scale is not None else None
-            store = bb.forward(z, cfg.timestep, text.rows(idx), plan.names, per_head=plan.per_head, key_scale=ks)
+            store = bb.forward(
+                z, cfg.timestep, text.rows(idx), plan.names, per_head=plan.per_head, key_scale=ks, scale_values=plan.scale_values
+            )
             for i in sorted(set(idx.tolist())):
                 r = [j for j, (ii, _) in enumerate(chunk) if ii == i]
                 rows_i = store.rows(r)

@@ -88,6 +88,7 @@ class Backbone(Protocol):
         names: Sequence[str] = (),
         per_head: Sequence[str] = (),
         key_scale: torch.Tensor | None = None,
+        scale_values: bool = False,
     ) -> AttentionStore: ...
 
     def generate(

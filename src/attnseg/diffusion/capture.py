@@ -74,7 +74,8 @@ class CaptureProcessor:
     """Attention processor that records probabilities; numerically the default attention.
 
     key_scale: optional (T,) or (B_cond, T) factors multiplied into the keys of the conditional rows before the
-    softmax (iSeg's Cat-Cross, eq. 8: softmax(Q (W . K)^T / sqrt(d))). Only for cross-attention.
+    softmax (iSeg's Cat-Cross, eq. 8: softmax(Q (W . K)^T / sqrt(d))), and into the values too with ``scale_values``
+    (the scaled text embedding of iSeg's Algorithm 1 and code). Only for cross-attention.
     """
 
     def __init__(
@@ -83,11 +84,13 @@ class CaptureProcessor:
         name: str,
         record: bool = True,
         key_scale: torch.Tensor | None = None,
+        scale_values: bool = False,
     ) -> None:
         self.store = store
         self.name = name
         self.record = record
         self.key_scale = key_scale
+        self.scale_values = scale_values
 
     def __call__(
         self,
@@ -135,6 +138,8 @@ class CaptureProcessor:
             w = self.key_scale.to(key.device, key.dtype)
             w = w.view(1, 1, -1, 1) if w.dim() == 1 else w.view(w.shape[0], 1, -1, 1)
             key = key * w if c0 == 0 else torch.cat([key[:c0], key[c0:] * w], dim=0)
+            if self.scale_values:
+                value = value * w if c0 == 0 else torch.cat([value[:c0], value[c0:] * w], dim=0)
         parts = []
         if c0 > 0:
             m = attention_mask[:c0] if attention_mask is not None else None
@@ -210,8 +215,10 @@ class JointCaptureProcessor:
         parts: dict[str, str],
         key_scale: torch.Tensor | None = None,
         image_first: bool = True,
+        scale_values: bool = False,
     ) -> None:
         self.store, self.parts, self.key_scale, self.image_first = store, parts, key_scale, image_first
+        self.scale_values = scale_values
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None, *args, **kwargs):
         b = hidden_states.shape[0]
@@ -223,7 +230,9 @@ class JointCaptureProcessor:
         n_img = q.shape[2]
         n_txt = 0
         if encoder_hidden_states is not None:
-            eq, ek, ev = (self._heads(attn, f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            eq, ek, ev = (
+                self._heads(attn, f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
             if attn.norm_added_q is not None:
                 eq = attn.norm_added_q(eq)
             if attn.norm_added_k is not None:
@@ -234,6 +243,8 @@ class JointCaptureProcessor:
                 w = self.key_scale.to(ek.device, ek.dtype)
                 w = w.view(1, 1, -1, 1) if w.dim() == 1 else w.view(w.shape[0], 1, -1, 1)
                 ek = ek * w if c0 == 0 else torch.cat([ek[:c0], ek[c0:] * w], dim=0)
+                if self.scale_values:
+                    ev = ev * w if c0 == 0 else torch.cat([ev[:c0], ev[c0:] * w], dim=0)
             pairs = ((q, eq), (k, ek), (v, ev)) if self.image_first else ((eq, q), (ek, k), (ev, v))
             q, k, v = (torch.cat(p, dim=2) for p in pairs)
         out = self._attend(attn, q, k, v, n_img, n_txt)
@@ -293,6 +304,7 @@ def capture_attention(
     key_scale: torch.Tensor | None = None,
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     cross_names: Sequence[str] | None = None,
+    scale_values: bool = False,
 ) -> Iterator[AttentionStore]:
     """Capture the attention of modules ``names`` of ``unet`` for the duration of the block.
 
@@ -304,10 +316,10 @@ def capture_attention(
     if cond_rows not in ("all", "second_half"):
         raise ValueError("cond_rows must be 'all' or 'second_half'")
     store = AttentionStore(per_head=frozenset(per_head), cond_rows=cond_rows, transform=transform)
-    targets = {n: CaptureProcessor(store, n, record=True, key_scale=key_scale) for n in names}
+    targets = {n: CaptureProcessor(store, n, record=True, key_scale=key_scale, scale_values=scale_values) for n in names}
     if key_scale is not None:
         for n in cross_names if cross_names is not None else _cross_attention_names(unet):
-            targets.setdefault(n, CaptureProcessor(store, n, record=False, key_scale=key_scale))
+            targets.setdefault(n, CaptureProcessor(store, n, record=False, key_scale=key_scale, scale_values=scale_values))
     with installed(unet, targets):
         yield store
 

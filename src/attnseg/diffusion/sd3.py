@@ -70,7 +70,10 @@ class SD3Backbone:
         vae = self.pipe.vae
         shift = float(vae.config.shift_factor or 0.0)
         x = torch.cat(xs).to(self.device, next(vae.parameters()).dtype)
-        lat = [(vae.encode(x[i : i + max_batch]).latent_dist.mean - shift) * vae.config.scaling_factor for i in range(0, len(x), max_batch)]
+        lat = [
+            (vae.encode(x[i : i + max_batch]).latent_dist.mean - shift) * vae.config.scaling_factor
+            for i in range(0, len(x), max_batch)
+        ]
         return torch.cat(lat)
 
     @torch.inference_mode()
@@ -110,7 +113,9 @@ class SD3Backbone:
         s = float(timestep) / 1000
         return (1 - s) * latents + s * noise
 
-    def _processors(self, store: AttentionStore, names: Sequence[str], key_scale: torch.Tensor | None) -> dict:
+    def _processors(
+        self, store: AttentionStore, names: Sequence[str], key_scale: torch.Tensor | None, scale_values: bool = False
+    ) -> dict:
         """One joint processor per module that has a captured part (or takes Cat-Cross), recording those parts."""
         parts: dict[str, dict[str, str]] = {}
         for n in names:
@@ -120,13 +125,18 @@ class SD3Backbone:
             for lay in self.layers:
                 if lay.kind == "cross":
                     parts.setdefault(lay.module, {})
-        return {m: JointCaptureProcessor(store, p, key_scale=key_scale if m.endswith(".attn") else None) for m, p in parts.items()}
+        return {
+            m: JointCaptureProcessor(store, p, key_scale=key_scale if m.endswith(".attn") else None, scale_values=scale_values)
+            for m, p in parts.items()
+        }
 
     @torch.inference_mode()
-    def forward(self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None) -> AttentionStore:
+    def forward(
+        self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None, scale_values=False
+    ) -> AttentionStore:
         t = torch.full((len(latents),), float(timestep), device=self.device)
         store = AttentionStore(per_head=frozenset(per_head))
-        with installed(self.pipe.transformer, self._processors(store, names, key_scale)):
+        with installed(self.pipe.transformer, self._processors(store, names, key_scale, scale_values)):
             self.pipe.transformer(
                 hidden_states=latents,
                 encoder_hidden_states=text.hidden,

@@ -74,7 +74,13 @@ class UNetBackbone:
         missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
         if missing:
             tok = self.pipe.tokenizer
-            ids = tok([k[0] for k in missing], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+            ids = tok(
+                [k[0] for k in missing],
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
             states = self.pipe.text_encoder(ids.input_ids.to(self.device))[0].to(self.dtype)
             for k, s in zip(missing, states, strict=True):
                 self._text_cache[k] = s.clone()  # a row of its own: the batch is not kept alive by one entry
@@ -97,10 +103,17 @@ class UNetBackbone:
         return self.pipe.scheduler.add_noise(latents, noise, t.expand(len(latents)))
 
     @torch.inference_mode()
-    def forward(self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None) -> AttentionStore:
+    def forward(
+        self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None, scale_values=False
+    ) -> AttentionStore:
         t = torch.tensor([int(timestep)], device=self.device).expand(len(latents))
         with capture_attention(
-            self.pipe.unet, names, per_head=per_head, key_scale=key_scale, cross_names=self._cross_names
+            self.pipe.unet,
+            names,
+            per_head=per_head,
+            key_scale=key_scale,
+            cross_names=self._cross_names,
+            scale_values=scale_values,
         ) as store:
             self.pipe.unet(latents, t, encoder_hidden_states=text.hidden)
         return store

@@ -25,6 +25,8 @@ class CapturePlan:
     grid: tuple[int, int]
     per_head: list[str] = field(default_factory=list)
     key_scale_gamma: float | None = None
+    scale_values: bool = False
+    """With ``key_scale_gamma``: scale the class tokens' values too (the text embedding, not only the keys)."""
 
     @property
     def names(self) -> list[str]:
@@ -37,11 +39,13 @@ def fused_cross(
     spans: TokenSpans,
     grid: tuple[int, int],
     normalise=None,
+    normalise_first: bool = False,
 ) -> torch.Tensor:
     """Weighted mean of per-label cross maps of several modules on ``grid``: (B, P, K).
 
     Each module's head-mean map (B, P_l, T) is reduced to its labels' token averages, resized to
-    ``grid``, optionally normalised per label (``normalise`` of a (B, P, K) tensor), then weighted.
+    ``grid``, optionally normalised per label (``normalise`` of a (B, P, K) tensor; at the module's own
+    resolution before resizing with ``normalise_first``), then weighted.
     """
     total = None
     wsum = 0.0
@@ -49,8 +53,11 @@ def fused_cross(
         m = store.mean(name)
         p = m.shape[1]
         side = round(p**0.5)
-        lab = resize_columns(token_maps(m, spans.spans), (side, side), grid)
-        if normalise is not None:  # after resizing, so that weights compare maps of equal pixel counts
+        lab = token_maps(m, spans.spans)
+        if normalise is not None and normalise_first:
+            lab = normalise(lab)
+        lab = resize_columns(lab, (side, side), grid)
+        if normalise is not None and not normalise_first:  # after resizing: weights compare maps of equal pixel counts
             lab = normalise(lab)
         total = lab * w if total is None else total + lab * w
         wsum += w

@@ -33,7 +33,11 @@ class ISegConfig:
     template: str = "iseg"
     """"a photograph of A and B and other objects and background" """
     gamma: float = 1.6
-    """Cat-Cross factor on the keys of the class tokens (1 disables it)."""
+    """Cat-Cross factor on the class tokens (1 disables it)."""
+    cat_cross: str = "keys"
+    """"keys": eq. 8, softmax(Q (W . K)^T / sqrt(d)) with the values untouched (the paper's equation); "embedding": the
+    class tokens' text embedding scaled, so keys and values (Stable Diffusion's key and value projections have no
+    bias), as Algorithm 1 ("category-enhanced text embeddings") and the authors' code do."""
     lam: float = 0.02
     """Ent-Self updating factor lambda."""
     iters: int = 8
@@ -42,7 +46,13 @@ class ISegConfig:
     """"code": column-max normalise, a += lam log10(e a), clamp, row-normalise (the authors' code);
     "paper": eq. 6 on the raw probabilities, clamp, row-normalise."""
     cross: dict[int, float] = field(default_factory=lambda: {1: 0.7, 2: 0.3})
-    """Decoder cross layers by resolution rank -> weight (SD: 16 px 0.7, 32 px 0.3)."""
+    """Decoder cross layers by resolution rank -> weight (SD: 16 px 0.7, 32 px 0.3). The paper fuses "the
+    cross-attention maps at different decoder layers" and names neither resolutions nor weights: these are the
+    authors' code's."""
+    normalise_first: bool = False
+    """False (ours): each layer's maps are sum-normalised after upsampling to the working grid, so that the weights
+    compare maps of equal pixel counts; True: normalised at their own resolution, then upsampled, as the authors'
+    code does (the weights then act on maps of different totals)."""
     self_layer: LayerSelect = field(default_factory=lambda: LayerSelect(kind="self", ranks=(3,), blocks=("up",), take=(1, 2)))
     """SD's up_blocks.3.attentions.1 (64 px); the finest decoder layer on smaller UNets."""
     heads: tuple[int, ...] | None = None
@@ -73,6 +83,12 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
     "embedded-n8": ISegConfig(self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.5),
     "embedded-no-cat": ISegConfig(gamma=1.0, iters=1, self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.5),
     "embedded-paper-bg": ISegConfig(iters=1, self_layer=EMBEDDED_SELF_LAYER),
+    # As the authors' code runs it: Cat-Cross on the text embedding (keys and values), cross maps normalised at
+    # their own resolution before fusing. On the paper's settings, and on the embedded model's.
+    "code": ISegConfig(cat_cross="embedding", normalise_first=True),
+    "embedded-code": ISegConfig(
+        iters=1, self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.5, cat_cross="embedding", normalise_first=True
+    ),
 }
 
 
@@ -112,11 +128,15 @@ class ISeg:
             grid=(side, side),
             per_head=[lay.name for lay in s] if self.config.heads else [],
             key_scale_gamma=self.config.gamma if self.config.gamma != 1 else None,
+            scale_values=self.config.cat_cross == "embedding",
         )
 
     def scores(self, store: AttentionStore, spans: TokenSpans, plan: CapturePlan) -> torch.Tensor:
         cfg = self.config
-        cross = fused_cross(store, plan.cross, spans, plan.grid, normalise=lambda m: sum_normalise(m, dim=1))
+        if cfg.cat_cross not in ("keys", "embedding"):
+            raise ValueError(f"unknown Cat-Cross variant {cfg.cat_cross!r}: use 'keys' or 'embedding'")
+        normalise = lambda m: sum_normalise(m, dim=1)  # noqa: E731
+        cross = fused_cross(store, plan.cross, spans, plan.grid, normalise=normalise, normalise_first=cfg.normalise_first)
         a = entropy_reduced_self(mean_self(store, plan.self_names, cfg.heads), cfg.lam, cfg.ent_variant)
         fg = minmax(propagate(a, cross, cfg.iters, normalise=minmax))
         if cfg.bg_threshold is not None:

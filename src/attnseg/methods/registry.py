@@ -60,7 +60,9 @@ class MethodInfo:
 REGISTRY: dict[str, MethodInfo] = {
     m.name: m
     for m in (
-        MethodInfo("cross", CrossConfig, CROSS_PRESETS, REAL, True, CrossAttentionBaseline, "DAAM / DiffuMask cross-attention baseline"),
+        MethodInfo(
+            "cross", CrossConfig, CROSS_PRESETS, REAL, True, CrossAttentionBaseline, "DAAM / DiffuMask cross-attention baseline"
+        ),
         MethodInfo("t2m", T2MConfig, T2M_PRESETS, REAL, True, T2M, "From Text to Mask: Self^2 . Cross"),
         MethodInfo("iseg", ISegConfig, ISEG_PRESETS, REAL, True, ISeg, "iSeg: Cat-Cross and entropy-reduced Self"),
         MethodInfo("diffseg", DiffSegConfig, DIFFSEG_PRESETS, REAL, False, DiffSeg, "DiffSeg: KL merging of self-attention"),
