@@ -60,8 +60,9 @@ class SeeDiffConfig(GeneratedConfig):
     seed_rank: int = 1
     """Resolution rank of the seed cross map (SD 2-base at 512 px: 16 px)."""
     variant: str = "paper"
-    """"paper": thresholds alpha and beta, mean of self rows; "code": Otsu thresholds and cosine
-    similarity of self rows to the seeds (the authors' public code)."""
+    """"paper": thresholds alpha and beta, mean of self rows; "code": two elements of the authors' code, Otsu
+    thresholds and cosine similarity of self rows to the seeds (its background cascade, 0.8 threshold and long PAMR
+    are not implemented; docs/METHODS.md)."""
 
 
 def sides_by_rank(sides: Sequence[int]) -> list[int]:

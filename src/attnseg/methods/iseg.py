@@ -1,9 +1,11 @@
 """iSeg (Sun et al. 2024): entropy-reduced self-attention and category-enhanced cross-attention.
 
-Paper section 3 / algorithm 1: one forward at t = 100 with the class-token keys scaled by
-gamma = 1.6 (Cat-Cross, eq. 8); Cross = decoder cross maps at 16 px (0.7) and 32 px (0.3), each
-sum-normalised, upsampled to 64 px; Self = ``up_blocks.3.attentions.1`` (64 px) made sharper by
-one entropy-gradient step (Ent-Self, eq. 6); N iterations Cross <- Self_ent . normalise(Cross).
+Paper section 3 / algorithm 1: one forward at t = 100 with the class-token keys scaled by gamma = 1.6
+(Cat-Cross, eq. 8); Cross = decoder cross maps, fused (the resolutions and weights, 16 px 0.7 and 32 px 0.3,
+are the authors' code's), each sum-normalised; Self = the high-resolution self-attention of the last decoder
+layer (on SD, as the code reads it, ``up_blocks.3.attentions.1``, 64 px) made sharper by one entropy-gradient
+step (Ent-Self, eq. 6); N iterations Cross <- Self_ent . normalise(Cross). Sources of every setting:
+docs/METHODS.md.
 """
 
 from __future__ import annotations

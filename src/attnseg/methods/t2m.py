@@ -3,7 +3,8 @@
 Paper section 3: one forward of the noised latent (t = 150) with all labels in one sentence;
 Cross = mean of the 16-px and 8-px cross-attention layers (SD at 512 px) upsampled to the 32-px
 grid; Self = head-mean self-attention of ``up_blocks.2.attentions.1``; SelfCross = Self^2 Cross;
-per-label min-max; background (1 - max)^2; several noise draws averaged.
+per-label min-max; background (1 - max)^2; several noise draws averaged (10 for VOC, 1 for COCO: appendix A).
+Sources of every setting, and where the authors' code differs: docs/METHODS.md.
 """
 
 from __future__ import annotations
