@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -345,3 +346,20 @@ def test_one_bad_image_does_not_fail_the_others_of_its_batch(predictor, tmp_path
     assert res[0]["path"] == str(tmp_path / "good.png") and res[0]["error"] is None
     assert res[1]["path"] == str(tmp_path / "bad.png") and "empty label" in res[1]["error"]
     assert (tmp_path / "out" / "good.json").exists() and not (tmp_path / "out" / "bad.json").exists()
+
+
+def test_t2m_code_preset_applies_the_background_rule_once_to_the_mean_of_the_draws(predictor, scene):
+    from attnseg.methods import T2M, T2MConfig
+
+    latents = predictor.encode_images([scene.image])
+    maps = {}
+    for average in ("scores", "foreground"):
+        method = T2M(T2MConfig(synonyms=False, background_words=(), average=average))
+        (grid,), _, _ = predictor.score_maps(latents, [["circle", "star"]], method, draws=3, seed=1)
+        maps[average] = grid
+    rule = lambda s: (1 - s[1:].amax(dim=0)).clamp_min(0) ** 2  # noqa: E731 - the paper's background rule
+    # Foreground first: the background is exactly the rule of the averaged foreground.
+    assert torch.allclose(maps["foreground"][0], rule(maps["foreground"]), atol=1e-6)
+    # Per draw, then averaged: the mean of the rule is not the rule of the mean (it is convex).
+    assert not torch.allclose(maps["scores"][0], rule(maps["scores"]), atol=1e-4)
+    assert torch.allclose(maps["scores"][1:], maps["foreground"][1:])  # the foreground itself is the same mean

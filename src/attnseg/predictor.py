@@ -197,6 +197,7 @@ class AttnSegPredictor:
         noise = torch.randn((draws, *latents.shape[1:]), generator=g).to(self.device, latents.dtype)
         rows = [(i, d) for i in range(n) for d in range(draws)]
         sums: list[torch.Tensor | None] = [None] * n
+        foreground_first = getattr(method, "averages_foreground", False)  # T2M's code: background rule after the mean
         peaks: list[torch.Tensor | None] = [None] * n
         key_scale = None
         if plan.key_scale_gamma is not None:
@@ -215,13 +216,16 @@ class AttnSegPredictor:
             for i in sorted(set(idx.tolist())):
                 r = [j for j, (ii, _) in enumerate(chunk) if ii == i]
                 rows_i = store.rows(r)
-                sc = method.scores(rows_i, prompts[i][1], plan)  # (R, P, K + 1)
+                sc = (method.foreground if foreground_first else method.scores)(rows_i, prompts[i][1], plan)  # (R, P, K[+1])
                 s = sc.float().sum(dim=0)
                 sums[i] = s if sums[i] is None else sums[i] + s
                 if plan.cross:
                     pk = fused_cross(rows_i, plan.cross, prompts[i][1], plan.grid).float().amax(dim=1).sum(dim=0)  # (K,)
                     peaks[i] = pk if peaks[i] is None else peaks[i] + pk
-        out = [columns_to_images((s / draws)[None], plan.grid)[0].cpu() for s in sums]
+        means = [(s / draws)[None] for s in sums]
+        if foreground_first:
+            means = [method.with_background(m) for m in means]
+        out = [columns_to_images(m, plan.grid)[0].cpu() for m in means]
         presence = [(pk / pk.max().clamp_min(1e-12)).tolist() if pk is not None else [] for pk in peaks]
         return out, [p for p, _ in prompts], presence
 
