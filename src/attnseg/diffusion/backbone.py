@@ -24,6 +24,7 @@ classifier-free guidance for the distilled models). Methods never see which one 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -49,6 +50,33 @@ class TextStates:
 
     def __len__(self) -> int:
         return int(self.hidden.shape[0])
+
+
+class TextCache:
+    """Encoded prompts kept per (text, device, dtype), the least recently used dropped beyond ``size``.
+
+    ``get(texts, where, encode)`` returns a tuple of (B, ...) tensors, one row per text; ``encode(missing_texts)``
+    computes the tuple for the texts not kept yet, in one batch. Each kept row is a tensor of its own, so that one
+    entry does not keep a whole batch alive.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._rows: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+
+    def get(self, texts: Sequence[str], where: tuple, encode: Callable[[list[str]], tuple[torch.Tensor, ...]]):
+        keys = [(t, *where) for t in texts]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._rows))
+        if missing:
+            outs = encode([k[0] for k in missing])
+            for i, k in enumerate(missing):
+                self._rows[k] = tuple(o[i].clone() for o in outs)
+        for k in keys:
+            self._rows.move_to_end(k)
+        rows = [self._rows[k] for k in keys]
+        while len(self._rows) > self.size:
+            self._rows.popitem(last=False)
+        return tuple(torch.stack(parts) for parts in zip(*rows, strict=True))
 
 
 class Backbone(Protocol):

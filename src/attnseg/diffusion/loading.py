@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from attnseg.diffusion.sd3 import SD3Backbone
-from attnseg.diffusion.unet import UNetBackbone
+from attnseg.diffusion.unet import SDXLBackbone, UNetBackbone
 
 EMBEDDED_DIR = Path(__file__).parent.parent / "assets" / "embedded"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -129,6 +129,7 @@ def resolve_device(device: str | None) -> str:
 
 FAMILIES = {
     "StableDiffusionPipeline": ("sd", ("unet", "vae", "text_encoder")),
+    "StableDiffusionXLPipeline": ("sdxl", ("unet", "vae", "text_encoder", "text_encoder_2")),
     "StableDiffusion3Pipeline": ("sd3", ("transformer", "vae", "text_encoder", "text_encoder_2")),
 }
 """Pipeline classes attnseg reads, by ``model_index.json``'s ``_class_name``: family and weight folders."""
@@ -139,8 +140,8 @@ def pipeline_family(meta: dict, where: str) -> tuple[str, tuple[str, ...]]:
     cls = str(meta.get("_class_name", ""))
     if cls not in FAMILIES:
         raise ModelError(
-            f"{where} is a {cls or 'unknown'} pipeline; attnseg reads {' and '.join(FAMILIES)} pipelines "
-            "(Stable Diffusion 1.x / 2.x and 3 / 3.5)"
+            f"{where} is a {cls or 'unknown'} pipeline; attnseg reads {', '.join(FAMILIES)} pipelines "
+            "(Stable Diffusion 1.x / 2.x, XL, 3 / 3.5)"
         )
     return FAMILIES[cls]
 
@@ -256,7 +257,7 @@ def _dtype_kw(dtype: torch.dtype) -> dict:
 def backbone_for(pipe, model_name: str | None = None):
     """The backbone that reads ``pipe``'s family."""
     family, _ = pipeline_family({"_class_name": type(pipe).__name__}, f"this {type(pipe).__name__}")
-    return (SD3Backbone if family == "sd3" else UNetBackbone)(pipe, model_name)
+    return {"sd": UNetBackbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone}[family](pipe, model_name)
 
 
 def load_backbone(model: str | Path | None = None, device: str | None = "cpu", dtype: str | torch.dtype | None = "auto"):

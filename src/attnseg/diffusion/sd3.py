@@ -13,7 +13,6 @@ run with no T5 tokens (``max_sequence_length=0``): diffusers would otherwise app
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnseg.diffusion.backbone import TextStates
+from attnseg.diffusion.backbone import TextCache, TextStates
 from attnseg.diffusion.capture import AttentionStore, JointCaptureProcessor, installed
 from attnseg.diffusion.layers import joint_inventory
 from attnseg.diffusion.prompts import TokenSpans, resolve_spans
@@ -45,7 +44,7 @@ class SD3Backbone:
         self.layers = joint_inventory(pipe.transformer)
         self.native_resolution = int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
         self.t5_tokens = T5_TOKENS if getattr(pipe, "text_encoder_3", None) is not None else 0
-        self._text_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._text_cache = TextCache(TEXT_CACHE_SIZE)
 
     @property
     def device(self) -> torch.device:
@@ -79,26 +78,19 @@ class SD3Backbone:
     @torch.inference_mode()
     def encode_prompts(self, texts: Sequence[str]) -> TextStates:
         """The pipeline's own prompt encoding (CLIP-L and CLIP-G states, then T5's): states and pooled projections."""
-        where = (self.device, self.dtype)
-        keys = [(t, *where) for t in texts]
-        missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
-        if missing:
+
+        def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
             states, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=[k[0] for k in missing],
+                prompt=batch,
                 prompt_2=None,
                 prompt_3=None,
                 device=self.device,
                 do_classifier_free_guidance=False,
                 max_sequence_length=self.t5_tokens,
             )
-            for k, s, p in zip(missing, states.to(self.dtype), pooled.to(self.dtype), strict=True):
-                self._text_cache[k] = (s.clone(), p.clone())
-        for k in keys:
-            self._text_cache.move_to_end(k)
-        hidden = torch.stack([self._text_cache[k][0] for k in keys])
-        pooled = torch.stack([self._text_cache[k][1] for k in keys])
-        while len(self._text_cache) > TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
+            return states.to(self.dtype), pooled.to(self.dtype)
+
+        hidden, pooled = self._text_cache.get(texts, (self.device, self.dtype), encode)
         return TextStates(hidden, {"pooled_projections": pooled})
 
     def token_spans(self, text, char_spans, labels) -> TokenSpans:

@@ -1,4 +1,6 @@
-"""The Stable Diffusion 1.x / 2.x UNet behind the backbone interface (:mod:`attnseg.diffusion.backbone`).
+"""Stable Diffusion UNets behind the backbone interface (:mod:`attnseg.diffusion.backbone`): 1.x / 2.x
+(:class:`UNetBackbone`) and SDXL (:class:`SDXLBackbone`: two text encoders, whose pooled embedding and the size
+conditioning are the UNet's added conditioning).
 
 Cross-attention modules are the UNet's ``attn2`` (image queries, text keys), self-attention its ``attn1``;
 capture installs :class:`~attnseg.diffusion.capture.CaptureProcessor` on the chosen ones through diffusers'
@@ -8,7 +10,6 @@ only the conditional half is read.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnseg.diffusion.backbone import TextStates
+from attnseg.diffusion.backbone import TextCache, TextStates
 from attnseg.diffusion.capture import AttentionStore, capture_attention
 from attnseg.diffusion.layers import layer_inventory
 from attnseg.diffusion.prompts import TokenSpans, resolve_spans
@@ -38,7 +39,7 @@ class UNetBackbone:
         self.layers = layer_inventory(pipe.unet)
         self.native_resolution = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         self._cross_names = [lay.name for lay in self.layers if lay.kind == "cross"]
-        self._text_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._text_cache = TextCache(TEXT_CACHE_SIZE)
 
     @property
     def device(self) -> torch.device:
@@ -62,33 +63,29 @@ class UNetBackbone:
                 t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
             xs.append(t)
         vae = self.pipe.vae
-        x = torch.cat(xs).to(self.device, next(vae.parameters()).dtype)
-        lat = [vae.encode(x[i : i + max_batch]).latent_dist.mean * vae.config.scaling_factor for i in range(0, len(x), max_batch)]
-        return torch.cat(lat)
+        dtype = next(vae.parameters()).dtype
+        # SDXL's VAE overflows in fp16 (its config says force_upcast): encode in fp32, as the pipelines decode.
+        upcast = bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            x = torch.cat(xs).to(self.device, next(vae.parameters()).dtype)
+            lat = [vae.encode(x[i : i + max_batch]).latent_dist.mean * vae.config.scaling_factor for i in range(0, len(x), max_batch)]
+        finally:
+            if upcast:
+                vae.to(dtype)
+        return torch.cat(lat).to(self.dtype)
 
     @torch.inference_mode()
     def encode_prompts(self, texts: Sequence[str]) -> TextStates:
         """Text-encoder states (B, 77, D) of ``texts``; a text encoded before (on this device and dtype) is not encoded again."""
-        where = (self.device, self.dtype)
-        keys = [(t, *where) for t in texts]
-        missing = list(dict.fromkeys(k for k in keys if k not in self._text_cache))
-        if missing:
+
+        def encode(batch: list[str]) -> tuple[torch.Tensor]:
             tok = self.pipe.tokenizer
-            ids = tok(
-                [k[0] for k in missing],
-                padding="max_length",
-                max_length=tok.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            states = self.pipe.text_encoder(ids.input_ids.to(self.device))[0].to(self.dtype)
-            for k, s in zip(missing, states, strict=True):
-                self._text_cache[k] = s.clone()  # a row of its own: the batch is not kept alive by one entry
-        for k in keys:
-            self._text_cache.move_to_end(k)
-        hidden = torch.stack([self._text_cache[k] for k in keys])
-        while len(self._text_cache) > TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
+            ids = tok(batch, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+            return (self.pipe.text_encoder(ids.input_ids.to(self.device))[0].to(self.dtype),)
+
+        (hidden,) = self._text_cache.get(texts, (self.device, self.dtype), encode)
         return TextStates(hidden)
 
     def token_spans(self, text, char_spans, labels) -> TokenSpans:
@@ -115,7 +112,7 @@ class UNetBackbone:
             cross_names=self._cross_names,
             scale_values=scale_values,
         ) as store:
-            self.pipe.unet(latents, t, encoder_hidden_states=text.hidden)
+            self.pipe.unet(latents, t, encoder_hidden_states=text.hidden, added_cond_kwargs=text.added or None)
         return store
 
     @torch.inference_mode()
@@ -143,3 +140,23 @@ class UNetBackbone:
         with capture_attention(self.pipe.unet, names, cond_rows=rows, transform=transform) as store:
             images = self.pipe(**kw).images
         return images, store
+
+
+class SDXLBackbone(UNetBackbone):
+    """A loaded ``StableDiffusionXLPipeline``: the pipeline's own prompt encoding (both encoders' states
+    concatenated; the second's pooled embedding) and size conditioning (original = target = the model's
+    resolution, no crop) as the UNet's added conditioning. Token positions are those of the first tokenizer
+    (both tokenizers split the same text at the same places)."""
+
+    family = "sdxl"
+
+    @torch.inference_mode()
+    def encode_prompts(self, texts: Sequence[str]) -> TextStates:
+        def encode(batch: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            states, _, pooled, _ = self.pipe.encode_prompt(prompt=batch, device=self.device, do_classifier_free_guidance=False)
+            return states.to(self.dtype), pooled.to(self.dtype)
+
+        hidden, pooled = self._text_cache.get(texts, (self.device, self.dtype), encode)
+        r = self.native_resolution
+        time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=self.device, dtype=self.dtype).expand(len(texts), -1)
+        return TextStates(hidden, {"text_embeds": pooled, "time_ids": time_ids})
