@@ -330,10 +330,12 @@ def test_output_folder_that_cannot_be_made_is_a_usage_error(tiny_pipe_dir, tmp_p
         assert "Traceback" not in res.output
 
 
-def test_diffseg_is_not_a_labelled_method_of_segment(predictor, scene):
+def test_diffseg_segments_without_labels(predictor, scene):
     predictor.set_image(scene.image)
-    with pytest.raises(ValueError, match="unknown method 'diffseg'; choose one of cross, t2m, iseg"):
+    with pytest.raises(ValueError, match="diffseg segments without labels"):
         predictor.segment(["circle"], method="diffseg")
+    r = predictor.segment([], method="diffseg")
+    assert r.labels[0] == "segment 1" and r.scores.shape[0] == len(r.labels) + 1 and r.mask.min() >= 1
 
 
 def test_one_bad_image_does_not_fail_the_others_of_its_batch(predictor, tmp_path, scene):
@@ -342,7 +344,9 @@ def test_one_bad_image_does_not_fail_the_others_of_its_batch(predictor, tmp_path
     Image.fromarray(scene.image).save(tmp_path / "good.png")
     Image.fromarray(scene.image).save(tmp_path / "bad.png")
     worker = SegmentWorker(predictor, tmp_path / "out", {"method": "cross", "draws": 1})
-    res = worker([{"path": str(tmp_path / "good.png"), "labels": ["circle"]}, {"path": str(tmp_path / "bad.png"), "labels": ["  "]}])
+    res = worker(
+        [{"path": str(tmp_path / "good.png"), "labels": ["circle"]}, {"path": str(tmp_path / "bad.png"), "labels": ["  "]}]
+    )
     assert res[0]["path"] == str(tmp_path / "good.png") and res[0]["error"] is None
     assert res[1]["path"] == str(tmp_path / "bad.png") and "empty label" in res[1]["error"]
     assert (tmp_path / "out" / "good.json").exists() and not (tmp_path / "out" / "bad.json").exists()
@@ -363,3 +367,29 @@ def test_t2m_code_preset_applies_the_background_rule_once_to_the_mean_of_the_dra
     # Per draw, then averaged: the mean of the rule is not the rule of the mean (it is convex).
     assert not torch.allclose(maps["scores"][0], rule(maps["scores"]), atol=1e-4)
     assert torch.allclose(maps["scores"][1:], maps["foreground"][1:])  # the foreground itself is the same mean
+
+
+def test_diffseg_from_segment_names_its_segments_and_matches_the_unsupervised_api(tiny_pipe_dir, tmp_path):
+    from attnseg.predictor import AttnSegPredictor
+
+    img = make_scene(7, 0).image
+    Image.fromarray(img).save(tmp_path / "a.png")
+    run = CliRunner()
+    r = run.invoke(
+        app,
+        ["segment", str(tmp_path / "a.png"), "--method", "diffseg", "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "o")],
+    )
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "o" / "a.json").read_text())
+    assert meta["method"] == "diffseg" and meta["labels"][0] == "segment 1" and meta["weak_labels"] == []
+    mask = np.asarray(Image.open(tmp_path / "o" / "a.png"))
+    segments = AttnSegPredictor.from_pretrained(tiny_pipe_dir).segment_unsupervised([img])[0]
+    assert np.array_equal(mask, segments + 1)  # the same segments, numbered from 1 (0 would be background)
+    assert len(meta["labels"]) >= mask.max()
+    r = run.invoke(
+        app,
+        ["segment", str(tmp_path / "a.png"), "--method", "diffseg", "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "o")],
+    )
+    assert "0 segmented, 1 already done" in r.output
+    r = run.invoke(app, ["segment", str(tmp_path / "a.png"), "--method", "diffseg", "-l", "cat", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "diffseg segments without labels" in r.output

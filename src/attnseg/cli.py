@@ -97,7 +97,7 @@ def segment(
         typer.Option("--labels", "-l", help="Names of what is in the image(s): repeat the option or give a,b,c."),
     ] = None,
     labels_file: Annotated[Path | None, typer.Option(help="JSON object: image file name -> list of labels.")] = None,
-    method: Annotated[str, typer.Option(help="cross | t2m | iseg")] = "t2m",
+    method: Annotated[str, typer.Option(help="cross | t2m | iseg, or diffseg (unsupervised: no labels)")] = "t2m",
     preset: Annotated[
         str | None, typer.Option(help="Named settings of the method (e.g. t2m: voc, single-pass; iseg: wsss-voc).")
     ] = None,
@@ -116,15 +116,19 @@ def segment(
     _quiet_libraries()
     from attnseg.jobs.engine import ENGINES
     from attnseg.jobs.segment import segment_paths
-    from attnseg.methods.registry import REAL
+    from attnseg.methods.registry import REAL, REGISTRY
 
     labels = _split_labels(labels)
-    _check_method(method, preset, REAL, needs_labels=True)
+    _check_method(method, preset, REAL)
     _check_inputs(inputs, bool(labels))
     if engine not in ENGINES:
         _err(f"unknown engine {engine!r}: use {' or '.join(ENGINES)}")
         raise typer.Exit(2)
-    if not labels and labels_file is None:
+    unlabelled = not REGISTRY[method].needs_labels
+    if unlabelled and (labels or labels_file is not None):
+        _err(f"{method} segments without labels; drop --labels / --labels-file")
+        raise typer.Exit(2)
+    if not labels and labels_file is None and not unlabelled:
         _err("no labels given: pass --labels L1,L2 (or repeat --labels) or --labels-file F")
         raise typer.Exit(2)
     if batch_size < 1 or workers < 1 or (draws is not None and draws < 1):

@@ -27,7 +27,7 @@ from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt
 from attnseg.io.images import load_image
 from attnseg.methods.base import fused_cross
 from attnseg.methods.diffseg import DiffSeg, DiffSegConfig, assign
-from attnseg.methods.registry import check_profile, get_method, resolve
+from attnseg.methods.registry import REAL, check_profile, get_method, names, resolve
 from attnseg.ops.maps import columns_to_images
 from attnseg.ops.refine import CRFConfig, confidence_map, dense_crf, scores_to_probs
 
@@ -63,7 +63,8 @@ class SegmentationResult:
 
     @property
     def weak_labels(self) -> list[str]:
-        return [lab for lab, p in zip(self.labels, self.presence, strict=True) if p < WEAK_PRESENCE]
+        """Labels whose presence is below ``WEAK_PRESENCE`` (none for unsupervised segments, which have no presence)."""
+        return [lab for lab, p in zip(self.labels, self.presence, strict=False) if p < WEAK_PRESENCE]
 
 
 def _settings(method) -> dict:
@@ -261,15 +262,20 @@ class AttnSegPredictor:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} label lists")
         arrays = [load_image(im) for im in images]
+        if isinstance(method, str) and method in names(REAL, needs_labels=False):  # encodes the images itself
+            return self._segment_unlabelled(arrays, labels, preset, seed, crf)
         latents = self.encode_images(arrays)
         return self._segment(latents, arrays, [list(x) for x in labels], method, preset, draws, seed, crf, overrides)
 
     @torch.inference_mode()
-    def segment_unsupervised(self, images: Sequence, config: DiffSegConfig | str | None = None, seed: int = 0) -> list[np.ndarray]:
+    def segment_unsupervised(
+        self, images: Sequence, config: DiffSegConfig | str | None = None, seed: int = 0, proposals: bool = False
+    ) -> list[np.ndarray]:
         """DiffSeg: class-agnostic segments (H, W) int64 of each image, from self-attention alone.
 
         ``config``: a ``DiffSegConfig`` or a DiffSeg preset name; None takes the model's own preset (its
-        ``attnseg.json``) if it names one, else the paper's settings.
+        ``attnseg.json``) if it names one, else the paper's settings. ``proposals``: return each image's merged
+        proposal maps (Q, s, s) on the attention grid instead.
         """
         if config is None or isinstance(config, str):
             _, _, cfg = resolve("diffseg", config or self.default_presets.get("diffseg"))
@@ -290,10 +296,42 @@ class AttnSegPredictor:
             z = bb.add_noise(latents[sl], noise[sl], cfg.timestep) if cfg.noised else latents[sl]
             store = bb.forward(z, cfg.timestep, text.rows(sl), plan.self_names)
             for props, img in zip(method.proposals(store, plan), arrays[sl], strict=True):
-                out.append(assign(props.float().cpu(), img.shape[:2]).numpy())
+                out.append(props.float().cpu().numpy() if proposals else assign(props.float().cpu(), img.shape[:2]).numpy())
         return out
 
+    def _segment_unlabelled(self, images, label_lists, preset, seed, crf) -> list[SegmentationResult]:
+        """DiffSeg's segments as results: label i is "segment i", scores the upsampled proposals after an all-zero
+        background row (no pixel is background), mask their argmax (the segments of ``segment_unsupervised``)."""
+        if any(label_lists):
+            raise ValueError("diffseg segments without labels; pass none (labels=[])")
+        if crf:
+            raise ValueError("--crf refines class scores of labelled methods; DiffSeg's segments have none")
+        name = preset or self.default_presets.get("diffseg")
+        results = []
+        for img, props in zip(images, self.segment_unsupervised(images, name, seed, proposals=True), strict=True):
+            h, w = img.shape[:2]
+            up = F.interpolate(torch.from_numpy(props)[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            up = torch.cat([torch.zeros((1, h, w)), up])
+            conf, unc = confidence_map(up)
+            scores = up.numpy().astype(np.float32)
+            _, _, cfg = resolve("diffseg", name)
+            results.append(
+                SegmentationResult(
+                    labels=[f"segment {i}" for i in range(1, len(props) + 1)],
+                    mask=scores.argmax(axis=0).astype(np.uint8),
+                    scores=scores,
+                    confidence=conf.numpy().astype(np.float32),
+                    uncertain=unc.numpy(),
+                    method="diffseg",
+                    prompt=cfg.prompt,
+                    settings={**asdict(cfg), "preset": preset, "seed": seed, "crf": False, "resolution": self.resolution},
+                )
+            )
+        return results
+
     def _segment(self, latents, images, label_lists, method, preset, draws, seed, crf, overrides):
+        if isinstance(method, str) and method in names(REAL, needs_labels=False):
+            return self._segment_unlabelled(images, label_lists, preset, seed, crf)
         if isinstance(method, str):
             preset = preset or self.default_presets.get(method)
             m = self.method(method, preset, **overrides)

@@ -55,8 +55,10 @@ def write_outputs(out: Path, stem: str, image: np.ndarray, result, model_name: s
     atomic_write_bytes(out / f"{stem}.json", json.dumps(meta, indent=1, default=str).encode())
 
 
-def is_done(meta_path: Path, labels: Sequence[str], method: str, preset, model: str, seed: int, crf: bool, draws) -> bool:
-    """True when ``meta_path`` records this very request (labels, method, preset, model, seed, CRF, draws)."""
+def is_done(meta_path: Path, labels: Sequence[str] | None, method: str, preset, model: str, seed: int, crf: bool, draws) -> bool:
+    """True when ``meta_path`` records this very request (labels, method, preset, model, seed, CRF, draws).
+
+    ``labels`` None: any (an unsupervised method names its segments itself)."""
     if not meta_path.exists():
         return False
     try:
@@ -65,7 +67,7 @@ def is_done(meta_path: Path, labels: Sequence[str], method: str, preset, model: 
         return False
     st = meta.get("settings", {})
     return (
-        meta.get("labels") == list(labels)
+        (labels is None or meta.get("labels") == list(labels))
         and meta.get("method") == method
         and meta.get("preset") == preset
         and meta.get("model") == model

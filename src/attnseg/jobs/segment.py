@@ -16,6 +16,7 @@ from attnseg.io.images import ImageError, list_images, load_image
 from attnseg.io.labels import labels_for, load_labels_file
 from attnseg.io.outputs import is_done, write_outputs
 from attnseg.jobs.engine import run_tasks
+from attnseg.methods.registry import REAL, names
 from attnseg.predictor import AttnSegPredictor
 
 
@@ -97,7 +98,9 @@ def segment_paths(
             on_error(src, msg)
 
     preset = preset or predictor.default_presets.get(method)  # the model's recommended preset, recorded as such
-    predictor.check_method(method, preset)  # a method this model cannot run fails here, not once per image
+    unlabelled = method in names(REAL, needs_labels=False)  # DiffSeg: segments without class names
+    if not unlabelled:
+        predictor.check_method(method, preset)  # a method this model cannot run fails here, not once per image
     seen: dict[str, Path] = {}
     todo: list[dict] = []
     for p in list_images(inputs):
@@ -107,12 +110,13 @@ def segment_paths(
             continue
         seen[stem] = p
         try:
-            labs = labels_for(p, labels, table)
-            predictor.prompt_for(labs, method, preset)  # a label the tokenizer cannot place fails here, not mid-run
+            labs = [] if unlabelled else labels_for(p, labels, table)
+            if not unlabelled:
+                predictor.prompt_for(labs, method, preset)  # a label the tokenizer cannot place fails here, not mid-run
         except ValueError as e:
             fail(str(p), str(e))
             continue
-        if is_done(out / f"{stem}.json", labs, method, preset, predictor.model_name, seed, crf, draws):
+        if is_done(out / f"{stem}.json", None if unlabelled else labs, method, preset, predictor.model_name, seed, crf, draws):
             report.skipped.append(str(p))
             continue
         todo.append({"path": str(p), "labels": labs})
