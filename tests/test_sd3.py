@@ -162,3 +162,33 @@ def test_pipelines_attnseg_cannot_read_are_refused_by_name(tmp_path):
     (tmp_path / "xl" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(ModelError, match="is a FluxPipeline pipeline; attnseg reads StableDiffusionPipeline, "):
         load_pipeline(tmp_path / "xl")
+
+
+def test_large_captures_take_fewer_rows_per_forward(sd3, monkeypatch):
+    import attnseg.predictor as predictor_module
+
+    plan = sd3.method("t2m").plan(sd3.inventory, 16)  # mmdit: every cross and self map of the 2 joint layers
+    per_row = 4 * (2 * 256 * 77 + 2 * 256 * 256)
+    assert sd3._rows_per_forward(plan, 16, 77) == sd3.max_batch
+    monkeypatch.setattr(predictor_module, "CAPTURE_BUDGET", 3 * per_row)
+    assert sd3._rows_per_forward(plan, 16, 77) == 3
+    monkeypatch.setattr(predictor_module, "CAPTURE_BUDGET", 1)
+    assert sd3._rows_per_forward(plan, 16, 77) == 1
+
+
+def test_cat_cross_on_the_embedding_scales_the_text_states_before_the_projections(sd3):
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from attnseg.diffusion.capture import AttentionStore, JointCaptureProcessor
+
+    attn = sd3.backbone.pipe.transformer.get_submodule("transformer_blocks.0.attn")
+    g = torch.Generator().manual_seed(3)
+    h, e = torch.randn((1, 256, 32), generator=g), torch.randn((1, 77, 32), generator=g)
+    w = torch.ones(77)
+    w[[2, 3]] = 1.6
+    with torch.no_grad():
+        ref_img, ref_txt = JointAttnProcessor2_0()(attn, h, e * w.view(1, -1, 1))
+        img, txt = JointCaptureProcessor(AttentionStore(), {}, key_scale=w, scale_values=True)(attn, h, e)
+        keys_img, _ = JointCaptureProcessor(AttentionStore(), {}, key_scale=w)(attn, h, e)
+    assert torch.allclose(img, ref_img, atol=1e-5) and torch.allclose(txt, ref_txt, atol=1e-5)
+    assert not torch.allclose(keys_img, ref_img, atol=1e-4)  # eq. 8 scales the keys only: another output

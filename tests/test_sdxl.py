@@ -97,3 +97,30 @@ def test_segment_and_generate_on_an_sdxl_folder(sdxl_dir, tmp_path, monkeypatch)
     )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "gen" / "masks" / "000000.png").exists()
+
+
+def test_pipelines_built_on_a_family_are_read_by_its_backbone(tiny_pipe, sdxl):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from attnseg.diffusion.loading import backbone_for
+    from attnseg.diffusion.unet import SDXLBackbone, UNetBackbone
+
+    class MySD(StableDiffusionPipeline):
+        pass
+
+    class MyXL(StableDiffusionXLPipeline):
+        pass
+
+    assert type(backbone_for(MySD(**tiny_pipe.components))) is UNetBackbone
+    assert type(backbone_for(MyXL(**sdxl.pipe.components))) is SDXLBackbone
+
+
+def test_sdxl_size_conditioning_follows_the_latents(sdxl, monkeypatch):
+    bb = sdxl.backbone
+    seen = []
+    orig = bb.pipe.unet.forward
+    monkeypatch.setattr(
+        bb.pipe.unet, "forward", lambda *a, **kw: seen.append(kw["added_cond_kwargs"]["time_ids"]) or orig(*a, **kw)
+    )
+    bb.forward(torch.zeros((1, 4, 8, 8)), 150, bb.encode_prompts(["a red circle"]))
+    assert seen[0].tolist() == [[32, 32, 0, 0, 32, 32]]  # 8-px latents of a 4x VAE: a 32-px image

@@ -467,7 +467,7 @@ def train_segmenter_cmd(
     size: Annotated[int, typer.Option(help="Side images are resized to.")] = 64,
     vflip: Annotated[bool, typer.Option(help="Vertical flips as augmentation (off for photographs).")] = True,
     split: Annotated[str, typer.Option(help="Split of a VOC-layout dataset.")] = "train",
-    seed: Annotated[int, typer.Option(help="Seed of the noise draws.")] = 0,
+    seed: Annotated[int, typer.Option(help="Training seed (initial weights, batches, augmentation).")] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's).")] = None,
 ) -> None:
     """Train a small segmentation network on image/mask pairs (Protocol II); score it with `attnseg eval --segmenter`."""

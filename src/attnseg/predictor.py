@@ -33,6 +33,9 @@ from attnseg.ops.refine import CRFConfig, confidence_map, dense_crf, scores_to_p
 
 PROMPT_CACHE_SIZE = 256
 """Composed prompts (labels and template -> text and token spans) kept per predictor."""
+CAPTURE_BUDGET = 2 << 30
+"""Bytes of captured maps one forward may hold: with many large self maps (every joint layer of SD3 at 1024 px is
+64 MiB a row) a forward takes fewer rows than ``max_batch``."""
 WEAK_PRESENCE = 0.3
 """A label whose presence is below this is listed in ``weak_labels``. Chosen on validation scenes of the embedded
 model (world seed 3, one absent shape added to each scene's labels): it flags 34% of absent labels and 6% of present
@@ -92,7 +95,7 @@ class AttnSegPredictor:
             raise ModelError(f"{profile_path(self.pipe)} names {problems[0]}; fix or delete it")
         self.profile_presets = profile
         """{method: preset} the model folder's ``attnseg.json`` recommends."""
-        self.default_presets = {**self.backbone.default_presets, **profile}
+        self.default_presets = {**getattr(self.backbone, "default_presets", {}), **profile}
         """{method: preset} used when a call names no preset: the model folder's ``attnseg.json``, else the family's."""
         self._latents: torch.Tensor | None = None
         self._images: list[np.ndarray] = []
@@ -197,6 +200,7 @@ class AttnSegPredictor:
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn((draws, *latents.shape[1:]), generator=g).to(self.device, latents.dtype)
         rows = [(i, d) for i in range(n) for d in range(draws)]
+        chunk_rows = self._rows_per_forward(plan, int(latents.shape[-1]), int(text.hidden.shape[1]))
         sums: list[torch.Tensor | None] = [None] * n
         foreground_first = getattr(method, "averages_foreground", False)  # T2M's code: background rule after the mean
         peaks: list[torch.Tensor | None] = [None] * n
@@ -206,8 +210,8 @@ class AttnSegPredictor:
             for i, (_, sp) in enumerate(prompts):
                 for s in sp.spans:
                     key_scale[i, s] = plan.key_scale_gamma
-        for c0 in range(0, len(rows), self.max_batch):
-            chunk = rows[c0 : c0 + self.max_batch]
+        for c0 in range(0, len(rows), chunk_rows):
+            chunk = rows[c0 : c0 + chunk_rows]
             idx = torch.tensor([i for i, _ in chunk])
             z = bb.add_noise(latents[idx], noise[[d for _, d in chunk]], cfg.timestep)
             ks = key_scale[idx] if key_scale is not None else None
@@ -229,6 +233,16 @@ class AttnSegPredictor:
         out = [columns_to_images(m, plan.grid)[0].cpu() for m in means]
         presence = [(pk / pk.max().clamp_min(1e-12)).tolist() if pk is not None else [] for pk in peaks]
         return out, [p for p, _ in prompts], presence
+
+    def _rows_per_forward(self, plan, latent_side: int, n_text: int) -> int:
+        """Rows of one forward: ``max_batch``, fewer when the plan's captured maps would pass ``CAPTURE_BUDGET``."""
+        layers = {lay.name: lay for lay in self.inventory}
+        per_row = 0
+        for name in plan.names:
+            lay = layers[name]
+            p = lay.side(latent_side) ** 2
+            per_row += 4 * p * (n_text if lay.kind == "cross" else p) * (lay.heads if name in plan.per_head else 1)
+        return max(1, min(self.max_batch, CAPTURE_BUDGET // max(per_row, 1)))
 
     def segment(
         self,

@@ -206,7 +206,8 @@ class JointCaptureProcessor:
     renormalised over the text tokens and recorded as ``cross`` (B, P, T), the block of image queries to image
     keys renormalised over the image tokens as ``self`` (B, P, P): the conditional distributions of an image
     token's attention over the prompt and over the image. ``parts`` maps ``"cross"`` / ``"self"`` to the store
-    key each is recorded under. ``key_scale`` (iSeg's Cat-Cross) multiplies the text keys of the conditional rows.
+    key each is recorded under. ``key_scale`` (iSeg's Cat-Cross) multiplies the text keys of the conditional rows,
+    or, with ``scale_values``, their text states before the projections (the scaled embedding).
     """
 
     def __init__(
@@ -230,6 +231,15 @@ class JointCaptureProcessor:
         n_img = q.shape[2]
         n_txt = 0
         if encoder_hidden_states is not None:
+            c0 = b // 2 if self.store.cond_rows == "second_half" else 0
+            w = None
+            if self.key_scale is not None:
+                w = self.key_scale.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
+            if w is not None and self.scale_values:
+                # The scaled text embedding itself (iSeg's Algorithm 1): every projection of it sees the factor.
+                ws = w.view(1, -1, 1) if w.dim() == 1 else w.view(w.shape[0], -1, 1)
+                e = encoder_hidden_states
+                encoder_hidden_states = e * ws if c0 == 0 else torch.cat([e[:c0], e[c0:] * ws], dim=0)
             eq, ek, ev = (
                 self._heads(attn, f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
             )
@@ -238,13 +248,9 @@ class JointCaptureProcessor:
             if attn.norm_added_k is not None:
                 ek = attn.norm_added_k(ek)
             n_txt = eq.shape[2]
-            c0 = b // 2 if self.store.cond_rows == "second_half" else 0
-            if self.key_scale is not None:
-                w = self.key_scale.to(ek.device, ek.dtype)
-                w = w.view(1, 1, -1, 1) if w.dim() == 1 else w.view(w.shape[0], 1, -1, 1)
-                ek = ek * w if c0 == 0 else torch.cat([ek[:c0], ek[c0:] * w], dim=0)
-                if self.scale_values:
-                    ev = ev * w if c0 == 0 else torch.cat([ev[:c0], ev[c0:] * w], dim=0)
+            if w is not None and not self.scale_values:  # eq. 8: the keys only
+                wk = w.to(ek.dtype).view(1, 1, -1, 1) if w.dim() == 1 else w.to(ek.dtype).view(w.shape[0], 1, -1, 1)
+                ek = ek * wk if c0 == 0 else torch.cat([ek[:c0], ek[c0:] * wk], dim=0)
             pairs = ((q, eq), (k, ek), (v, ev)) if self.image_first else ((eq, q), (ek, k), (ev, v))
             q, k, v = (torch.cat(p, dim=2) for p in pairs)
         out = self._attend(attn, q, k, v, n_img, n_txt)
@@ -273,7 +279,11 @@ class JointCaptureProcessor:
         wanted = {part: (img if part == "self" else txt) for part in self.parts if part == "self" or n_txt > 0}
         per_head = {part: self.parts[part] in self.store.per_head for part in wanted}
         acc = {
-            part: torch.zeros((b, h, n_img, cols.stop - cols.start) if per_head[part] else (b, n_img, cols.stop - cols.start))
+            part: torch.zeros(
+                (b, h, n_img, cols.stop - cols.start) if per_head[part] else (b, n_img, cols.stop - cols.start),
+                dtype=torch.float32,
+                device=qc.device,
+            )
             for part, cols in wanted.items()
         }
         out = torch.empty_like(qc)

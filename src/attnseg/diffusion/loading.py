@@ -180,7 +180,9 @@ def _pipeline_kwargs(meta: dict) -> dict:
     family, _ = pipeline_family(meta, "this model")
     if family == "sd":
         return {"safety_checker": None, "requires_safety_checker": False}
-    return {k: None for k in ("text_encoder_3", "tokenizer_3") if meta.get(k, [None])[0] is None}
+    if family == "sd3":
+        return {k: None for k in ("text_encoder_3", "tokenizer_3") if meta.get(k, [None])[0] is None}
+    return {}
 
 
 def load_pipeline(
@@ -255,8 +257,17 @@ def _dtype_kw(dtype: torch.dtype) -> dict:
 
 
 def backbone_for(pipe, model_name: str | None = None):
-    """The backbone that reads ``pipe``'s family."""
-    family, _ = pipeline_family({"_class_name": type(pipe).__name__}, f"this {type(pipe).__name__}")
+    """The backbone that reads ``pipe``'s family: by its class, or by its components for the pipelines built on a
+    family's (img2img, ControlNet, ...)."""
+    name = type(pipe).__name__
+    if name in FAMILIES:
+        family = FAMILIES[name][0]
+    elif hasattr(pipe, "transformer") and hasattr(pipe, "text_encoder_3"):
+        family = "sd3"
+    elif hasattr(pipe, "unet") and hasattr(pipe, "text_encoder"):
+        family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+    else:
+        family, _ = pipeline_family({"_class_name": name}, f"this {name}")
     return {"sd": UNetBackbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone}[family](pipe, model_name)
 
 

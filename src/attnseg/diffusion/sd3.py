@@ -7,7 +7,7 @@ self maps. All layers share one grid, the latent patched by ``patch_size``.
 
 Noise levels are rectified flow's: the methods' timestep ``t`` of T = 1000 is read as x_t = (1 - s) x_0 + s e
 with s = t / 1000, and the transformer is given the timestep 1000 s, as the pipeline's scheduler does with no
-shift. A pipeline without its T5 encoder (``text_encoder_3`` None, as the embedded transformer model ships) is
+shift. A pipeline without its T5 encoder (``text_encoder_3`` None, as ``attnseg train-toy export-sd3`` writes one) is
 run with no T5 tokens (``max_sequence_length=0``): diffusers would otherwise append 256 all-zero tokens.
 """
 

@@ -32,6 +32,8 @@ class UNetBackbone:
     family = "sd"
     default_presets: ClassVar[dict[str, str]] = {}
     """The papers' presets are written for this family."""
+    upcast_vae = False
+    """Encode with the VAE in fp32 when the model runs in fp16 (SDXL's VAE overflows in fp16)."""
 
     def __init__(self, pipe, model_name: str | None = None) -> None:
         self.pipe = pipe
@@ -64,13 +66,15 @@ class UNetBackbone:
             xs.append(t)
         vae = self.pipe.vae
         dtype = next(vae.parameters()).dtype
-        # SDXL's VAE overflows in fp16 (its config says force_upcast): encode in fp32, as the pipelines decode.
-        upcast = bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
+        # SDXL's VAE overflows in fp16: encode in fp32, as its pipeline decodes (force_upcast in its config).
+        upcast = self.upcast_vae and bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
         if upcast:
             vae.to(torch.float32)
         try:
             x = torch.cat(xs).to(self.device, next(vae.parameters()).dtype)
-            lat = [vae.encode(x[i : i + max_batch]).latent_dist.mean * vae.config.scaling_factor for i in range(0, len(x), max_batch)]
+            lat = [
+                vae.encode(x[i : i + max_batch]).latent_dist.mean * vae.config.scaling_factor for i in range(0, len(x), max_batch)
+            ]
         finally:
             if upcast:
                 vae.to(dtype)
@@ -149,6 +153,7 @@ class SDXLBackbone(UNetBackbone):
     (both tokenizers split the same text at the same places)."""
 
     family = "sdxl"
+    upcast_vae = True
 
     @torch.inference_mode()
     def encode_prompts(self, texts: Sequence[str]) -> TextStates:
@@ -157,6 +162,15 @@ class SDXLBackbone(UNetBackbone):
             return states.to(self.dtype), pooled.to(self.dtype)
 
         hidden, pooled = self._text_cache.get(texts, (self.device, self.dtype), encode)
-        r = self.native_resolution
-        time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=self.device, dtype=self.dtype).expand(len(texts), -1)
-        return TextStates(hidden, {"text_embeds": pooled, "time_ids": time_ids})
+        return TextStates(hidden, {"text_embeds": pooled, "time_ids": self.time_ids(len(texts), self.native_resolution)})
+
+    def time_ids(self, n: int, resolution: int) -> torch.Tensor:
+        """SDXL's size conditioning: original = target = ``resolution``, no crop; (n, 6)."""
+        r = int(resolution)
+        return torch.tensor([[r, r, 0, 0, r, r]], device=self.device, dtype=self.dtype).expand(n, -1)
+
+    def forward(self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None, scale_values=False):
+        # The size the latents were encoded at, which a predictor may choose below the native one.
+        size = int(latents.shape[-1]) * int(self.pipe.vae_scale_factor)
+        text = TextStates(text.hidden, {**text.added, "time_ids": self.time_ids(len(latents), size)})
+        return super().forward(latents, timestep, text, names, per_head, key_scale, scale_values)

@@ -83,7 +83,8 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     # The same with the paper's background rule (1 - max)^2: an ablation on the embedded model.
     "embedded-paper-bg": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_SELF_LAYER),
     # Transformer (MMDiT) backbones have no encoder, decoder or resolution levels to map the paper's layers onto:
-    # Cross averages every joint layer's image-to-text block, Self every joint layer's image-to-image block (one grid).
+    # Cross averages every joint layer's image-to-text block, Self every self map (the joint layers' image-to-image
+    # blocks, and SD3.5's image-only layers), all on one grid.
     "mmdit": T2MConfig(cross=(LayerSelect(kind="cross"),), self_layer=LayerSelect(kind="self")),
 }
 
