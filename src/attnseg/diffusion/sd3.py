@@ -18,12 +18,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from attnseg.diffusion.backbone import TextCache, TextStates
 from attnseg.diffusion.capture import AttentionStore, JointCaptureProcessor, installed
 from attnseg.diffusion.layers import joint_inventory
 from attnseg.diffusion.prompts import TokenSpans, resolve_spans
+from attnseg.diffusion.vae import encode_images
 
 TEXT_CACHE_SIZE = 256
 T5_TOKENS = 256
@@ -57,23 +57,9 @@ class SD3Backbone:
     def latent_side(self, resolution: int) -> int:
         return int(resolution) // int(self.pipe.vae_scale_factor)
 
-    @torch.inference_mode()
     def encode_images(self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16) -> torch.Tensor:
         """(posterior mean - shift) x scale of RGB uint8 images resized to ``resolution``, as SD3 reads latents."""
-        xs = []
-        for im in images:
-            t = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 127.5 - 1
-            if t.shape[-2:] != (resolution, resolution):
-                t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
-            xs.append(t)
-        vae = self.pipe.vae
-        shift = float(vae.config.shift_factor or 0.0)
-        x = torch.cat(xs).to(self.device, next(vae.parameters()).dtype)
-        lat = [
-            (vae.encode(x[i : i + max_batch]).latent_dist.mean - shift) * vae.config.scaling_factor
-            for i in range(0, len(x), max_batch)
-        ]
-        return torch.cat(lat)
+        return encode_images(self.pipe.vae, images, resolution, self.device, max_batch).to(self.dtype)
 
     @torch.inference_mode()
     def encode_prompts(self, texts: Sequence[str]) -> TextStates:

@@ -15,12 +15,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from attnseg.diffusion.backbone import TextCache, TextStates
 from attnseg.diffusion.capture import AttentionStore, capture_attention
 from attnseg.diffusion.layers import layer_inventory
 from attnseg.diffusion.prompts import TokenSpans, resolve_spans
+from attnseg.diffusion.vae import encode_images
 
 TEXT_CACHE_SIZE = 256
 """Prompts whose encoding is kept (least recently used first out)."""
@@ -55,30 +55,9 @@ class UNetBackbone:
     def latent_side(self, resolution: int) -> int:
         return int(resolution) // int(self.pipe.vae_scale_factor)
 
-    @torch.inference_mode()
     def encode_images(self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16) -> torch.Tensor:
         """VAE posterior means (scaled) of RGB uint8 images resized to ``resolution``: (N, 4, r/8, r/8)."""
-        xs = []
-        for im in images:
-            t = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 127.5 - 1
-            if t.shape[-2:] != (resolution, resolution):  # resampling to the same size is the identity
-                t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
-            xs.append(t)
-        vae = self.pipe.vae
-        dtype = next(vae.parameters()).dtype
-        # SDXL's VAE overflows in fp16: encode in fp32, as its pipeline decodes (force_upcast in its config).
-        upcast = self.upcast_vae and bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            x = torch.cat(xs).to(self.device, next(vae.parameters()).dtype)
-            lat = [
-                vae.encode(x[i : i + max_batch]).latent_dist.mean * vae.config.scaling_factor for i in range(0, len(x), max_batch)
-            ]
-        finally:
-            if upcast:
-                vae.to(dtype)
-        return torch.cat(lat).to(self.dtype)
+        return encode_images(self.pipe.vae, images, resolution, self.device, max_batch, self.upcast_vae).to(self.dtype)
 
     @torch.inference_mode()
     def encode_prompts(self, texts: Sequence[str]) -> TextStates:

@@ -37,10 +37,10 @@ def build_tiny_sd3_pipeline(seed: int = 0, dual_attention_layers: tuple[int, ...
     ``dual_attention_layers``: blocks with SD3.5's extra image-only attention.
     """
     import torch
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline
 
     from attnseg.train.embedded.arch import ToyArch, build_vae
-    from attnseg.train.embedded.sd3 import SD3Arch, build_flow_scheduler, build_text_encoders
+    from attnseg.train.embedded.sd3 import SD3Arch, build_flow_scheduler, build_text_encoders, build_transformer
     from attnseg.train.embedded.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
@@ -49,20 +49,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, dual_attention_layers: tuple[int, ...
     te1, te2 = build_text_encoders(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
     vae = build_vae(ToyArch(vae_channels=(16, 32, 32)))
     vae.register_to_config(shift_factor=0.0)
-    transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=1,
-        in_channels=4,
-        out_channels=4,
-        num_layers=arch.layers,
-        attention_head_dim=arch.head_dim,
-        num_attention_heads=arch.heads,
-        joint_attention_dim=2 * arch.text_hidden,
-        caption_projection_dim=arch.width,
-        pooled_projection_dim=2 * arch.projection_dim,
-        pos_embed_max_size=16,
-        dual_attention_layers=dual_attention_layers,
-    )
+    transformer = build_transformer(arch, 16, 4, dual_attention_layers)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=build_flow_scheduler(),

@@ -72,22 +72,30 @@ def build_unet(arch: ToyArch):
     )
 
 
-def build_text_encoder(arch: ToyArch, vocab_size: int, bos_id: int, eos_id: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def clip_text_config(vocab_size: int, bos_id: int, eos_id: int, hidden: int, layers: int, heads: int, projection_dim: int):
+    """A CLIP text encoder's config for the project's tokenizer (its padding is the end-of-text token, as CLIP's)."""
+    from transformers import CLIPTextConfig
 
-    cfg = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=arch.text_hidden,
-        intermediate_size=arch.text_hidden * 4,
-        num_hidden_layers=arch.text_layers,
-        num_attention_heads=arch.text_heads,
-        max_position_embeddings=arch.max_length,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=ToyArch.max_length,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
-        projection_dim=arch.text_hidden,
+        projection_dim=projection_dim,
     )
-    return CLIPTextModel(cfg)
+
+
+def build_text_encoder(arch: ToyArch, vocab_size: int, bos_id: int, eos_id: int):
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel(
+        clip_text_config(vocab_size, bos_id, eos_id, arch.text_hidden, arch.text_layers, arch.text_heads, arch.text_hidden)
+    )
 
 
 def build_scheduler():

@@ -33,7 +33,7 @@ import torch
 
 from attnseg.io.files import atomic_torch_save
 from attnseg.shapes.world import caption, make_scene
-from attnseg.train.embedded.arch import ToyArch
+from attnseg.train.embedded.arch import ToyArch, clip_text_config
 from attnseg.train.embedded.tokenizer import build_tokenizer
 from attnseg.train.embedded.train import (
     HOLDOUT_SEED,
@@ -72,7 +72,8 @@ class SD3Arch:
         return self.heads * self.head_dim
 
 
-def build_transformer(arch: SD3Arch, latent_size: int, latent_channels: int):
+def build_transformer(arch: SD3Arch, latent_size: int, latent_channels: int, dual_attention_layers: tuple[int, ...] = ()):
+    """``dual_attention_layers``: blocks with SD3.5's extra image-only attention (none in the embedded model)."""
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel(
@@ -87,24 +88,14 @@ def build_transformer(arch: SD3Arch, latent_size: int, latent_channels: int):
         caption_projection_dim=arch.width,
         pooled_projection_dim=2 * arch.projection_dim,
         pos_embed_max_size=latent_size // arch.patch,
+        dual_attention_layers=dual_attention_layers,
     )
 
 
 def build_text_encoders(arch: SD3Arch, vocab_size: int, bos_id: int, eos_id: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=arch.text_hidden,
-        intermediate_size=arch.text_hidden * 4,
-        num_hidden_layers=arch.text_layers,
-        num_attention_heads=arch.text_heads,
-        max_position_embeddings=ToyArch.max_length,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-        projection_dim=arch.projection_dim,
-    )
+    cfg = clip_text_config(vocab_size, bos_id, eos_id, arch.text_hidden, arch.text_layers, arch.text_heads, arch.projection_dim)
     return CLIPTextModelWithProjection(cfg), CLIPTextModelWithProjection(cfg)
 
 

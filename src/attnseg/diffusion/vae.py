@@ -1,0 +1,39 @@
+"""Images to latents, as every backbone reads them: resized, scaled to [-1, 1], the VAE posterior mean shifted and
+scaled by the VAE's config (Stable Diffusion 3's ``shift_factor``; none in 1.x / 2.x and XL)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@torch.inference_mode()
+def encode_images(vae, images: Sequence[np.ndarray], resolution: int, device, max_batch: int = 16, upcast: bool = False):
+    """(mean - shift) x scale of RGB uint8 images resized to ``resolution`` x ``resolution``: (N, C, r/f, r/f).
+
+    ``upcast``: encode in fp32 when the VAE is in fp16 (SDXL's overflows there; its config asks for it).
+    """
+    xs = []
+    for im in images:
+        t = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 127.5 - 1
+        if t.shape[-2:] != (resolution, resolution):  # resampling to the same size is the identity
+            t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+        xs.append(t)
+    dtype = next(vae.parameters()).dtype
+    upcast = upcast and bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        x = torch.cat(xs).to(device, next(vae.parameters()).dtype)
+        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        lat = [
+            (vae.encode(x[i : i + max_batch]).latent_dist.mean - shift) * vae.config.scaling_factor
+            for i in range(0, len(x), max_batch)
+        ]
+    finally:
+        if upcast:
+            vae.to(dtype)
+    return torch.cat(lat)
