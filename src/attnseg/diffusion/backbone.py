@@ -27,14 +27,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
 from attnseg.diffusion.layers import LayerInfo
-from attnseg.diffusion.prompts import TokenSpans
+from attnseg.diffusion.prompts import TokenSpans, resolve_spans
+from attnseg.diffusion.vae import encode_images
 
 
 @dataclass
@@ -128,3 +129,45 @@ class Backbone(Protocol):
         names: Sequence[str] = (),
         transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[np.ndarray, AttentionStore]: ...
+
+
+class DiffusersBackbone:
+    """What the backbones of diffusers pipelines share: the pipeline, its denoiser (a UNet or a transformer), the
+    VAE's image-to-latent path, the first tokenizer's spans, and a text cache. A family sets ``layers`` and
+    ``native_resolution`` and implements the rest of :class:`Backbone`."""
+
+    family = ""
+    default_presets: ClassVar[dict[str, str]] = {}
+    upcast_vae = False
+    """Encode with the VAE in fp32 when the model runs in fp16 (SDXL's VAE overflows in fp16)."""
+
+    def __init__(self, pipe, denoiser, model_name: str | None = None, text_cache_size: int = 256) -> None:
+        self.pipe = pipe
+        self.denoiser = denoiser
+        self.model_name = model_name or getattr(pipe, "attnseg_model_name", type(pipe).__name__)
+        self.native_resolution = int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
+        self._text_cache = TextCache(text_cache_size)
+
+    @property
+    def device(self) -> torch.device:
+        # Read from one parameter: diffusers' ``.device`` walks every module on each call.
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def latent_side(self, resolution: int) -> int:
+        return int(resolution) // int(self.pipe.vae_scale_factor)
+
+    def encode_images(self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16) -> torch.Tensor:
+        """(posterior mean - shift) x scale of RGB uint8 images resized to ``resolution``, as the denoiser reads them."""
+        return encode_images(self.pipe.vae, images, resolution, self.device, max_batch, self.upcast_vae).to(self.dtype)
+
+    def token_spans(self, text: str, char_spans: Sequence[tuple[int, int]], labels: Sequence[str]) -> TokenSpans:
+        """Positions among the first tokenizer's tokens (the only one, or the first of several that split alike)."""
+        return resolve_spans(self.pipe.tokenizer, text, char_spans, labels)
+
+    def word_pieces(self, word: str) -> int:
+        """How many tokens the tokenizer splits ``word`` into."""
+        return len(self.pipe.tokenizer.tokenize(word))

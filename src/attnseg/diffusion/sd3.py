@@ -19,18 +19,16 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from attnseg.diffusion.backbone import TextCache, TextStates
+from attnseg.diffusion.backbone import DiffusersBackbone, TextStates
 from attnseg.diffusion.capture import AttentionStore, JointCaptureProcessor, installed
 from attnseg.diffusion.layers import joint_inventory
-from attnseg.diffusion.prompts import TokenSpans, resolve_spans
-from attnseg.diffusion.vae import encode_images
 
 TEXT_CACHE_SIZE = 256
 T5_TOKENS = 256
 """diffusers' default number of T5 tokens, used when the pipeline has its T5 encoder."""
 
 
-class SD3Backbone:
+class SD3Backbone(DiffusersBackbone):
     """A loaded ``StableDiffusion3Pipeline`` as a backbone."""
 
     family = "sd3"
@@ -39,27 +37,9 @@ class SD3Backbone:
     layers, which a transformer does not have (a clear error names the layers there are)."""
 
     def __init__(self, pipe, model_name: str | None = None) -> None:
-        self.pipe = pipe
-        self.model_name = model_name or getattr(pipe, "attnseg_model_name", type(pipe).__name__)
+        super().__init__(pipe, pipe.transformer, model_name, TEXT_CACHE_SIZE)
         self.layers = joint_inventory(pipe.transformer)
-        self.native_resolution = int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
         self.t5_tokens = T5_TOKENS if getattr(pipe, "text_encoder_3", None) is not None else 0
-        self._text_cache = TextCache(TEXT_CACHE_SIZE)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.pipe.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.pipe.transformer.parameters()).dtype
-
-    def latent_side(self, resolution: int) -> int:
-        return int(resolution) // int(self.pipe.vae_scale_factor)
-
-    def encode_images(self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16) -> torch.Tensor:
-        """(posterior mean - shift) x scale of RGB uint8 images resized to ``resolution``, as SD3 reads latents."""
-        return encode_images(self.pipe.vae, images, resolution, self.device, max_batch).to(self.dtype)
 
     @torch.inference_mode()
     def encode_prompts(self, texts: Sequence[str]) -> TextStates:
@@ -78,14 +58,6 @@ class SD3Backbone:
 
         hidden, pooled = self._text_cache.get(texts, (self.device, self.dtype), encode)
         return TextStates(hidden, {"pooled_projections": pooled})
-
-    def token_spans(self, text, char_spans, labels) -> TokenSpans:
-        """Positions among the CLIP tokens, the first 77 of the joint text sequence (both CLIP tokenizers agree)."""
-        return resolve_spans(self.pipe.tokenizer, text, char_spans, labels)
-
-    def word_pieces(self, word: str) -> int:
-        """How many tokens the tokenizer splits ``word`` into."""
-        return len(self.pipe.tokenizer.tokenize(word))
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
         s = float(timestep) / 1000

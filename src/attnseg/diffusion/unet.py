@@ -11,53 +11,27 @@ only the conditional half is read.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar
 
 import numpy as np
 import torch
 
-from attnseg.diffusion.backbone import TextCache, TextStates
+from attnseg.diffusion.backbone import DiffusersBackbone, TextStates
 from attnseg.diffusion.capture import AttentionStore, capture_attention
 from attnseg.diffusion.layers import layer_inventory
-from attnseg.diffusion.prompts import TokenSpans, resolve_spans
-from attnseg.diffusion.vae import encode_images
 
 TEXT_CACHE_SIZE = 256
 """Prompts whose encoding is kept (least recently used first out)."""
 
 
-class UNetBackbone:
+class UNetBackbone(DiffusersBackbone):
     """A loaded ``StableDiffusionPipeline`` (or any pipeline with its components) as a backbone."""
 
     family = "sd"
-    default_presets: ClassVar[dict[str, str]] = {}
-    """The papers' presets are written for this family."""
-    upcast_vae = False
-    """Encode with the VAE in fp32 when the model runs in fp16 (SDXL's VAE overflows in fp16)."""
 
     def __init__(self, pipe, model_name: str | None = None) -> None:
-        self.pipe = pipe
-        self.model_name = model_name or getattr(pipe, "attnseg_model_name", type(pipe).__name__)
+        super().__init__(pipe, pipe.unet, model_name, TEXT_CACHE_SIZE)
         self.layers = layer_inventory(pipe.unet)
-        self.native_resolution = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         self._cross_names = [lay.name for lay in self.layers if lay.kind == "cross"]
-        self._text_cache = TextCache(TEXT_CACHE_SIZE)
-
-    @property
-    def device(self) -> torch.device:
-        # Read from one parameter: diffusers' ``unet.device`` walks every module on each call.
-        return next(self.pipe.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.pipe.unet.parameters()).dtype
-
-    def latent_side(self, resolution: int) -> int:
-        return int(resolution) // int(self.pipe.vae_scale_factor)
-
-    def encode_images(self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16) -> torch.Tensor:
-        """VAE posterior means (scaled) of RGB uint8 images resized to ``resolution``: (N, 4, r/8, r/8)."""
-        return encode_images(self.pipe.vae, images, resolution, self.device, max_batch, self.upcast_vae).to(self.dtype)
 
     @torch.inference_mode()
     def encode_prompts(self, texts: Sequence[str]) -> TextStates:
@@ -70,13 +44,6 @@ class UNetBackbone:
 
         (hidden,) = self._text_cache.get(texts, (self.device, self.dtype), encode)
         return TextStates(hidden)
-
-    def token_spans(self, text, char_spans, labels) -> TokenSpans:
-        return resolve_spans(self.pipe.tokenizer, text, char_spans, labels)
-
-    def word_pieces(self, word: str) -> int:
-        """How many tokens the tokenizer splits ``word`` into."""
-        return len(self.pipe.tokenizer.tokenize(word))
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
         t = torch.tensor([int(timestep)], device=self.device)

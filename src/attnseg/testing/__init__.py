@@ -37,10 +37,9 @@ def build_tiny_sd3_pipeline(seed: int = 0, dual_attention_layers: tuple[int, ...
     ``dual_attention_layers``: blocks with SD3.5's extra image-only attention.
     """
     import torch
-    from diffusers import StableDiffusion3Pipeline
 
     from attnseg.train.embedded.arch import ToyArch, build_vae
-    from attnseg.train.embedded.sd3 import SD3Arch, build_flow_scheduler, build_text_encoders, build_transformer
+    from attnseg.train.embedded.sd3 import SD3Arch, build_text_encoders, build_transformer, sd3_pipeline
     from attnseg.train.embedded.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
@@ -48,19 +47,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, dual_attention_layers: tuple[int, ...
     tok = build_tokenizer(ToyArch.max_length)
     te1, te2 = build_text_encoders(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
     vae = build_vae(ToyArch(vae_channels=(16, 32, 32)))
-    vae.register_to_config(shift_factor=0.0)
-    transformer = build_transformer(arch, 16, 4, dual_attention_layers)
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=build_flow_scheduler(),
-        vae=vae,
-        text_encoder=te1,
-        tokenizer=tok,
-        text_encoder_2=te2,
-        tokenizer_2=tok,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
+    return sd3_pipeline(build_transformer(arch, 16, 4, dual_attention_layers), te1, te2, tok, vae)
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0):

@@ -254,10 +254,27 @@ def flow_text_gain(model, te1, te2, tok, vae, scale: float, n: int = 48) -> dict
     return out
 
 
-def stage_export_sd3(cfg: TrainConfig, out_dir: str | Path, use_ema: bool = True) -> Path:
-    """Write the EMA weights as a ``StableDiffusion3Pipeline`` folder in fp16 safetensors."""
+def sd3_pipeline(transformer, te1, te2, tok, vae):
+    """The ``StableDiffusion3Pipeline`` of these components: one tokenizer in both CLIP slots, no T5, flow scheduler;
+    the VAE's latents are read without a shift (its ``shift_factor`` set to 0)."""
     from diffusers import StableDiffusion3Pipeline
 
+    vae.register_to_config(shift_factor=0.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=build_flow_scheduler(),
+        vae=vae,
+        text_encoder=te1,
+        tokenizer=tok,
+        text_encoder_2=te2,
+        tokenizer_2=tok,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def stage_export_sd3(cfg: TrainConfig, out_dir: str | Path, use_ema: bool = True) -> Path:
+    """Write the EMA weights as a ``StableDiffusion3Pipeline`` folder in fp16 safetensors."""
     work = Path(cfg.work)
     state = torch.load(work / CKPT, weights_only=True)
     arch = _arch_of(state["config"])
@@ -274,18 +291,8 @@ def stage_export_sd3(cfg: TrainConfig, out_dir: str | Path, use_ema: bool = True
             for p, e in zip([*model.parameters(), *te1.parameters(), *te2.parameters()], state["ema"], strict=True):
                 p.copy_(e)
     vae = _load_vae(work)
-    vae.register_to_config(scaling_factor=scale, shift_factor=0.0)
-    pipe = StableDiffusion3Pipeline(
-        transformer=model,
-        scheduler=build_flow_scheduler(),
-        vae=vae,
-        text_encoder=te1,
-        tokenizer=tok,
-        text_encoder_2=te2,
-        tokenizer_2=tok,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
+    vae.register_to_config(scaling_factor=scale)
+    pipe = sd3_pipeline(model, te1, te2, tok, vae)
     pipe.to(torch.float16)
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
