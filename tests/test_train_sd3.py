@@ -36,6 +36,15 @@ def test_sd3_stage_trains_resumes_and_exports(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert any(r.get("stage") == "sd3" and r.get("resumed_at") == 2 for r in log)
     assert torch.load(tmp_path / "sd3-ckpt.pt", weights_only=True)["step"] == 3
+    # The command line resumes the transformer's run with its own caption mix, not the default.
+    from attnseg.train.embedded.command import main
+
+    cfg.colour_prob, cfg.unet_steps = 0.3, 4
+    stage_sd3(cfg, SD3Arch(layers=1))  # one more step, saved with 0.3 in the checkpoint
+    main(["sd3", "--work", str(tmp_path), "--steps", "5", "--threads", "1"])
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    resumed = [r for r in log if r.get("resumed_at") == 4]
+    assert resumed and resumed[-1]["colour_prob"] == 0.3
 
     out = stage_export_sd3(cfg, tmp_path / "pipe")
     pipe = StableDiffusion3Pipeline.from_pretrained(out, dtype=torch.float32, text_encoder_3=None, tokenizer_3=None)
@@ -43,4 +52,4 @@ def test_sd3_stage_trains_resumes_and_exports(tmp_path):
     assert pipe.vae.config.shift_factor == 0.0
     im = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np", **SD3_CALL).images
     assert im.shape == (1, 64, 64, 3) and np.isfinite(im).all()
-    assert json.loads((out / "training.json").read_text())["step"] == 3
+    assert json.loads((out / "training.json").read_text())["step"] == 5

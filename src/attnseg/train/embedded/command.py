@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from attnseg.train.embedded import train
-from attnseg.train.embedded.sd3 import SD3Arch, stage_export_sd3, stage_sd3
+from attnseg.train.embedded.sd3 import CKPT, SD3Arch, stage_export_sd3, stage_sd3
 from attnseg.train.embedded.train import (
     TrainConfig,
     _checkpoint_config,
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
     cfg.text_layers = _text_layers(cfg, a.text_layers, a.init_from, a.init_ckpt)
-    resumed = _checkpoint_config(cfg.work)
+    # The run being continued: the transformer's checkpoint for its stages, the UNet's otherwise.
+    resumed = _checkpoint_config(cfg.work, CKPT if a.stage in ("sd3", "export-sd3") else "ckpt.pt")
     # A caption setting: as asked, else what the run being resumed used (logged on resume), else the default.
     cfg.colour_prob = a.colour_prob if a.colour_prob is not None else (resumed or {}).get("colour_prob", cfg.colour_prob)
     cfg.lr_decay_steps = _lr_decay_steps(resumed, a.lr_decay_steps)

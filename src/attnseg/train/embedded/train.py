@@ -517,9 +517,9 @@ def write_clip_vocab_files(tok, folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def _checkpoint_config(work: str) -> dict | None:
-    """The TrainConfig (as a dict) of the checkpoint in ``work`` that a run would resume, or None."""
-    ck = Path(work) / "ckpt.pt"
+def _checkpoint_config(work: str, name: str = "ckpt.pt") -> dict | None:
+    """The TrainConfig (as a dict) of the checkpoint ``name`` in ``work`` that a run would resume, or None."""
+    ck = Path(work) / name
     return _ckpt_config(ck) if ck.exists() else None
 
 
