@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from attnseg.diffusion.capture import AttentionStore
+from attnseg.diffusion.capture import AttentionStore, installed
 from attnseg.diffusion.layers import LayerInfo
 from attnseg.diffusion.prompts import TokenSpans, resolve_spans
 from attnseg.diffusion.vae import encode_images
@@ -171,3 +171,39 @@ class DiffusersBackbone:
     def word_pieces(self, word: str) -> int:
         """How many tokens the tokenizer splits ``word`` into."""
         return len(self.pipe.tokenizer.tokenize(word))
+
+    call_kwargs: ClassVar[dict[str, Any]] = {}
+    """Keywords of the family's pipeline call beyond the common ones."""
+
+    def generation_processors(self, store: AttentionStore, names: Sequence[str]) -> dict:
+        """{module: processor} recording ``names`` into ``store`` while the pipeline generates."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        steps: int,
+        guidance: float,
+        generators: Sequence[torch.Generator] | None = None,
+        names: Sequence[str] = (),
+        transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[np.ndarray, AttentionStore]:
+        """Images (N, H, W, 3) in [0, 1] at the native resolution, and the maps of ``names`` summed over the steps.
+
+        With guidance the pipelines stack ``[unconditional, conditional]`` rows: only the conditional half is read.
+        """
+        res = self.native_resolution
+        store = AttentionStore(cond_rows="second_half" if guidance > 1 else "all", transform=transform)
+        with installed(self.denoiser, self.generation_processors(store, names)):
+            images = self.pipe(
+                prompt=list(prompts),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=list(generators) if generators is not None else None,
+                height=res,
+                width=res,
+                output_type="np",
+                **self.call_kwargs,
+            ).images
+        return images, store

@@ -13,10 +13,9 @@ run with no T5 tokens (``max_sequence_length=0``): diffusers would otherwise app
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from attnseg.diffusion.backbone import DiffusersBackbone, TextStates
@@ -95,27 +94,9 @@ class SD3Backbone(DiffusersBackbone):
             )
         return store
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompts: Sequence[str],
-        steps: int,
-        guidance: float,
-        generators: Sequence[torch.Generator] | None = None,
-        names: Sequence[str] = (),
-        transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-    ) -> tuple[np.ndarray, AttentionStore]:
-        res = self.native_resolution
-        store = AttentionStore(cond_rows="second_half" if guidance > 1 else "all", transform=transform)
-        with installed(self.pipe.transformer, self._processors(store, names, None)):
-            images = self.pipe(
-                prompt=list(prompts),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=list(generators) if generators is not None else None,
-                height=res,
-                width=res,
-                output_type="np",
-                max_sequence_length=self.t5_tokens,
-            ).images
-        return images, store
+    def generation_processors(self, store: AttentionStore, names: Sequence[str]) -> dict:
+        return self._processors(store, names, None)
+
+    @property
+    def call_kwargs(self) -> dict:
+        return {"max_sequence_length": self.t5_tokens}

@@ -10,13 +10,12 @@ only the conditional half is read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from attnseg.diffusion.backbone import DiffusersBackbone, TextStates
-from attnseg.diffusion.capture import AttentionStore, capture_attention
+from attnseg.diffusion.capture import AttentionStore, CaptureProcessor, capture_attention
 from attnseg.diffusion.layers import layer_inventory
 
 TEXT_CACHE_SIZE = 256
@@ -65,31 +64,8 @@ class UNetBackbone(DiffusersBackbone):
             self.pipe.unet(latents, t, encoder_hidden_states=text.hidden, added_cond_kwargs=text.added or None)
         return store
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompts: Sequence[str],
-        steps: int,
-        guidance: float,
-        generators: Sequence[torch.Generator] | None = None,
-        names: Sequence[str] = (),
-        transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-    ) -> tuple[np.ndarray, AttentionStore]:
-        """Images (N, H, W, 3) in [0, 1] at the native resolution, and the maps of ``names`` summed over the steps."""
-        res = self.native_resolution
-        kw = dict(
-            prompt=list(prompts),
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=list(generators) if generators is not None else None,
-            height=res,
-            width=res,
-            output_type="np",
-        )
-        rows = "second_half" if guidance > 1 else "all"  # the pipeline's CFG batch: [unconditional, conditional]
-        with capture_attention(self.pipe.unet, names, cond_rows=rows, transform=transform) as store:
-            images = self.pipe(**kw).images
-        return images, store
+    def generation_processors(self, store: AttentionStore, names: Sequence[str]) -> dict:
+        return {n: CaptureProcessor(store, n) for n in names}
 
 
 class SDXLBackbone(UNetBackbone):
