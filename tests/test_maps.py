@@ -209,3 +209,55 @@ def test_fused_cross_normalises_before_or_after_resizing():
     # Normalised on its own 2x2 grid, the coarse map sums to 4 after upsampling to 4x4 (4 pixels per cell): it
     # outweighs the fine one, whose 16 pixels each keep 1/16.
     assert torch.allclose(first.sum(dim=1), torch.tensor([[0.7 * 4 + 0.3]]), atol=1e-5)
+
+
+def test_connected_components_join_diagonal_neighbours_and_part_separate_regions():
+    from attnseg.ops.maps import connected_components
+
+    on = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    lab = connected_components(on)
+    assert lab[0, 0] == lab[1, 1] > 0  # diagonal: one region (8-connectivity)
+    assert lab[1, 3] == lab[2, 3] > 0 and lab[1, 3] != lab[0, 0]
+    assert lab[3, 0] > 0 and lab[3, 0] not in (lab[0, 0], lab[1, 3])
+    assert (lab[~on] == 0).all() and len(lab.unique()) == 4
+
+
+def test_box_mask_is_the_union_of_each_region_box_above_the_relative_threshold():
+    from attnseg.ops.maps import box_mask
+
+    m = torch.zeros((5, 5))
+    m[0, 0], m[1, 1] = 1.0, 0.9  # one region, diagonal: box rows 0-1, cols 0-1
+    m[3, 4] = 0.5  # its own box
+    m[4, 0] = 0.2  # not above 0.25 x max
+    out = box_mask(torch.stack([m.flatten(), torch.zeros(25)], dim=1)[None], (5, 5), 0.25)
+    want = torch.zeros((5, 5))
+    want[0:2, 0:2] = 1
+    want[3, 4] = 1
+    assert torch.equal(out[0, :, 0].view(5, 5), want)
+    assert out[0, :, 1].sum() == 0  # an all-zero map (a constant one after min-max) has no region: nothing is kept
+
+
+def test_t2m_caa_restricts_self_to_the_boxes_of_the_label_cross_regions():
+    from attnseg.diffusion.capture import AttentionStore
+    from attnseg.diffusion.prompts import TokenSpans
+    from attnseg.methods import T2M, T2MConfig
+    from attnseg.methods.base import CapturePlan
+
+    g = torch.Generator().manual_seed(0)
+    cross = torch.rand((1, 16, 2), generator=g)
+    cross[0, :, 1] = 0.01
+    cross[0, [0, 1, 4], 1] = 1.0  # label's region: the top-left L of a 4x4 grid, boxed to rows 0-1, cols 0-1
+    selfm = _row_stochastic(16).float()
+    store = AttentionStore()
+    store.add("c", cross)
+    store.add("s", selfm)
+    plan = CapturePlan(cross={"c": 1.0}, self_names=["s"], grid=(4, 4))
+    spans = TokenSpans(input_ids=[0, 1], spans=[[1]], labels=["x"])
+    got = T2M(T2MConfig(iters=2, caa_threshold=0.5)).foreground(store, spans, plan)
+    box = torch.zeros(16)
+    box[[0, 1, 4, 5]] = 1  # pixel 5 is inside the box, though not in the region
+    col = cross[0, :, 1:2]
+    want = minmax(((selfm[0] @ selfm[0]) * box[None, :]) @ col, dim=0)  # Self^2 with its columns outside the box zeroed
+    assert torch.allclose(got[0], want, atol=1e-5)
+    plain = T2M(T2MConfig(iters=2)).foreground(store, spans, plan)
+    assert not torch.allclose(plain, got, atol=1e-3)

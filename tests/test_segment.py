@@ -358,7 +358,7 @@ def test_t2m_code_preset_applies_the_background_rule_once_to_the_mean_of_the_dra
     latents = predictor.encode_images([scene.image])
     maps = {}
     for average in ("scores", "foreground"):
-        method = T2M(T2MConfig(synonyms=False, background_words=(), average=average))
+        method = T2M(T2MConfig(synonyms=False, background_words=(), average=average, posterior="mean"))
         (grid,), _, _ = predictor.score_maps(latents, [["circle", "star"]], method, draws=3, seed=1)
         maps[average] = grid
     rule = lambda s: (1 - s[1:].amax(dim=0)).clamp_min(0) ** 2  # noqa: E731 - the paper's background rule
@@ -393,3 +393,18 @@ def test_diffseg_from_segment_names_its_segments_and_matches_the_unsupervised_ap
     assert "0 segmented, 1 already done" in r.output
     r = run.invoke(app, ["segment", str(tmp_path / "a.png"), "--method", "diffseg", "-l", "cat", "--out", str(tmp_path / "p")])
     assert r.exit_code == 2 and "diffseg segments without labels" in r.output
+
+
+def test_t2m_posterior_sampling_is_seeded_and_a_zero_deviation_gives_the_mean(predictor, scene):
+    from attnseg.methods import T2M, T2MConfig
+
+    mean, std = predictor.encode_posteriors([scene.image])
+    assert torch.equal(mean, predictor.encode_images([scene.image])) and (std > 0).all()
+    sample = T2M(T2MConfig(synonyms=False, background_words=(), draws=1))
+    at_mean = T2M(T2MConfig(synonyms=False, background_words=(), draws=1, posterior="mean"))
+    run = lambda m, s: predictor.score_maps(mean, [["circle", "star"]], m, draws=2, seed=3, latent_std=s)[0][0]  # noqa: E731
+    assert torch.equal(run(sample, std), run(sample, std))  # seeded
+    assert torch.allclose(run(sample, torch.zeros_like(std)), run(at_mean, None), atol=1e-6)
+    assert not torch.allclose(run(sample, std * 50), run(at_mean, None), atol=1e-3)  # the draws do read the deviation
+    with pytest.raises(ValueError, match="standard deviation"):
+        predictor.score_maps(mean, [["circle"]], sample, draws=1)

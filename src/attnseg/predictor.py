@@ -98,6 +98,7 @@ class AttnSegPredictor:
         self.default_presets = {**getattr(self.backbone, "default_presets", {}), **profile}
         """{method: preset} used when a call names no preset: the model folder's ``attnseg.json``, else the family's."""
         self._latents: torch.Tensor | None = None
+        self._latent_std: torch.Tensor | None = None
         self._images: list[np.ndarray] = []
         self._prompt_cache: OrderedDict[tuple, tuple[str, TokenSpans]] = OrderedDict()
 
@@ -130,13 +131,17 @@ class AttnSegPredictor:
         """Latents of RGB uint8 images, resized to the predictor's resolution."""
         return self.backbone.encode_images(images, self.resolution, self.max_batch)
 
+    def encode_posteriors(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean (the latents of ``encode_images``) and standard deviation of RGB uint8 images."""
+        return self.backbone.encode_posteriors(images, self.resolution, self.max_batch)
+
     def set_image(self, image) -> None:
         """Encode one image (path, PIL image or array) once for later ``segment`` calls."""
         self.set_images([image])
 
     def set_images(self, images: Sequence) -> None:
         self._images = [load_image(im) for im in images]
-        self._latents = self.encode_images(self._images)
+        self._latents, self._latent_std = self.encode_posteriors(self._images)
 
     # ------------------------------------------------------------------ segmentation
 
@@ -189,8 +194,13 @@ class AttnSegPredictor:
         method,
         draws: int,
         seed: int = 0,
+        latent_std: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[str], list[list[float]]]:
-        """Per-image (K_i + 1, h, w) scores on the method's grid averaged over ``draws``, prompts, label presences."""
+        """Per-image (K_i + 1, h, w) scores on the method's grid averaged over ``draws``, prompts, label presences.
+
+        ``latents`` are posterior means; a method whose config asks for ``posterior="sample"`` draws each noise
+        draw's latent from the posterior, which needs ``latent_std``.
+        """
         bb = self.backbone
         n = len(latents)
         prompts = [self.prompt_for(labs, method) for labs in label_lists]
@@ -199,6 +209,13 @@ class AttnSegPredictor:
         cfg = method.config
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn((draws, *latents.shape[1:]), generator=g).to(self.device, latents.dtype)
+        posterior = getattr(cfg, "posterior", "mean")
+        if posterior not in ("mean", "sample"):
+            raise ValueError(f"unknown posterior {posterior!r}: use 'mean' or 'sample'")
+        if posterior == "sample":
+            if latent_std is None:
+                raise ValueError("posterior='sample' needs the latents' standard deviation (encode_posteriors)")
+            eps = torch.randn((n, draws, *latents.shape[1:]), generator=g).to(self.device, latents.dtype)
         rows = [(i, d) for i in range(n) for d in range(draws)]
         chunk_rows = self._rows_per_forward(plan, int(latents.shape[-1]), int(text.hidden.shape[1]))
         sums: list[torch.Tensor | None] = [None] * n
@@ -213,7 +230,10 @@ class AttnSegPredictor:
         for c0 in range(0, len(rows), chunk_rows):
             chunk = rows[c0 : c0 + chunk_rows]
             idx = torch.tensor([i for i, _ in chunk])
-            z = bb.add_noise(latents[idx], noise[[d for _, d in chunk]], cfg.timestep)
+            z0 = latents[idx]
+            if posterior == "sample":
+                z0 = z0 + latent_std[idx] * eps[idx, [d for _, d in chunk]]
+            z = bb.add_noise(z0, noise[[d for _, d in chunk]], cfg.timestep)
             ks = key_scale[idx] if key_scale is not None else None
             store = bb.forward(
                 z, cfg.timestep, text.rows(idx), plan.names, per_head=plan.per_head, key_scale=ks, scale_values=plan.scale_values
@@ -259,7 +279,8 @@ class AttnSegPredictor:
             raise RuntimeError("call set_image(...) before segment(...)")
         if len(self._images) != 1:
             raise RuntimeError("set_images holds several images: use segment_batch")
-        return self._segment(self._latents, self._images, [list(labels)], method, preset, draws, seed, crf, overrides)[0]
+        posterior = (self._latents, self._latent_std)
+        return self._segment(posterior, self._images, [list(labels)], method, preset, draws, seed, crf, overrides)[0]
 
     def segment_batch(
         self,
@@ -278,8 +299,8 @@ class AttnSegPredictor:
         arrays = [load_image(im) for im in images]
         if isinstance(method, str) and method in names(REAL, needs_labels=False):  # encodes the images itself
             return self._segment_unlabelled(arrays, labels, preset, seed, crf)
-        latents = self.encode_images(arrays)
-        return self._segment(latents, arrays, [list(x) for x in labels], method, preset, draws, seed, crf, overrides)
+        posterior = self.encode_posteriors(arrays)
+        return self._segment(posterior, arrays, [list(x) for x in labels], method, preset, draws, seed, crf, overrides)
 
     @torch.inference_mode()
     def segment_unsupervised(
@@ -343,7 +364,8 @@ class AttnSegPredictor:
             )
         return results
 
-    def _segment(self, latents, images, label_lists, method, preset, draws, seed, crf, overrides):
+    def _segment(self, posterior, images, label_lists, method, preset, draws, seed, crf, overrides):
+        """``posterior``: the images' latents (posterior means) and their standard deviations."""
         if isinstance(method, str) and method in names(REAL, needs_labels=False):
             return self._segment_unlabelled(images, label_lists, preset, seed, crf)
         if isinstance(method, str):
@@ -354,7 +376,7 @@ class AttnSegPredictor:
         n_draws = int(draws if draws is not None else getattr(m.config, "draws", 1))
         if n_draws < 1:
             raise ValueError("draws must be at least 1")
-        maps, texts, presences = self.score_maps(latents, label_lists, m, n_draws, seed)
+        maps, texts, presences = self.score_maps(posterior[0], label_lists, m, n_draws, seed, latent_std=posterior[1])
         results = []
         crf_cfg = crf if isinstance(crf, CRFConfig) else CRFConfig() if crf else None
         for img, labs, sc, text, presence in zip(images, label_lists, maps, texts, presences, strict=True):

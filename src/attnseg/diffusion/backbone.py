@@ -5,7 +5,8 @@ A backbone wraps one loaded diffusers pipeline and answers, in model-independent
 - ``layers``: its attention layers (:class:`~attnseg.diffusion.layers.LayerInfo`: kind ``cross``, ``self``,
   ``joint`` or ``single``; block; level; resolution rank; heads), so a method's layer choice means the same
   place on every model of a family;
-- ``encode_images``: RGB images -> latents at a resolution (the VAE posterior mean, scaled);
+- ``encode_images``: RGB images -> latents at a resolution (the VAE posterior mean, scaled); ``encode_posteriors``
+  the posterior's mean and standard deviation, for methods that sample it;
 - ``encode_prompts``: texts -> :class:`TextStates` (the denoiser's text input and any added conditioning),
   cached per text, so that asking again for the same labels encodes nothing;
 - ``token_spans``: the token positions of each label phrase in a prompt;
@@ -35,7 +36,7 @@ import torch
 from attnseg.diffusion.capture import AttentionStore, installed
 from attnseg.diffusion.layers import LayerInfo
 from attnseg.diffusion.prompts import TokenSpans, resolve_spans
-from attnseg.diffusion.vae import encode_images
+from attnseg.diffusion.vae import encode_posteriors
 
 
 @dataclass
@@ -101,6 +102,10 @@ class Backbone(Protocol):
 
     def encode_images(self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16) -> torch.Tensor: ...
 
+    def encode_posteriors(
+        self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def encode_prompts(self, texts: Sequence[str]) -> TextStates: ...
 
     def token_spans(self, text: str, char_spans: Sequence[tuple[int, int]], labels: Sequence[str]) -> TokenSpans: ...
@@ -162,7 +167,14 @@ class DiffusersBackbone:
 
     def encode_images(self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16) -> torch.Tensor:
         """(posterior mean - shift) x scale of RGB uint8 images resized to ``resolution``, as the denoiser reads them."""
-        return encode_images(self.pipe.vae, images, resolution, self.device, max_batch, self.upcast_vae).to(self.dtype)
+        return self.encode_posteriors(images, resolution, max_batch)[0]
+
+    def encode_posteriors(
+        self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean (as ``encode_images``) and standard deviation, both in the denoiser's latent scale."""
+        mean, std = encode_posteriors(self.pipe.vae, images, resolution, self.device, max_batch, self.upcast_vae)
+        return mean.to(self.dtype), std.to(self.dtype)
 
     def token_spans(self, text: str, char_spans: Sequence[tuple[int, int]], labels: Sequence[str]) -> TokenSpans:
         """Positions among the first tokenizer's tokens (the only one, or the first of several that split alike)."""

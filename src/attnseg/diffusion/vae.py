@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 
 @torch.inference_mode()
-def encode_images(vae, images: Sequence[np.ndarray], resolution: int, device, max_batch: int = 16, upcast: bool = False):
-    """(mean - shift) x scale of RGB uint8 images resized to ``resolution`` x ``resolution``: (N, C, r/f, r/f).
+def encode_posteriors(vae, images: Sequence[np.ndarray], resolution: int, device, max_batch: int = 16, upcast: bool = False):
+    """The VAE posterior of RGB uint8 images resized to ``resolution`` x ``resolution``, as the denoiser reads
+    latents: ((mean - shift) x scale, std x scale), each (N, C, r/f, r/f).
 
     ``upcast``: encode in fp32 when the VAE is in fp16 (SDXL's overflows there; its config asks for it).
     """
@@ -29,11 +30,11 @@ def encode_images(vae, images: Sequence[np.ndarray], resolution: int, device, ma
     try:
         x = torch.cat(xs).to(device, next(vae.parameters()).dtype)
         shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        lat = [
-            (vae.encode(x[i : i + max_batch]).latent_dist.mean - shift) * vae.config.scaling_factor
-            for i in range(0, len(x), max_batch)
-        ]
+        scale = vae.config.scaling_factor
+        dists = [vae.encode(x[i : i + max_batch]).latent_dist for i in range(0, len(x), max_batch)]
+        mean = torch.cat([(d.mean - shift) * scale for d in dists])
+        std = torch.cat([d.std * scale for d in dists])
     finally:
         if upcast:
             vae.to(dtype)
-    return torch.cat(lat)
+    return mean, std

@@ -17,7 +17,7 @@ from attnseg.diffusion.capture import AttentionStore
 from attnseg.diffusion.layers import LayerInfo, LayerSelect, resolve_all
 from attnseg.diffusion.prompts import T2M_BACKGROUND_WORDS, TokenSpans
 from attnseg.methods.base import CapturePlan, fused_cross, mean_self
-from attnseg.ops.maps import background_score, minmax, propagate, with_background
+from attnseg.ops.maps import background_score, box_mask, minmax, propagate, with_background
 
 EMBEDDED_SELF_LAYER = LayerSelect(kind="self", ranks=(99,), blocks=("up",), take=(0, 1))
 """The self-attention layer of the "embedded" presets: the first layer of the finest decoder level (the embedded
@@ -54,6 +54,14 @@ class T2MConfig:
     bg_power: float = 2.0
     bg_threshold: float | None = None
     """None: paper's (1 - max)^2; a value: the code's (2 thr - max)^2 (0.5 for VOC)."""
+    caa_threshold: float | None = None
+    """None: Self^iters as is (the paper); a value: Self^iters restricted, per label, to the boxes of the regions where
+    the label's min-max Cross exceeds this fraction of its maximum (CLIP-ES's class-aware attention affinity, which
+    the authors' code applies: 0.2 for VOC, 0.5 for COCO). Computed as Self^iters (box * Cross), the same product."""
+    posterior: str = "sample"
+    """"sample": each noise draw starts from a sample of the VAE posterior (the paper, section 3.1: the encoder
+    "encodes images ... by sampling based on the predicted mean and standard deviation"); "mean": its mean, so that one draw is deterministic
+    given the noise (ours; the embedded presets)."""
     average: str = "scores"
     """How draws are combined: "scores" (ours; the paper does not say): each draw's scores, background included,
     are averaged; "foreground": the foreground maps are averaged and the (nonlinear) background rule applied once to
@@ -67,10 +75,11 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     # synonyms, a list it does not print; the VOC synonyms do not apply, so labels are used as given (pass richer
     # names as labels to use synonyms). Background words as for VOC (the paper names one list, after CLIMS).
     "coco": T2MConfig(synonyms=False, draws=1),
-    # COCO as the authors' code runs it: its background rule (2 thr - max)^2 with thr 0.35.
-    "coco-code": T2MConfig(synonyms=False, draws=1, bg_threshold=0.35),
-    # VOC as the authors' code combines its 10 draws: foreground averaged, the background rule applied once.
-    "code": T2MConfig(average="foreground"),
+    # COCO as the authors' code runs it: its background rule (2 thr - max)^2 with thr 0.35, Self boxed at 0.5.
+    "coco-code": T2MConfig(synonyms=False, draws=1, bg_threshold=0.35, caa_threshold=0.5),
+    # VOC as the authors' code runs it: Self boxed to each label's Cross regions at 0.2, and the 10 draws combined
+    # with the foreground averaged, the background rule applied once.
+    "code": T2MConfig(average="foreground", caa_threshold=0.2),
     "plain": T2MConfig(synonyms=False, background_words=(), draws=1),
     # For datasets whose vocabulary has no use for VOC's background words (e.g. ShapesWorld).
     "no-bg-words": T2MConfig(synonyms=False, background_words=()),
@@ -79,17 +88,20 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     # (object lift 1.1, `python -m attnseg.train.embedded.diagnose`); the first decoder layer at the same resolution
     # (16 px) is object-coherent and was chosen on validation scenes (docs/EMBEDDED-MODEL-TRAINING.md). Its
     # background threshold (the code's (2 thr - max)^2; VOC 0.5) was chosen there too, for ShapesWorld's small objects.
-    "embedded": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.65),
+    "embedded": T2MConfig(
+        synonyms=False, background_words=(), self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.65, posterior="mean"
+    ),
     # The same with the paper's background rule (1 - max)^2: an ablation on the embedded model.
-    "embedded-paper-bg": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_SELF_LAYER),
+    "embedded-paper-bg": T2MConfig(synonyms=False, background_words=(), self_layer=EMBEDDED_SELF_LAYER, posterior="mean"),
     # Transformer (MMDiT) backbones have no encoder, decoder or resolution levels to map the paper's layers onto:
     # Cross averages every joint layer's image-to-text block, Self every self map (the joint layers' image-to-image
     # blocks, and SD3.5's image-only layers), all on one grid.
     "mmdit": T2MConfig(cross=(LayerSelect(kind="cross"),), self_layer=LayerSelect(kind="self")),
 }
 
-# The embedded preset with the code's order of averaging draws and applying the background rule.
-T2M_PRESETS["embedded-code"] = replace(T2M_PRESETS["embedded"], average="foreground")
+# The embedded preset with the code's two choices of the `code` preset (boxed Self, draws averaged before the
+# background rule); the embedded model's latents stay the posterior mean.
+T2M_PRESETS["embedded-code"] = replace(T2M_PRESETS["embedded"], average="foreground", caa_threshold=0.2)
 
 
 def self_cross(self_attn: torch.Tensor, cross: torch.Tensor, iters: int) -> torch.Tensor:
@@ -119,6 +131,8 @@ class T2M:
     def foreground(self, store: AttentionStore, spans: TokenSpans, plan: CapturePlan) -> torch.Tensor:
         """Min-max SelfCross per label: (B, P, K)."""
         cross = fused_cross(store, plan.cross, spans, plan.grid)
+        if self.config.caa_threshold is not None:
+            cross = cross * box_mask(minmax(cross), plan.grid, self.config.caa_threshold)
         return minmax(self_cross(mean_self(store, plan.self_names), cross, self.config.iters))
 
     def with_background(self, fg: torch.Tensor) -> torch.Tensor:

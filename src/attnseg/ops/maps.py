@@ -89,3 +89,48 @@ def background_score(fg: torch.Tensor, power: float = 2.0, threshold: float | No
 def with_background(fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
     """Stack background first: (B, P, K), (B, P) -> (B, P, K + 1)."""
     return torch.cat([bg.unsqueeze(2), fg], dim=2)
+
+
+def connected_components(on: torch.Tensor) -> torch.Tensor:
+    """8-connected components of a boolean image (h, w): int64 labels, 0 off, each component its own positive id.
+
+    Label propagation by 3x3 max-pooling until nothing changes: every pixel ends with the largest
+    (row-major index + 1) of its component.
+    """
+    h, w = on.shape
+    ids = (torch.arange(h * w, dtype=torch.float32).reshape(h, w) + 1) * on
+    while True:
+        grown = F.max_pool2d(ids[None, None], 3, stride=1, padding=1)[0, 0] * on
+        if torch.equal(grown, ids):
+            return ids.long()
+        ids = grown
+
+
+def box_mask(maps: torch.Tensor, hw: tuple[int, int], threshold: float) -> torch.Tensor:
+    """Union of the bounding boxes of each map's regions above ``threshold`` x its maximum: (B, P, K) -> (B, P, K) 0/1.
+
+    Regions are 8-connected components of the pixels strictly above the threshold, each boxed on its own (CLIP-ES's
+    class-aware attention affinity, which T2M's code uses to restrict Self to where a label can be). A map with no
+    such pixel (all zero, as a constant map is after min-max) gets an empty mask.
+    """
+    b, p, k = maps.shape
+    h, w = hw
+    r = torch.arange(h).view(h, 1).expand(h, w)
+    c = torch.arange(w).view(1, w).expand(h, w)
+    out = torch.zeros((b, p, k), dtype=maps.dtype, device=maps.device)
+    img = columns_to_images(maps.detach().float().cpu(), hw)
+    for i in range(b):
+        for j in range(k):
+            m = img[i, j]
+            labels = connected_components(m > threshold * m.max())
+            ids = labels.unique()
+            ids = ids[ids > 0].view(-1, 1, 1)
+            if len(ids) == 0:
+                continue
+            sel = labels[None] == ids  # (C, h, w): one component a plane
+            y0, y1 = torch.where(sel, r, h).amin((1, 2)), torch.where(sel, r, -1).amax((1, 2))
+            x0, x1 = torch.where(sel, c, w).amin((1, 2)), torch.where(sel, c, -1).amax((1, 2))
+            box = lambda lo, hi, g: (g >= lo.view(-1, 1, 1)) & (g <= hi.view(-1, 1, 1))  # noqa: E731
+            inside = (box(y0, y1, r) & box(x0, x1, c)).any(dim=0)
+            out[i, :, j] = inside.flatten().to(out.dtype)
+    return out
