@@ -4,7 +4,9 @@ Paper section 3 / algorithm 1: one forward at t = 100 with the class-token keys 
 (Cat-Cross, eq. 8); Cross = decoder cross maps, fused (the resolutions and weights, 16 px 0.7 and 32 px 0.3,
 are the authors' code's), each sum-normalised; Self = the high-resolution self-attention of the last decoder
 layer (on SD, as the code reads it, ``up_blocks.3.attentions.1``, 64 px) made sharper by one entropy-gradient
-step (Ent-Self, eq. 6); N iterations Cross <- Self_ent . normalise(Cross). Sources of every setting:
+step (Ent-Self, eq. 6); N iterations Cross <- Self_ent . normalise(Cross). The ``code`` presets add two steps of
+the authors' code that the paper does not describe: only self-attention heads 1 and 2 are averaged, and the fused
+cross maps are clustered (KL k-means) and averaged per cluster before the iterations. Sources of every setting:
 docs/METHODS.md.
 """
 
@@ -19,6 +21,7 @@ from attnseg.diffusion.capture import AttentionStore
 from attnseg.diffusion.layers import LayerInfo, LayerSelect
 from attnseg.diffusion.prompts import TokenSpans
 from attnseg.methods.base import CapturePlan, fused_cross, mean_self
+from attnseg.ops.cluster import cluster_mean, grid_seeds, kl_kmeans
 from attnseg.ops.maps import background_score, max_normalise, minmax, propagate, sum_normalise, with_background
 
 EMBEDDED_SELF_LAYER = LayerSelect(kind="self", ranks=(99,), blocks=("down",), take=(0, 1))
@@ -58,7 +61,20 @@ class ISegConfig:
     self_layer: LayerSelect = field(default_factory=lambda: LayerSelect(kind="self", ranks=(3,), blocks=("up",), take=(1, 2)))
     """SD's up_blocks.3.attentions.1 (64 px); the finest decoder layer on smaller UNets."""
     heads: tuple[int, ...] | None = None
-    """Subset of self-attention heads to average (None: all)."""
+    """Self-attention heads to average, 0-based in the module's own head order (None: all, as the paper says
+    nothing of heads). The authors' code averages heads (1, 2) of the five of SD 2.1's up_blocks.3.attentions.1
+    (wsss/iSeg.py, ``self_attention_maps[64][:, [1, 2]]``)."""
+    cluster: bool = False
+    """Cluster the pixels of the fused cross maps and give each pixel its cluster's mean map, before the iterations.
+    False: the paper (no clustering is described). True: the authors' code's default (wsss/iSeg.py
+    ``process_cross_att``, on unless ``--no_use_cluster``): a k-means under the symmetric KL divergence of every
+    pixel's vector of fused cross values over all prompt tokens (padding included), seeded on a grid
+    (``ops.cluster.kl_kmeans``)."""
+    cluster_k: int = 32
+    """The code's number of clusters (``DFC_KL(32, ...)``); it sets the seed grid's stride floor(side / sqrt(k)):
+    6 x 6 seeds on SD's 64-px grid. Empty clusters are dropped."""
+    cluster_iters: int = 20
+    """k-means iterations (the code's ``DFC_KL(32, 20, 64)``)."""
     draws: int = 1
     bg_power: float = 2.0
     bg_threshold: float | None = None
@@ -86,12 +102,14 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
     "embedded-no-cat": ISegConfig(gamma=1.0, iters=1, self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.5),
     "embedded-paper-bg": ISegConfig(iters=1, self_layer=EMBEDDED_SELF_LAYER),
     # As the authors' code runs it: Cat-Cross on the text embedding (keys and values), cross maps normalised at
-    # their own resolution before fusing.
-    "code": ISegConfig(cat_cross="embedding", normalise_first=True),
+    # their own resolution before fusing, self-attention heads 1-2 only, KL k-means clustering of the cross maps.
+    "code": ISegConfig(cat_cross="embedding", normalise_first=True, heads=(1, 2), cluster=True),
 }
 
-# The embedded preset with the code's two choices.
-ISEG_PRESETS["embedded-code"] = replace(ISEG_PRESETS["embedded"], cat_cross="embedding", normalise_first=True)
+# The embedded preset with the code's choices that do not depend on SD 2.1's weights: Cat-Cross on the embedding,
+# normalisation before fusing and the clustering (a procedure, applied with the code's constants). Not the heads:
+# (1, 2) name two heads of SD 2.1's up_blocks.3.attentions.1, a layer this preset does not read.
+ISEG_PRESETS["embedded-code"] = replace(ISEG_PRESETS["embedded"], cat_cross="embedding", normalise_first=True, cluster=True)
 
 
 def entropy_reduced_self(a: torch.Tensor, lam: float, variant: str = "code") -> torch.Tensor:
@@ -120,6 +138,13 @@ class ISeg:
     def plan(self, inventory: list[LayerInfo], latent_side: int) -> CapturePlan:
         s = self.config.self_layer.resolve(inventory, latent_side)
         side = s[0].side(latent_side)
+        for lay in s if self.config.heads else ():
+            bad = [h for h in self.config.heads if not 0 <= h < lay.heads]
+            if bad:
+                raise ValueError(
+                    f"iSeg heads {list(self.config.heads)}: {lay.name} has {lay.heads} heads (0-based indices "
+                    f"0..{lay.heads - 1}), so {bad} do not exist; pass heads=None to average all of them"
+                )
         cross: dict[str, float] = {}
         for rank, w in self.config.cross.items():
             for lay in LayerSelect(kind="cross", ranks=(rank,), blocks=("up",)).resolve(inventory, latent_side):
@@ -139,6 +164,8 @@ class ISeg:
             raise ValueError(f"unknown Cat-Cross variant {cfg.cat_cross!r}: use 'keys' or 'embedding'")
         normalise = lambda m: sum_normalise(m, dim=1)  # noqa: E731
         cross = fused_cross(store, plan.cross, spans, plan.grid, normalise=normalise, normalise_first=cfg.normalise_first)
+        if cfg.cluster:
+            cross = cluster_mean(cross, self.clusters(store, spans, plan))
         a = entropy_reduced_self(mean_self(store, plan.self_names, cfg.heads), cfg.lam, cfg.ent_variant)
         fg = minmax(propagate(a, cross, cfg.iters, normalise=minmax))
         if cfg.bg_threshold is not None:
@@ -146,3 +173,17 @@ class ISeg:
         else:
             bg = background_score(fg, cfg.bg_power)
         return with_background(fg, bg)
+
+    def clusters(self, store: AttentionStore, spans: TokenSpans, plan: CapturePlan) -> torch.Tensor:
+        """Cluster labels (B, P) of the pixels of the fused cross maps, as the authors' code computes them.
+
+        The code clusters the fused, per-token normalised maps of every prompt token (padding included) and averages
+        them per cluster before it reads the class tokens; the cluster mean is linear, so applying it to the label maps
+        afterwards gives the same maps.
+        """
+        cfg = self.config
+        n_tokens = store.mean(next(iter(plan.cross))).shape[-1]
+        every = replace(spans, spans=[[t] for t in range(n_tokens)], labels=[str(t) for t in range(n_tokens)])
+        tokens = fused_cross(store, plan.cross, every, plan.grid, normalise=sum_normalise, normalise_first=cfg.normalise_first)
+        labels, _ = kl_kmeans(tokens, grid_seeds(*plan.grid, cfg.cluster_k), cfg.cluster_iters)
+        return labels
