@@ -71,11 +71,13 @@ def test_masks_beat_all_foreground(embedded):
 def test_profile_points_t2m_and_iseg_at_an_object_coherent_self_attention_layer(embedded):
     # The shipped attnseg.json must name presets whose self-attention layer exists in this model and keeps an
     # object cell's attention on its object well above uniform (lift 1; the chosen layer measured about 5).
-    from attnseg.methods import get_method
+    from attnseg.methods import get_method, resolve
     from attnseg.train.embedded.diagnose import self_attention_report
 
-    assert embedded.default_presets == {"cross": "embedded", "t2m": "embedded", "iseg": "embedded", "diffseg": "embedded"}
+    assert embedded.default_presets == dict.fromkeys(("cross", "t2m", "iseg", "diffseg", "interactive"), "embedded")
     chosen = {"t2m": "up_blocks.2.attentions.0", "iseg": "down_blocks.0.attentions.0"}  # on validation scenes
+    interactive = resolve("interactive", "embedded")[2].self_layer.resolve(embedded.inventory)
+    assert [lay.name for lay in interactive] == [chosen["t2m"] + ".transformer_blocks.0.attn1"]
     baseline = get_method("cross", embedded.default_presets["cross"]).config.cross.resolve(embedded.inventory)
     assert [lay.name.split(".transformer_blocks")[0] for lay in baseline] == [
         f"up_blocks.{b}.attentions.{a}" for b in (1, 2) for a in (0, 1)

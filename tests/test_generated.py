@@ -154,3 +154,25 @@ def test_generate_refuses_another_runs_folder_and_bad_input(tiny_pipe_dir, tmp_p
     assert r.exit_code == 2 and "holds no prompt" in r.output
     r = CliRunner().invoke(app, [*base, "-c", "circle", "--resume", "--out", str(tmp_path / "d")])
     assert r.exit_code == 2 and "holds no run to resume" in r.output
+
+
+def test_a_label_without_seed_is_recorded_in_the_manifest_and_reported(tiny_pipe_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from attnseg.cli import app
+    from attnseg.methods.generated import SeeDiff
+
+    # The star never reaches alpha: its mask is empty, which the manifest and the command's last line must say.
+    monkeypatch.setattr(SeeDiff, "unseeded", lambda self, c, s, spans: [{1: "its cross map peaks at 0.40 < alpha 0.5"}])
+    base = ["generate", "--model", str(tiny_pipe_dir), "--steps", "2", "--per-class", "1", "--device", "cpu"]
+    r = CliRunner().invoke(app, [*base, "--prompts", str(_prompts(tmp_path)), "-c", "circle", "-c", "star", "--out", str(tmp_path / "g")])
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(line) for line in (tmp_path / "g" / "manifest.jsonl").read_text().splitlines()]
+    assert [rec["empty_labels"] for rec in recs] == [["star"]]
+    assert "1 items have a label with an empty mask" in r.output
+
+
+def _prompts(tmp_path: Path) -> Path:
+    p = tmp_path / "prompts.txt"
+    p.write_text("a circle and a star\n")
+    return p

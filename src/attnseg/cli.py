@@ -67,12 +67,12 @@ def _out_folder(folder: Path) -> None:
         raise typer.Exit(2) from None
 
 
-def _check_method(name: str, preset: str | None, images: str, needs_labels: bool | None = None) -> None:
+def _check_method(name: str, preset: str | None, images: str, guide: str | None = None) -> None:
     """Exit 2 with the registry's message for an unknown method or preset."""
     from attnseg.methods.registry import MethodError, resolve
 
     try:
-        resolve(name, preset, images, needs_labels)
+        resolve(name, preset, images, guide)
     except MethodError as e:
         _err(str(e))
         raise typer.Exit(2) from None
@@ -97,7 +97,10 @@ def segment(
         typer.Option("--labels", "-l", help="Names of what is in the image(s): repeat the option or give a,b,c."),
     ] = None,
     labels_file: Annotated[Path | None, typer.Option(help="JSON object: image file name -> list of labels.")] = None,
-    method: Annotated[str, typer.Option(help="cross | t2m | iseg, or diffseg (unsupervised: no labels)")] = "t2m",
+    method: Annotated[
+        str | None,
+        typer.Option(help="cross | t2m | iseg (default t2m), diffseg (unsupervised: no labels), interactive (with --point/--box/--scribble)"),
+    ] = None,
     preset: Annotated[
         str | None, typer.Option(help="Named settings of the method (e.g. t2m: voc, single-pass; iseg: wsss-voc).")
     ] = None,
@@ -111,13 +114,34 @@ def segment(
     batch_size: Annotated[int, typer.Option(help="Images per batched forward.")] = 4,
     engine: Annotated[str, typer.Option(help="local, or ray (an actor pool over a whole dataset).")] = "local",
     workers: Annotated[int, typer.Option(help="Ray actors (one model each).")] = 1,
+    point: Annotated[
+        list[str] | None, typer.Option(help="X,Y in image pixels: one object at this point (repeat for more objects).")
+    ] = None,
+    box: Annotated[list[str] | None, typer.Option(help="X0,Y0,X1,Y1 in image pixels: one object in this box (repeatable).")] = None,
+    scribble: Annotated[
+        list[Path] | None, typer.Option(help="A mask image of the input's size; its non-zero pixels mark one object (repeatable).")
+    ] = None,
+    name: Annotated[
+        list[str] | None, typer.Option(help="Names of the prompted objects, in the order points, boxes, scribbles.")
+    ] = None,
 ) -> None:
-    """Segment INPUT images for the given labels; write masks, overlays, scores and JSON to --out."""
+    """Segment INPUT images for the given labels (or one image for --point / --box / --scribble prompts); write
+    masks, overlays, scores and JSON to --out."""
     _quiet_libraries()
     from attnseg.jobs.engine import ENGINES
     from attnseg.jobs.segment import segment_paths
-    from attnseg.methods.registry import REAL, REGISTRY
+    from attnseg.methods.registry import REAL, REGISTRY, VISUAL
 
+    if point or box or scribble:
+        _segment_prompted(inputs, labels, labels_file, method, preset, model, out, crf, seed, device, dtype, point, box, scribble, name)
+        return
+    if name:
+        _err("--name names --point / --box / --scribble prompts; none was given")
+        raise typer.Exit(2)
+    method = method or "t2m"
+    if method in REGISTRY and REGISTRY[method].guide == VISUAL:
+        _err(f"{method} segments what --point, --box or --scribble show; give at least one")
+        raise typer.Exit(2)
     labels = _split_labels(labels)
     _check_method(method, preset, REAL)
     _check_inputs(inputs, bool(labels))
@@ -184,6 +208,62 @@ def segment(
     typer.echo(f"{len(report.done)} segmented, {len(report.skipped)} already done, {len(report.failed)} failed -> {out}")
     if report.failed:
         raise typer.Exit(1)
+
+
+def _numbers(text: str, n: int, what: str) -> tuple[float, ...]:
+    """``n`` comma-separated numbers of a ``--point`` / ``--box`` value, or exit 2 saying the expected form."""
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != n:
+        _err(f"--{what} {text!r}: expected {'X,Y' if n == 2 else 'X0,Y0,X1,Y1'} (numbers, in image pixels)")
+        raise typer.Exit(2)
+    return vals
+
+
+def _segment_prompted(inputs, labels, labels_file, method, preset, model, out, crf, seed, device, dtype, point, box, scribble, name):
+    """``segment IMAGE --point/--box/--scribble``: one image, each prompt one object."""
+    import numpy as np
+    from PIL import Image
+
+    from attnseg.io.images import ImageError
+    from attnseg.jobs.segment import segment_with_prompts
+    from attnseg.methods.interactive import VisualPrompt
+    from attnseg.methods.registry import REAL, REGISTRY, VISUAL
+
+    method = method or "interactive"
+    _check_method(method, preset, REAL)
+    if REGISTRY[method].guide != VISUAL:
+        _err(f"--point, --box and --scribble prompt the interactive method, not {method}; drop --method")
+        raise typer.Exit(2)
+    if labels or labels_file is not None:
+        _err("--point, --box and --scribble show the objects themselves: drop --labels / --labels-file (use --name)")
+        raise typer.Exit(2)
+    if len(inputs) != 1 or not inputs[0].is_file():
+        _err("prompts are in one image's pixels: give exactly one image file")
+        raise typer.Exit(2)
+    prompts = [VisualPrompt(points=(_numbers(p, 2, "point"),)) for p in point or []]
+    prompts += [VisualPrompt(box=_numbers(b, 4, "box")) for b in box or []]
+    for path in scribble or []:
+        try:
+            prompts.append(VisualPrompt(scribble=np.asarray(Image.open(path).convert("L")) > 0))
+        except OSError as e:
+            _err(f"--scribble {path}: not a readable image ({e.strerror or e})")
+            raise typer.Exit(2) from None
+    if name:
+        if len(name) != len(prompts):
+            _err(f"{len(name)} --name for {len(prompts)} prompts: give one name per prompt (points, then boxes, then scribbles)")
+            raise typer.Exit(2)
+        prompts = [VisualPrompt(p.points, p.box, p.scribble, n) for p, n in zip(prompts, name, strict=True)]
+    _out_folder(out)
+    predictor = _load_predictor(model, device, dtype)
+    try:
+        mask = segment_with_prompts(predictor, inputs[0], prompts, out, preset=preset, seed=seed, crf=crf)
+    except (ImageError, ValueError, ImportError) as e:
+        _err(f"{inputs[0]}: {e}")
+        raise typer.Exit(2) from None
+    typer.echo(f"{len(prompts)} object(s) segmented -> {mask}")
 
 
 def _split_labels(labels: list[str] | None) -> list[str]:
@@ -297,10 +377,10 @@ def bench(
     _quiet_libraries()
     from attnseg.diffusion.loading import ModelError
     from attnseg.jobs.bench import bench_markdown, run_bench
-    from attnseg.methods.registry import REAL
+    from attnseg.methods.registry import LABELS, REAL
 
     for m in method or []:
-        _check_method(m, None, REAL, needs_labels=True)
+        _check_method(m, None, REAL, LABELS)
     if out is not None:
         _out_folder(out)
     try:
@@ -403,6 +483,13 @@ def generate(
     typer.echo(
         f"{rep['done']} of {rep['items']} items in {out} ({rep['generated']} generated now); COCO annotations: {rep['annotations']}"
     )
+    if rep["with_empty_labels"]:
+        typer.echo(
+            f"warning: {rep['with_empty_labels']} items have a label with an empty mask: the method found no seed for it "
+            f"(manifest.jsonl's empty_labels names them); try another --preset (seediff: code) or check that the model "
+            "knows the word",
+            err=True,
+        )
 
 
 def _warn_unknown_words(predictor, labels) -> None:

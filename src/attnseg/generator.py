@@ -8,8 +8,9 @@ the maps aggregated over the steps into soft masks, and :func:`~attnseg.methods.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,6 +27,8 @@ class GeneratedItem:
 
     image: (H, W, 3) uint8; soft: (K, H, W) float32 per-label scores; mask: (H, W) uint8 with
     0 = background, i = ``labels[i - 1]``, 255 = uncertain (when the method defines it).
+    unseeded: the labels the method found no seed for (SeeDiff: the cross map never reaches alpha), whose masks
+    are therefore empty; an :class:`EmptyMaskWarning` names each with what to do.
     """
 
     prompt: str
@@ -33,6 +36,22 @@ class GeneratedItem:
     image: np.ndarray
     soft: np.ndarray
     mask: np.ndarray
+    unseeded: list[str] = field(default_factory=list)
+
+
+class EmptyMaskWarning(UserWarning):
+    """A label gets an empty mask because the method found no seed for it."""
+
+
+def report_unseeded(method: str, prompt: str, labels: Sequence[str], why: Mapping[int, str]) -> list[str]:
+    """Warn once per label of ``why`` ({label index: reason}) that its mask is empty; return those labels in order."""
+    out = []
+    for k in sorted(why):
+        warnings.warn(
+            f"{method}: label {labels[k]!r} of prompt {prompt!r} gets an empty mask: {why[k]}", EmptyMaskWarning, stacklevel=3
+        )
+        out.append(labels[k])
+    return out
 
 
 def step_max_normalise(m: torch.Tensor, cross: bool) -> torch.Tensor:
@@ -97,9 +116,10 @@ def generate_with_masks(
         c_i = {s: v[i : i + 1] for s, v in cross_mean.items()}
         s_i = {s: v[i : i + 1] for s, v in self_mean.items()}
         soft = m.soft(c_i, s_i, spans[i].spans)
+        unseeded = report_unseeded(m.name, p, labs, m.unseeded(c_i, s_i, spans[i].spans)[0])
         img_t = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float()
         up, lab = finalize(soft, img_t, im.shape[:2], cfg)
-        items.append(GeneratedItem(p, list(labs), _u8(im), up[0].numpy().astype(np.float32), lab[0].numpy()))
+        items.append(GeneratedItem(p, list(labs), _u8(im), up[0].numpy().astype(np.float32), lab[0].numpy(), unseeded))
     return items
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 
 import numpy as np
 import torch
@@ -27,7 +27,8 @@ from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt
 from attnseg.io.images import load_image
 from attnseg.methods.base import fused_cross
 from attnseg.methods.diffseg import DiffSeg, DiffSegConfig, assign
-from attnseg.methods.registry import REAL, check_profile, get_method, names, resolve
+from attnseg.methods.interactive import Interactive, VisualPrompt, clip_to_boxes, initial_maps
+from attnseg.methods.registry import NOTHING, REAL, check_profile, get_method, names, resolve
 from attnseg.ops.maps import columns_to_images
 from attnseg.ops.refine import CRFConfig, confidence_map, dense_crf, scores_to_probs
 
@@ -68,6 +69,13 @@ class SegmentationResult:
     def weak_labels(self) -> list[str]:
         """Labels whose presence is below ``WEAK_PRESENCE`` (none for unsupervised segments, which have no presence)."""
         return [lab for lab, p in zip(self.labels, self.presence, strict=False) if p < WEAK_PRESENCE]
+
+
+def _prompt_record(p: VisualPrompt) -> dict:
+    """A visual prompt as the result's settings record it (a scribble by its pixel count, not its pixels)."""
+    if p.kind == "scribble":
+        return {"scribble_pixels": int(np.count_nonzero(p.scribble))}
+    return {"points": [list(xy) for xy in p.points]} if p.kind == "point" else {"box": list(p.box)}
 
 
 def _settings(method) -> dict:
@@ -215,7 +223,8 @@ class AttnSegPredictor:
         if posterior == "sample":
             if latent_std is None:
                 raise ValueError("posterior='sample' needs the latents' standard deviation (encode_posteriors)")
-            eps = torch.randn((n, draws, *latents.shape[1:]), generator=g).to(self.device, latents.dtype)
+            # one posterior noise per draw, as the diffusion noise: an image's result does not depend on its batch
+            eps = torch.randn((draws, *latents.shape[1:]), generator=g).to(self.device, latents.dtype)
         rows = [(i, d) for i in range(n) for d in range(draws)]
         chunk_rows = self._rows_per_forward(plan, int(latents.shape[-1]), int(text.hidden.shape[1]))
         sums: list[torch.Tensor | None] = [None] * n
@@ -232,7 +241,7 @@ class AttnSegPredictor:
             idx = torch.tensor([i for i, _ in chunk])
             z0 = latents[idx]
             if posterior == "sample":
-                z0 = z0 + latent_std[idx] * eps[idx, [d for _, d in chunk]]
+                z0 = z0 + latent_std[idx] * eps[[d for _, d in chunk]]
             z = bb.add_noise(z0, noise[[d for _, d in chunk]], cfg.timestep)
             ks = key_scale[idx] if key_scale is not None else None
             store = bb.forward(
@@ -297,10 +306,66 @@ class AttnSegPredictor:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} label lists")
         arrays = [load_image(im) for im in images]
-        if isinstance(method, str) and method in names(REAL, needs_labels=False):  # encodes the images itself
+        if isinstance(method, str) and method in names(REAL, NOTHING):  # encodes the images itself
             return self._segment_unlabelled(arrays, labels, preset, seed, crf)
         posterior = self.encode_posteriors(arrays)
         return self._segment(posterior, arrays, [list(x) for x in labels], method, preset, draws, seed, crf, overrides)
+
+    @torch.inference_mode()
+    def segment_prompts(
+        self,
+        prompts: Sequence[VisualPrompt],
+        preset: str | None = None,
+        seed: int = 0,
+        crf: bool | CRFConfig = False,
+        **overrides,
+    ) -> SegmentationResult:
+        """Segment the image of ``set_image`` for visual prompts, one object each (iSeg's interactive mode).
+
+        Mask index i is the i-th prompt, labelled with its ``name`` or "point i", "box i", "scribble i". One
+        forward reads the self-attention; the prompts' initial maps are refined by Ent-Self
+        (:mod:`attnseg.methods.interactive`).
+        """
+        if self._latents is None:
+            raise RuntimeError("call set_image(...) before segment_prompts(...)")
+        if len(self._images) != 1:
+            raise RuntimeError("set_images holds several images: prompts are given per image; use set_image")
+        if not prompts:
+            raise ValueError("give at least one point, box or scribble")
+        img = self._images[0]
+        hw = img.shape[:2]
+        for p in prompts:
+            p.check(hw)
+        preset = preset or self.default_presets.get("interactive")
+        _, _, cfg = resolve("interactive", preset)
+        method = Interactive(replace(cfg, **overrides))
+        bb = self.backbone
+        plan = method.plan(bb.layers, int(self._latents.shape[-1]))
+        g = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn(self._latents.shape[1:], generator=g)[None].to(self.device, self._latents.dtype)
+        z = bb.add_noise(self._latents, noise, method.config.timestep)
+        store = bb.forward(z, method.config.timestep, bb.encode_prompts([method.config.prompt]), plan.names, per_head=plan.per_head)
+        sc = method.scores(store, initial_maps(prompts, hw, plan.grid)[None], plan)
+        up = F.interpolate(columns_to_images(sc.float().cpu(), plan.grid), size=hw, mode="bilinear", align_corners=False)[0]
+        if method.config.clip_to_box:
+            up = clip_to_boxes(up, prompts)
+        crf_cfg = crf if isinstance(crf, CRFConfig) else CRFConfig() if crf else None
+        if crf_cfg is not None:
+            up = torch.from_numpy(dense_crf(img, scores_to_probs(up), crf_cfg))
+        conf, unc = confidence_map(up)
+        scores = up.numpy().astype(np.float32)
+        settings = {**_settings(method), "preset": preset, "seed": seed, "crf": crf_cfg is not None, "resolution": self.resolution}
+        settings["prompts"] = [_prompt_record(p) for p in prompts]
+        return SegmentationResult(
+            labels=[p.label(i) for i, p in enumerate(prompts, start=1)],
+            mask=scores.argmax(axis=0).astype(np.uint8),
+            scores=scores,
+            confidence=conf.numpy().astype(np.float32),
+            uncertain=unc.numpy(),
+            method=method.name,
+            prompt=method.config.prompt,
+            settings=settings,
+        )
 
     @torch.inference_mode()
     def segment_unsupervised(
@@ -366,7 +431,7 @@ class AttnSegPredictor:
 
     def _segment(self, posterior, images, label_lists, method, preset, draws, seed, crf, overrides):
         """``posterior``: the images' latents (posterior means) and their standard deviations."""
-        if isinstance(method, str) and method in names(REAL, needs_labels=False):
+        if isinstance(method, str) and method in names(REAL, NOTHING):
             return self._segment_unlabelled(images, label_lists, preset, seed, crf)
         if isinstance(method, str):
             preset = preset or self.default_presets.get(method)

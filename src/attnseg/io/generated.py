@@ -69,10 +69,13 @@ def write_item(
     mask: np.ndarray,
     classes: Sequence[str],
     seed: int,
+    empty_labels: Sequence[str] = (),
 ) -> dict:
     """Write one item's image and mask atomically; return its manifest record.
 
     ``mask`` holds 0 = background, i = ``labels[i - 1]``, 255 = uncertain; it is written in the class ids of ``classes``.
+    ``empty_labels``: labels whose masks are empty because the method found no seed for them (recorded, so that a
+    dataset's silent holes can be found and regenerated).
     """
     lut = np.zeros(256, np.uint8)
     for i, lab in enumerate(labels, 1):
@@ -89,6 +92,7 @@ def write_item(
         "seed": seed,
         "image": img_rel,
         "mask": mask_rel,
+        "empty_labels": list(empty_labels),
     }
 
 

@@ -23,11 +23,11 @@ from attnseg.io.files import atomic_write_bytes, settings_diff
 from attnseg.io.images import encode_png, palette_png
 from attnseg.io.labels import load_labels_file
 from attnseg.io.reports import bar_chart, markdown_table, qualitative_grid
-from attnseg.methods.registry import names
+from attnseg.methods.registry import NOTHING, names
 from attnseg.ops.metrics import confusion, hungarian_confusion, summarize
 from attnseg.segnet import Segmenter
 
-UNSUPERVISED = tuple(names(needs_labels=False))
+UNSUPERVISED = tuple(names(guide=NOTHING))
 """Methods that segment without labels: scored after Hungarian matching of their segments to classes."""
 
 

@@ -208,6 +208,7 @@ class BlockWorker:
                 g.mask,
                 self.spec.classes,
                 item_seed(self.spec.seed, it.index),
+                g.unseeded,
             )
             for it, g in zip(block, gens, strict=True)
             if it.index not in skip
@@ -270,4 +271,11 @@ def generate_dataset(
         raise SynthError(str(e)) from None
     done = read_manifest(out / MANIFEST)
     coco = write_coco(out, spec.classes)
-    return {"items": len(items), "generated": len(done) - n_done_before, "done": len(done), "annotations": str(coco)}
+    empty = sum(1 for r in done.values() if r.get("empty_labels"))
+    return {
+        "items": len(items),
+        "generated": len(done) - n_done_before,
+        "done": len(done),
+        "annotations": str(coco),
+        "with_empty_labels": empty,
+    }

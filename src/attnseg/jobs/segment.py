@@ -16,7 +16,7 @@ from attnseg.io.images import ImageError, list_images, load_image
 from attnseg.io.labels import labels_for, load_labels_file
 from attnseg.io.outputs import is_done, write_outputs
 from attnseg.jobs.engine import run_tasks
-from attnseg.methods.registry import REAL, names
+from attnseg.methods.registry import NOTHING, REAL, names
 from attnseg.predictor import AttnSegPredictor
 
 
@@ -98,7 +98,7 @@ def segment_paths(
             on_error(src, msg)
 
     preset = preset or predictor.default_presets.get(method)  # the model's recommended preset, recorded as such
-    unlabelled = method in names(REAL, needs_labels=False)  # DiffSeg: segments without class names
+    unlabelled = method in names(REAL, NOTHING)  # DiffSeg: segments without class names
     if not unlabelled:
         predictor.check_method(method, preset)  # a method this model cannot run fails here, not once per image
     seen: dict[str, Path] = {}
@@ -142,3 +142,19 @@ def segment_paths(
                         report.weak[r["path"]] = r["weak"]
                 bar.advance(task)
     return report
+
+
+def segment_with_prompts(
+    predictor, src: str | Path, prompts: Sequence, out: str | Path, preset: str | None = None, seed: int = 0, crf=False
+) -> Path:
+    """Segment one image for visual prompts (points, boxes, scribbles; one object each) and write its four files.
+
+    Returns the path of the mask. Raises ``ImageError`` for an unreadable image and ``ValueError`` for a prompt that
+    does not fit it; nothing is written then.
+    """
+    image = load_image(src)
+    predictor.set_image(image)
+    preset = preset or predictor.default_presets.get("interactive")
+    res = predictor.segment_prompts(prompts, preset=preset, seed=seed, crf=crf)
+    write_outputs(Path(out), Path(src).stem, image, res, predictor.model_name, str(src), preset)
+    return Path(out) / f"{Path(src).stem}.png"

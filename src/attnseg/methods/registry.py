@@ -23,11 +23,15 @@ from attnseg.methods.generated import (
     SeeDiff,
     SeeDiffConfig,
 )
+from attnseg.methods.interactive import INTERACTIVE_PRESETS, Interactive, InteractiveConfig
 from attnseg.methods.iseg import ISEG_PRESETS, ISeg, ISegConfig
 from attnseg.methods.t2m import T2M, T2M_PRESETS, T2MConfig
 
 REAL = "real"
 GENERATED = "generated"
+LABELS = "labels"
+NOTHING = "nothing"
+VISUAL = "visual"
 
 
 class MethodError(ValueError):
@@ -39,7 +43,8 @@ class MethodInfo:
     """What the rest of attnseg knows of a method.
 
     images: ``"real"`` (segment an existing image) or ``"generated"`` (masks of images the model generates).
-    needs_labels: False for unsupervised methods (segments without class names).
+    guide: what says what to segment: ``"labels"`` (class names), ``"nothing"`` (unsupervised: class-agnostic
+    segments) or ``"visual"`` (points, boxes or scribbles).
     build: config -> the method object (its ``plan`` / ``scores`` or ``sides`` / ``soft``).
     The first preset is the paper's and the default.
     """
@@ -48,9 +53,13 @@ class MethodInfo:
     config: type
     presets: Mapping[str, Any]
     images: str
-    needs_labels: bool
+    guide: str
     build: Callable[[Any], Any]
     summary: str
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.guide == LABELS
 
     @property
     def default_preset(self) -> str:
@@ -61,30 +70,35 @@ REGISTRY: dict[str, MethodInfo] = {
     m.name: m
     for m in (
         MethodInfo(
-            "cross", CrossConfig, CROSS_PRESETS, REAL, True, CrossAttentionBaseline, "DAAM / DiffuMask cross-attention baseline"
+            "cross", CrossConfig, CROSS_PRESETS, REAL, LABELS, CrossAttentionBaseline, "DAAM / DiffuMask cross-attention baseline"
         ),
-        MethodInfo("t2m", T2MConfig, T2M_PRESETS, REAL, True, T2M, "From Text to Mask: Self^2 . Cross"),
-        MethodInfo("iseg", ISegConfig, ISEG_PRESETS, REAL, True, ISeg, "iSeg: Cat-Cross and entropy-reduced Self"),
-        MethodInfo("diffseg", DiffSegConfig, DIFFSEG_PRESETS, REAL, False, DiffSeg, "DiffSeg: KL merging of self-attention"),
-        MethodInfo("ca", CAConfig, CA_PRESETS, GENERATED, True, CA, "DiffuMask CA: cross maps of every resolution"),
-        MethodInfo("ca-sa", CASAConfig, CASA_PRESETS, GENERATED, True, CASA, "Dataset Diffusion: Self^tau . Cross"),
-        MethodInfo("seediff", SeeDiffConfig, SEEDIFF_PRESETS, GENERATED, True, SeeDiff, "SeeDiff: seeds, region expansion"),
+        MethodInfo("t2m", T2MConfig, T2M_PRESETS, REAL, LABELS, T2M, "From Text to Mask: Self^2 . Cross"),
+        MethodInfo("iseg", ISegConfig, ISEG_PRESETS, REAL, LABELS, ISeg, "iSeg: Cat-Cross and entropy-reduced Self"),
+        MethodInfo("diffseg", DiffSegConfig, DIFFSEG_PRESETS, REAL, NOTHING, DiffSeg, "DiffSeg: KL merging of self-attention"),
+        MethodInfo(
+            "interactive",
+            InteractiveConfig,
+            INTERACTIVE_PRESETS,
+            REAL,
+            VISUAL,
+            Interactive,
+            "iSeg: a point, box or scribble refined by Ent-Self",
+        ),
+        MethodInfo("ca", CAConfig, CA_PRESETS, GENERATED, LABELS, CA, "DiffuMask CA: cross maps of every resolution"),
+        MethodInfo("ca-sa", CASAConfig, CASA_PRESETS, GENERATED, LABELS, CASA, "Dataset Diffusion: Self^tau . Cross"),
+        MethodInfo("seediff", SeeDiffConfig, SEEDIFF_PRESETS, GENERATED, LABELS, SeeDiff, "SeeDiff: seeds, region expansion"),
     )
 }
 
 
-def names(images: str | None = None, needs_labels: bool | None = None) -> list[str]:
-    """Method names, optionally only those for ``images`` and with or without labels."""
-    return [
-        n
-        for n, m in REGISTRY.items()
-        if (images is None or m.images == images) and (needs_labels is None or m.needs_labels == needs_labels)
-    ]
+def names(images: str | None = None, guide: str | None = None) -> list[str]:
+    """Method names, optionally only those for ``images`` and guided by ``guide``."""
+    return [n for n, m in REGISTRY.items() if (images is None or m.images == images) and (guide is None or m.guide == guide)]
 
 
-def resolve(name: str, preset: str | None = None, images: str | None = None, needs_labels: bool | None = None):
+def resolve(name: str, preset: str | None = None, images: str | None = None, guide: str | None = None):
     """(info, preset name, config) of a method; an unknown name or preset is a :class:`MethodError`."""
-    choices = names(images, needs_labels)
+    choices = names(images, guide)
     if name not in choices:
         raise MethodError(f"unknown method {name!r}; choose one of {', '.join(choices)}")
     info = REGISTRY[name]
@@ -96,7 +110,7 @@ def resolve(name: str, preset: str | None = None, images: str | None = None, nee
 
 def get_method(name: str, preset: str | None = None, **overrides):
     """Build the label-driven real-image method ``name`` from a named preset (default: the paper's) with field overrides."""
-    info, _, cfg = resolve(name, preset, REAL, needs_labels=True)
+    info, _, cfg = resolve(name, preset, REAL, LABELS)
     return info.build(replace(cfg, **overrides))
 
 

@@ -72,7 +72,14 @@ class PAMRConfig:
     """Pixel-adaptive mask refinement (Araslanov and Roth 2020)."""
 
     iters: int = 10
+    """Refinement iterations; each costs one pass over the masks."""
     dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)
+    """Dilations of the 3x3 neighbourhood (PAMR's; SeeDiff's code uses (1,))."""
+    std_scale: float = 0.1
+    """Colour differences are divided by this times the local colour std (PAMR's 0.1; SeeDiff's code 0.2)."""
+    std_with_centre: bool = False
+    """Count the centre pixel, once per dilation, in the local std, as PAMR's and SeeDiff's code do; False leaves
+    it out (ours)."""
 
 
 def _neighbours(x: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
@@ -89,19 +96,32 @@ def _neighbours(x: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
     return torch.stack(outs, dim=2)
 
 
-def pamr(image: torch.Tensor, masks: torch.Tensor, cfg: PAMRConfig | None = None) -> torch.Tensor:
-    """Refine (B, K, H, W) masks by a convex combination of neighbours weighted by colour similarity.
+def pamr_affinity(image: torch.Tensor, cfg: PAMRConfig | None = None) -> torch.Tensor:
+    """PAMR's kernel: (B, 3, H, W) float image -> (B, N, H, W) weights of each pixel's N = 8 * len(dilations) neighbours.
 
-    image: (B, 3, H, W) float. Affinities are a softmax over the neighbours of minus the colour
-    distance scaled by the local colour std, as in PAMR.
+    A softmax over the neighbours of minus the colour distance divided by ``std_scale`` x the local colour std,
+    averaged over the channels. The weights of each pixel sum to one.
     """
     cfg = cfg or PAMRConfig()
     img = image.float()
     nb = _neighbours(img, cfg.dilations)  # (B, 3, N, H, W)
     diff = (img.unsqueeze(2) - nb).abs()
-    std = nb.std(dim=2, keepdim=True)
-    aff = -(diff / (1e-8 + 0.1 * std)).mean(dim=1)  # (B, N, H, W), PAMR's kernel
-    aff = aff.softmax(dim=1)
+    if cfg.std_with_centre:
+        centre = img.unsqueeze(2).expand(-1, -1, len(cfg.dilations), -1, -1)
+        std = torch.cat([nb, centre], dim=2).std(dim=2, keepdim=True)
+    else:
+        std = nb.std(dim=2, keepdim=True)
+    aff = -(diff / (1e-8 + cfg.std_scale * std)).mean(dim=1)  # (B, N, H, W)
+    return aff.softmax(dim=1)
+
+
+def pamr(image: torch.Tensor, masks: torch.Tensor, cfg: PAMRConfig | None = None) -> torch.Tensor:
+    """Refine (B, K, H, W) masks by ``cfg.iters`` convex combinations of neighbours weighted by colour similarity.
+
+    image: (B, 3, H, W) float; the weights are :func:`pamr_affinity`'s.
+    """
+    cfg = cfg or PAMRConfig()
+    aff = pamr_affinity(image, cfg)
     m = masks.float()
     for _ in range(cfg.iters):
         m = (_neighbours(m, cfg.dilations) * aff.unsqueeze(1)).sum(dim=2)

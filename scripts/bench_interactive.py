@@ -1,0 +1,80 @@
+"""Interactive segmentation on ShapesWorld: one point (a random pixel of each object) or one box (each object's
+bounding box) per object, all objects of a scene prompted together; mean object IoU against the instance masks,
+and seconds per image (docs/BENCHMARKS.md).
+
+    python scripts/bench_interactive.py --n 100 --seed 1 [--model DIR] [--preset embedded] [--set iters=2 ...]
+
+Seed 1: the held-out test scenes; seed 3: the validation scenes the embedded preset was chosen on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from attnseg.methods.interactive import VisualPrompt
+from attnseg.predictor import AttnSegPredictor
+from attnseg.shapes.world import make_scene
+
+
+def prompts_of(instance: np.ndarray, mode: str, rng: np.random.Generator) -> list[VisualPrompt]:
+    """One prompt per visible object of an instance map: a random pixel inside it, or its bounding box."""
+    out = []
+    for i in range(1, int(instance.max()) + 1):
+        ys, xs = np.nonzero(instance == i)
+        if len(ys) == 0:
+            continue
+        if mode == "point":
+            j = rng.integers(len(ys))
+            out.append(VisualPrompt(points=((float(xs[j]), float(ys[j])),), name=str(i)))
+        else:
+            out.append(VisualPrompt(box=(float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())), name=str(i)))
+    return out
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=1, help="world seed of the scenes (1: test, 3: validation)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--mode", action="append", choices=["point", "box"], default=None)
+    ap.add_argument("--set", action="append", default=[], help="a setting override, e.g. iters=2")
+    a = ap.parse_args()
+    overrides = {k: type_of(v) for k, v in (s.split("=", 1) for s in a.set)}
+    pred = AttnSegPredictor.from_pretrained(a.model)
+    print("| mode | objects | mean object IoU | s / image |")
+    print("|---|---|---|---|")
+    for mode in a.mode or ["point", "box"]:
+        rng = np.random.default_rng(0)
+        ious, seconds = [], 0.0
+        for i in range(a.n):
+            sc = make_scene(a.seed, i)
+            prompts = prompts_of(sc.instance, mode, rng)
+            t0 = time.perf_counter()
+            pred.set_image(sc.image)
+            r = pred.segment_prompts(prompts, preset=a.preset, **overrides)
+            seconds += time.perf_counter() - t0
+            ious += [iou(r.mask == k, sc.instance == int(p.name)) for k, p in enumerate(prompts, start=1)]
+        print(f"| {mode} | {len(ious)} | {100 * np.mean(ious):.1f} | {seconds / a.n:.3f} |")
+
+
+def type_of(v: str):
+    """A command-line value as int, float or string."""
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+if __name__ == "__main__":
+    main()
