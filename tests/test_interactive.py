@@ -115,3 +115,37 @@ def test_cli_prompt_errors_are_one_line(tmp_path, extra, expect):
     r = CliRunner().invoke(app, ["segment", str(tmp_path / "s.png"), "--out", str(tmp_path / "o"), "--device", "cpu", *extra])
     assert r.exit_code == 2 and expect in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "o" / "s.png").exists()
+
+
+def test_diffseg_iseg_refinement_moves_a_pixel_to_the_segment_its_self_attention_holds():
+    from attnseg.methods.diffseg_iseg import DiffSegISegConfig, refine_segments
+
+    # 4 x 4 grid; self-attention: the left half attends to the left half, the right half to the right half.
+    left = torch.tensor([c < 2 for r in range(4) for c in range(4)])
+    a = (left[:, None] == left[None, :]).float()
+    a = a / a.sum(dim=1, keepdim=True)
+    # DiffSeg's proposals put pixel (0, 2) of the right half in the left segment; a third proposal wins nowhere.
+    props = torch.zeros((3, 16))
+    props[0, left] = 1.0
+    props[0, 2] = 1.0
+    props[1, ~left] = 0.9
+    props[2] = 0.1
+    out = refine_segments(props.reshape(3, 4, 4), a, (4, 4), DiffSegISegConfig(refine_iters=1))
+    assert out.shape == (2, 4, 4)  # the empty segment is dropped
+    # One product: a right-half pixel sees 1/8 of segment 0 and 7/8 of segment 1; min-max makes them 0 and 1.
+    assert torch.equal(out.argmax(dim=0).flatten(), torch.where(left, 0, 1))
+    assert torch.allclose(out[1].flatten()[~left], torch.ones(8))
+
+
+def test_diffseg_iseg_segments_from_segment_and_eval(tmp_path):
+    from attnseg.predictor import AttnSegPredictor
+
+    img = make_scene(1, 0).image
+    Image.fromarray(img).save(tmp_path / "a.png")
+    r = CliRunner().invoke(app, ["segment", str(tmp_path / "a.png"), "--method", "diffseg-iseg", "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "o" / "a.json").read_text())
+    assert meta["method"] == "diffseg-iseg" and meta["preset"] == "embedded" and meta["labels"][0] == "segment 1"
+    mask = np.asarray(Image.open(tmp_path / "o" / "a.png"))
+    segs = AttnSegPredictor.from_pretrained().segment_unsupervised([img], method="diffseg-iseg")[0]
+    assert np.array_equal(mask, segs + 1)

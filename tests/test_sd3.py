@@ -159,8 +159,8 @@ def test_pipelines_attnseg_cannot_read_are_refused_by_name(tmp_path):
     from attnseg.diffusion.loading import ModelError, load_pipeline
 
     (tmp_path / "xl").mkdir()
-    (tmp_path / "xl" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ModelError, match="is a FluxPipeline pipeline; attnseg reads StableDiffusionPipeline, "):
+    (tmp_path / "xl" / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    with pytest.raises(ModelError, match="is a PixArtAlphaPipeline pipeline; attnseg reads StableDiffusionPipeline, "):
         load_pipeline(tmp_path / "xl")
 
 

@@ -26,7 +26,7 @@ from attnseg.diffusion.loading import ModelError, backbone_for, load_pipeline, p
 from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt
 from attnseg.io.images import load_image
 from attnseg.methods.base import fused_cross
-from attnseg.methods.diffseg import DiffSeg, DiffSegConfig, assign
+from attnseg.methods.diffseg import DiffSegConfig, assign
 from attnseg.methods.interactive import Interactive, VisualPrompt, clip_to_boxes, initial_maps
 from attnseg.methods.registry import NOTHING, REAL, check_profile, get_method, names, resolve
 from attnseg.ops.maps import columns_to_images
@@ -307,7 +307,7 @@ class AttnSegPredictor:
             raise ValueError(f"{len(images)} images but {len(labels)} label lists")
         arrays = [load_image(im) for im in images]
         if isinstance(method, str) and method in names(REAL, NOTHING):  # encodes the images itself
-            return self._segment_unlabelled(arrays, labels, preset, seed, crf)
+            return self._segment_unlabelled(method, arrays, labels, preset, seed, crf)
         posterior = self.encode_posteriors(arrays)
         return self._segment(posterior, arrays, [list(x) for x in labels], method, preset, draws, seed, crf, overrides)
 
@@ -369,23 +369,30 @@ class AttnSegPredictor:
 
     @torch.inference_mode()
     def segment_unsupervised(
-        self, images: Sequence, config: DiffSegConfig | str | None = None, seed: int = 0, proposals: bool = False
+        self,
+        images: Sequence,
+        config: DiffSegConfig | str | None = None,
+        seed: int = 0,
+        proposals: bool = False,
+        method: str = "diffseg",
     ) -> list[np.ndarray]:
-        """DiffSeg: class-agnostic segments (H, W) int64 of each image, from self-attention alone.
+        """Class-agnostic segments (H, W) int64 of each image, from self-attention alone: ``method`` "diffseg", or
+        "diffseg-iseg" (DiffSeg's segments refined by iSeg).
 
-        ``config``: a ``DiffSegConfig`` or a DiffSeg preset name; None takes the model's own preset (its
+        ``config``: the method's config or one of its preset names; None takes the model's own preset (its
         ``attnseg.json``) if it names one, else the paper's settings. ``proposals``: return each image's merged
         proposal maps (Q, s, s) on the attention grid instead.
         """
+        info, _, cfg = resolve(method, None, REAL, NOTHING)
         if config is None or isinstance(config, str):
-            _, _, cfg = resolve("diffseg", config or self.default_presets.get("diffseg"))
+            _, _, cfg = resolve(method, config or self.default_presets.get(method))
         else:
             cfg = config
-        method = DiffSeg(cfg)
+        segmenter = info.build(cfg)
         bb = self.backbone
         arrays = [load_image(im) for im in images]
         latents = self.encode_images(arrays)
-        plan = method.plan(bb.layers, int(latents.shape[-1]))
+        plan = segmenter.plan(bb.layers, int(latents.shape[-1]))
         text = bb.encode_prompts([cfg.prompt] * len(arrays))
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn(latents.shape[1:], generator=g).to(self.device, latents.dtype).expand_as(latents)
@@ -395,26 +402,26 @@ class AttnSegPredictor:
             sl = slice(i0, i0 + step)
             z = bb.add_noise(latents[sl], noise[sl], cfg.timestep) if cfg.noised else latents[sl]
             store = bb.forward(z, cfg.timestep, text.rows(sl), plan.self_names)
-            for props, img in zip(method.proposals(store, plan), arrays[sl], strict=True):
+            for props, img in zip(segmenter.proposals(store, plan), arrays[sl], strict=True):
                 out.append(props.float().cpu().numpy() if proposals else assign(props.float().cpu(), img.shape[:2]).numpy())
         return out
 
-    def _segment_unlabelled(self, images, label_lists, preset, seed, crf) -> list[SegmentationResult]:
-        """DiffSeg's segments as results: label i is "segment i", scores the upsampled proposals after an all-zero
+    def _segment_unlabelled(self, method, images, label_lists, preset, seed, crf) -> list[SegmentationResult]:
+        """Unsupervised segments as results: label i is "segment i", scores the upsampled proposals after an all-zero
         background row (no pixel is background), mask their argmax (the segments of ``segment_unsupervised``)."""
         if any(label_lists):
-            raise ValueError("diffseg segments without labels; pass none (labels=[])")
+            raise ValueError(f"{method} segments without labels; pass none (labels=[])")
         if crf:
-            raise ValueError("--crf refines class scores of labelled methods; DiffSeg's segments have none")
-        name = preset or self.default_presets.get("diffseg")
+            raise ValueError(f"--crf refines class scores of labelled methods; {method}'s segments have none")
+        name = preset or self.default_presets.get(method)
+        _, _, cfg = resolve(method, name)
         results = []
-        for img, props in zip(images, self.segment_unsupervised(images, name, seed, proposals=True), strict=True):
+        for img, props in zip(images, self.segment_unsupervised(images, name, seed, True, method), strict=True):
             h, w = img.shape[:2]
             up = F.interpolate(torch.from_numpy(props)[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             up = torch.cat([torch.zeros((1, h, w)), up])
             conf, unc = confidence_map(up)
             scores = up.numpy().astype(np.float32)
-            _, _, cfg = resolve("diffseg", name)
             results.append(
                 SegmentationResult(
                     labels=[f"segment {i}" for i in range(1, len(props) + 1)],
@@ -422,7 +429,7 @@ class AttnSegPredictor:
                     scores=scores,
                     confidence=conf.numpy().astype(np.float32),
                     uncertain=unc.numpy(),
-                    method="diffseg",
+                    method=method,
                     prompt=cfg.prompt,
                     settings={**asdict(cfg), "preset": preset, "seed": seed, "crf": False, "resolution": self.resolution},
                 )
@@ -432,7 +439,7 @@ class AttnSegPredictor:
     def _segment(self, posterior, images, label_lists, method, preset, draws, seed, crf, overrides):
         """``posterior``: the images' latents (posterior means) and their standard deviations."""
         if isinstance(method, str) and method in names(REAL, NOTHING):
-            return self._segment_unlabelled(images, label_lists, preset, seed, crf)
+            return self._segment_unlabelled(method, images, label_lists, preset, seed, crf)
         if isinstance(method, str):
             preset = preset or self.default_presets.get(method)
             m = self.method(method, preset, **overrides)

@@ -10,6 +10,10 @@ probabilities explicitly (head chunk by head chunk, to bound memory), adds their
 the other rows go through ``scaled_dot_product_attention`` as before. With classifier-free
 guidance the diffusers pipelines stack ``[unconditional, conditional]``: only the second half
 is read and the full CFG batch is never kept.
+
+Joint attention (text and image tokens in one attention) is read by :class:`JointCaptureProcessor` (SD3, image
+tokens first) and :class:`FluxCaptureProcessor` (Flux's double- and single-stream blocks, text tokens first, RoPE):
+the image queries' block over the text keys is a cross map, their block over the image keys a self map.
 """
 
 from __future__ import annotations
@@ -231,7 +235,7 @@ class JointCaptureProcessor:
         n_img = q.shape[2]
         n_txt = 0
         if encoder_hidden_states is not None:
-            c0 = b // 2 if self.store.cond_rows == "second_half" else 0
+            c0 = self._cond_start(b)
             w = None
             if self.key_scale is not None:
                 w = self.key_scale.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
@@ -268,8 +272,13 @@ class JointCaptureProcessor:
         """(B, N, H d) -> (B, H, N, d)."""
         return x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
+    def _cond_start(self, batch: int) -> int:
+        """First conditional row: with classifier-free guidance the pipelines stack [unconditional, conditional]."""
+        return batch // 2 if self.store.cond_rows == "second_half" else 0
+
     def _attend(self, attn, q, k, v, n_img: int, n_txt: int) -> torch.Tensor:
-        c0 = q.shape[0] // 2 if self.store.cond_rows == "second_half" else 0
+        """Attention of (B, H, N, d) inputs over their N = n_img + n_txt tokens, recording the parts asked for."""
+        c0 = self._cond_start(q.shape[0])
         parts = [F.scaled_dot_product_attention(q[:c0], k[:c0], v[:c0])] if c0 > 0 else []
         qc, kc, vc = q[c0:], k[c0:], v[c0:]
         b, h, n, _ = qc.shape
@@ -303,6 +312,87 @@ class JointCaptureProcessor:
             self.store.add(self.parts[part], a if per_head[part] else a / h)
         parts.append(out)
         return torch.cat(parts, dim=0) if len(parts) > 1 else out
+
+
+class FluxCaptureProcessor(JointCaptureProcessor):
+    """Processor for Flux's attention modules (``FluxAttention``), text tokens first, that records the image-to-text
+    and image-to-image blocks as :class:`JointCaptureProcessor` does.
+
+    A double-stream module gets the text states as ``encoder_hidden_states`` (projected by its ``add_*_proj``); a
+    single-stream module gets one sequence whose first ``text_tokens`` tokens are the text's. Numerically the default
+    ``FluxAttnProcessor``: queries and keys RMS-normed per stream, text then image concatenated, rotated by
+    ``image_rotary_emb`` (RoPE over the whole sequence), unmasked attention; a double-stream module returns
+    ``(image, text)`` outputs, a single-stream one the sequence's (its block projects it). Recorded, all heads at
+    once or chunk by chunk: ``cross`` (B, P, T) the image queries' probabilities over the text keys renormalised
+    over the text tokens, ``self`` (B, P, P) over the image keys renormalised over the image tokens, rows and
+    columns in the sequence's image order. Flux pipelines stack no unconditional half (FLUX.1-dev's guidance is an
+    embedding), so every row is read whatever ``store.cond_rows`` says. ``key_scale`` (iSeg's Cat-Cross) scales
+    the text keys, or with ``scale_values`` the text states before the projections.
+
+    ``rotate(x, image_rotary_emb, sequence_dim=2)`` is diffusers' ``apply_rotary_emb``, handed in by the backbone:
+    this module imports no diffusers, so that the methods, which read :class:`AttentionStore` from it, stay free of it.
+    """
+
+    def __init__(
+        self,
+        store: AttentionStore,
+        parts: dict[str, str],
+        text_tokens: int,
+        rotate: Callable[..., torch.Tensor],
+        key_scale: torch.Tensor | None = None,
+        scale_values: bool = False,
+    ) -> None:
+        super().__init__(store, parts, key_scale=key_scale, image_first=False, scale_values=scale_values)
+        self.text_tokens = text_tokens
+        self.rotate = rotate
+
+    def _cond_start(self, batch: int) -> int:
+        return 0
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if attention_mask is not None:
+            raise ValueError("attnseg reads Flux's attention unmasked, as FluxPipeline runs it; an attention mask was given")
+        b = hidden_states.shape[0]
+        joint = encoder_hidden_states is not None
+        n_txt = encoder_hidden_states.shape[1] if joint else self.text_tokens
+        if not joint and not 0 < n_txt < hidden_states.shape[1]:
+            raise ValueError(f"a single-stream sequence of {hidden_states.shape[1]} tokens cannot start with {n_txt} text tokens")
+        w = None
+        if self.key_scale is not None:
+            w = self.key_scale.to(hidden_states.device, hidden_states.dtype)
+            w = w.view(1, -1, 1) if w.dim() == 1 else w.view(w.shape[0], -1, 1)  # (1 or B, T, 1)
+        if w is not None and self.scale_values:
+            # The scaled text embedding itself (iSeg's Algorithm 1): every projection of it sees the factor.
+            if joint:
+                encoder_hidden_states = encoder_hidden_states * w
+            else:
+                hidden_states = torch.cat([hidden_states[:, :n_txt] * w, hidden_states[:, n_txt:]], dim=1)
+        q, k, v = (self._heads(attn, f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if joint:
+            eq, ek, ev = (
+                self._heads(attn, f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            q, k, v = torch.cat([eq, q], dim=2), torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2)
+        if image_rotary_emb is not None:
+            q = self.rotate(q, image_rotary_emb, sequence_dim=2)
+            k = self.rotate(k, image_rotary_emb, sequence_dim=2)
+        if w is not None and not self.scale_values:  # eq. 8: the text keys only
+            k = torch.cat([k[:, :, :n_txt] * w.to(k.dtype)[:, None], k[:, :, n_txt:]], dim=2)
+        out = self._attend(attn, q, k, v, q.shape[2] - n_txt, n_txt)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        if not joint:
+            return out
+        img = attn.to_out[1](attn.to_out[0](out[:, n_txt:]))
+        return img, attn.to_add_out(out[:, :n_txt])
 
 
 @contextlib.contextmanager

@@ -5,7 +5,8 @@ config, so presets mean the same thing on Stable Diffusion 1.x/2.x and on a smal
 embedded model. A UNet's ``attn2`` modules give cross maps and its ``attn1`` modules self maps; a joint
 (MMDiT) attention module gives both, as two layers named ``<module>:cross`` (its image-to-text block)
 and ``<module>:self`` (its image-to-image block), so that a method's choice of cross and self layers
-reads a transformer as it reads a UNet.
+reads a transformer as it reads a UNet. Flux's single-stream blocks, one attention over the text and image
+tokens together, are read the same way.
 
 Presets are written in *resolution ranks* counted from the coarsest attention resolution
 (rank 0 = the mid block's grid). On SD 1.x/2.x at 512 px the ranks are 0 -> 8 px, 1 -> 16 px,
@@ -26,7 +27,8 @@ class LayerInfo:
     name: the processor key without ``.processor`` (``up_blocks.2.attentions.1.transformer_blocks.0.attn1``), with
     ``:cross`` / ``:self`` for the two parts of a joint attention module (``transformer_blocks.9.attn:cross``).
     kind: ``"self"`` (image to image) or ``"cross"`` (image to text).
-    block: ``"down"``, ``"mid"`` or ``"up"`` in a UNet; ``"joint"`` in a transformer.
+    block: ``"down"``, ``"mid"`` or ``"up"`` in a UNet; ``"joint"`` in a transformer, ``"single"`` for Flux's
+    single-stream blocks.
     level: down-sampling level (0 = the latent grid, 1 = half of it, ...).
     rank: resolution rank counted from the coarsest attention level (0 = coarsest).
     heads: number of attention heads.
@@ -91,6 +93,20 @@ def joint_inventory(transformer) -> list[LayerInfo]:
         else:
             out.append(LayerInfo(f"{module}:cross", "cross", "joint", level, 0, heads, source="joint"))
             out.append(LayerInfo(f"{module}:self", "self", "joint", level, 0, heads, source="joint"))
+    return out
+
+
+def flux_inventory(transformer) -> list[LayerInfo]:
+    """The layers of a Flux transformer (``FluxTransformer2DModel``): the cross and self parts of each double-stream
+    block's joint attention (block and source ``"joint"``), then of each single-stream block's attention over the
+    concatenated sequence (``"single"``). One grid: the latent packed in 2 x 2 patches by the pipeline (level 1, so a
+    layer's side is half the latent's), rank 0."""
+    out = []
+    for key in transformer.attn_processors:
+        module = key[: -len(".processor")]
+        heads = int(transformer.get_submodule(module).heads)
+        block = "single" if module.startswith("single_transformer_blocks.") else "joint"
+        out.extend(LayerInfo(f"{module}:{kind}", kind, block, 1, 0, heads, source=block) for kind in ("cross", "self"))
     return out
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from attnseg.diffusion.flux import FluxBackbone
 from attnseg.diffusion.sd3 import SD3Backbone
 from attnseg.diffusion.unet import SDXLBackbone, UNetBackbone
 
@@ -131,6 +132,7 @@ FAMILIES = {
     "StableDiffusionPipeline": ("sd", ("unet", "vae", "text_encoder")),
     "StableDiffusionXLPipeline": ("sdxl", ("unet", "vae", "text_encoder", "text_encoder_2")),
     "StableDiffusion3Pipeline": ("sd3", ("transformer", "vae", "text_encoder", "text_encoder_2")),
+    "FluxPipeline": ("flux", ("transformer", "vae", "text_encoder", "text_encoder_2")),
 }
 """Pipeline classes attnseg reads, by ``model_index.json``'s ``_class_name``: family and weight folders."""
 
@@ -141,7 +143,7 @@ def pipeline_family(meta: dict, where: str) -> tuple[str, tuple[str, ...]]:
     if cls not in FAMILIES:
         raise ModelError(
             f"{where} is a {cls or 'unknown'} pipeline; attnseg reads {', '.join(FAMILIES)} pipelines "
-            "(Stable Diffusion 1.x / 2.x, XL, 3 / 3.5)"
+            "(Stable Diffusion 1.x / 2.x, XL, 3 / 3.5, Flux.1)"
         )
     return FAMILIES[cls]
 
@@ -191,7 +193,8 @@ def load_pipeline(
     dtype: str | torch.dtype | None = "auto",
     quiet: bool = True,
 ):
-    """Load a Stable Diffusion 1.x / 2.x or 3 / 3.5 pipeline for attention reading (recognised by its model_index.json).
+    """Load a Stable Diffusion 1.x / 2.x, XL, 3 / 3.5 or Flux.1 pipeline for attention reading (recognised by its
+    model_index.json).
 
     model: None for the embedded default model, a local folder, or a hub id. quiet: hide the libraries' advice and
     progress bars while loading (:func:`quiet_libraries`).
@@ -264,11 +267,13 @@ def backbone_for(pipe, model_name: str | None = None):
         family = FAMILIES[name][0]
     elif hasattr(pipe, "transformer") and hasattr(pipe, "text_encoder_3"):
         family = "sd3"
+    elif type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel":
+        family = "flux"
     elif hasattr(pipe, "unet") and hasattr(pipe, "text_encoder"):
         family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
     else:
         family, _ = pipeline_family({"_class_name": name}, f"this {name}")
-    return {"sd": UNetBackbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone}[family](pipe, model_name)
+    return {"sd": UNetBackbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone, "flux": FluxBackbone}[family](pipe, model_name)
 
 
 def load_backbone(model: str | Path | None = None, device: str | None = "cpu", dtype: str | torch.dtype | None = "auto"):

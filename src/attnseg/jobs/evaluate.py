@@ -214,7 +214,7 @@ def _segmenter_prediction(segmenter, lut: np.ndarray, image: Callable[[], np.nda
 
 
 def _unsupervised(predictor, image, spec: MethodSpec, seed: int) -> np.ndarray:
-    seg = predictor.segment_unsupervised([image], spec.preset, seed=seed)[0]
+    seg = predictor.segment_unsupervised([image], spec.preset, seed=seed, method=spec.method)[0]
     if seg.max() > 254:
         raise ValueError("more than 255 segments cannot be cached as a palette PNG")
     return seg.astype(np.uint8)

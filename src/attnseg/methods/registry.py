@@ -12,6 +12,7 @@ from typing import Any
 
 from attnseg.methods.cross import CROSS_PRESETS, CrossAttentionBaseline, CrossConfig
 from attnseg.methods.diffseg import DIFFSEG_PRESETS, DiffSeg, DiffSegConfig
+from attnseg.methods.diffseg_iseg import DIFFSEG_ISEG_PRESETS, DiffSegISeg, DiffSegISegConfig
 from attnseg.methods.generated import (
     CA,
     CA_PRESETS,
@@ -75,6 +76,15 @@ REGISTRY: dict[str, MethodInfo] = {
         MethodInfo("t2m", T2MConfig, T2M_PRESETS, REAL, LABELS, T2M, "From Text to Mask: Self^2 . Cross"),
         MethodInfo("iseg", ISegConfig, ISEG_PRESETS, REAL, LABELS, ISeg, "iSeg: Cat-Cross and entropy-reduced Self"),
         MethodInfo("diffseg", DiffSegConfig, DIFFSEG_PRESETS, REAL, NOTHING, DiffSeg, "DiffSeg: KL merging of self-attention"),
+        MethodInfo(
+            "diffseg-iseg",
+            DiffSegISegConfig,
+            DIFFSEG_ISEG_PRESETS,
+            REAL,
+            NOTHING,
+            DiffSegISeg,
+            "DiffSeg's segments refined by iSeg's entropy-reduced Self",
+        ),
         MethodInfo(
             "interactive",
             InteractiveConfig,

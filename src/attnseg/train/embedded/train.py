@@ -444,7 +444,7 @@ def text_gain(unet, te, tok, vae, scale: float, n: int = 48) -> dict[str, float]
 
 
 EMBEDDED_PROFILE = {
-    "presets": {"cross": "embedded", "t2m": "embedded", "iseg": "embedded", "diffseg": "embedded", "interactive": "embedded"},
+    "presets": dict.fromkeys(("cross", "t2m", "iseg", "diffseg", "diffseg-iseg", "interactive"), "embedded"),
     "words": [*SHAPES, *COLOURS],
     "why": (
         "The papers' self-attention layer maps onto this model's last decoder layer, which attends almost uniformly; "
@@ -454,9 +454,9 @@ EMBEDDED_PROFILE = {
         "take background thresholds chosen on validation scenes for ShapesWorld's small objects (the papers' are "
         f"made for VOC); DiffSeg's 'embedded' preset merges with a KL threshold "
         f"({REGISTRY['diffseg'].presets['embedded'].kl_threshold}) chosen on "
-        "validation scenes for this model's 16-px maps (docs/EMBEDDED-MODEL-TRAINING.md); interactive segmentation's "
-        "'embedded' preset reads T2M's layer, its iterations and background threshold chosen on validation scenes "
-        "(docs/BENCHMARKS.md). Pass a preset to override."
+        "validation scenes for this model's 16-px maps (docs/EMBEDDED-MODEL-TRAINING.md); the 'embedded' presets of "
+        "interactive segmentation and of DiffSeg refined by iSeg read T2M's layer, their iterations (and the former's "
+        "background threshold) chosen on validation scenes (docs/BENCHMARKS.md). Pass a preset to override."
     ),
 }
 
