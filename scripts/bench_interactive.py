@@ -1,8 +1,10 @@
 """Interactive segmentation on ShapesWorld: one point (a random pixel of each object) or one box (each object's
 bounding box) per object, all objects of a scene prompted together; mean object IoU against the instance masks,
-and seconds per image (docs/BENCHMARKS.md).
+and seconds per image (docs/BENCHMARKS.md). ``--timing`` times, scene by scene side by side, every mode of the
+predictor on the same images: points, boxes, the true labels (iSeg), and the unsupervised diffseg and diffseg-iseg.
 
     python scripts/bench_interactive.py --n 100 --seed 1 [--model DIR] [--preset embedded] [--set iters=2 ...]
+    python scripts/bench_interactive.py --n 30 --seed 1 --timing
 
 Seed 1: the held-out test scenes; seed 3: the validation scenes the embedded preset was chosen on.
 """
@@ -47,9 +49,13 @@ def main() -> None:
     ap.add_argument("--preset", default=None)
     ap.add_argument("--mode", action="append", choices=["point", "box"], default=None)
     ap.add_argument("--set", action="append", default=[], help="a setting override, e.g. iters=2")
+    ap.add_argument("--timing", action="store_true", help="seconds per image of every mode, side by side")
     a = ap.parse_args()
     overrides = {k: type_of(v) for k, v in (s.split("=", 1) for s in a.set)}
     pred = AttnSegPredictor.from_pretrained(a.model)
+    if a.timing:
+        timing(pred, a.n, a.seed)
+        return
     print("| mode | objects | mean object IoU | s / image |")
     print("|---|---|---|---|")
     for mode in a.mode or ["point", "box"]:
@@ -64,6 +70,37 @@ def main() -> None:
             seconds += time.perf_counter() - t0
             ious += [iou(r.mask == k, sc.instance == int(p.name)) for k, p in enumerate(prompts, start=1)]
         print(f"| {mode} | {len(ious)} | {100 * np.mean(ious):.1f} | {seconds / a.n:.3f} |")
+
+
+def timing(pred: AttnSegPredictor, n: int, seed: int) -> None:
+    """Seconds per image of each mode, every mode run on each scene in turn (so that load drifts hit all alike),
+    after one warm-up scene; each time includes the image's encoding."""
+    rng = np.random.default_rng(0)
+    modes = {
+        "point": lambda sc: _prompted(pred, sc, prompts_of(sc.instance, "point", rng)),
+        "box": lambda sc: _prompted(pred, sc, prompts_of(sc.instance, "box", rng)),
+        "labels (iseg)": lambda sc: pred.segment_batch([sc.image], [sorted(set(sc.labels))], method="iseg"),
+        "diffseg": lambda sc: pred.segment_batch([sc.image], [[]], method="diffseg"),
+        "diffseg-iseg": lambda sc: pred.segment_batch([sc.image], [[]], method="diffseg-iseg"),
+    }
+    seconds = dict.fromkeys(modes, 0.0)
+    for i in range(n + 1):
+        sc = make_scene(seed, i)
+        for name, run in modes.items():
+            t0 = time.perf_counter()
+            run(sc)
+            if i:  # scene 0 warms up
+                seconds[name] += time.perf_counter() - t0
+    base = seconds["labels (iseg)"]
+    print("| mode | s / image | ratio to labels (iseg) |")
+    print("|---|---|---|")
+    for name, s in seconds.items():
+        print(f"| {name} | {s / n:.3f} | {s / base:.2f} |")
+
+
+def _prompted(pred: AttnSegPredictor, sc, prompts: list[VisualPrompt]):
+    pred.set_image(sc.image)
+    return pred.segment_prompts(prompts)
 
 
 def type_of(v: str):
