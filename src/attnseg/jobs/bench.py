@@ -265,6 +265,168 @@ def bench_real_size(methods: Sequence[str] = ("t2m", "iseg"), dtype: torch.dtype
     return out
 
 
+SDXL_UNET = dict(
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+"""stabilityai/stable-diffusion-xl-base-1.0's UNet config."""
+SD3_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
+"""stabilityai/stable-diffusion-3-medium-diffusers' transformer config."""
+FLUX_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+"""black-forest-labs/FLUX.1-dev's transformer config (12B parameters: benchmarked with fewer blocks, below)."""
+FLUX_BLOCKS = (2, 4)
+"""Double- and single-stream blocks of the Flux-shaped benchmark model: FLUX.1's width and heads, 6 of its 57 blocks
+(all 57 in fp32 need 48 GB); capture's cost is per block, so ratios carry over, absolute seconds do not."""
+
+
+def _family_backbone(family: str, dtype: torch.dtype):
+    """A backbone over a random-weight denoiser of the family's published config, and one forward's inputs at the
+    native resolution (latents, text states). The pipeline is a stand-in holding the denoiser alone: the text
+    encoders and VAE are not part of what capture costs."""
+    from types import SimpleNamespace
+
+    from attnseg.diffusion.backbone import TextStates
+
+    torch.manual_seed(0)
+    if family == "sdxl":
+        from diffusers import UNet2DConditionModel
+
+        from attnseg.diffusion.unet import SDXLBackbone
+
+        unet = UNet2DConditionModel(**SDXL_UNET).to(dtype).eval()
+        bb = SDXLBackbone(SimpleNamespace(unet=unet, vae_scale_factor=8), "sdxl-shaped")
+        text = TextStates(torch.randn((1, 77, 2048), dtype=dtype), {"text_embeds": torch.randn((1, 1280), dtype=dtype)})
+        return bb, torch.randn((1, 4, 128, 128), dtype=dtype), text
+    if family == "sd3":
+        from diffusers import SD3Transformer2DModel
+
+        from attnseg.diffusion.sd3 import SD3Backbone
+
+        tr = SD3Transformer2DModel(**SD3_TRANSFORMER).to(dtype).eval()
+        bb = SD3Backbone(SimpleNamespace(transformer=tr, vae_scale_factor=8, text_encoder_3=object()), "sd3-shaped")
+        text = TextStates(torch.randn((1, 77 + 256, 4096), dtype=dtype), {"pooled_projections": torch.randn((1, 2048), dtype=dtype)})
+        return bb, torch.randn((1, 16, 128, 128), dtype=dtype), text
+    if family == "flux":
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        from attnseg.diffusion.flux import FluxBackbone
+
+        cfg = {**FLUX_TRANSFORMER, "num_layers": FLUX_BLOCKS[0], "num_single_layers": FLUX_BLOCKS[1]}
+        tr = FluxTransformer2DModel(**cfg).to(dtype).eval()
+        pipe = SimpleNamespace(
+            transformer=tr,
+            vae=SimpleNamespace(config=SimpleNamespace(sample_size=1024, latent_channels=16)),
+            vae_scale_factor=8,
+            default_sample_size=128,
+            text_encoder_2=object(),
+            tokenizer_2=SimpleNamespace(model_max_length=512),
+            _prepare_latent_image_ids=FluxPipeline._prepare_latent_image_ids,
+            _pack_latents=FluxPipeline._pack_latents,
+        )
+        bb = FluxBackbone(pipe, "flux-shaped")
+        text = TextStates(torch.randn((1, 512, 4096), dtype=dtype), {"pooled_projections": torch.randn((1, 768), dtype=dtype)})
+        return bb, torch.randn((1, 16, 128, 128), dtype=dtype), text
+    raise ValueError(f"unknown family {family!r}: sdxl, sd3 or flux")
+
+
+FAMILY_METHODS = {"sdxl": ("cross", "t2m", "iseg"), "sd3": ("cross:default", "t2m:mmdit"), "flux": ("cross:default", "t2m:mmdit")}
+"""What each family's row captures: the methods whose layers it has, with their presets for it."""
+
+
+@torch.inference_mode()
+def bench_families(families: Sequence[str] = ("sdxl", "sd3", "flux"), dtype: torch.dtype = torch.float32) -> dict:
+    """Capture at each family's native resolution (1024 px) against a plain forward of the same denoiser (random
+    weights, published config): seconds and peak memory of one forward, each method's layers captured, after one
+    warm-up forward."""
+    out = {}
+    for family in families:
+        bb, z, text = _family_backbone(family, dtype)
+        latent_side = int(z.shape[-1])
+        bb.forward(z, 150, text)  # warm-up: first-call allocations are not capture's cost
+        gc.collect()
+        base = rss_mb()
+        _reset_peak_rss()
+        t0 = time.perf_counter()
+        bb.forward(z, 150, text)
+        plain_s, plain_peak = time.perf_counter() - t0, peak_rss_mb()
+        row = {"weights_rss_mb": base, "plain": {"seconds": plain_s, "peak_rss_mb": plain_peak}}
+        for spec in FAMILY_METHODS[family]:
+            name, _, preset = spec.partition(":")
+            plan = get_method(name, preset or None).plan(bb.layers, latent_side)
+            gc.collect()
+            _reset_peak_rss()
+            t0 = time.perf_counter()
+            store = bb.forward(z, 150, text, plan.names, per_head=plan.per_head)
+            s, peak = time.perf_counter() - t0, peak_rss_mb()
+            kept = sum(v.numel() * v.element_size() for v in store.sums.values()) / 2**20
+            del store
+            row[spec] = {
+                "layers": len(plan.names),
+                "seconds": s,
+                "peak_rss_mb": peak,
+                "captured_mb": kept,
+                "time_ratio": s / plain_s,
+                "peak_ratio_total": peak / plain_peak,
+                "peak_ratio_above_weights": (peak - base) / max(plain_peak - base, 1e-6),
+            }
+        out[family] = row
+        del bb
+        gc.collect()
+    return out
+
+
+def families_markdown(res: dict) -> str:
+    lines = [
+        "| model (1024 px, random weights) | run | layers captured | s | time ratio | peak RSS MB | ratio (process) | "
+        "ratio above weights | captured MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for family, row in res.items():
+        p = row["plain"]
+        lines.append(f"| {family} | plain | 0 | {p['seconds']:.1f} | 1 | {p['peak_rss_mb']:.0f} | 1 | 1 | 0 |")
+        for spec, v in row.items():
+            if spec in ("plain", "weights_rss_mb"):
+                continue
+            lines.append(
+                f"| {family} | {spec} | {v['layers']} | {v['seconds']:.1f} | {v['time_ratio']:.2f} | {v['peak_rss_mb']:.0f} | "
+                f"{v['peak_ratio_total']:.2f} | {v['peak_ratio_above_weights']:.2f} | {v['captured_mb']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def run_bench(
     model=None,
     methods: Sequence[str] = ("cross", "t2m", "iseg"),
