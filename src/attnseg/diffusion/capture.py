@@ -395,6 +395,16 @@ class FluxCaptureProcessor(JointCaptureProcessor):
         return img, attn.to_add_out(out[:, :n_txt])
 
 
+def joint_parts(names: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Joint-attention layer names grouped by module: ``{module: {"cross" | "self": "<module>:<part>"}}`` (a name
+    without a part is the module's self map)."""
+    parts: dict[str, dict[str, str]] = {}
+    for n in names:
+        module, _, part = n.partition(":")
+        parts.setdefault(module, {})[part or "self"] = n
+    return parts
+
+
 @contextlib.contextmanager
 def capture_attention(
     unet,

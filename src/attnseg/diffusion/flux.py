@@ -32,7 +32,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from attnseg.diffusion.backbone import DiffusersBackbone, TextCache, TextStates
-from attnseg.diffusion.capture import AttentionStore, FluxCaptureProcessor, installed
+from attnseg.diffusion.capture import AttentionStore, FluxCaptureProcessor, installed, joint_parts
 from attnseg.diffusion.layers import flux_inventory
 from attnseg.diffusion.prompts import PromptError, TokenSpans, resolve_spans
 
@@ -150,10 +150,7 @@ class FluxBackbone(DiffusersBackbone):
         scale_values: bool = False,
     ) -> dict:
         """One processor per module that has a captured part (every module with Cat-Cross), recording those parts."""
-        parts: dict[str, dict[str, str]] = {}
-        for n in names:
-            module, _, part = n.partition(":")
-            parts.setdefault(module, {})[part or "self"] = n
+        parts = joint_parts(names)
         if key_scale is not None:
             for lay in self.layers:
                 parts.setdefault(lay.module, {})

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from attnseg.diffusion.backbone import DiffusersBackbone, TextStates
-from attnseg.diffusion.capture import AttentionStore, JointCaptureProcessor, installed
+from attnseg.diffusion.capture import AttentionStore, JointCaptureProcessor, installed, joint_parts
 from attnseg.diffusion.layers import joint_inventory
 
 TEXT_CACHE_SIZE = 256
@@ -66,10 +66,7 @@ class SD3Backbone(DiffusersBackbone):
         self, store: AttentionStore, names: Sequence[str], key_scale: torch.Tensor | None, scale_values: bool = False
     ) -> dict:
         """One joint processor per module that has a captured part (or takes Cat-Cross), recording those parts."""
-        parts: dict[str, dict[str, str]] = {}
-        for n in names:
-            module, _, part = n.partition(":")
-            parts.setdefault(module, {})[part or "self"] = n
+        parts = joint_parts(names)
         if key_scale is not None:
             for lay in self.layers:
                 if lay.kind == "cross":
