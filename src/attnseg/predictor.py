@@ -71,6 +71,27 @@ class SegmentationResult:
         return [lab for lab, p in zip(self.labels, self.presence, strict=False) if p < WEAK_PRESENCE]
 
 
+def _crf_config(crf: bool | CRFConfig) -> CRFConfig | None:
+    """The dense CRF's settings of a ``crf`` argument: its own, the defaults for True, None for False."""
+    return crf if isinstance(crf, CRFConfig) else CRFConfig() if crf else None
+
+
+def _result(image: np.ndarray, up: torch.Tensor, crf_cfg: CRFConfig | None, **fields) -> SegmentationResult:
+    """The result of scores ``up`` (K + 1, H, W) at the image's size: refined by the CRF when asked, their argmax
+    and confidence; ``fields`` are the result's other fields."""
+    if crf_cfg is not None:
+        up = torch.from_numpy(dense_crf(image, scores_to_probs(up), crf_cfg))
+    conf, unc = confidence_map(up)
+    scores = up.numpy().astype(np.float32)
+    return SegmentationResult(
+        mask=scores.argmax(axis=0).astype(np.uint8),  # numpy: torch's argmax over dim 0 is slow on CPU
+        scores=scores,
+        confidence=conf.numpy().astype(np.float32),
+        uncertain=unc.numpy(),
+        **fields,
+    )
+
+
 def _prompt_record(p: VisualPrompt) -> dict:
     """A visual prompt as the result's settings record it (a scribble by its pixel count, not its pixels)."""
     if p.kind == "scribble":
@@ -349,19 +370,14 @@ class AttnSegPredictor:
         up = F.interpolate(columns_to_images(sc.float().cpu(), plan.grid), size=hw, mode="bilinear", align_corners=False)[0]
         if method.config.clip_to_box:
             up = clip_to_boxes(up, prompts)
-        crf_cfg = crf if isinstance(crf, CRFConfig) else CRFConfig() if crf else None
-        if crf_cfg is not None:
-            up = torch.from_numpy(dense_crf(img, scores_to_probs(up), crf_cfg))
-        conf, unc = confidence_map(up)
-        scores = up.numpy().astype(np.float32)
+        crf_cfg = _crf_config(crf)
         settings = {**_settings(method), "preset": preset, "seed": seed, "crf": crf_cfg is not None, "resolution": self.resolution}
         settings["prompts"] = [_prompt_record(p) for p in prompts]
-        return SegmentationResult(
+        return _result(
+            img,
+            up,
+            crf_cfg,
             labels=[p.label(i) for i, p in enumerate(prompts, start=1)],
-            mask=scores.argmax(axis=0).astype(np.uint8),
-            scores=scores,
-            confidence=conf.numpy().astype(np.float32),
-            uncertain=unc.numpy(),
             method=method.name,
             prompt=method.config.prompt,
             settings=settings,
@@ -383,12 +399,10 @@ class AttnSegPredictor:
         ``attnseg.json``) if it names one, else the paper's settings. ``proposals``: return each image's merged
         proposal maps (Q, s, s) on the attention grid instead.
         """
-        info, _, cfg = resolve(method, None, REAL, NOTHING)
-        if config is None or isinstance(config, str):
-            _, _, cfg = resolve(method, config or self.default_presets.get(method))
-        else:
-            cfg = config
-        segmenter = info.build(cfg)
+        given = config is not None and not isinstance(config, str)
+        info, _, cfg = resolve(method, None if given else config or self.default_presets.get(method), REAL, NOTHING)
+        segmenter = info.build(config if given else cfg)
+        cfg = segmenter.config
         bb = self.backbone
         arrays = [load_image(im) for im in images]
         latents = self.encode_images(arrays)
@@ -420,15 +434,12 @@ class AttnSegPredictor:
             h, w = img.shape[:2]
             up = F.interpolate(torch.from_numpy(props)[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             up = torch.cat([torch.zeros((1, h, w)), up])
-            conf, unc = confidence_map(up)
-            scores = up.numpy().astype(np.float32)
             results.append(
-                SegmentationResult(
+                _result(
+                    img,
+                    up,
+                    None,
                     labels=[f"segment {i}" for i in range(1, len(props) + 1)],
-                    mask=scores.argmax(axis=0).astype(np.uint8),
-                    scores=scores,
-                    confidence=conf.numpy().astype(np.float32),
-                    uncertain=unc.numpy(),
                     method=method,
                     prompt=cfg.prompt,
                     settings={**asdict(cfg), "preset": preset, "seed": seed, "crf": False, "resolution": self.resolution},
@@ -450,23 +461,18 @@ class AttnSegPredictor:
             raise ValueError("draws must be at least 1")
         maps, texts, presences = self.score_maps(posterior[0], label_lists, m, n_draws, seed, latent_std=posterior[1])
         results = []
-        crf_cfg = crf if isinstance(crf, CRFConfig) else CRFConfig() if crf else None
+        crf_cfg = _crf_config(crf)
         for img, labs, sc, text, presence in zip(images, label_lists, maps, texts, presences, strict=True):
             h, w = img.shape[:2]
             up = F.interpolate(sc[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
-            if crf_cfg is not None:
-                up = torch.from_numpy(dense_crf(img, scores_to_probs(up), crf_cfg))
-            conf, unc = confidence_map(up)
-            scores = up.numpy().astype(np.float32)
             settings = {**_settings(m), "preset": preset, "draws": n_draws, "seed": seed, "crf": crf_cfg is not None}
             settings["resolution"] = self.resolution
             results.append(
-                SegmentationResult(
+                _result(
+                    img,
+                    up,
+                    crf_cfg,
                     labels=list(labs),
-                    mask=scores.argmax(axis=0).astype(np.uint8),  # numpy: torch's argmax over dim 0 is slow on CPU
-                    scores=scores,
-                    confidence=conf.numpy().astype(np.float32),
-                    uncertain=unc.numpy(),
                     method=m.name,
                     prompt=text,
                     settings=settings,

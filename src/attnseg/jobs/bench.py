@@ -7,6 +7,7 @@ ratios are robust to a noisy machine; absolute seconds are not.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -234,27 +235,39 @@ def bench_real_size(methods: Sequence[str] = ("t2m", "iseg"), dtype: torch.dtype
     z = torch.randn((1, 4, 64, 64), dtype=dtype)
     emb = torch.randn((1, 77, 768), dtype=dtype)
     t = torch.tensor([150])
+
+    def forward(names: Sequence[str], per_head: Sequence[str]):
+        if not names:
+            return unet(z, t, encoder_hidden_states=emb)
+        with capture_attention(unet, names, per_head=per_head) as store:
+            unet(z, t, encoder_hidden_states=emb)
+        return store
+
+    inv = layer_inventory(unet)
+    return _capture_costs(forward, {m: get_method(m).plan(inv, 64) for m in methods})
+
+
+def _capture_costs(forward: Callable, plans: dict) -> dict:
+    """One plain forward, then one per plan with its layers captured: seconds, peak memory, captured MB and their
+    ratios to the plain forward. ``forward(names, per_head)`` runs the model (capturing ``names``; none: plain) and
+    returns the store."""
     gc.collect()
     base = rss_mb()
     _reset_peak_rss()
     t0 = time.perf_counter()
-    unet(z, t, encoder_hidden_states=emb)
-    plain_s = time.perf_counter() - t0
-    plain_peak = peak_rss_mb()
+    forward((), ())
+    plain_s, plain_peak = time.perf_counter() - t0, peak_rss_mb()
     out = {"weights_rss_mb": base, "plain": {"peak_rss_mb": plain_peak, "seconds": plain_s}}
-    inv = layer_inventory(unet)
-    for m in methods:
-        plan = get_method(m).plan(inv, 64)
+    for key, plan in plans.items():
         gc.collect()
         _reset_peak_rss()
         t0 = time.perf_counter()
-        with capture_attention(unet, plan.names, per_head=plan.per_head) as store:
-            unet(z, t, encoder_hidden_states=emb)
-        s = time.perf_counter() - t0
-        peak = peak_rss_mb()
+        store = forward(plan.names, plan.per_head)
+        s, peak = time.perf_counter() - t0, peak_rss_mb()
         kept = sum(v.numel() * v.element_size() for v in store.sums.values()) / 2**20
         del store
-        out[m] = {
+        out[key] = {
+            "layers": len(plan.names),
             "peak_rss_mb": peak,
             "seconds": s,
             "captured_mb": kept,
@@ -376,36 +389,20 @@ def bench_families(families: Sequence[str] = ("sdxl", "sd3", "flux"), dtype: tor
         bb, z, text = _family_backbone(family, dtype)
         latent_side = int(z.shape[-1])
         bb.forward(z, 150, text)  # warm-up: first-call allocations are not capture's cost
-        gc.collect()
-        base = rss_mb()
-        _reset_peak_rss()
-        t0 = time.perf_counter()
-        bb.forward(z, 150, text)
-        plain_s, plain_peak = time.perf_counter() - t0, peak_rss_mb()
-        row = {"weights_rss_mb": base, "plain": {"seconds": plain_s, "peak_rss_mb": plain_peak}}
+        plans = {}
         for spec in FAMILY_METHODS[family]:
             name, _, preset = spec.partition(":")
-            plan = get_method(name, preset or None).plan(bb.layers, latent_side)
-            gc.collect()
-            _reset_peak_rss()
-            t0 = time.perf_counter()
-            store = bb.forward(z, 150, text, plan.names, per_head=plan.per_head)
-            s, peak = time.perf_counter() - t0, peak_rss_mb()
-            kept = sum(v.numel() * v.element_size() for v in store.sums.values()) / 2**20
-            del store
-            row[spec] = {
-                "layers": len(plan.names),
-                "seconds": s,
-                "peak_rss_mb": peak,
-                "captured_mb": kept,
-                "time_ratio": s / plain_s,
-                "peak_ratio_total": peak / plain_peak,
-                "peak_ratio_above_weights": (peak - base) / max(plain_peak - base, 1e-6),
-            }
-        out[family] = row
-        del bb
+            plans[spec] = get_method(name, preset or None).plan(bb.layers, latent_side)
+        forward = functools.partial(_forward_at, bb, z, text)
+        out[family] = _capture_costs(forward, plans)
+        del bb, forward
         gc.collect()
     return out
+
+
+def _forward_at(bb, z: torch.Tensor, text, names: Sequence[str], per_head: Sequence[str]):
+    """One forward of backbone ``bb`` at t = 150, capturing ``names``."""
+    return bb.forward(z, 150, text, names, per_head=per_head)
 
 
 def families_markdown(res: dict) -> str:
