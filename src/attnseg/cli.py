@@ -1,4 +1,5 @@
-"""Command line: ``attnseg segment``, ``attnseg shapes export``, ``attnseg layers``, ``attnseg train-toy``."""
+"""Command line: ``attnseg segment``, ``attnseg tag``, ``attnseg grounding``, ``attnseg shapes export``, ``attnseg layers``,
+``attnseg train-toy``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from attnseg.train.grounding.command import grounding_app
 
 app = typer.Typer(
     add_completion=False,
@@ -19,6 +22,7 @@ app = typer.Typer(
 )
 shapes_app = typer.Typer(add_completion=False, no_args_is_help=True, help="ShapesWorld: procedural scenes with exact masks.")
 app.add_typer(shapes_app, name="shapes")
+app.add_typer(grounding_app, name="grounding")
 
 
 def _err(msg: str) -> None:
@@ -124,14 +128,26 @@ def segment(
     name: Annotated[
         list[str] | None, typer.Option(help="Names of the prompted objects, in the order points, boxes, scribbles.")
     ] = None,
+    vocabulary: Annotated[
+        list[str] | None,
+        typer.Option(help="Candidate labels instead of --labels: each image is tagged first (as `attnseg tag`); a,b,c or repeat."),
+    ] = None,
+    vocabulary_file: Annotated[Path | None, typer.Option(help="Candidate labels, one a line (or comma-separated).")] = None,
 ) -> None:
-    """Segment INPUT images for the given labels (or one image for --point / --box / --scribble prompts); write
-    masks, overlays, scores and JSON to --out."""
+    """Segment INPUT images for the given labels (or for the labels tagged from --vocabulary; or one image for
+    --point / --box / --scribble prompts); write masks, overlays, scores and JSON to --out."""
     _quiet_libraries()
     from attnseg.jobs.engine import ENGINES
     from attnseg.jobs.segment import segment_paths
     from attnseg.methods.registry import REAL, REGISTRY, VISUAL
 
+    vocab = _vocabulary(vocabulary, vocabulary_file)
+    if vocab is not None and (labels or labels_file is not None):
+        _err("give the labels (--labels / --labels-file) or a vocabulary to tag them from (--vocabulary), not both")
+        raise typer.Exit(2)
+    if vocab is not None and (point or box or scribble):
+        _err("--point, --box and --scribble show the objects themselves: drop --vocabulary (use --name)")
+        raise typer.Exit(2)
     if point or box or scribble:
         _segment_prompted(inputs, labels, labels_file, method, preset, model, out, crf, seed, device, dtype, point, box, scribble, name)
         return
@@ -149,11 +165,11 @@ def segment(
         _err(f"unknown engine {engine!r}: use {' or '.join(ENGINES)}")
         raise typer.Exit(2)
     unlabelled = not REGISTRY[method].needs_labels
-    if unlabelled and (labels or labels_file is not None):
-        _err(f"{method} segments without labels; drop --labels / --labels-file")
+    if unlabelled and (labels or labels_file is not None or vocab is not None):
+        _err(f"{method} segments without labels; drop --labels / --labels-file / --vocabulary")
         raise typer.Exit(2)
-    if not labels and labels_file is None and not unlabelled:
-        _err("no labels given: pass --labels L1,L2 (or repeat --labels) or --labels-file F")
+    if not labels and labels_file is None and vocab is None and not unlabelled:
+        _err("no labels given: pass --labels L1,L2 (or repeat --labels), --labels-file F or --vocabulary W1,W2,...")
         raise typer.Exit(2)
     if batch_size < 1 or workers < 1 or (draws is not None and draws < 1):
         _err("--batch-size, --workers and --draws must be at least 1")
@@ -170,7 +186,10 @@ def segment(
     except LabelsError as e:
         _err(str(e))
         raise typer.Exit(2) from None
-    _warn_unknown_words(predictor, labels or [lab for labs in table.values() for lab in labs])
+    _warn_unknown_words(predictor, vocab or labels or [lab for labs in table.values() for lab in labs])
+    failed_tags = 0
+    if vocab is not None:
+        inputs, labels_file, failed_tags = _tag_to_labels_file(predictor, inputs, vocab, out / "tags.json", batch_size)
     if preset is None and method in predictor.default_presets:
         source = "the model's attnseg.json" if method in predictor.profile_presets else f"the {predictor.backbone.family} family"
         typer.echo(f"preset {predictor.default_presets[method]!r} from {source} (--preset overrides it)", err=True)
@@ -205,8 +224,107 @@ def segment(
             f"their JSON), e.g. {Path(path).name}: {', '.join(labs)}",
             err=True,
         )
-    typer.echo(f"{len(report.done)} segmented, {len(report.skipped)} already done, {len(report.failed)} failed -> {out}")
-    if report.failed:
+    failed = len(report.failed) + failed_tags
+    typer.echo(f"{len(report.done)} segmented, {len(report.skipped)} already done, {failed} failed -> {out}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _vocabulary(words: list[str] | None, file: Path | None) -> list[str] | None:
+    """The candidate labels of ``--vocabulary`` or ``--vocabulary-file`` (None: neither), or exit 2 saying what is wrong."""
+    if words and file is not None:
+        _err("give --vocabulary or --vocabulary-file, not both")
+        raise typer.Exit(2)
+    if file is not None:
+        if not file.is_file():
+            _err(f"vocabulary file {file} does not exist")
+            raise typer.Exit(2)
+        try:
+            words = file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            _err(f"vocabulary file {file} cannot be read as text ({e}); write one label a line")
+            raise typer.Exit(2) from None
+    elif not words:
+        return None
+    vocab = list(dict.fromkeys(_split_labels(words)))
+    if not vocab:
+        _err(f"the vocabulary {'file ' + str(file) + ' ' if file else ''}is empty: give at least one candidate label")
+        raise typer.Exit(2)
+    return vocab
+
+
+def _tag_images(predictor, paths: list[Path], vocab: list[str], batch_size: int, unreadable: list[Path]):
+    """Yield (path, TagResult) for each readable image of ``paths``, tagged ``batch_size`` images at a time; the others
+    are named in one error line each and appended to ``unreadable``."""
+    from attnseg.io.images import ImageError, load_image
+    from attnseg.tagging import Tagger
+
+    tagger = Tagger(predictor.backbone, max_batch=predictor.max_batch)
+    for b0 in range(0, len(paths), batch_size):
+        batch = []
+        for p in paths[b0 : b0 + batch_size]:
+            try:
+                batch.append((p, load_image(p)))
+            except ImageError as e:
+                unreadable.append(p)
+                _err(str(e))
+        if batch:
+            try:
+                results = tagger.tag(predictor.encode_images([im for _, im in batch]), vocab)
+            except ValueError as e:  # the model cannot read these images (a latent side it cannot take)
+                _err(str(e))
+                raise typer.Exit(2) from None
+            yield from zip([p for p, _ in batch], results, strict=True)
+
+
+def _tag_to_labels_file(predictor, inputs: list[Path], vocab: list[str], table: Path, batch_size: int):
+    """Tag every image of ``inputs`` and write their labels to ``table`` (a labels file): -> (the readable images, the
+    labels file, how many could not be read)."""
+    from attnseg.io.files import atomic_write_bytes
+    from attnseg.io.images import list_images
+
+    bad: list[Path] = []
+    tags = dict(_tag_images(predictor, list_images(inputs), vocab, batch_size, bad))
+    atomic_write_bytes(table, json.dumps({str(p): t.labels for p, t in tags.items()}, indent=1).encode())
+    typer.echo(f"tagged {len(tags)} image(s) from {len(vocab)} candidate labels -> {table}", err=True)
+    return list(tags), table, len(bad)
+
+
+@app.command()
+def tag(
+    inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
+    vocabulary: Annotated[list[str] | None, typer.Option(help="Candidate labels: a,b,c or repeat the option.")] = None,
+    vocabulary_file: Annotated[Path | None, typer.Option(help="Candidate labels, one a line (or comma-separated).")] = None,
+    json_lines: Annotated[
+        bool, typer.Option("--json", help='One JSON object a line per image: {"image", "labels", "scores": {label: score}}.')
+    ] = False,
+    model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or auto.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images tagged together.")] = 4,
+) -> None:
+    """Which candidate labels are in each image, asked of the diffusion model (the diffusion classifier): prints the
+    chosen labels with their scores, the share of the denoising error each one removed."""
+    _quiet_libraries()
+    vocab = _vocabulary(vocabulary, vocabulary_file)
+    if vocab is None:
+        _err("no candidate labels: pass --vocabulary W1,W2,... or --vocabulary-file F")
+        raise typer.Exit(2)
+    _check_inputs(inputs, False)
+    if batch_size < 1:
+        _err("--batch-size must be at least 1")
+        raise typer.Exit(2)
+    predictor = _load_predictor(model, device, dtype)
+    _warn_unknown_words(predictor, vocab)
+    from attnseg.io.images import list_images
+
+    failed: list[Path] = []
+    for path, res in _tag_images(predictor, list_images(inputs), vocab, batch_size, failed):
+        if json_lines:
+            typer.echo(json.dumps({"image": str(path), "labels": res.labels, "scores": res.scores}))
+        else:
+            typer.echo(f"{path}: " + ", ".join(f"{lab} ({res.scores[lab]:.3f})" for lab in res.labels))
+    if failed:
         raise typer.Exit(1)
 
 
@@ -309,6 +427,11 @@ def eval_cmd(
     split: Annotated[str, typer.Option(help="VOC split name (ImageSets/Segmentation/<split>.txt).")] = "val",
     classes: Annotated[list[str] | None, typer.Option(help="Class names, background first (default: classes.txt).")] = None,
     labels_file: Annotated[Path | None, typer.Option(help="Image-level labels to use instead of the ground truth's.")] = None,
+    vocabulary: Annotated[
+        list[str] | None,
+        typer.Option(help="Class names each image is tagged from (as `attnseg tag`) instead of the ground truth's labels."),
+    ] = None,
+    vocabulary_file: Annotated[Path | None, typer.Option(help="Class names to tag from, one a line (or comma-separated).")] = None,
     crf: Annotated[bool, typer.Option(help="Also evaluate every method after dense CRF.")] = False,
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only.")] = None,
     draws: Annotated[int | None, typer.Option(help="Noise draws (default: each method's).")] = None,
@@ -317,7 +440,7 @@ def eval_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or auto.")] = "auto",
 ) -> None:
-    """Pseudo-mask mIoU of methods on a dataset (image-level labels from the ground truth)."""
+    """Pseudo-mask mIoU of methods on a dataset (image-level labels from the ground truth, or tagged from --vocabulary)."""
     _quiet_libraries()
     from attnseg.io.datasets import DatasetError, open_dataset
     from attnseg.jobs.evaluate import evaluate, markdown_table
@@ -325,6 +448,13 @@ def eval_cmd(
     method, segmenter = method or [], segmenter or []
     if not method and not segmenter:
         _err("give at least one --method (e.g. -m cross -m t2m) or --segmenter MODEL_DIR")
+        raise typer.Exit(2)
+    vocab = _vocabulary(vocabulary, vocabulary_file)
+    if vocab is not None and labels_file is not None:
+        _err("give --labels-file or --vocabulary, not both")
+        raise typer.Exit(2)
+    if vocab is not None and not method:
+        _err("--vocabulary tags labels for the --method(s); segmenters take none")
         raise typer.Exit(2)
     try:
         ds = open_dataset(dataset, split, classes)
@@ -355,11 +485,15 @@ def eval_cmd(
             seed=seed,
             progress=sys.stderr.isatty(),
             segmenters=segmenter,
+            vocabulary=vocab,
         )
     except (ValueError, ImportError, RuntimeError, OSError) as e:
         _err(str(e))
         raise typer.Exit(2) from None
     typer.echo(markdown_table(report))
+    if "tagging" in report:
+        tags = report["tagging"]
+        typer.echo(f"tagging from {len(vocab)} labels: precision {tags['precision']:.1%}, recall {tags['recall']:.1%}")
 
 
 @app.command()

@@ -14,6 +14,8 @@ A backbone wraps one loaded diffusers pipeline and answers, in model-independent
 - ``forward``: one denoiser forward with chosen layers captured -> the maps, as
   :class:`~attnseg.diffusion.capture.AttentionStore` (cross maps ``(B, P, T)`` of image pixels to text tokens,
   self maps ``(B, P, P)``), whatever the model's own token layout;
+- ``denoising_error``: one denoiser forward, nothing captured -> the per-row squared error of its prediction against
+  the family's training target (what the diffusion classifier of :mod:`attnseg.tagging` compares across prompts);
 - ``generate``: the pipeline's own generation, with chosen layers captured over every step.
 
 The Stable Diffusion 1.x / 2.x UNet is :class:`~attnseg.diffusion.unet.UNetBackbone`. The interface is shaped
@@ -124,6 +126,12 @@ class Backbone(Protocol):
         key_scale: torch.Tensor | None = None,
         scale_values: bool = False,
     ) -> AttentionStore: ...
+
+    def denoising_error(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int, text: TextStates) -> torch.Tensor:
+        """(B,) float32 mean squared error, per row, of the denoiser's prediction for ``latents`` (B, C, h, w) noised by
+        ``noise`` to ``timestep`` (of T = 1000) and conditioned on ``text`` (B rows), against the target the family is
+        trained to predict; one batched forward, no capture."""
+        ...
 
     def generate(
         self,

@@ -91,6 +91,19 @@ class SD3Backbone(DiffusersBackbone):
             )
         return store
 
+    @torch.inference_mode()
+    def denoising_error(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int, text: TextStates) -> torch.Tensor:
+        """(B,) mean squared error of the transformer's prediction against rectified flow's target, the velocity
+        dx_t/ds = e - x_0."""
+        t = torch.full((len(latents),), float(timestep), device=self.device)
+        pred = self.pipe.transformer(
+            hidden_states=self.add_noise(latents, noise, timestep),
+            encoder_hidden_states=text.hidden,
+            pooled_projections=text.added["pooled_projections"],
+            timestep=t,
+        ).sample
+        return (pred.float() - (noise.float() - latents.float())).square().flatten(1).mean(dim=1)
+
     def generation_processors(self, store: AttentionStore, names: Sequence[str]) -> dict:
         return self._processors(store, names, None)
 

@@ -45,8 +45,22 @@ class UNetBackbone(DiffusersBackbone):
         return TextStates(hidden)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
-        t = torch.tensor([int(timestep)], device=self.device)
-        return self.pipe.scheduler.add_noise(latents, noise, t.expand(len(latents)))
+        a, s = self._signal_noise(timestep, latents.dtype)
+        return a * latents + s * noise
+
+    def _signal_noise(self, timestep: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) of the training forward process, x_t = a x_0 + s e.
+
+        Read from ``alphas_cumprod``, which every Stable Diffusion scheduler holds, and computed as DDIM's and DDPM's
+        ``add_noise`` do (bitwise the same); the sampling scheduler's own ``add_noise`` is not used, because Euler's
+        (SDXL's default) returns x_0 + sigma e, the input before its ``scale_model_input``, not the UNet's input.
+        """
+        ab = self.pipe.scheduler.alphas_cumprod.to(self.device, dtype)[int(timestep)]
+        return ab**0.5, (1 - ab) ** 0.5
+
+    def _added(self, text: TextStates, latents: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The UNet's added conditioning for ``latents``: none for SD 1.x / 2.x."""
+        return text.added or None
 
     @torch.inference_mode()
     def forward(
@@ -61,8 +75,24 @@ class UNetBackbone(DiffusersBackbone):
             cross_names=self._cross_names,
             scale_values=scale_values,
         ) as store:
-            self.pipe.unet(latents, t, encoder_hidden_states=text.hidden, added_cond_kwargs=text.added or None)
+            self.pipe.unet(latents, t, encoder_hidden_states=text.hidden, added_cond_kwargs=self._added(text, latents))
         return store
+
+    @torch.inference_mode()
+    def denoising_error(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int, text: TextStates) -> torch.Tensor:
+        """(B,) mean squared error of the UNet's prediction against its training target, which the scheduler's
+        ``prediction_type`` names: the noise e (``epsilon``), the velocity a e - s x_0 (``v_prediction``) or x_0
+        (``sample``)."""
+        a, s = self._signal_noise(timestep, latents.dtype)
+        targets = {"epsilon": noise, "v_prediction": a * noise - s * latents, "sample": latents}
+        kind = self.pipe.scheduler.config.get("prediction_type", "epsilon")
+        if kind not in targets:
+            raise ValueError(f"prediction_type {kind!r} of the scheduler is not one of {', '.join(targets)}")
+        t = torch.tensor([int(timestep)], device=self.device).expand(len(latents))
+        pred = self.pipe.unet(
+            a * latents + s * noise, t, encoder_hidden_states=text.hidden, added_cond_kwargs=self._added(text, latents)
+        ).sample
+        return (pred.float() - targets[kind].float()).square().flatten(1).mean(dim=1)
 
     def generation_processors(self, store: AttentionStore, names: Sequence[str]) -> dict:
         return {n: CaptureProcessor(store, n) for n in names}
@@ -91,8 +121,7 @@ class SDXLBackbone(UNetBackbone):
         r = int(resolution)
         return torch.tensor([[r, r, 0, 0, r, r]], device=self.device, dtype=self.dtype).expand(n, -1)
 
-    def forward(self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None, scale_values=False):
+    def _added(self, text: TextStates, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         # The size the latents were encoded at, which a predictor may choose below the native one.
         size = int(latents.shape[-1]) * int(self.pipe.vae_scale_factor)
-        text = TextStates(text.hidden, {**text.added, "time_ids": self.time_ids(len(latents), size)})
-        return super().forward(latents, timestep, text, names, per_head, key_scale, scale_values)
+        return {**text.added, "time_ids": self.time_ids(len(latents), size)}

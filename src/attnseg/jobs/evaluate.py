@@ -1,8 +1,10 @@
 """``attnseg eval``: pseudo-mask quality of methods on a labelled dataset (WSSS protocol).
 
 For every image the labels given to a method are the classes present in its ground truth
-(or a labels file). Predictions are cached per image under ``REPORT_DIR/cache/<method>/`` as
-palette PNGs in the dataset's class-index space, so a killed evaluation resumes where it stopped.
+(or a labels file, or the classes the model tags it with from a vocabulary: :mod:`attnseg.tagging`, which
+measures tagging and segmentation as one chain). Predictions are cached per image under
+``REPORT_DIR/cache/<method>/`` as palette PNGs in the dataset's class-index space (tags under
+``cache/tags/``), so a killed evaluation resumes where it stopped.
 One confusion matrix per method is accumulated over the split.
 """
 
@@ -12,7 +14,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from attnseg.io.reports import bar_chart, markdown_table, qualitative_grid
 from attnseg.methods.registry import NOTHING, names
 from attnseg.ops.metrics import confusion, hungarian_confusion, summarize
 from attnseg.segnet import Segmenter
+from attnseg.tagging import TagConfig, Tagger, TagResult
 
 UNSUPERVISED = tuple(names(guide=NOTHING))
 """Methods that segment without labels: scored after Hungarian matching of their segments to classes."""
@@ -101,11 +104,14 @@ def evaluate(
     progress: bool = True,
     grid_rows: int = 6,
     segmenters: Sequence[str | Path] = (),
+    vocabulary: Sequence[str] | None = None,
 ) -> dict:
     """Evaluate ``methods`` on ``dataset``; write report.json, report.md and PNG charts to ``out``.
 
     ``segmenters`` are folders of :mod:`attnseg.segnet` models (trained by ``attnseg train-segmenter``) (Protocol II): they see the image only,
     not its labels; ``predictor`` may be None when only segmenters are evaluated.
+    ``vocabulary``: class names the model tags each image from (:class:`~attnseg.tagging.Tagger`); the methods get the
+    tags instead of the ground truth's labels, and the report's ``tagging`` holds their precision and recall.
     """
     out = Path(out)
     classes = list(dataset.classes)
@@ -128,12 +134,16 @@ def evaluate(
             if spec not in specs:  # "t2m" and "t2m:embedded" can name the same thing
                 specs.append(spec)
     table = load_labels_file(labels_file) if labels_file else None
+    tagger, tags_digest = _tagger(predictor, vocabulary, classes, labels_file)
     settings = {
         "draws": draws,
         "seed": seed,
         "model": predictor.model_name if predictor is not None else None,
         "labels_file": hashlib.sha256(Path(labels_file).read_bytes()).hexdigest()[:16] if labels_file else None,
     }
+    if tagger is not None:  # recorded only then: caches of runs without a vocabulary stay as they were
+        settings["vocabulary"] = tags_digest
+        _check_cache_settings(out / "cache" / "tags", {"model": settings["model"], "vocabulary": tags_digest})
     for s in specs:
         _check_cache_settings(out / "cache" / s.key, {**settings, "method": s.method, "preset": s.preset, "crf": s.crf})
     for key, (_, _, digest) in segs.items():
@@ -141,6 +151,7 @@ def evaluate(
     confs = {s.key: np.zeros((len(classes), len(classes) + (1 if s.method in UNSUPERVISED else 0)), np.int64) for s in specs}
     confs.update({key: np.zeros((len(classes), len(classes)), np.int64) for key in segs})
     samples = []
+    tag_counts = np.zeros(3, np.int64)  # true positives, tags, ground-truth labels
     ids = list(dataset.ids)[: limit or None]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -153,6 +164,11 @@ def evaluate(
             if unknown:
                 raise ValueError(f"{sample.id}: labels {unknown} are not classes of the dataset ({', '.join(classes[1:])})")
             image = functools.cache(sample.image)  # read once, and only if a prediction is not cached
+            if tagger is not None:
+                truth = set(labels)
+                tag = functools.partial(_tag, tagger, predictor, image, vocabulary)
+                labels = _cached_tags(out / "cache" / "tags" / f"{sample.id}.json", tag)
+                tag_counts += [len(truth & set(labels)), len(labels), len(truth)]
             preds = {}
             for spec in specs:
                 make = functools.partial(
@@ -171,22 +187,63 @@ def evaluate(
                 bar.advance(task)
             if len(samples) < grid_rows:
                 samples.append((sample, preds))
+    source = "tagged by the model from a vocabulary (attnseg.tagging)" if tagger is not None else "from the ground truth"
     report = {
         "dataset": str(getattr(dataset, "root", "")),
         "classes": classes,
         "images": len(ids),
-        "protocol": "image-level labels from the ground truth; one confusion matrix per method over the split; 255 ignored; "
+        "protocol": f"image-level labels {source}; one confusion matrix per method over the split; 255 ignored; "
         "mIoU over classes present in the ground truth; unsupervised methods (diffseg) matched to classes by the Hungarian "
         "algorithm per image, unmatched segments counted as errors; segmenters (Protocol II) see the image only",
         "model": predictor.model_name if predictor is not None else None,
         "methods": {key: summarize(c, classes) for key, c in confs.items()},
     }
+    if tagger is not None:
+        tp, tagged, true = (int(x) for x in tag_counts)
+        report["tagging"] = {
+            "vocabulary": list(vocabulary),
+            "precision": round(tp / max(tagged, 1), 4),
+            "recall": round(tp / max(true, 1), 4),
+            "config": asdict(tagger.config),
+        }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=1).encode())
     atomic_write_bytes(out / "report.md", markdown_table(report).encode())
     atomic_write_bytes(out / "per_class.png", encode_png(bar_chart(report)))
     atomic_write_bytes(out / "qualitative.png", encode_png(qualitative_grid(samples, list(confs))))
     return report
+
+
+def _tagger(predictor, vocabulary, classes: Sequence[str], labels_file) -> tuple[Tagger | None, str | None]:
+    """The tagger of ``vocabulary`` and the digest of its words and settings that the caches record (None, None:
+    labels from the ground truth or a labels file)."""
+    if vocabulary is None:
+        return None, None
+    if labels_file:
+        raise ValueError("labels come from a labels file or are tagged from a vocabulary, not both")
+    if predictor is None:
+        raise ValueError("tagging from a vocabulary needs a model: give at least one --method")
+    if not vocabulary:
+        raise ValueError("the vocabulary is empty: give at least one class name")
+    unknown = [w for w in vocabulary if w not in classes[1:]]
+    if unknown:
+        raise ValueError(f"vocabulary words {unknown} are not classes of the dataset ({', '.join(classes[1:])})")
+    tagger = Tagger(predictor.backbone, TagConfig(), max_batch=predictor.max_batch)
+    record = json.dumps({"words": sorted(vocabulary), "config": asdict(tagger.config)}, sort_keys=True)
+    return tagger, hashlib.sha256(record.encode()).hexdigest()[:16]
+
+
+def _tag(tagger: Tagger, predictor, image: Callable[[], np.ndarray], vocabulary) -> TagResult:
+    return tagger.tag(predictor.encode_images([image()]), vocabulary)[0]
+
+
+def _cached_tags(cache: Path, compute: Callable[[], TagResult]) -> list[str]:
+    """One image's tags from the cache, or computed now and cached with their scores."""
+    if cache.exists():
+        return json.loads(cache.read_text())["labels"]
+    res = compute()
+    atomic_write_bytes(cache, json.dumps({"labels": res.labels, "scores": res.scores}).encode())
+    return res.labels
 
 
 def _cached(cache: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
