@@ -11,8 +11,11 @@ import torch
 from torch import nn
 
 from attnseg.diffusion.features import block_features
+from attnseg.grounder import PAPER_TEMPLATE
 from attnseg.jobs.generate import item_seed
 from attnseg.methods.grounding import (
+    Grounded,
+    GroundedConfig,
     GroundingConfig,
     GroundingModule,
     binary_masks,
@@ -20,7 +23,7 @@ from attnseg.methods.grounding import (
     label_map,
     mask_logits,
 )
-from attnseg.train.grounding.data import PAPER_TEMPLATE, Block, DataConfig, Item, plan_test, plan_training
+from attnseg.train.grounding.data import Block, DataConfig, Item, plan_test, plan_training
 from attnseg.train.grounding.evaluate import group_scores, kept
 
 # ----------------------------------------------------------------------------- block features
@@ -125,6 +128,12 @@ def test_grounding_loss_averages_the_kept_masks_only():
 def test_label_map_takes_the_most_confident_class_above_one_half():
     logits = torch.tensor([[[2.0, -1.0, 0.5]], [[1.0, -3.0, 3.0]]])  # 2 classes over 3 pixels
     assert torch.equal(label_map(logits), torch.tensor([[1, 0, 2]]))
+
+
+def test_grounded_labels_are_the_label_map_of_the_logits():
+    logits = torch.tensor([[[2.0, -1.0, 0.5, -0.2]], [[1.0, -3.0, 3.0, -0.1]]])
+    labels = Grounded(GroundedConfig()).labels(torch.sigmoid(logits))
+    assert labels.dtype == torch.uint8 and torch.equal(labels, torch.tensor([[1, 0, 2, 0]], dtype=torch.uint8))
 
 
 SMALL = GroundingConfig(
@@ -267,7 +276,7 @@ def half_detector(monkeypatch):
 
 def test_training_resumes_exactly_and_the_grounder_segments(tiny_pipe, tmp_path, half_detector):
     from attnseg.diffusion.loading import backbone_for
-    from attnseg.train.grounding.grounder import Grounder, GroundingError
+    from attnseg.grounder import Grounder, GroundingError
     from attnseg.train.grounding.train import TrainConfig, train_grounding
 
     bb = backbone_for(tiny_pipe)
@@ -324,3 +333,34 @@ def test_cli_train_then_eval_writes_the_report(tiny_pipe_dir, tmp_path, half_det
     assert r.exit_code == 2 and "training seed" in r.output
     r = CliRunner().invoke(grounding_app, ["eval", "--out", str(tmp_path / "r2"), "--module", str(tmp_path / "none"), *model])
     assert r.exit_code == 2 and "no trained grounding module" in r.output
+
+
+def test_attnseg_generate_method_grounding_writes_the_modules_masks(tiny_pipe_dir, tmp_path, half_detector):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from attnseg.cli import app
+    from attnseg.diffusion.loading import load_backbone
+    from attnseg.grounder import Grounder
+
+    model = ["--model", str(tiny_pipe_dir)]
+    args = ["grounding", "train", "--seen", "circle,square", "--out", str(tmp_path / "m"), "--n", "2", "--steps", "2"]
+    r = CliRunner().invoke(app, [*args, "--gen-steps", "2", "--batch", "2", *model])
+    assert r.exit_code == 0, r.output
+    gen = ["generate", "--out", str(tmp_path / "g"), "-c", "circle,star", "--per-class", "1", "--steps", "2", *model]
+    r = CliRunner().invoke(app, [*gen, "--method", "grounding", "--module", str(tmp_path / "m"), "--cpu-threads", "1"])
+    assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "g" / "run.json").read_text())
+    assert run["guidance"] == GroundedConfig().guidance and run["extra"]["module"] == str((tmp_path / "m").resolve())
+    # the very masks of the Python API on the same seeds: the module's label map of each generated image
+    g = Grounder.from_folder(load_backbone(str(tiny_pipe_dir), device="cpu", dtype="float32"), tmp_path / "m")
+    torch.set_num_threads(1)
+    gens = [torch.Generator().manual_seed(item_seed(0, i)) for i in range(2)]
+    items = g.generate(["a photo of a circle", "a photo of a star"], [["circle"], ["star"]], gens, steps=2, guidance=5.0)
+    for i, it in enumerate(items):
+        mask = np.array(Image.open(tmp_path / "g" / "masks" / f"{i:06d}.png"))
+        assert np.array_equal(mask, np.where(it.masks[0], 1 + i, 0))
+    r = CliRunner().invoke(app, [*gen[:2], str(tmp_path / "g2"), *gen[3:], "--method", "ca", "--module", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "takes none" in r.output
+    r = CliRunner().invoke(app, [*gen[:2], str(tmp_path / "g3"), *gen[3:], "--method", "grounding"])  # the shipped module
+    assert r.exit_code == 2 and "train a module for this model" in r.output

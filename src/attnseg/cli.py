@@ -535,12 +535,18 @@ def generate(
         Path | None, typer.Option(help=".txt (one prompt per line, labels = --classes it names) or .jsonl ({prompt, labels}).")
     ] = None,
     per_class: Annotated[int, typer.Option(help="Images per class (or per prompt).")] = 10,
-    method: Annotated[str, typer.Option(help="ca | ca-sa | seediff")] = "seediff",
+    method: Annotated[str, typer.Option(help="ca | ca-sa | seediff | grounding")] = "seediff",
     preset: Annotated[str | None, typer.Option(help="Named settings of the method.")] = None,
+    module: Annotated[
+        Path | None,
+        typer.Option(help="A trained grounding module for --method grounding (default: the one shipped with the embedded model)."),
+    ] = None,
     template: Annotated[str, typer.Option(help="Prompt of one class.")] = "a photo of a {}",
     model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the method's, 50; grounding 20).")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance scale (default: the method's, 7.5; grounding 5).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Run seed; item i uses a seed derived from (seed, i).")] = 0,
     block: Annotated[int, typer.Option(help="Items per batched generation (fixed per run: part of its identity).")] = 4,
     engine: Annotated[str, typer.Option(help="local or ray.")] = "local",
@@ -553,10 +559,13 @@ def generate(
     """Generate images from prompts together with their masks (a labelled synthetic dataset)."""
     _quiet_libraries()
     from attnseg.jobs.engine import ENGINES
-    from attnseg.jobs.generate import RunSpec, SynthError, generate_dataset, plan_items
-    from attnseg.methods.registry import GENERATED
+    from attnseg.jobs.generate import RunSpec, SynthError, generate_dataset, module_record, plan_items
+    from attnseg.methods.registry import GENERATED, resolve
 
     _check_method(method, preset, GENERATED)
+    defaults = resolve(method, preset, GENERATED)[2]
+    steps = steps if steps is not None else defaults.steps
+    guidance = guidance if guidance is not None else defaults.guidance
     if engine not in ENGINES:
         _err(f"unknown engine {engine!r}: use {' or '.join(ENGINES)}")
         raise typer.Exit(2)
@@ -565,6 +574,7 @@ def generate(
         raise typer.Exit(2)
     try:
         items, cls, digest = plan_items(_split_labels(classes) or None, per_class, template, prompts)
+        extra = module_record(method, module)
     except SynthError as e:
         _err(str(e))
         raise typer.Exit(2) from None
@@ -595,6 +605,7 @@ def generate(
         dtype=str(predictor.dtype).replace("torch.", ""),
         template=None if prompts else template,
         prompts_sha=digest,
+        extra=extra,
     )
     try:
         rep = generate_dataset(

@@ -4,6 +4,8 @@ The backbone runs its pipeline's own generation with the method's layers capture
 guidance only the conditional rows are read). Each step's cross map is max-normalised per token before
 the running mean (SeeDiff eq. 5), and self maps too for the methods that ask for it; the method then turns
 the maps aggregated over the steps into soft masks, and :func:`~attnseg.methods.generated.finalize` into labels.
+``method="grounding"`` instead reads the block outputs of the last step with a trained grounding module
+(:mod:`attnseg.grounder`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import numpy as np
 import torch
 
 from attnseg.diffusion.prompts import find_phrase_spans
+from attnseg.grounder import Grounder
 from attnseg.methods.generated import finalize
+from attnseg.methods.grounding import Grounded
 from attnseg.methods.registry import GENERATED, resolve
 from attnseg.ops.maps import grid_side
 
@@ -75,12 +79,19 @@ def generate_with_masks(
     preset: str | None = None,
     generators: Sequence[torch.Generator] | None = None,
     capture: bool = True,
+    grounder: Grounder | None = None,
     **overrides,
 ) -> list[GeneratedItem]:
-    """Generate one image per prompt and segment ``labels`` (words of the prompt) in it."""
+    """Generate one image per prompt and segment ``labels`` (words of the prompt) in it.
+
+    ``grounder``: the trained module of ``method="grounding"`` (default: the one shipped with the embedded model).
+    """
     info, _, cfg = resolve(method, preset, images=GENERATED)
     m = info.build(replace(cfg, **overrides))
     cfg = m.config
+    if info.name == "grounding":
+        grounder = grounder if grounder is not None else Grounder.from_folder(backbone)
+        return generate_grounded(grounder, m, prompts, labels, generators, capture)
     if not capture:
         images, _ = backbone.generate(prompts, cfg.steps, cfg.guidance, generators)
         return [
@@ -121,6 +132,30 @@ def generate_with_masks(
         up, lab = finalize(soft, img_t, im.shape[:2], cfg)
         items.append(GeneratedItem(p, list(labs), _u8(im), up[0].numpy().astype(np.float32), lab[0].numpy(), unseeded))
     return items
+
+
+def generate_grounded(
+    grounder: Grounder,
+    method: Grounded,
+    prompts: Sequence[str],
+    labels: Sequence[Sequence[str]],
+    generators: Sequence[torch.Generator] | None = None,
+    capture: bool = True,
+) -> list[GeneratedItem]:
+    """Grounded Diffusion's generation: images and the module's masks of ``labels`` (any words: the module reads the
+    words' embeddings, not the prompt's tokens); ``soft`` holds its sigmoid scores."""
+    cfg = method.config
+    if not capture:
+        images, _ = grounder.backbone.generate(prompts, cfg.steps, cfg.guidance, generators)
+        return [
+            GeneratedItem(p, list(lab), _u8(im), np.zeros((0,)), np.zeros((0,)))
+            for p, lab, im in zip(prompts, labels, images, strict=True)
+        ]
+    items = grounder.generate(prompts, labels, generators, cfg.steps, cfg.guidance)
+    return [
+        GeneratedItem(it.prompt, it.labels, it.image, it.probs, method.labels(torch.from_numpy(it.probs)).numpy())
+        for it in items
+    ]
 
 
 def _u8(im: np.ndarray) -> np.ndarray:

@@ -157,7 +157,28 @@ def prepare_run(out: Path, spec: RunSpec, resume: bool) -> None:
     atomic_write_bytes(run, json.dumps(mine, indent=1).encode())
 
 
-def run_block(backbone, block: list[Item], spec: RunSpec):
+def module_record(method: str, module: str | Path | None) -> dict:
+    """What of the grounding module a run records in ``extra`` (its folder and a digest of its weights, part of the
+    run's identity); empty for the other methods, which take no module."""
+    import hashlib
+
+    from attnseg.grounder import SHIPPED, load_module
+
+    if method != "grounding":
+        if module is not None:
+            raise SynthError(f"--module is the trained module of --method grounding; {method} takes none")
+        return {}
+    folder = Path(module) if module is not None else SHIPPED
+    try:
+        load_module(folder)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise SynthError(str(e)) from None
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:16]
+    # The shipped module is recorded as None, not by its path, which changes with every install.
+    return {"module": str(folder.resolve()) if module is not None else None, "module_sha": digest}
+
+
+def run_block(backbone, block: list[Item], spec: RunSpec, grounder=None):
     """Generate one block of items (the unit of work of every engine).
 
     On CPU the block runs with ``spec.cpu_threads`` intra-op threads whatever the engine, so that
@@ -177,6 +198,7 @@ def run_block(backbone, block: list[Item], spec: RunSpec):
             method=spec.method,
             preset=spec.preset,
             generators=gens,
+            grounder=grounder,
             steps=spec.steps,
             guidance=spec.guidance,
         )
@@ -192,11 +214,16 @@ class BlockWorker:
 
     def __init__(self, backbone, out: str | Path, spec: RunSpec) -> None:
         self.backbone, self.out, self.spec = backbone, Path(out), spec
+        self.grounder = None
+        if spec.method == "grounding":
+            from attnseg.grounder import Grounder
+
+            self.grounder = Grounder.from_folder(backbone, spec.extra["module"])
 
     def __call__(self, task: dict) -> list[dict]:
         block = [Item(**d) for d in task["items"]]
         skip = set(task["skip"])
-        gens = run_block(self.backbone, block, self.spec)
+        gens = run_block(self.backbone, block, self.spec, self.grounder)
         return [
             write_item(
                 self.out,

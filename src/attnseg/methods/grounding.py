@@ -150,6 +150,37 @@ def label_map(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(top > 0, arg + 1, torch.zeros_like(arg))
 
 
+@dataclass(frozen=True)
+class GroundedConfig:
+    """``attnseg generate --method grounding``: a trained module's masks of the images generated for its prompts
+    (:mod:`attnseg.grounder` pairs the module with the model). The module is not a setting: it is a file
+    (``--module``; default: the one shipped with the embedded model)."""
+
+    steps: int = 20
+    """Denoising steps; the module reads the block outputs of the last one (paper eq. 2). The shipped module was
+    trained on 20-step generations (``attnseg grounding train --gen-steps``)."""
+    guidance: float = 5.0
+    """Classifier-free guidance scale (the shipped module's training generations: 5)."""
+
+
+GROUNDED_PRESETS = {"paper": GroundedConfig()}
+
+
+class Grounded:
+    """The label map of a grounded generation (the registry's ``build`` for ``grounding``)."""
+
+    name = "grounding"
+
+    def __init__(self, config: GroundedConfig) -> None:
+        self.config = config
+
+    def labels(self, probs: torch.Tensor) -> torch.Tensor:
+        """One image's sigmoid scores (K, H, W) -> (H, W) uint8: k + 1 where class k scores highest and above 0.5
+        (paper section 4.3), else 0; the same map as :func:`label_map` of the logits."""
+        top, arg = probs.max(dim=0)
+        return torch.where(top > 0.5, arg + 1, torch.zeros_like(arg)).to(torch.uint8)
+
+
 class GroundingModule(nn.Module):
     """The grounding module: ``forward(features, queries, padding)`` -> mask logits (B, N, image, image).
 

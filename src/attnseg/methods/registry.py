@@ -24,6 +24,7 @@ from attnseg.methods.generated import (
     SeeDiff,
     SeeDiffConfig,
 )
+from attnseg.methods.grounding import GROUNDED_PRESETS, Grounded, GroundedConfig
 from attnseg.methods.interactive import INTERACTIVE_PRESETS, Interactive, InteractiveConfig
 from attnseg.methods.iseg import ISEG_PRESETS, ISeg, ISegConfig
 from attnseg.methods.t2m import T2M, T2M_PRESETS, T2MConfig
@@ -97,6 +98,9 @@ REGISTRY: dict[str, MethodInfo] = {
         MethodInfo("ca", CAConfig, CA_PRESETS, GENERATED, LABELS, CA, "DiffuMask CA: cross maps of every resolution"),
         MethodInfo("ca-sa", CASAConfig, CASA_PRESETS, GENERATED, LABELS, CASA, "Dataset Diffusion: Self^tau . Cross"),
         MethodInfo("seediff", SeeDiffConfig, SEEDIFF_PRESETS, GENERATED, LABELS, SeeDiff, "SeeDiff: seeds, region expansion"),
+        MethodInfo(
+            "grounding", GroundedConfig, GROUNDED_PRESETS, GENERATED, LABELS, Grounded, "Grounded Diffusion: a trained module"
+        ),
     )
 }
 

@@ -74,8 +74,8 @@ def train_cmd(
 
     import torch
 
+    from attnseg.grounder import GroundingError
     from attnseg.train.grounding.data import DataConfig, DataError
-    from attnseg.train.grounding.grounder import GroundingError
     from attnseg.train.grounding.train import TrainConfig, train_grounding
 
     torch.set_num_threads(threads)
@@ -127,9 +127,9 @@ def eval_cmd(
 
     import torch
 
+    from attnseg.grounder import Grounder, GroundingError
     from attnseg.train.grounding.data import DataError
     from attnseg.train.grounding.evaluate import evaluate_grounding, markdown
-    from attnseg.train.grounding.grounder import Grounder, GroundingError
 
     bb = _backbone(model)
     try:
@@ -163,9 +163,9 @@ def generate_cmd(
 
     import torch
 
+    from attnseg.grounder import Grounder, GroundingError
     from attnseg.train.grounding.data import DataError
     from attnseg.train.grounding.export import export_dataset
-    from attnseg.train.grounding.grounder import Grounder, GroundingError
 
     bb = _backbone(model)
     try:

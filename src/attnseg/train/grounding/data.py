@@ -33,16 +33,13 @@ import numpy as np
 import torch
 
 from attnseg.diffusion.features import block_features
-from attnseg.diffusion.prompts import PromptTemplate
 from attnseg.generator import label_token_spans, step_max_normalise
+from attnseg.grounder import PAPER_TEMPLATE
 from attnseg.io.files import atomic_write_bytes, settings_diff
 from attnseg.jobs.generate import item_seed
 from attnseg.jobs.score_generated import load_detector
 from attnseg.methods.generated import CAConfig, cross_aggregation, finalize
 from attnseg.shapes.oracle import shapes_phrase
-
-PAPER_TEMPLATE = PromptTemplate("grounded-diffusion", "a photograph of a ", " and a ", " and a ", "")
-"""The authors' code (train.py): "a photograph of a " + class, " and a " + second class."""
 
 MAX_OBJECTS = 2
 """Classes per prompt: one or two (paper section 5.1: more make Stable Diffusion's images unstable)."""

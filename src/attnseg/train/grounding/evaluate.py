@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from attnseg.grounder import Grounder, GroundingError
 from attnseg.io.files import atomic_write_bytes
 from attnseg.methods.grounding import binary_masks
 from attnseg.ops.metrics import confusion, iou_per_class
 from attnseg.train.grounding.data import BASELINES, Block, DataConfig, build_data
-from attnseg.train.grounding.grounder import Grounder, GroundingError
 
 SOURCES = ("module", *BASELINES)
 COUNTS = {1: "one", 2: "two"}

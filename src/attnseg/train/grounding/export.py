@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attnseg.grounder import Grounder, GroundingError
 from attnseg.io.files import atomic_write_bytes
 from attnseg.io.generated import MANIFEST, append_manifest, read_manifest, write_classes, write_coco, write_item
 from attnseg.methods.grounding import label_map
 from attnseg.train.grounding.data import BASELINES, Block, DataConfig, build_data
-from attnseg.train.grounding.grounder import Grounder, GroundingError
 
 MASKS = ("module", *BASELINES, "oracle")
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attnseg.grounder import QUERY_TEMPLATE, GroundingError, class_embeddings, pad_queries, save_module
 from attnseg.io.files import atomic_write_bytes, settings_diff
 from attnseg.methods.grounding import GroundingConfig, GroundingModule, grounding_loss
 from attnseg.train.grounding.data import Block, DataConfig, build_data
-from attnseg.train.grounding.grounder import QUERY_TEMPLATE, GroundingError, class_embeddings, pad_queries, save_module
 
 
 @dataclass

@@ -24,9 +24,12 @@ import torch
 
 from attnseg.diffusion.features import block_features
 from attnseg.diffusion.loading import EMBEDDED_DIR
+from attnseg.diffusion.prompts import PromptTemplate
 from attnseg.io.files import atomic_write_bytes
 from attnseg.methods.grounding import GroundingConfig, GroundingModule
-from attnseg.train.grounding.data import PAPER_TEMPLATE
+
+PAPER_TEMPLATE = PromptTemplate("grounded-diffusion", "a photograph of a ", " and a ", " and a ", "")
+"""The authors' code (train.py): "a photograph of a " + class, " and a " + second class."""
 
 QUERY_TEMPLATE = "a photograph of a {}"
 """The class word's context for its query embedding (the authors' code: "a photograph of a " + class)."""
@@ -123,14 +126,34 @@ class Grounder:
         """Padded queries and padding of each item's labels (embeddings are computed once per word)."""
         new = sorted({w for labs in labels for w in labs} - set(self._queries))
         if new:
-            self._queries |= dict(zip(new, class_embeddings(self.backbone, new), strict=True))
+            emb = class_embeddings(self.backbone, new)
+            if emb.shape[-1] != self.module.config.text_dim:
+                raise GroundingError(
+                    f"the grounding module takes {self.module.config.text_dim}-wide word embeddings; "
+                    f"{self.backbone.model_name}'s text encoder gives {emb.shape[-1]}: train a module for this model"
+                )
+            self._queries |= dict(zip(new, emb, strict=True))
         return pad_queries(self._queries, labels)
 
     @torch.inference_mode()
     def logits(self, features: dict[int, torch.Tensor], labels: Sequence[Sequence[str]]) -> torch.Tensor:
         """Mask logits (B, N, size, size) of each item's labels (padding past an item's own)."""
+        self._check(features)
         q, pad = self.queries(labels)
         return self.module({s: f.float() for s, f in features.items()}, q, pad)
+
+    def _check(self, features: dict[int, torch.Tensor]) -> None:
+        """A :class:`GroundingError` when the model's features are not those the module was trained on."""
+        cfg = self.module.config
+        got = {s: int(f.shape[1]) for s, f in features.items()}
+        want = dict(zip(cfg.sides, cfg.in_channels, strict=True))
+        if any(got.get(s) != c for s, c in want.items()):
+            trained = self.record.get("data", {}).get("model", "another model")
+            raise GroundingError(
+                f"the grounding module {self.record.get('folder', '')} reads block outputs of {want} channels by grid "
+                f"side (trained on {trained}); {self.backbone.model_name} gives {got}: train a module for this model "
+                "with `attnseg grounding train --model ... --seen WORD ... --out DIR` and pass it with --module DIR"
+            )
 
     def _items(self, prompts, labels, images: np.ndarray, features) -> list[GroundedItem]:
         probs = torch.sigmoid(self.logits(features, labels)).numpy()
