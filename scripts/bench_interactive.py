@@ -1,7 +1,8 @@
 """Interactive segmentation on ShapesWorld: one point (a random pixel of each object) or one box (each object's
 bounding box) per object, all objects of a scene prompted together; mean object IoU against the instance masks,
 and seconds per image (docs/BENCHMARKS.md). ``--timing`` times, scene by scene side by side, every mode of the
-predictor on the same images: points, boxes, the true labels (iSeg), and the unsupervised diffseg and diffseg-iseg.
+predictor on the same images: points, boxes, the true labels (iSeg), the unsupervised diffseg and diffseg-iseg, and
+labels tagged from the 8 shapes, then iSeg (open vocabulary).
 
     python scripts/bench_interactive.py --n 100 --seed 1 [--model DIR] [--preset embedded] [--set iters=2 ...]
     python scripts/bench_interactive.py --n 30 --seed 1 --timing
@@ -18,7 +19,8 @@ import numpy as np
 
 from attnseg.methods.interactive import VisualPrompt
 from attnseg.predictor import AttnSegPredictor
-from attnseg.shapes.world import make_scene
+from attnseg.shapes.world import SHAPES, make_scene
+from attnseg.tagging import Tagger
 
 
 def prompts_of(instance: np.ndarray, mode: str, rng: np.random.Generator) -> list[VisualPrompt]:
@@ -76,12 +78,14 @@ def timing(pred: AttnSegPredictor, n: int, seed: int) -> None:
     """Seconds per image of each mode, every mode run on each scene in turn (so that load drifts hit all alike),
     after one warm-up scene; each time includes the image's encoding."""
     rng = np.random.default_rng(0)
+    tagger = Tagger(pred.backbone, max_batch=pred.max_batch)
     modes = {
         "point": lambda sc: _prompted(pred, sc, prompts_of(sc.instance, "point", rng)),
         "box": lambda sc: _prompted(pred, sc, prompts_of(sc.instance, "box", rng)),
         "labels (iseg)": lambda sc: pred.segment_batch([sc.image], [sorted(set(sc.labels))], method="iseg"),
         "diffseg": lambda sc: pred.segment_batch([sc.image], [[]], method="diffseg"),
         "diffseg-iseg": lambda sc: pred.segment_batch([sc.image], [[]], method="diffseg-iseg"),
+        "tag 8 shapes, then iseg": lambda sc: _tagged(pred, tagger, sc),
     }
     seconds = dict.fromkeys(modes, 0.0)
     for i in range(n + 1):
@@ -96,6 +100,12 @@ def timing(pred: AttnSegPredictor, n: int, seed: int) -> None:
     print("|---|---|---|")
     for name, s in seconds.items():
         print(f"| {name} | {s / n:.3f} | {s / base:.2f} |")
+
+
+def _tagged(pred: AttnSegPredictor, tagger: Tagger, sc):
+    """Open vocabulary: the scene tagged from the 8 shapes (as ``attnseg segment --vocabulary``), then segmented."""
+    [tags] = tagger.tag(pred.encode_images([sc.image]), list(SHAPES))
+    return pred.segment_batch([sc.image], [tags.labels], method="iseg")
 
 
 def _prompted(pred: AttnSegPredictor, sc, prompts: list[VisualPrompt]):

@@ -23,10 +23,10 @@ from attnseg.methods.registry import (
 
 
 def test_names_by_kind():
-    assert names(REAL, LABELS) == ["cross", "t2m", "iseg"]
+    assert names(REAL, LABELS) == ["cross", "t2m", "iseg", "concept-attention"]
     assert names(REAL, NOTHING) == ["diffseg", "diffseg-iseg"]
     assert names(REAL, VISUAL) == ["interactive"]
-    assert names(GENERATED) == ["ca", "ca-sa", "seediff"]
+    assert names(GENERATED) == ["ca", "ca-sa", "seediff", "grounding"]
 
 
 def test_resolve_defaults_to_the_papers_preset_and_names_the_choices():
@@ -34,7 +34,7 @@ def test_resolve_defaults_to_the_papers_preset_and_names_the_choices():
     assert info.name == "t2m" and info.images == REAL and info.needs_labels
     assert (preset, cfg.timestep, cfg.iters, cfg.draws) == ("voc", 150, 2, 10)
     assert resolve("iseg", "wsss-coco")[2].bg_threshold == 0.45
-    with pytest.raises(MethodError, match="unknown method 'seediff'; choose one of cross, t2m, iseg, diffseg, diffseg-iseg, interactive"):
+    with pytest.raises(MethodError, match="unknown method 'seediff'; choose one of cross, t2m, iseg, concept-attention, diffseg, diffseg-iseg, interactive"):
         resolve("seediff", images=REAL)
     with pytest.raises(MethodError, match="unknown preset 'nope' for ca-sa; choose one of default, seediff-comparison"):
         resolve("ca-sa", "nope", images=GENERATED)
@@ -49,11 +49,11 @@ def test_get_method_applies_overrides_and_leaves_presets_alone():
 def test_check_profile():
     assert check_profile({"t2m": "embedded", "diffseg": "embedded"}) == []
     assert check_profile({"seediff": "default"}) == [
-        "method 'seediff', which is not a real-image method of attnseg (cross, t2m, iseg, diffseg, diffseg-iseg, interactive)"
+        "method 'seediff', which is not a real-image method of attnseg (cross, t2m, iseg, concept-attention, diffseg, diffseg-iseg, interactive)"
     ]
     assert check_profile({"t2m": "nope", "magic": "default"}) == [
         "preset 'nope' for 't2m', which attnseg does not have",
-        "method 'magic', which is not a real-image method of attnseg (cross, t2m, iseg, diffseg, diffseg-iseg, interactive)",
+        "method 'magic', which is not a real-image method of attnseg (cross, t2m, iseg, concept-attention, diffseg, diffseg-iseg, interactive)",
     ]
 
 

@@ -247,7 +247,19 @@ class AttnSegPredictor:
             # one posterior noise per draw, as the diffusion noise: an image's result does not depend on its batch
             eps = torch.randn((draws, *latents.shape[1:]), generator=g).to(self.device, latents.dtype)
         rows = [(i, d) for i in range(n) for d in range(draws)]
-        chunk_rows = self._rows_per_forward(plan, int(latents.shape[-1]), int(text.hidden.shape[1]))
+        concepts = None
+        if plan.concepts:  # ConceptAttention: each image's labels as concept tokens, so a forward holds one image
+            concepts = [bb.concept_states([*labs, *plan.concept_background]) for labs in label_lists]
+        n_text = int(text.hidden.shape[1]) + max((len(c) for c in concepts), default=0) if concepts else int(text.hidden.shape[1])
+        chunk_rows = self._rows_per_forward(plan, int(latents.shape[-1]), n_text)
+        if concepts:
+            chunks = [
+                rows[i * draws + d0 : i * draws + min(draws, d0 + chunk_rows)]
+                for i in range(n)
+                for d0 in range(0, draws, chunk_rows)
+            ]
+        else:
+            chunks = [rows[c0 : c0 + chunk_rows] for c0 in range(0, len(rows), chunk_rows)]
         sums: list[torch.Tensor | None] = [None] * n
         foreground_first = getattr(method, "averages_foreground", False)  # T2M's code: background rule after the mean
         peaks: list[torch.Tensor | None] = [None] * n
@@ -257,16 +269,23 @@ class AttnSegPredictor:
             for i, (_, sp) in enumerate(prompts):
                 for s in sp.spans:
                     key_scale[i, s] = plan.key_scale_gamma
-        for c0 in range(0, len(rows), chunk_rows):
-            chunk = rows[c0 : c0 + chunk_rows]
+        for chunk in chunks:
             idx = torch.tensor([i for i, _ in chunk])
             z0 = latents[idx]
             if posterior == "sample":
                 z0 = z0 + latent_std[idx] * eps[[d for _, d in chunk]]
             z = bb.add_noise(z0, noise[[d for _, d in chunk]], cfg.timestep)
             ks = key_scale[idx] if key_scale is not None else None
+            extra = {"concepts": concepts[chunk[0][0]]} if concepts else {}  # only transformer backbones take them
             store = bb.forward(
-                z, cfg.timestep, text.rows(idx), plan.names, per_head=plan.per_head, key_scale=ks, scale_values=plan.scale_values
+                z,
+                cfg.timestep,
+                text.rows(idx),
+                plan.names,
+                per_head=plan.per_head,
+                key_scale=ks,
+                scale_values=plan.scale_values,
+                **extra,
             )
             for i in sorted(set(idx.tolist())):
                 r = [j for j, (ii, _) in enumerate(chunk) if ii == i]
@@ -289,7 +308,7 @@ class AttnSegPredictor:
         layers = {lay.name: lay for lay in self.inventory}
         per_row = 0
         for name in plan.names:
-            lay = layers[name]
+            lay = layers.get(name) or layers[name.replace(":concept", ":cross")]  # a concept map: as its module's cross
             p = lay.side(latent_side) ** 2
             per_row += 4 * p * (n_text if lay.kind == "cross" else p) * (lay.heads if name in plan.per_head else 1)
         return max(1, min(self.max_batch, CAPTURE_BUDGET // max(per_row, 1)))
@@ -365,13 +384,21 @@ class AttnSegPredictor:
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn(self._latents.shape[1:], generator=g)[None].to(self.device, self._latents.dtype)
         z = bb.add_noise(self._latents, noise, method.config.timestep)
-        store = bb.forward(z, method.config.timestep, bb.encode_prompts([method.config.prompt]), plan.names, per_head=plan.per_head)
+        store = bb.forward(
+            z, method.config.timestep, bb.encode_prompts([method.config.prompt]), plan.names, per_head=plan.per_head
+        )
         sc = method.scores(store, initial_maps(prompts, hw, plan.grid)[None], plan)
         up = F.interpolate(columns_to_images(sc.float().cpu(), plan.grid), size=hw, mode="bilinear", align_corners=False)[0]
         if method.config.clip_to_box:
             up = clip_to_boxes(up, prompts)
         crf_cfg = _crf_config(crf)
-        settings = {**_settings(method), "preset": preset, "seed": seed, "crf": crf_cfg is not None, "resolution": self.resolution}
+        settings = {
+            **_settings(method),
+            "preset": preset,
+            "seed": seed,
+            "crf": crf_cfg is not None,
+            "resolution": self.resolution,
+        }
         settings["prompts"] = [_prompt_record(p) for p in prompts]
         return _result(
             img,

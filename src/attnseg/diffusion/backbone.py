@@ -14,6 +14,8 @@ A backbone wraps one loaded diffusers pipeline and answers, in model-independent
 - ``forward``: one denoiser forward with chosen layers captured -> the maps, as
   :class:`~attnseg.diffusion.capture.AttentionStore` (cross maps ``(B, P, T)`` of image pixels to text tokens,
   self maps ``(B, P, P)``), whatever the model's own token layout;
+  with ``concepts`` (transformer families only), ConceptAttention's concept tokens ride along in the text stream
+  (``concept_states``: their states) and each captured module's ``<module>:concept`` map is recorded;
 - ``denoising_error``: one denoiser forward, nothing captured -> the per-row squared error of its prediction against
   the family's training target (what the diffusion classifier of :mod:`attnseg.tagging` compares across prompts);
 - ``generate``: the pipeline's own generation, with chosen layers captured over every step.
@@ -125,7 +127,12 @@ class Backbone(Protocol):
         per_head: Sequence[str] = (),
         key_scale: torch.Tensor | None = None,
         scale_values: bool = False,
+        concepts: torch.Tensor | None = None,
     ) -> AttentionStore: ...
+
+    def concept_states(self, words: Sequence[str]) -> torch.Tensor:
+        """(C, D) text-stream states of concept words: each word encoded alone, its tokens' states averaged."""
+        ...
 
     def denoising_error(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int, text: TextStates) -> torch.Tensor:
         """(B,) float32 mean squared error, per row, of the denoiser's prediction for ``latents`` (B, C, h, w) noised by
@@ -142,6 +149,22 @@ class Backbone(Protocol):
         names: Sequence[str] = (),
         transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[np.ndarray, AttentionStore]: ...
+
+
+def with_concepts(
+    hidden: torch.Tensor, concepts: torch.Tensor | None, key_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """The text stream ``hidden`` (B, T, D) with ConceptAttention's concept tokens (C, D) or (B, C, D) appended, and C
+    (0: none)."""
+    if concepts is None:
+        return hidden, 0
+    if key_scale is not None:
+        raise ValueError("concept tokens and Cat-Cross key scaling cannot be combined in one forward")
+    c = concepts.to(hidden.device, hidden.dtype)
+    c = c.expand(len(hidden), -1, -1) if c.dim() == 2 else c
+    if c.shape[0] != hidden.shape[0] or c.shape[-1] != hidden.shape[-1]:
+        raise ValueError(f"concept states {tuple(concepts.shape)} do not fit the text states {tuple(hidden.shape)}")
+    return torch.cat([hidden, c], dim=1), int(c.shape[1])
 
 
 class DiffusersBackbone:
@@ -192,8 +215,13 @@ class DiffusersBackbone:
         """How many tokens the tokenizer splits ``word`` into."""
         return len(self.pipe.tokenizer.tokenize(word))
 
-    call_kwargs: ClassVar[dict[str, Any]] = {}
-    """Keywords of the family's pipeline call beyond the common ones."""
+    def concept_states(self, words: Sequence[str]) -> torch.Tensor:
+        states = self.encode_prompts(list(words)).hidden
+        out = []
+        for i, w in enumerate(words):
+            span = self.token_spans(w, [(0, len(w))], [w]).spans[0]
+            out.append(states[i, list(span)].mean(dim=0))
+        return torch.stack(out)
 
     def generation_processors(self, store: AttentionStore, names: Sequence[str]) -> dict:
         """{module: processor} recording ``names`` into ``store`` while the pipeline generates."""

@@ -13,7 +13,10 @@ is read and the full CFG batch is never kept.
 
 Joint attention (text and image tokens in one attention) is read by :class:`JointCaptureProcessor` (SD3, image
 tokens first) and :class:`FluxCaptureProcessor` (Flux's double- and single-stream blocks, text tokens first, RoPE):
-the image queries' block over the text keys is a cross map, their block over the image keys a self map.
+the image queries' block over the text keys is a cross map, their block over the image keys a self map. Both also
+carry ConceptAttention's concept tokens (:func:`concept_mask`): extra tokens at the end of the text stream that no
+image or prompt token attends to, so the image is computed exactly as without them, and whose attention outputs are
+compared with the image tokens' (the ``concept`` part).
 """
 
 from __future__ import annotations
@@ -202,6 +205,32 @@ class CaptureProcessor:
         return out
 
 
+def concept_mask(n_img: int, n_prompt: int, n_concepts: int, image_first: bool, device=None) -> torch.Tensor:
+    """(N, N) bool, True where a query token may attend to a key token, N = n_img + n_prompt + n_concepts, for a
+    joint sequence ``[image, prompt, concepts]`` (``image_first``) or ``[prompt, concepts, image]``.
+
+    ConceptAttention (Helbling et al. 2025, section 3): image and prompt tokens do not attend to the concept tokens
+    (the image is generated exactly as without them); concept tokens attend to the image tokens and to each other,
+    not to the prompt.
+    """
+    n_txt = n_prompt + n_concepts
+    start = n_img if image_first else 0
+    prompt = slice(start, start + n_prompt)
+    concepts = slice(start + n_prompt, start + n_txt)
+    allowed = torch.ones((n_img + n_txt, n_img + n_txt), dtype=torch.bool, device=device)
+    allowed[:, concepts] = False
+    allowed[concepts, concepts] = True
+    allowed[concepts, prompt] = False
+    return allowed
+
+
+def concept_maps(image_out: torch.Tensor, concept_out: torch.Tensor) -> torch.Tensor:
+    """ConceptAttention's saliency (Helbling et al. 2025, eq. 8-9): the attention outputs of the image tokens
+    (B, P, D) against the concept tokens' (B, C, D), heads concatenated, before the output projection; a softmax over
+    the concepts -> (B, P, C)."""
+    return torch.einsum("bpd,bcd->bpc", image_out.float(), concept_out.float()).softmax(dim=-1)
+
+
 class JointCaptureProcessor:
     """Processor for joint (MMDiT) attention modules that records the image-to-text and image-to-image blocks.
 
@@ -209,9 +238,13 @@ class JointCaptureProcessor:
     rows, probabilities are computed explicitly over all tokens; the block of image queries to text keys is
     renormalised over the text tokens and recorded as ``cross`` (B, P, T), the block of image queries to image
     keys renormalised over the image tokens as ``self`` (B, P, P): the conditional distributions of an image
-    token's attention over the prompt and over the image. ``parts`` maps ``"cross"`` / ``"self"`` to the store
-    key each is recorded under. ``key_scale`` (iSeg's Cat-Cross) multiplies the text keys of the conditional rows,
-    or, with ``scale_values``, their text states before the projections (the scaled embedding).
+    token's attention over the prompt and over the image. ``parts`` maps ``"cross"`` / ``"self"`` / ``"concept"``
+    to the store key each is recorded under. ``key_scale`` (iSeg's Cat-Cross) multiplies the text keys of the
+    conditional rows, or, with ``scale_values``, their text states before the projections (the scaled embedding).
+
+    ``concepts``: the last ``concepts`` tokens of the text stream are ConceptAttention's concept tokens, masked as
+    :func:`concept_mask` says (every joint module of the model needs the processor then, recording or not); the
+    ``cross`` part is over the prompt tokens only and the ``concept`` part is :func:`concept_maps`.
     """
 
     def __init__(
@@ -221,9 +254,11 @@ class JointCaptureProcessor:
         key_scale: torch.Tensor | None = None,
         image_first: bool = True,
         scale_values: bool = False,
+        concepts: int = 0,
     ) -> None:
         self.store, self.parts, self.key_scale, self.image_first = store, parts, key_scale, image_first
         self.scale_values = scale_values
+        self.concepts = concepts
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None, *args, **kwargs):
         b = hidden_states.shape[0]
@@ -278,14 +313,24 @@ class JointCaptureProcessor:
 
     def _attend(self, attn, q, k, v, n_img: int, n_txt: int) -> torch.Tensor:
         """Attention of (B, H, N, d) inputs over their N = n_img + n_txt tokens, recording the parts asked for."""
+        n_con = self.concepts if n_txt > 0 else 0
+        if n_con and n_con >= n_txt:
+            raise ValueError(f"{n_con} concept tokens leave no prompt token in a text stream of {n_txt}")
+        mask = concept_mask(n_img, n_txt - n_con, n_con, self.image_first, q.device) if n_con else None
+        if n_con and not self.parts:  # a module that records nothing carries the concept tokens' mask only
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if "concept" in self.parts and not n_con:
+            raise ValueError("the concept part is read from concept tokens, and none were given")
         c0 = self._cond_start(q.shape[0])
-        parts = [F.scaled_dot_product_attention(q[:c0], k[:c0], v[:c0])] if c0 > 0 else []
+        parts = [F.scaled_dot_product_attention(q[:c0], k[:c0], v[:c0], attn_mask=mask)] if c0 > 0 else []
         qc, kc, vc = q[c0:], k[c0:], v[c0:]
         b, h, n, _ = qc.shape
         scale = attn.scale if getattr(attn, "scale", None) is not None else 1 / math.sqrt(qc.shape[-1])
         img = slice(0, n_img) if self.image_first else slice(n_txt, n_txt + n_img)
-        txt = slice(n_img, n_img + n_txt) if self.image_first else slice(0, n_txt)
-        wanted = {part: (img if part == "self" else txt) for part in self.parts if part == "self" or n_txt > 0}
+        t0 = n_img if self.image_first else 0
+        txt = slice(t0, t0 + n_txt - n_con)  # the prompt's tokens
+        con = slice(t0 + n_txt - n_con, t0 + n_txt)
+        wanted = {part: (img if part == "self" else txt) for part in self.parts if part == "self" or (part == "cross" and n_txt)}
         per_head = {part: self.parts[part] in self.store.per_head for part in wanted}
         acc = {
             part: torch.zeros(
@@ -299,7 +344,7 @@ class JointCaptureProcessor:
         chunk = max(1, min(h, _SCORE_BUDGET // max(1, b * n * n)))
         for h0 in range(0, h, chunk):
             hs = slice(h0, h0 + chunk)
-            probs = CaptureProcessor._probs(qc[:, hs], kc[:, hs], None, scale)
+            probs = CaptureProcessor._probs(qc[:, hs], kc[:, hs], mask, scale)
             out[:, hs] = torch.matmul(probs.to(vc.dtype), vc[:, hs])
             for part, cols in wanted.items():
                 block = probs[:, :, img, cols]
@@ -310,6 +355,9 @@ class JointCaptureProcessor:
                     acc[part] += block.sum(dim=1)
         for part, a in acc.items():
             self.store.add(self.parts[part], a if per_head[part] else a / h)
+        if "concept" in self.parts:
+            heads = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, H d): the attention's output, heads concatenated
+            self.store.add(self.parts["concept"], concept_maps(heads[:, img], heads[:, con]))
         parts.append(out)
         return torch.cat(parts, dim=0) if len(parts) > 1 else out
 
@@ -341,8 +389,9 @@ class FluxCaptureProcessor(JointCaptureProcessor):
         rotate: Callable[..., torch.Tensor],
         key_scale: torch.Tensor | None = None,
         scale_values: bool = False,
+        concepts: int = 0,
     ) -> None:
-        super().__init__(store, parts, key_scale=key_scale, image_first=False, scale_values=scale_values)
+        super().__init__(store, parts, key_scale=key_scale, image_first=False, scale_values=scale_values, concepts=concepts)
         self.text_tokens = text_tokens
         self.rotate = rotate
 

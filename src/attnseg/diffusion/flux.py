@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from attnseg.diffusion.backbone import DiffusersBackbone, TextCache, TextStates
+from attnseg.diffusion.backbone import DiffusersBackbone, TextCache, TextStates, with_concepts
 from attnseg.diffusion.capture import AttentionStore, FluxCaptureProcessor, installed, joint_parts
 from attnseg.diffusion.layers import flux_inventory
 from attnseg.diffusion.prompts import PromptError, TokenSpans, resolve_spans
@@ -148,25 +148,30 @@ class FluxBackbone(DiffusersBackbone):
         text_tokens: int,
         key_scale: torch.Tensor | None = None,
         scale_values: bool = False,
+        concepts: int = 0,
     ) -> dict:
-        """One processor per module that has a captured part (every module with Cat-Cross), recording those parts."""
+        """One processor per module that has a captured part (every module with Cat-Cross or concept tokens),
+        recording those parts; ``text_tokens`` counts the concept tokens."""
         parts = joint_parts(names)
-        if key_scale is not None:
+        if key_scale is not None or concepts:
             for lay in self.layers:
                 parts.setdefault(lay.module, {})
         return {
-            m: FluxCaptureProcessor(store, p, text_tokens, apply_rotary_emb, key_scale=key_scale, scale_values=scale_values)
+            m: FluxCaptureProcessor(
+                store, p, text_tokens, apply_rotary_emb, key_scale=key_scale, scale_values=scale_values, concepts=concepts
+            )
             for m, p in parts.items()
         }
 
     @torch.inference_mode()
     def forward(
-        self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None, scale_values=False
+        self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None, scale_values=False, concepts=None
     ) -> AttentionStore:
         store = AttentionStore(per_head=frozenset(per_head))
-        processors = self._processors(store, names, int(text.hidden.shape[1]), key_scale, scale_values)
+        hidden, n_con = with_concepts(text.hidden, concepts, key_scale)
+        processors = self._processors(store, names, int(hidden.shape[1]), key_scale, scale_values, n_con)
         with installed(self.pipe.transformer, processors):
-            self._predict(latents, timestep, text)
+            self._predict(latents, timestep, TextStates(hidden, text.added))
         return store
 
     @torch.inference_mode()

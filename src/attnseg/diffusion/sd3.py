@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from attnseg.diffusion.backbone import DiffusersBackbone, TextStates
+from attnseg.diffusion.backbone import DiffusersBackbone, TextStates, with_concepts
 from attnseg.diffusion.capture import AttentionStore, JointCaptureProcessor, installed, joint_parts
 from attnseg.diffusion.layers import joint_inventory
 
@@ -63,29 +63,42 @@ class SD3Backbone(DiffusersBackbone):
         return (1 - s) * latents + s * noise
 
     def _processors(
-        self, store: AttentionStore, names: Sequence[str], key_scale: torch.Tensor | None, scale_values: bool = False
+        self,
+        store: AttentionStore,
+        names: Sequence[str],
+        key_scale: torch.Tensor | None,
+        scale_values: bool = False,
+        concepts: int = 0,
     ) -> dict:
-        """One joint processor per module that has a captured part (or takes Cat-Cross), recording those parts."""
+        """One joint processor per module that has a captured part (every joint module with Cat-Cross or concept
+        tokens), recording those parts."""
         parts = joint_parts(names)
-        if key_scale is not None:
+        if key_scale is not None or concepts:
             for lay in self.layers:
                 if lay.kind == "cross":
                     parts.setdefault(lay.module, {})
         return {
-            m: JointCaptureProcessor(store, p, key_scale=key_scale if m.endswith(".attn") else None, scale_values=scale_values)
+            m: JointCaptureProcessor(
+                store,
+                p,
+                key_scale=key_scale if m.endswith(".attn") else None,
+                scale_values=scale_values,
+                concepts=concepts if m.endswith(".attn") else 0,
+            )
             for m, p in parts.items()
         }
 
     @torch.inference_mode()
     def forward(
-        self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None, scale_values=False
+        self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None, scale_values=False, concepts=None
     ) -> AttentionStore:
         t = torch.full((len(latents),), float(timestep), device=self.device)
         store = AttentionStore(per_head=frozenset(per_head))
-        with installed(self.pipe.transformer, self._processors(store, names, key_scale, scale_values)):
+        hidden, n_con = with_concepts(text.hidden, concepts, key_scale)
+        with installed(self.pipe.transformer, self._processors(store, names, key_scale, scale_values, n_con)):
             self.pipe.transformer(
                 hidden_states=latents,
-                encoder_hidden_states=text.hidden,
+                encoder_hidden_states=hidden,
                 pooled_projections=text.added["pooled_projections"],
                 timestep=t,
             )

@@ -64,8 +64,13 @@ class UNetBackbone(DiffusersBackbone):
 
     @torch.inference_mode()
     def forward(
-        self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None, scale_values=False
+        self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None, scale_values=False, concepts=None
     ) -> AttentionStore:
+        if concepts is not None:
+            raise ValueError(
+                f"concept tokens (ConceptAttention) ride in the text stream of a transformer's joint attention; this "
+                f"{self.family} UNet reads its prompt through cross-attention only: use --method cross or t2m here"
+            )
         t = torch.tensor([int(timestep)], device=self.device).expand(len(latents))
         with capture_attention(
             self.pipe.unet,

@@ -27,10 +27,14 @@ class CapturePlan:
     key_scale_gamma: float | None = None
     scale_values: bool = False
     """With ``key_scale_gamma``: scale the class tokens' values too (the text embedding, not only the keys)."""
+    concepts: dict[str, float] = field(default_factory=dict)
+    """ConceptAttention: {``<module>:concept``: weight} concept maps read; the forward then carries concept tokens,
+    the image's labels followed by ``concept_background``."""
+    concept_background: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:
-        return list(dict.fromkeys([*self.cross, *self.self_names]))
+        return list(dict.fromkeys([*self.cross, *self.self_names, *self.concepts]))
 
 
 def fused_cross(

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from attnseg.methods.concept_attention import CONCEPT_PRESETS, ConceptAttention, ConceptAttentionConfig
 from attnseg.methods.cross import CROSS_PRESETS, CrossAttentionBaseline, CrossConfig
 from attnseg.methods.diffseg import DIFFSEG_PRESETS, DiffSeg, DiffSegConfig
 from attnseg.methods.diffseg_iseg import DIFFSEG_ISEG_PRESETS, DiffSegISeg, DiffSegISegConfig
@@ -76,6 +77,15 @@ REGISTRY: dict[str, MethodInfo] = {
         ),
         MethodInfo("t2m", T2MConfig, T2M_PRESETS, REAL, LABELS, T2M, "From Text to Mask: Self^2 . Cross"),
         MethodInfo("iseg", ISegConfig, ISEG_PRESETS, REAL, LABELS, ISeg, "iSeg: Cat-Cross and entropy-reduced Self"),
+        MethodInfo(
+            "concept-attention",
+            ConceptAttentionConfig,
+            CONCEPT_PRESETS,
+            REAL,
+            LABELS,
+            ConceptAttention,
+            "ConceptAttention: joint attention's output space (SD3, Flux)",
+        ),
         MethodInfo("diffseg", DiffSegConfig, DIFFSEG_PRESETS, REAL, NOTHING, DiffSeg, "DiffSeg: KL merging of self-attention"),
         MethodInfo(
             "diffseg-iseg",
