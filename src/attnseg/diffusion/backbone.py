@@ -215,6 +215,9 @@ class DiffusersBackbone:
         """How many tokens the tokenizer splits ``word`` into."""
         return len(self.pipe.tokenizer.tokenize(word))
 
+    call_kwargs: ClassVar[dict[str, Any]] = {}
+    """Keywords of the family's pipeline call beyond the common ones."""
+
     def concept_states(self, words: Sequence[str]) -> torch.Tensor:
         states = self.encode_prompts(list(words)).hidden
         out = []
