@@ -133,10 +133,22 @@ def segment(
         typer.Option(help="Candidate labels instead of --labels: each image is tagged first (as `attnseg tag`); a,b,c or repeat."),
     ] = None,
     vocabulary_file: Annotated[Path | None, typer.Option(help="Candidate labels, one a line (or comma-separated).")] = None,
+    concept: Annotated[
+        list[Path] | None,
+        typer.Option(help="A personal concept of `attnseg personalize` (repeatable): labels are then referring queries, "
+        "e.g. --labels 'a <my-mug> mug with cola'."),
+    ] = None,
+    class_word: Annotated[
+        str | None, typer.Option("--class", help="With --concept: the class of the queried objects (default: the concepts').")
+    ] = None,
 ) -> None:
     """Segment INPUT images for the given labels (or for the labels tagged from --vocabulary; or one image for
-    --point / --box / --scribble prompts); write masks, overlays, scores and JSON to --out."""
+    --point / --box / --scribble prompts; or referring queries naming personal concepts with --concept); write masks,
+    overlays, scores and JSON to --out."""
     _quiet_libraries()
+    if concept or class_word:
+        _segment_personal(inputs, labels, concept or [], class_word, model, out, seed, device, dtype, method, crf, preset)
+        return
     from attnseg.jobs.engine import ENGINES
     from attnseg.jobs.segment import segment_paths
     from attnseg.methods.registry import REAL, REGISTRY, VISUAL
@@ -384,6 +396,42 @@ def _segment_prompted(inputs, labels, labels_file, method, preset, model, out, c
     typer.echo(f"{len(prompts)} object(s) segmented -> {mask}")
 
 
+def _segment_personal(inputs, labels, concepts, class_word, model, out, seed, device, dtype, method, crf, preset) -> None:
+    """``segment --concept``: personalized referring segmentation (T2M section 5.3) of each input; ``preset`` names
+    one of ``attnseg.methods.personal.PERSONAL_PRESETS``."""
+    from attnseg.diffusion.concepts import ConceptError
+    from attnseg.jobs.personal import segment_personal_paths
+    from attnseg.methods.personal import FUNCTION_WORDS, PERSONAL_PRESETS
+
+    if method is not None or crf:
+        _err("--concept segments referring queries its own way (T2M section 5.3): drop --method and --crf")
+        raise typer.Exit(2)
+    if (preset or "default") not in PERSONAL_PRESETS:
+        _err(f"unknown preset {preset!r} for --concept: use one of {', '.join(PERSONAL_PRESETS)}")
+        raise typer.Exit(2)
+    config = PERSONAL_PRESETS[preset or "default"]
+    queries = _split_labels(labels)
+    if not queries:
+        _err("no queries given: pass --labels 'a <my-mug> mug with cola' (one query per object, repeat --labels)")
+        raise typer.Exit(2)
+    _check_inputs(inputs, True)
+    _out_folder(out)
+    predictor = _load_predictor(model, device, dtype)
+    try:
+        for c in concepts:
+            predictor.load_concept(c)
+        _warn_unknown_words(predictor, [w for q in queries for w in q.split() if w.lower() not in FUNCTION_WORDS])
+        done, failed = segment_personal_paths(
+            predictor, inputs, out, queries, class_word, config, seed, on_error=lambda src, msg: _err(f"{src}: {msg}")
+        )
+    except (ConceptError, ValueError) as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    typer.echo(f"{len(done)} segmented, {len(failed)} failed -> {out}")
+    if failed:
+        raise typer.Exit(1)
+
+
 def _split_labels(labels: list[str] | None) -> list[str]:
     """Labels given by repeating the option (``-l cat -l dog``) or as one comma-separated list (``-l cat,dog``)."""
     return [x.strip() for value in labels or [] for x in value.split(",") if x.strip()]
@@ -498,7 +546,11 @@ def eval_cmd(
 
 @app.command()
 def bench(
-    out: Annotated[Path | None, typer.Option(help="Folder for bench.json and bench.md.")] = None,
+    suite: Annotated[
+        str | None,
+        typer.Argument(help="Nothing: speed and memory. 'personal': the personalized referring segmentation benchmark."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for bench.json and bench.md (personal: personal.json, .md).")] = None,
     method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Methods (default: cross, t2m, iseg).")] = None,
     model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 5,
@@ -506,9 +558,20 @@ def bench(
     real_size: Annotated[bool, typer.Option(help="Also measure an SD 1.5-shaped UNet at 512 px (about 4 GB of RAM).")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or auto.")] = "float32",
+    scenes: Annotated[int, typer.Option(help="personal: test scenes.")] = 100,
+    steps: Annotated[int, typer.Option(help="personal: learning steps per concept.")] = 400,
+    seed: Annotated[int, typer.Option(help="personal: seed of photos, scenes, learning and noise.")] = 1,
+    threads: Annotated[int | None, typer.Option(help="CPU threads of torch (default: torch's).")] = None,
 ) -> None:
-    """Seconds per image, throughput, peak memory and the ratio to the bare model cost, per method."""
+    """Seconds per image, throughput, peak memory and the ratio to the bare model cost, per method; or, with
+    `personal`, personalized referring segmentation on ShapesWorld (concepts learned, then T2M's Table 7)."""
     _quiet_libraries()
+    if suite is not None:
+        if suite != "personal":
+            _err(f"unknown benchmark {suite!r}: give none (speed) or 'personal'")
+            raise typer.Exit(2)
+        _bench_personal(out, model, scenes, steps, seed, threads)
+        return
     from attnseg.diffusion.loading import ModelError
     from attnseg.jobs.bench import bench_markdown, run_bench
     from attnseg.methods.registry import LABELS, REAL
@@ -523,6 +586,99 @@ def bench(
         _err(str(e))
         raise typer.Exit(2) from None
     typer.echo(bench_markdown(res))
+
+
+def _progress_bar():
+    """A rich progress bar on stderr (hidden when stderr is not a terminal): ``(bar, advance(what, i, n))``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
+    tasks: dict[str, int] = {}
+
+    def advance(what: str, i: int, n: int) -> None:
+        if what not in tasks:
+            tasks[what] = bar.add_task(what, total=n)
+        bar.update(tasks[what], completed=i)
+
+    return bar, advance
+
+
+def _bench_personal(out: Path | None, model: str | None, scenes: int, steps: int, seed: int, threads: int | None) -> None:
+    import torch
+
+    from attnseg.diffusion.concepts import ConceptError
+    from attnseg.train.personal_bench import PersonalBenchConfig, markdown, run_personal_bench
+    from attnseg.train.personalize import PersonalizeConfig
+
+    if out is None:
+        _err("bench personal needs --out DIR (photos, scenes, concepts and personal.json go there)")
+        raise typer.Exit(2)
+    if scenes < 1 or steps < 1:
+        _err("--scenes and --steps must be at least 1")
+        raise typer.Exit(2)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = PersonalBenchConfig(scenes=scenes, seed=seed, learn=PersonalizeConfig(steps=steps, samples=4))
+    bar, advance = _progress_bar()
+    try:
+        with bar:
+            res = run_personal_bench(out, cfg, lambda: _load_predictor(model, "cpu", "float32"), advance)
+    except ConceptError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    typer.echo(markdown(res))
+
+
+@app.command()
+def personalize(
+    photos: Annotated[Path, typer.Argument(help="A folder of 5-10 photos of your object.")],
+    token: Annotated[str, typer.Option(help="The new word, lower case in angle brackets, e.g. '<my-mug>'.")],
+    class_word: Annotated[str, typer.Option("--class", help="What the object is, a word the model knows (e.g. mug).")],
+    out: Annotated[Path, typer.Option(help="The concept file to write (safetensors); a sample grid goes beside it.")],
+    method: Annotated[str, typer.Option(help="textual-inversion (the token alone) or custom-diffusion (+ cross-attention k/v).")] = "textual-inversion",
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 400,
+    seed: Annotated[int, typer.Option(help="Seed of batches, noise, regularisation images and samples.")] = 0,
+    model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads of torch (default: torch's).")] = None,
+) -> None:
+    """Learn a personal concept from PHOTOS (textual inversion or Custom Diffusion, T2M section 5.3); resumable: run
+    the same command again after a kill. Use it with `attnseg segment IMAGE --concept OUT --labels 'a <token> ...'`."""
+    _quiet_libraries()
+    import torch
+
+    from attnseg.diffusion.concepts import ConceptError
+    from attnseg.train.personalize import PersonalizeConfig, learn_concept, read_photos
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if steps < 1:
+        _err("--steps must be at least 1")
+        raise typer.Exit(2)
+    predictor = _load_predictor(model, device, "float32")
+    bar, advance = _progress_bar()
+    try:
+        images = read_photos(photos)
+        if len(images) < 5:
+            typer.echo(f"warning: {len(images)} photo(s) in {photos}; 5-10 of other poses and backgrounds learn better", err=True)
+        with bar:
+            concept = learn_concept(
+                predictor.pipe,
+                images,
+                token,
+                class_word,
+                out,
+                PersonalizeConfig(method=method, steps=steps, seed=seed),
+                progress=lambda s, n, _loss: advance(f"learning {token}", s, n),
+            )
+    except ConceptError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    if class_word.lower() in predictor.unknown_words([class_word]):
+        typer.echo(f"warning: the model does not know the class word {class_word!r}", err=True)
+    typer.echo(f"{concept.token} ({concept.method}, {len(images)} photos) -> {out}")
 
 
 @app.command()

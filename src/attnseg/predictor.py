@@ -22,12 +22,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnseg.diffusion.concepts import Concept, ConceptError, applied, apply_concept
+from attnseg.diffusion.concepts import load_concept as read_concept
 from attnseg.diffusion.loading import ModelError, backbone_for, load_pipeline, profile_path, read_profile
-from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt
+from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt, find_phrase_spans
 from attnseg.io.images import load_image
-from attnseg.methods.base import fused_cross
+from attnseg.methods.base import fused_cross, mean_self
 from attnseg.methods.diffseg import DiffSegConfig, assign
 from attnseg.methods.interactive import Interactive, VisualPrompt, clip_to_boxes, initial_maps
+from attnseg.methods.personal import (
+    PersonalConfig,
+    assign_af,
+    assign_bf,
+    attribution_words,
+    region_mask,
+    region_segments,
+    segment_scores,
+    spatial_affinity,
+)
 from attnseg.methods.registry import NOTHING, REAL, check_profile, get_method, names, resolve
 from attnseg.ops.maps import columns_to_images
 from attnseg.ops.refine import CRFConfig, confidence_map, dense_crf, scores_to_probs
@@ -41,6 +53,28 @@ WEAK_PRESENCE = 0.3
 """A label whose presence is below this is listed in ``weak_labels``. Chosen on validation scenes of the embedded
 model (world seed 3, one absent shape added to each scene's labels): it flags 34% of absent labels and 6% of present
 ones (docs/BENCHMARKS.md)."""
+
+
+@dataclass
+class PersonalMaps:
+    """Personalized referring segmentation of one image on the attention grid (P = h * w pixels).
+
+    fg, bg: (P,) T2M's class and background scores of the region query; region: (P,) bool; segments: (P,) ids, -1
+    outside the region; instance: (Q, P) each query's attribution map; scores: (Q, S) its segment means; bf, af: (Q,)
+    the segment of each query, each alone and all together (-1: none)."""
+
+    queries: list[str]
+    class_word: str
+    grid: tuple[int, int]
+    fg: torch.Tensor
+    bg: torch.Tensor
+    region: torch.Tensor
+    segments: torch.Tensor
+    instance: torch.Tensor
+    scores: torch.Tensor
+    bf: torch.Tensor
+    af: torch.Tensor
+    prompts: list[str]
 
 
 @dataclass
@@ -171,6 +205,122 @@ class AttnSegPredictor:
     def set_images(self, images: Sequence) -> None:
         self._images = [load_image(im) for im in images]
         self._latents, self._latent_std = self.encode_posteriors(self._images)
+
+    # ------------------------------------------------------------------ personal concepts
+
+    def load_concept(self, concept: str | Concept) -> Concept:
+        """Put a personal concept (a file of ``attnseg personalize`` or a :class:`Concept`) on the model: its token can
+        then be used in labels ("a <my-mug> mug with cola"). Refused (``ConceptError``) when learned on another model."""
+        c = read_concept(concept) if not isinstance(concept, Concept) else concept
+        apply_concept(self.pipe, c)
+        if self.vocabulary is not None:
+            self.vocabulary = [*self.vocabulary, c.token]
+        self.backbone.clear_text_cache()
+        self._prompt_cache.clear()
+        return c
+
+    @property
+    def concepts(self) -> dict[str, Concept]:
+        """{token: concept} of the loaded concepts."""
+        return dict(applied(self.pipe))
+
+    def concept_class(self, queries: Sequence[str]) -> str:
+        """The class word of the concepts named in ``queries`` (all must share one)."""
+        loaded = self.concepts
+        classes = {loaded[w].class_word for q in queries for w in q.split() if w in loaded}
+        if len(classes) != 1:
+            what = "no loaded concept" if not classes else f"concepts of several classes ({', '.join(sorted(classes))})"
+            raise ConceptError(f"the queries {list(queries)} name {what}: give the class word (class_word=..., --class)")
+        return classes.pop()
+
+    @torch.inference_mode()
+    def personal_maps(
+        self, queries: Sequence[str], class_word: str | None = None, config: PersonalConfig | None = None, seed: int = 0
+    ) -> PersonalMaps:
+        """Personalized referring segmentation (T2M section 5.3) of the image of ``set_image`` on the attention grid:
+        the class region ("a photo including <class>."), its segments, each query's attribution per segment, and
+        the bf / af assignments (:mod:`attnseg.methods.personal`)."""
+        if self._latents is None or len(self._images) != 1:
+            raise RuntimeError("call set_image(...) with one image before personal_maps(...)")
+        cfg = config or PersonalConfig()
+        queries = [" ".join(str(q).split()) for q in queries]
+        if not queries or not all(queries):
+            raise ValueError("give at least one non-empty query, e.g. 'a <my-mug> mug with cola'")
+        cls = class_word or self.concept_class(queries)
+        t2m = self.method("t2m", cfg.t2m_preset or self.default_presets.get("t2m"))
+        bb = self.backbone
+        side = int(self._latents.shape[-1])
+        plan = t2m.plan(bb.layers, side)
+        region_text = cfg.region_template.format(cls=cls)
+        texts = [region_text, *queries]
+        spans = [bb.token_spans(region_text, find_phrase_spans(region_text, [cls]), [cls])]
+        for q in queries:
+            words = attribution_words(q, cls)
+            ts = bb.token_spans(q, find_phrase_spans(q, words), words)
+            spans.append(TokenSpans(ts.input_ids, [sorted({p for sp in ts.spans for p in sp})], [q]))
+        text = bb.encode_prompts(texts)
+        g = torch.Generator().manual_seed(int(seed))
+        fg = bg = self_attn = inst = None
+        for _ in range(max(1, cfg.draws)):
+            noise = torch.randn(self._latents.shape[1:], generator=g).to(self.device, self._latents.dtype)
+            z = bb.add_noise(self._latents.expand(len(texts), -1, -1, -1), noise[None].expand(len(texts), -1, -1, -1), t2m.config.timestep)
+            store = bb.forward(z, t2m.config.timestep, text, plan.names)
+            reg = t2m.scores(store.rows([0]), spans[0], plan)[0].float()  # (P, 2): background, class
+            sa = mean_self(store.rows([0]), plan.self_names)[0].float()
+            ins = torch.stack([t2m.foreground(store.rows([i + 1]), spans[i + 1], plan)[0, :, 0].float() for i in range(len(queries))])
+            fg, bg = (reg[:, 1], reg[:, 0]) if fg is None else (fg + reg[:, 1], bg + reg[:, 0])
+            self_attn, inst = (sa, ins) if self_attn is None else (self_attn + sa, inst + ins)
+        n = max(1, cfg.draws)
+        fg, bg, self_attn, inst = fg / n, bg / n, self_attn / n, inst / n
+        region = region_mask(fg.cpu(), bg.cpu(), len(queries), cfg.region_threshold)
+        spatial = spatial_affinity(plan.grid, cfg.spatial_sigma) if cfg.spatial_sigma is not None else None
+        segments = region_segments(self_attn.cpu(), region, len(queries), max(cfg.max_segments, len(queries)), spatial)
+        table = segment_scores(inst.cpu(), segments)
+        return PersonalMaps(
+            queries=queries,
+            class_word=cls,
+            grid=plan.grid,
+            fg=fg.cpu(),
+            bg=bg.cpu(),
+            region=region,
+            segments=segments,
+            instance=inst.cpu(),
+            scores=table,
+            bf=assign_bf(table),
+            af=assign_af(table),
+            prompts=texts,
+        )
+
+    def segment_personal(
+        self, queries: Sequence[str], class_word: str | None = None, config: PersonalConfig | None = None, seed: int = 0
+    ) -> SegmentationResult:
+        """Segment the image of ``set_image`` for referring ``queries`` that may name loaded concepts
+        ("a <my-mug> mug with cola"): mask index i is the segment assigned to the i-th query (``config.assignment``:
+        "af" Hungarian over all queries, "bf" each alone). Scores: background first, then per query the indicator of
+        its segment, on the attention grid, bilinearly resized to the image (the mask is their argmax)."""
+        cfg = config or PersonalConfig()
+        if cfg.assignment not in ("af", "bf"):
+            raise ValueError(f"unknown assignment {cfg.assignment!r}: use 'af' or 'bf'")
+        pm = self.personal_maps(queries, class_word, cfg, seed)
+        img = self._images[0]
+        h, w = img.shape[:2]
+        gh, gw = pm.grid
+        chosen = pm.af if cfg.assignment == "af" else pm.bf
+        grid_scores = torch.zeros((len(pm.queries) + 1, gh * gw))
+        for q, j in enumerate(chosen.tolist()):
+            if j >= 0:
+                grid_scores[q + 1] = (pm.segments == j).float()
+        grid_scores[0] = 1 - grid_scores[1:].sum(dim=0)  # the region's unassigned segments are background too
+        up = F.interpolate(grid_scores.view(1, -1, gh, gw), size=(h, w), mode="bilinear", align_corners=False)[0]
+        settings = {**asdict(cfg), "class": pm.class_word, "seed": seed, "resolution": self.resolution}
+        settings.update(
+            prompts=pm.prompts,
+            segment_scores=[[round(float(x), 4) for x in row] for row in pm.scores],
+            bf=pm.bf.tolist(),
+            af=pm.af.tolist(),
+            concepts={t: {"class": c.class_word, "method": c.method} for t, c in self.concepts.items()},
+        )
+        return _result(img, up, None, labels=list(pm.queries), method="personal", prompt=pm.prompts[0], settings=settings)
 
     # ------------------------------------------------------------------ segmentation
 

@@ -215,6 +215,11 @@ class DiffusersBackbone:
         """How many tokens the tokenizer splits ``word`` into."""
         return len(self.pipe.tokenizer.tokenize(word))
 
+    def clear_text_cache(self) -> None:
+        """Forget the encoded prompts: after the tokenizer learned a new token (a personal concept), a text holding
+        it encodes differently."""
+        self._text_cache = TextCache(self._text_cache.size)
+
     call_kwargs: ClassVar[dict[str, Any]] = {}
     """Keywords of the family's pipeline call beyond the common ones."""
 

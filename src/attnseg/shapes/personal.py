@@ -1,0 +1,174 @@
+"""ShapesWorld's personalized referring segmentation benchmark: the analog of T2M's Mug19 (T2M section 4).
+
+A *personal instance* is a shape with a look that no caption word names: a dark pattern drawn over its body
+(:data:`LOOKS`: striped, dotted, two-tone, checkered, rimmed). Its fill colour is its *context*, as a mug's content
+("with cola") is in Mug19: the same instance appears in several colours, and a query names one, "a red <striped>
+circle". Each instance has training photos (one object, other colours, sizes, rotations and backgrounds) and every
+test scene holds 3-5 objects of the benchmark's class, each a personal instance in a colour, all queried:
+
+- a *semantic distractor* of an object is another object of the same colour (the context words do not tell them
+  apart, the learned token must);
+- a *visual distractor* is another object of the same look (the token does not tell them apart, the colour must).
+
+Splits (T2M section 4.3): ``all`` the queried objects, ``semantic`` those with a semantic distractor in their scene,
+``visual`` those with a visual distractor. Everything is a pure function of (seed, index).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from attnseg.shapes.world import COLOURS, SceneObject, _background, _rng, shape_mask
+
+LOOKS: tuple[str, ...] = ("striped", "dotted", "two-tone", "checkered", "rimmed")
+"""Patterns of the personal instances, each drawn in :data:`PATTERN_COLOUR` over the body; coarse, so that each
+spans a few cells of the 16-px latent grid."""
+PATTERN_COLOUR = np.array((35, 30, 30), np.float32)
+SPLITS: tuple[str, ...] = ("all", "semantic", "visual")
+
+
+def look_pattern(look: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Where ``look`` paints the pattern colour, at object coordinates (u, v) of unit radius."""
+    if look == "striped":
+        return np.abs(u) <= 0.3
+    if look == "dotted":
+        return u * u + v * v <= 0.4**2
+    if look == "two-tone":
+        return v < 0
+    if look == "checkered":
+        return (u < 0) == (v < 0)
+    if look == "rimmed":
+        return u * u + v * v >= 0.68**2
+    raise ValueError(f"unknown look {look!r}; known looks: {', '.join(LOOKS)}")
+
+
+def token_of(look: str) -> str:
+    """The concept token learned for ``look``: ``<striped>``, ``<two-tone>``, ..."""
+    return f"<{look}>"
+
+
+@dataclass(frozen=True)
+class PersonalObject:
+    """One object of a benchmark image: the shape, colour and pose of :class:`SceneObject`, and its look."""
+
+    obj: SceneObject
+    look: str
+
+    def query(self, kind: str = "attnseg") -> str:
+        """Its referring phrase: ``attnseg`` "a red <striped> circle" (context and subject), ``subject_only``
+        "a <striped> circle", ``context_only`` "a red circle" (T2M section 5.3's baselines)."""
+        subject = {"attnseg": True, "subject_only": True, "context_only": False}[kind]
+        context = kind != "subject_only"
+        words = ["a"] + ([self.obj.colour] if context else []) + ([token_of(self.look)] if subject else []) + [self.obj.shape]
+        return " ".join(words).replace("a orange", "an orange")
+
+
+@dataclass
+class PersonalScene:
+    """An image with its objects; ``instance`` (H, W) uint8: 0 background, i = ``objects[i - 1]`` (visible part)."""
+
+    image: np.ndarray
+    instance: np.ndarray
+    objects: list[PersonalObject]
+
+    def splits(self, i: int) -> list[str]:
+        """The splits object ``i`` (0-based) belongs to."""
+        me = self.objects[i]
+        others = [o for j, o in enumerate(self.objects) if j != i]
+        out = ["all"]
+        if any(o.obj.colour == me.obj.colour for o in others):
+            out.append("semantic")
+        if any(o.look == me.look for o in others):
+            out.append("visual")
+        return out
+
+
+def _coverage(obj: SceneObject, look: str | None, size: int, supersample: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(size, size) coverages in [0, 1] of the object and of its pattern (supersampled, as ShapesWorld renders)."""
+    s = supersample
+    xs = (np.arange(size * s) + 0.5) / s
+    gx, gy = np.meshgrid(xs - obj.cx, xs - obj.cy)
+    c, si = math.cos(obj.angle), math.sin(obj.angle)
+    u = (c * gx + si * gy) / obj.radius
+    v = (-si * gx + c * gy) / obj.radius
+    body = shape_mask(obj.shape, u, v)
+    pattern = body & look_pattern(look, u, v) if look else np.zeros_like(body)
+
+    def pool(m: np.ndarray) -> np.ndarray:
+        return m.astype(np.float32).reshape(size, s, size, s).mean(axis=(1, 3))
+
+    return pool(body), pool(pattern)
+
+
+def render(objects: list[PersonalObject], rng: np.random.Generator, size: int = 64) -> PersonalScene:
+    """Draw ``objects`` in order (later on top) on a ShapesWorld background, with its shading and pixel noise."""
+    img = _background(rng, size)
+    instance = np.zeros((size, size), np.uint8)
+    for i, po in enumerate(objects, start=1):
+        body, pattern = _coverage(po.obj, po.look, size)
+        col = np.asarray(COLOURS[po.obj.colour], np.float32) + rng.uniform(-12, 12, 3)
+        shade = 1.0 + 0.08 * rng.normal()
+        fill = (col * shade)[None, None] * (1 - pattern[..., None]) + PATTERN_COLOUR * pattern[..., None]
+        img = img * (1 - body[..., None]) + fill * body[..., None]
+        instance[body >= 0.5] = i
+    img += rng.normal(0, 3.0, size=img.shape)
+    return PersonalScene(np.clip(np.rint(img), 0, 255).astype(np.uint8), instance, list(objects))
+
+
+def _place(rng: np.random.Generator, n: int, size: int, radius: tuple[float, float]) -> list[tuple[float, float, float]]:
+    """``n`` (cx, cy, r) that do not overlap (rejection sampling; radii shrink if a scene does not fit)."""
+    lo, hi = radius
+    for attempt in range(200):
+        shrink = 0.97 ** (attempt // 20)
+        out: list[tuple[float, float, float]] = []
+        for _ in range(n):
+            r = rng.uniform(lo, hi) * size * shrink
+            for _try in range(40):
+                cx, cy = rng.uniform(r, size - r, 2)
+                if all(math.hypot(cx - x, cy - y) >= r + q + 1 for x, y, q in out):
+                    out.append((float(cx), float(cy), float(r)))
+                    break
+        if len(out) == n:
+            return out
+    raise RuntimeError(f"could not place {n} objects in a {size}-px image")
+
+
+def training_photos(look: str, shape: str, n: int, seed: int, size: int = 64) -> list[np.ndarray]:
+    """``n`` photos of the personal instance (``shape`` with ``look``): one object each, in every colour in turn
+    (its contexts), other sizes, rotations, places and backgrounds."""
+    colours = list(COLOURS)
+    photos = []
+    for i in range(n):
+        rng = _rng(seed, 100_000 + LOOKS.index(look) * 1000 + i)
+        ((cx, cy, r),) = _place(rng, 1, size, (0.2, 0.34))
+        colour = colours[(i + LOOKS.index(look)) % len(colours)]
+        obj = SceneObject(colour, shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
+        photos.append(render([PersonalObject(obj, look)], rng, size).image)
+    return photos
+
+
+def test_scene(index: int, seed: int, shape: str, looks: tuple[str, ...] = LOOKS, size: int = 64) -> PersonalScene:
+    """Test scene ``index``: 3-5 objects of ``shape``, distinct (look, colour) pairs; even scenes are built around a
+    semantic distractor pair (one colour, two looks), odd ones around a visual one (one look, two colours); the other
+    objects are drawn at random, so that scenes hold both kinds too."""
+    rng = _rng(seed, 200_000 + index)
+    n = int(rng.integers(3, 6))
+    colours = list(COLOURS)
+    pairs: list[tuple[str, str]] = []
+    la, lb = (str(x) for x in rng.choice(looks, 2, replace=False))
+    ca, cb = (str(x) for x in rng.choice(colours, 2, replace=False))
+    pairs += [(la, ca), (lb, ca)] if index % 2 == 0 else [(la, ca), (la, cb)]
+    while len(pairs) < n:
+        p = (str(rng.choice(looks)), str(rng.choice(colours)))
+        if p not in pairs:
+            pairs.append(p)
+    order = rng.permutation(n)
+    places = _place(rng, n, size, (0.11, 0.15))
+    objs = [
+        PersonalObject(SceneObject(pairs[k][1], shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi))), pairs[k][0])
+        for k, (cx, cy, r) in zip(order, places, strict=True)
+    ]
+    return render(objs, rng, size)
