@@ -132,6 +132,20 @@ def test_bench_table_shows_the_bare_time_each_ratio_comes_from():
     assert "| t2m | 0.0220 | 0.0200 | 1.10 | 45.0 | 510 |" in md and "| bare | 0.0200 | - | 1 (reference) |" in md
 
 
+def test_bench_families_writes_the_table_of_bench_families(tmp_path, monkeypatch):
+    row = {"layers": 24, "seconds": 3.0, "time_ratio": 2.0, "peak_rss_mb": 1100, "peak_ratio_total": 1.1}
+    res = {"sd3": {"plain": {"seconds": 1.5, "peak_rss_mb": 1000}, "weights_rss_mb": 900}}
+    res["sd3"]["cross:default"] = {**row, "peak_ratio_above_weights": 2.0, "captured_mb": 12}
+    monkeypatch.setattr("attnseg.jobs.bench.bench_families", lambda: res)
+    r = CliRunner().invoke(app, ["bench", "families", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    line = "| sd3 | cross:default | 24 | 3.0 | 2.00 | 1100 | 1.10 | 2.00 | 12 |"
+    assert line in r.output and line in (tmp_path / "b" / "families.md").read_text()
+    assert json.loads((tmp_path / "b" / "families.json").read_text()) == res
+    r = CliRunner().invoke(app, ["bench", "nope"])
+    assert r.exit_code == 2 and "give none (speed), 'families' or 'personal'" in r.output
+
+
 def test_per_class_chart_fits_long_class_names():
     from attnseg.io.reports import bar_chart
 

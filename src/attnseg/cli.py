@@ -548,7 +548,10 @@ def eval_cmd(
 def bench(
     suite: Annotated[
         str | None,
-        typer.Argument(help="Nothing: speed and memory. 'personal': the personalized referring segmentation benchmark."),
+        typer.Argument(
+            help="Nothing: speed and memory. 'families': capture on SDXL-, SD3- and Flux-shaped denoisers at 1024 px "
+            "(random weights; about 12 GB of RAM). 'personal': the personalized referring segmentation benchmark."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for bench.json and bench.md (personal: personal.json, .md).")] = None,
     method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Methods (default: cross, t2m, iseg).")] = None,
@@ -563,15 +566,19 @@ def bench(
     seed: Annotated[int, typer.Option(help="personal: seed of photos, scenes, learning and noise.")] = 1,
     threads: Annotated[int | None, typer.Option(help="CPU threads of torch (default: torch's).")] = None,
 ) -> None:
-    """Seconds per image, throughput, peak memory and the ratio to the bare model cost, per method; or, with
-    `personal`, personalized referring segmentation on ShapesWorld (concepts learned, then T2M's Table 7)."""
+    """Seconds per image, throughput, peak memory and the ratio to the bare model cost, per method; with `families`,
+    the same for capture on the newer families' denoisers; with `personal`, personalized referring segmentation on
+    ShapesWorld (concepts learned, then T2M's Table 7)."""
     _quiet_libraries()
-    if suite is not None:
-        if suite != "personal":
-            _err(f"unknown benchmark {suite!r}: give none (speed) or 'personal'")
-            raise typer.Exit(2)
+    if suite == "personal":
         _bench_personal(out, model, scenes, steps, seed, threads)
         return
+    if suite == "families":
+        _bench_families(out)
+        return
+    if suite is not None:
+        _err(f"unknown benchmark {suite!r}: give none (speed), 'families' or 'personal'")
+        raise typer.Exit(2)
     from attnseg.diffusion.loading import ModelError
     from attnseg.jobs.bench import bench_markdown, run_bench
     from attnseg.methods.registry import LABELS, REAL
@@ -586,6 +593,21 @@ def bench(
         _err(str(e))
         raise typer.Exit(2) from None
     typer.echo(bench_markdown(res))
+
+
+def _bench_families(out: Path | None) -> None:
+    """Capture on SDXL-, SD3- and Flux-shaped denoisers at 1024 px: a table, and ``OUT/families.json`` / ``.md``."""
+    from attnseg.io.files import atomic_write_bytes
+    from attnseg.jobs.bench import bench_families, families_markdown
+
+    if out is not None:
+        _out_folder(out)
+    res = bench_families()
+    table = families_markdown(res)
+    if out is not None:
+        atomic_write_bytes(out / "families.json", json.dumps(res, indent=1).encode())
+        atomic_write_bytes(out / "families.md", table.encode())
+    typer.echo(table, nl=False)
 
 
 def _progress_bar():
