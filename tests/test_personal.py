@@ -318,6 +318,12 @@ def test_cli_personalize_then_segment_a_new_scene(tiny_pipe_dir, tmp_path):
     assert mask.shape == scene.image.shape[:2] and set(np.unique(mask)) <= {0, 1, 2}
     scores = np.load(tmp_path / "o" / "scene_scores.npz")["scores"]
     assert scores.shape == (3, *scene.image.shape[:2])
+    assert set(meta["settings"]["concepts"]["<my-x>"]) == {"class", "method", "digest"}
+    # run again: the image is done; with other queries it is segmented again
+    r = runner.invoke(app, [*seg, "--labels", queries[0], "--labels", queries[1], "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0 and "0 segmented, 1 already done" in r.output, r.output
+    r = runner.invoke(app, [*seg, "--labels", queries[0], "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0 and "1 segmented, 0 already done" in r.output, r.output
     # the concept belongs to this model: another one refuses it, naming both
     from attnseg.testing import save_tiny_pipeline
 

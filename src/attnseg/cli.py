@@ -421,13 +421,13 @@ def _segment_personal(inputs, labels, concepts, class_word, model, out, seed, de
         for c in concepts:
             predictor.load_concept(c)
         _warn_unknown_words(predictor, [w for q in queries for w in q.split() if w.lower() not in FUNCTION_WORDS])
-        done, failed = segment_personal_paths(
+        done, skipped, failed = segment_personal_paths(
             predictor, inputs, out, queries, class_word, config, seed, on_error=lambda src, msg: _err(f"{src}: {msg}")
         )
     except (ConceptError, ValueError) as e:
         _err(str(e))
         raise typer.Exit(2) from None
-    typer.echo(f"{len(done)} segmented, {len(failed)} failed -> {out}")
+    typer.echo(f"{len(done)} segmented, {len(skipped)} already done, {len(failed)} failed -> {out}")
     if failed:
         raise typer.Exit(1)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnseg.diffusion.concepts import Concept, ConceptError, applied, apply_concept
+from attnseg.diffusion.concepts import Concept, ConceptError, applied, apply_concept, concept_digest
 from attnseg.diffusion.concepts import load_concept as read_concept
 from attnseg.diffusion.loading import ModelError, backbone_for, load_pipeline, profile_path, read_profile
 from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt, find_phrase_spans
@@ -224,6 +224,10 @@ class AttnSegPredictor:
         """{token: concept} of the loaded concepts."""
         return dict(applied(self.pipe))
 
+    def concept_record(self) -> dict[str, dict[str, str]]:
+        """{token: {class, method, digest}} of the loaded concepts, as a personal result's settings record them."""
+        return {t: {"class": c.class_word, "method": c.method, "digest": concept_digest(c)} for t, c in self.concepts.items()}
+
     def concept_class(self, queries: Sequence[str]) -> str:
         """The class word of the concepts named in ``queries`` (all must share one)."""
         loaded = self.concepts
@@ -318,7 +322,7 @@ class AttnSegPredictor:
             segment_scores=[[round(float(x), 4) for x in row] for row in pm.scores],
             bf=pm.bf.tolist(),
             af=pm.af.tolist(),
-            concepts={t: {"class": c.class_word, "method": c.method} for t, c in self.concepts.items()},
+            concepts=self.concept_record(),
         )
         return _result(img, up, None, labels=list(pm.queries), method="personal", prompt=pm.prompts[0], settings=settings)
 

@@ -152,6 +152,16 @@ def apply_concept(pipe, concept: Concept) -> None:
     applied(pipe)[concept.token] = concept
 
 
+def concept_digest(concept: Concept) -> str:
+    """A digest of what a concept adds to the model (its embedding row and weight changes): two files with the same
+    digest segment alike."""
+    h = hashlib.sha256(concept.embedding.detach().float().cpu().numpy().tobytes())
+    for name in sorted(concept.kv):
+        h.update(name.encode())
+        h.update(concept.kv[name].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_concept(concept: Concept) -> bytes:
     """The safetensors bytes of ``concept`` (write them with ``attnseg.io.files.atomic_write_bytes``)."""
     from safetensors.torch import save

@@ -2,12 +2,16 @@
 
 Each image gets the four files of ``attnseg segment`` (``<stem>.png``: 0 background, i the segment assigned to the
 i-th query; ``<stem>.json``, ``<stem>_overlay.png``, ``<stem>_scores.npz``); the JSON's settings add the class, the
-prompts, the (query x segment) attribution table and both assignments (``bf``, ``af``).
+prompts, the (query x segment) attribution table and both assignments (``bf``, ``af``). An image whose JSON records
+the same queries, model, settings and concepts (by digest) is done and skipped when the command is run again; the
+JSON is written last, so a run killed mid-image redoes that image.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from attnseg.io.images import ImageError, list_images, load_image
@@ -24,11 +28,21 @@ def segment_personal_paths(
     config: PersonalConfig | None = None,
     seed: int = 0,
     on_error: Callable[[str, str], None] | None = None,
-) -> tuple[list[str], list[str]]:
-    """Segment every image of ``inputs`` (files or folders) for ``queries``; (written sources, failed sources)."""
+) -> tuple[list[str], list[str], list[str]]:
+    """Segment every image of ``inputs`` (files or folders) for ``queries``: (written, skipped as done, failed)."""
     out = Path(out)
-    done, failed = [], []
+    cfg = config or PersonalConfig()
+    request = {
+        **asdict(cfg),
+        "class": class_word or predictor.concept_class(queries),
+        "seed": seed,
+        "concepts": predictor.concept_record(),
+    }
+    done, skipped, failed = [], [], []
     for path in list_images(inputs):
+        if _is_done(out / f"{path.stem}.json", queries, predictor.model_name, request):
+            skipped.append(str(path))
+            continue
         try:
             image = load_image(path)
         except ImageError as e:
@@ -37,7 +51,22 @@ def segment_personal_paths(
                 on_error(str(path), str(e))
             continue
         predictor.set_image(image)
-        res = predictor.segment_personal(queries, class_word, config, seed)
+        res = predictor.segment_personal(queries, class_word, cfg, seed)
         write_outputs(out, path.stem, image, res, predictor.model_name, str(path))
         done.append(str(path))
-    return done, failed
+    return done, skipped, failed
+
+
+def _is_done(meta_path: Path, queries: Sequence[str], model: str, request: dict) -> bool:
+    """True when ``meta_path`` records this very request: queries, model, and every setting of ``request``."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    st = meta.get("settings", {})
+    return (
+        meta.get("method") == "personal"
+        and meta.get("labels") == list(queries)
+        and meta.get("model") == model
+        and all(st.get(k) == v for k, v in request.items())
+    )
