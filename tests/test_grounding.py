@@ -364,3 +364,4 @@ def test_attnseg_generate_method_grounding_writes_the_modules_masks(tiny_pipe_di
     assert r.exit_code == 2 and "takes none" in r.output
     r = CliRunner().invoke(app, [*gen[:2], str(tmp_path / "g3"), *gen[3:], "--method", "grounding"])  # the shipped module
     assert r.exit_code == 2 and "train a module for this model" in r.output
+    assert not (tmp_path / "g3" / "run.json").exists()  # refused before the run started

@@ -759,6 +759,14 @@ def generate(
     _out_folder(out)
     predictor = _load_predictor(model, device, dtype)
     _warn_unknown_words(predictor, cls)
+    if method == "grounding":
+        from attnseg.grounder import Grounder, GroundingError
+
+        try:  # before any file is written: a module from another model is refused here
+            Grounder.from_folder(predictor.backbone, module).check()
+        except GroundingError as e:
+            _err(str(e))
+            raise typer.Exit(2) from None
     from attnseg.diffusion.prompts import PromptError
     from attnseg.generator import label_token_spans
 

@@ -183,6 +183,17 @@ class Grounder:
         return self._items(prompts, labels, images, feats.by_side())
 
     @torch.inference_mode()
+    def check(self) -> None:
+        """A :class:`GroundingError` now, not after a first generation, when this model's features are not those the
+        module was trained on (one denoiser forward of a blank image)."""
+        blank = np.zeros((self.backbone.native_resolution,) * 2 + (3,), np.uint8)
+        latents = self.backbone.encode_images([blank], self.backbone.native_resolution)
+        with block_features(self.backbone.denoiser) as feats:
+            self.backbone.forward(latents, 1, self.backbone.encode_prompts([""]))
+        self._check(feats.by_side())
+        self.queries([["object"]])
+
+    @torch.inference_mode()
     def segment(
         self, image: np.ndarray, labels: Sequence[str], timestep: int = 1, prompt: str | None = None, seed: int = 0
     ) -> GroundedItem:
