@@ -134,3 +134,10 @@ def test_the_method_segments_on_sd3_and_flux_and_a_unet_refuses_it(sd3, flux, pr
     predictor.set_image(img)
     with pytest.raises(ValueError, match="take no concept tokens"):
         predictor.segment(["circle"], method="concept-attention")
+
+
+def test_seg4diff_reads_one_joint_block_of_sd3(sd3):
+    from attnseg.methods.registry import get_method
+
+    plan = get_method("cross", "seg4diff").plan(sd3.backbone.layers, 16)
+    assert list(plan.cross) == ["transformer_blocks.1.attn:cross"]  # block 9 of 24; here clipped to the last of 2

@@ -44,6 +44,10 @@ CROSS_PRESETS: dict[str, CrossConfig] = {
     # background; the threshold is the one T2M's ablation sweeps (its figure 8). Layers: the decoder's ("chosen
     # layers" of the baseline; the 4-px mid block of this model is inverted and its encoder layers localise colours).
     "embedded": CrossConfig(cross=LayerSelect(kind="cross", blocks=("up",)), bg_threshold=0.7),
+    # Seg4Diff (Kim et al. 2025): one joint block of SD3, block 9 of 24, its "semantic grounding expert", read alone
+    # (its image-to-text attention); on a smaller transformer the slice is clipped to its last block. The scoring
+    # stays the baseline's, so this preset differs from `default` in its layer only.
+    "seg4diff": CrossConfig(cross=LayerSelect(kind="cross", blocks=("joint",), take=(9, 10))),
 }
 
 
