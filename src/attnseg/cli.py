@@ -316,7 +316,9 @@ def tag(
     batch_size: Annotated[int, typer.Option(help="Images tagged together.")] = 4,
 ) -> None:
     """Which candidate labels are in each image, asked of the diffusion model (the diffusion classifier): prints the
-    chosen labels with their scores, the share of the denoising error each one removed."""
+    chosen labels in the order chosen, each with its score, the share of the caption's denoising error it removed when
+    added. The first label is the best of the vocabulary even when its score is negative (its caption denoises worse
+    than the empty prompt, common in scenes of several objects); later ones are added while they remove >= 3%."""
     _quiet_libraries()
     vocab = _vocabulary(vocabulary, vocabulary_file)
     if vocab is None:
