@@ -196,6 +196,34 @@ def test_concept_of_another_model_is_refused_naming_both(fresh_pipe, tmp_path):
         apply_concept(other, c)
 
 
+def test_the_fingerprint_is_one_models_in_any_dtype_and_a_checkpoint_is_its_models(tiny_pipe_dir, fresh_pipe, tmp_path):
+    from attnseg.diffusion.concepts import same_model
+    from attnseg.diffusion.loading import load_pipeline
+    from attnseg.testing import save_tiny_pipeline
+    from attnseg.train.personalize import PersonalizeConfig, config_key
+
+    bf16 = load_pipeline(tiny_pipe_dir, device="cpu", dtype="bfloat16")
+    fp32, low = fingerprint(fresh_pipe), fingerprint(bf16)
+    assert fp32 != low and same_model(fp32, low)  # rounded weights, one model
+    other = load_pipeline(save_tiny_pipeline(tmp_path / "other", seed=1), device="cpu", dtype="float32")
+    assert not same_model(fp32, fingerprint(other))
+    photos = [np.zeros((8, 8, 3), np.uint8)]
+    keys = {config_key(PersonalizeConfig(), "<my-x>", "circle", photos, fp) for fp in (fp32, fingerprint(other))}
+    assert len(keys) == 2  # a checkpoint learned on one model is not resumed on another
+
+
+def test_a_model_that_predicts_v_is_refused():
+    from diffusers import DDIMScheduler
+
+    from attnseg.testing import build_tiny_pipeline
+    from attnseg.train.personalize import PersonalizeConfig, learn_concept
+
+    pipe = build_tiny_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    with pytest.raises(ConceptError, match="predicts 'v_prediction'"):
+        learn_concept(pipe, [np.zeros((64, 64, 3), np.uint8)], "<my-x>", "circle", "c.safetensors", PersonalizeConfig(steps=1))
+
+
 def test_bad_concept_files_and_tokens(tmp_path):
     with pytest.raises(ConceptError, match="does not exist"):
         load_concept(tmp_path / "none.safetensors")
@@ -324,6 +352,12 @@ def test_cli_personalize_then_segment_a_new_scene(tiny_pipe_dir, tmp_path):
     assert r.exit_code == 0 and "0 segmented, 1 already done" in r.output, r.output
     r = runner.invoke(app, [*seg, "--labels", queries[0], "--out", str(tmp_path / "o")])
     assert r.exit_code == 0 and "1 segmented, 0 already done" in r.output, r.output
+    for d in ("a", "b"):  # two inputs of one file name: the second is refused, not skipped as done
+        (tmp_path / d).mkdir()
+        Image.fromarray(scene.image).save(tmp_path / d / "scene.png")
+    two = [seg[0], str(tmp_path / "a"), str(tmp_path / "b"), *seg[2:], "--labels", queries[0], "--out", str(tmp_path / "o3")]
+    r = runner.invoke(app, two)
+    assert r.exit_code == 1 and "1 segmented, 0 already done, 1 failed" in r.output and "same file name stem" in r.output
     # the concept belongs to this model: another one refuses it, naming both
     from attnseg.testing import save_tiny_pipeline
 

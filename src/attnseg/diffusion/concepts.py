@@ -78,14 +78,35 @@ def check_pipeline(pipe) -> None:
 
 
 def fingerprint(pipe) -> str:
-    """Digest of what identifies a pipeline and no concept changes: the text encoder's original token rows and the
-    UNet's first convolution."""
+    """What identifies a pipeline and no concept changes, whatever the dtype it was loaded in: four statistics (mean,
+    mean absolute value, root mean square, mean against a ramp over the elements) of the text encoder's original token
+    rows and of the UNet's first convolution, as text; :func:`same_model` compares two within rounding."""
     check_pipeline(pipe)
-    h = hashlib.sha256()
     table = pipe.text_encoder.get_input_embeddings().weight[: base_vocab_size(pipe)]
+    stats = []
     for t in (table, pipe.unet.conv_in.weight):
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+        x = t.detach().float().cpu().flatten()
+        ramp = torch.linspace(-1, 1, len(x))
+        stats += [x.mean(), x.abs().mean(), x.square().mean().sqrt(), (x * ramp).mean()]
+    return ",".join(f"{float(v):.6e}" for v in stats)
+
+
+def same_model(a: str, b: str, rtol: float = 1e-3) -> bool:
+    """Whether two :func:`fingerprint` s are of one model: each statistic within ``rtol`` of its tensor's mean
+    absolute value, which fp16 / bf16 rounding of the weights stays far below (random rounding errors average out
+    over the elements) and another model's weights do not."""
+    try:
+        x = [float(v) for v in a.split(",")]
+        y = [float(v) for v in b.split(",")]
+    except ValueError:
+        return a == b
+    if len(x) != len(y) or len(x) % 4:
+        return False
+    for i in range(0, len(x), 4):
+        scale = max(abs(x[i + 1]), abs(y[i + 1]), 1e-12)
+        if any(abs(u - v) > rtol * scale for u, v in zip(x[i : i + 4], y[i : i + 4], strict=True)):
+            return False
+    return True
 
 
 def token_id(pipe, token: str) -> int | None:
@@ -133,7 +154,7 @@ def apply_concept(pipe, concept: Concept) -> None:
     """
     own = fingerprint(pipe)
     model = getattr(pipe, "attnseg_model_name", type(pipe).__name__)
-    if concept.fingerprint != own:
+    if not same_model(concept.fingerprint, own):
         raise ConceptError(
             f"concept {concept.token} was learned on model {concept.model!r} (fingerprint {concept.fingerprint}), "
             f"not on this one, {model!r} (fingerprint {own}); learn it again on this model with `attnseg personalize`"
@@ -194,6 +215,9 @@ def load_concept(path: str | Path) -> Concept:
         raise ConceptError(f"{path} is not a concept file (safetensors): {e}") from None
     if meta.get("format") != FORMAT or "embedding" not in tensors:
         raise ConceptError(f"{path} is not an attnseg concept file (format {meta.get('format')!r}, expected {FORMAT!r})")
+    missing = [k for k in ("token", "class", "method") if k not in meta]
+    if missing:
+        raise ConceptError(f"{path} lacks {', '.join(missing)} in its metadata: learn it again with `attnseg personalize`")
     return Concept(
         token=check_token(meta["token"]),
         class_word=meta["class"],

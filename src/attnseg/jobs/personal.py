@@ -39,7 +39,14 @@ def segment_personal_paths(
         "concepts": predictor.concept_record(),
     }
     done, skipped, failed = [], [], []
+    seen: dict[str, Path] = {}
     for path in list_images(inputs):
+        if path.stem in seen:  # its outputs would overwrite the other's
+            failed.append(str(path))
+            if on_error:
+                on_error(str(path), f"same file name stem as {seen[path.stem]}; outputs would collide, rename one of them")
+            continue
+        seen[path.stem] = path
         if _is_done(out / f"{path.stem}.json", queries, predictor.model_name, request):
             skipped.append(str(path))
             continue

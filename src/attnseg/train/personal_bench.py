@@ -13,6 +13,7 @@ Layout of ``out``: ``photos/<look>/NN.png`` (the training photos), ``scenes/NNNN
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -61,16 +62,29 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def photos_dir(out: Path, cfg: PersonalBenchConfig, look: str) -> Path:
+    """The training photos of ``look``: one folder per seed and photo count, so that another run never reuses them."""
+    return out / "photos" / f"seed{cfg.seed}-n{cfg.photos}" / look
+
+
+def concept_path(out: Path, cfg: PersonalBenchConfig, method: str, look: str) -> Path:
+    """The concept file of ``look`` learned by ``method``, named by a digest of the learning settings and the photos'
+    folder, so that a run with other settings learns its own instead of reusing another's."""
+    record = {**asdict(replace(cfg.learn, method=method)), "photos": str(photos_dir(out, cfg, look).relative_to(out))}
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    return out / "concepts" / method / f"{look}-{key}.safetensors"
+
+
 def build_benchmark(out: Path, cfg: PersonalBenchConfig) -> list[PersonalScene]:
     """Write the training photos and test images under ``out``; the test scenes."""
     for look in cfg.looks:
         for i, im in enumerate(training_photos(look, cfg.shape, cfg.photos, cfg.seed)):
-            path = out / "photos" / look / f"{i:02d}.png"
+            path = photos_dir(out, cfg, look) / f"{i:02d}.png"
             if not path.is_file():
                 atomic_write_bytes(path, _png(im))
     scenes = [test_scene(i, cfg.seed, cfg.shape, cfg.looks) for i in range(cfg.scenes)]
     for i, sc in enumerate(scenes):
-        path = out / "scenes" / f"{i:04d}.png"
+        path = out / "scenes" / f"seed{cfg.seed}" / f"{i:04d}.png"
         if not path.is_file():
             atomic_write_bytes(path, _png(sc.image))
     return scenes
@@ -157,12 +171,12 @@ def run_personal_bench(
         t0 = time.time()
         files = []
         for look in cfg.looks:
-            path = out / "concepts" / method / f"{look}.safetensors"
+            path = concept_path(out, cfg, method, look)
             if not path.is_file():
                 learner = make()
                 learn_concept(
                     learner.pipe,
-                    read_photos(out / "photos" / look),
+                    read_photos(photos_dir(out, cfg, look)),
                     token_of(look),
                     cfg.shape,
                     path,

@@ -80,9 +80,13 @@ class PersonalizeConfig:
     """Images of the sample grid (0: none)."""
 
 
-def config_key(cfg: PersonalizeConfig, token: str, class_word: str, photos: Sequence[np.ndarray]) -> str:
-    """Digest of what a checkpoint belongs to: the settings (but the checkpoint interval), token, class and photos."""
-    h = hashlib.sha256(json.dumps({**asdict(cfg), "ckpt_every": 0, "token": token, "class": class_word}).encode())
+def config_key(
+    cfg: PersonalizeConfig, token: str, class_word: str, photos: Sequence[np.ndarray], model: str = ""
+) -> str:
+    """Digest of what a checkpoint belongs to: the settings (but the checkpoint interval), token, class, photos and the
+    model's fingerprint (a checkpoint of another model is not resumed)."""
+    record = {**asdict(cfg), "ckpt_every": 0, "token": token, "class": class_word, "model": model}
+    h = hashlib.sha256(json.dumps(record).encode())
     for p in photos:
         h.update(np.ascontiguousarray(p).tobytes())
     return h.hexdigest()[:16]
@@ -180,8 +184,14 @@ def learn_concept(
     if cfg.steps < 1 or cfg.batch < 1:
         raise ConceptError("steps and batch must be at least 1")
     out = Path(out)
-    key = config_key(cfg, token, class_word, photos)
+    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise ConceptError(
+            f"concepts are learned on noise-predicting models; this one predicts {kind!r} (e.g. SD 2.x at 768 px): use "
+            "a model whose scheduler's prediction_type is 'epsilon' (SD 1.x, SD 2.x base at 512 px)"
+        )
     fp = fingerprint(pipe)
+    key = config_key(cfg, token, class_word, photos, fp)
     model = getattr(pipe, "attnseg_model_name", type(pipe).__name__)
     unet, te = pipe.unet, pipe.text_encoder
     for m in (unet, te, pipe.vae):
