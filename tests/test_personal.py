@@ -380,3 +380,13 @@ def test_concepts_refuse_pipelines_of_other_families():
     for pipe in (TwoEncoders(), Transformer()):
         with pytest.raises(ConceptError, match=r"Stable Diffusion 1\.x / 2\.x"):
             check_pipeline(pipe)
+
+
+def test_a_segment_chosen_by_several_queries_goes_to_the_one_scoring_it_highest():
+    from attnseg.predictor import mask_segments
+
+    scores = torch.tensor([[0.2, 0.9, 0.1], [0.1, 0.8, 0.3], [0.5, 0.95, 0.0]])
+    bf = torch.tensor([1, 1, 1])  # every query alone takes segment 1
+    assert mask_segments(bf, scores).tolist() == [-1, -1, 1]
+    assert mask_segments(torch.tensor([1, 2, 0]), scores).tolist() == [1, 2, 0]  # af: distinct already
+    assert mask_segments(torch.tensor([-1, 2, 2]), scores).tolist() == [-1, 2, -1]

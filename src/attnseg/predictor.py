@@ -140,6 +140,19 @@ def _settings(method) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
+def mask_segments(chosen: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The segment each query's mask shows (-1: none), from the assignment ``chosen`` (Q,) and the (Q, S) scores: a
+    segment that several queries chose (bf, each query alone) goes to the one that scores it highest, the others get
+    no mask; a mask is one segment of one query."""
+    out = chosen.clone()
+    for j in set(out.tolist()) - {-1}:
+        qs = (out == j).nonzero().flatten()
+        if len(qs) > 1:
+            keep = qs[scores[qs, j].argmax()]
+            out[qs[qs != keep]] = -1
+    return out
+
+
 class AttnSegPredictor:
     """Open-vocabulary segmentation of real images from a diffusion model's attention.
 
@@ -309,7 +322,7 @@ class AttnSegPredictor:
         img = self._images[0]
         h, w = img.shape[:2]
         gh, gw = pm.grid
-        chosen = pm.af if cfg.assignment == "af" else pm.bf
+        chosen = mask_segments(pm.af if cfg.assignment == "af" else pm.bf, pm.scores)
         grid_scores = torch.zeros((len(pm.queries) + 1, gh * gw))
         for q, j in enumerate(chosen.tolist()):
             if j >= 0:
@@ -322,6 +335,7 @@ class AttnSegPredictor:
             segment_scores=[[round(float(x), 4) for x in row] for row in pm.scores],
             bf=pm.bf.tolist(),
             af=pm.af.tolist(),
+            masks=chosen.tolist(),
             concepts=self.concept_record(),
         )
         return _result(img, up, None, labels=list(pm.queries), method="personal", prompt=pm.prompts[0], settings=settings)
