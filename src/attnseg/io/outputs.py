@@ -55,15 +55,20 @@ def write_outputs(out: Path, stem: str, image: np.ndarray, result, model_name: s
     atomic_write_bytes(out / f"{stem}.json", json.dumps(meta, indent=1, default=str).encode())
 
 
+def read_meta(meta_path: Path) -> dict | None:
+    """The JSON of an image's outputs, or None when there is none or it cannot be read (the image is not done)."""
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def is_done(meta_path: Path, labels: Sequence[str] | None, method: str, preset, model: str, seed: int, crf: bool, draws) -> bool:
     """True when ``meta_path`` records this very request (labels, method, preset, model, seed, CRF, draws).
 
     ``labels`` None: any (an unsupervised method names its segments itself)."""
-    if not meta_path.exists():
-        return False
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    meta = read_meta(meta_path)
+    if meta is None:
         return False
     st = meta.get("settings", {})
     return (

@@ -9,13 +9,12 @@ JSON is written last, so a run killed mid-image redoes that image.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from attnseg.io.images import ImageError, list_images, load_image
-from attnseg.io.outputs import write_outputs
+from attnseg.io.outputs import read_meta, write_outputs
 from attnseg.methods.personal import PersonalConfig
 
 
@@ -66,9 +65,8 @@ def segment_personal_paths(
 
 def _is_done(meta_path: Path, queries: Sequence[str], model: str, request: dict) -> bool:
     """True when ``meta_path`` records this very request: queries, model, and every setting of ``request``."""
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    meta = read_meta(meta_path)
+    if meta is None:
         return False
     st = meta.get("settings", {})
     return (
