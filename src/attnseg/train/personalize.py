@@ -201,19 +201,23 @@ def learn_concept(
         prior = _latents(pipe, list(_generate(pipe, f"a photo of a {class_word}", cfg.prior_images, cfg.seed)))
     tid = add_token(pipe, token, word_embedding(pipe, class_word))
     table = te.get_input_embeddings().weight
-    frozen_rows = table.detach().clone()
+    # Only the new token's row learns: the optimiser (and a checkpoint) holds that row alone, and takes its gradient
+    # from the table's; the table gets the row back after each step.
+    row = torch.nn.Parameter(table[tid].detach().float().clone())
     kv_mods = cross_kv_modules(unet) if cfg.method == "custom-diffusion" else {}
     kv_orig = {k: m.weight.detach().clone() for k, m in kv_mods.items()}
     table.requires_grad_(True)
-    groups = [{"params": [table], "lr": cfg.lr}]
+    groups = [{"params": [row], "lr": cfg.lr}]
     if kv_mods:
         for m in kv_mods.values():
             m.weight.requires_grad_(True)
         groups.append({"params": [m.weight for m in kv_mods.values()], "lr": cfg.kv_lr})
     opt = torch.optim.Adam(groups)
-    params = {"table": table, **{f"kv.{k}": m.weight for k, m in kv_mods.items()}}
+    params = {"row": row, **{f"kv.{k}": m.weight for k, m in kv_mods.items()}}
     ckpt = out.with_name(out.name + ".ckpt")
     start = _load_ckpt(ckpt, key, params, opt) if ckpt.is_file() else 0
+    with torch.no_grad():
+        table[tid] = row.to(table.dtype)
     z_photos = _latents(pipe, photos)
     abar = pipe.scheduler.alphas_cumprod.float()
     tok = pipe.tokenizer
@@ -242,12 +246,12 @@ def learn_concept(
                 pidx = torch.randint(0, len(prior), (cfg.batch,), generator=g)
                 loss = loss + cfg.prior_weight * denoise_loss(prior[pidx], [f"a photo of a {class_word}"] * cfg.batch, g)
             opt.zero_grad(set_to_none=True)
+            table.grad = None
             loss.backward()
+            row.grad = table.grad[tid].float().clone()
             opt.step()
-            with torch.no_grad():  # only the new token's row learns
-                keep = torch.ones(len(table), dtype=torch.bool)
-                keep[tid] = False
-                table[keep] = frozen_rows[keep]
+            with torch.no_grad():
+                table[tid] = row.to(table.dtype)
             if progress is not None:
                 progress(step + 1, cfg.steps, float(loss.detach()))
             if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
@@ -257,7 +261,7 @@ def learn_concept(
             token=token,
             class_word=class_word,
             method=cfg.method,
-            embedding=table[tid].detach().float().clone(),
+            embedding=row.detach().float().clone(),
             kv={k: (m.weight.detach() - kv_orig[k]).float().clone() for k, m in kv_mods.items()},
             model=model,
             fingerprint=fp,
@@ -272,6 +276,7 @@ def learn_concept(
             atomic_write_bytes(out.with_name(out.stem + "-samples.png"), buf.getvalue())
     finally:
         table.requires_grad_(False)
+        table.grad = None
         with torch.no_grad():
             for k, m in kv_mods.items():
                 m.weight.requires_grad_(False)
