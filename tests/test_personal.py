@@ -390,3 +390,11 @@ def test_a_segment_chosen_by_several_queries_goes_to_the_one_scoring_it_highest(
     assert mask_segments(bf, scores).tolist() == [-1, -1, 1]
     assert mask_segments(torch.tensor([1, 2, 0]), scores).tolist() == [1, 2, 0]  # af: distinct already
     assert mask_segments(torch.tensor([-1, 2, 2]), scores).tolist() == [-1, 2, -1]
+
+
+def test_the_t2m_preset_of_the_maps_is_resolved_and_recorded(predictor, monkeypatch):
+    from attnseg.methods.personal import PersonalConfig
+
+    monkeypatch.setattr(predictor, "default_presets", {"t2m": "single-pass"})
+    assert predictor.personal_config().t2m_preset == "single-pass"  # the model's default, named
+    assert predictor.personal_config(PersonalConfig(t2m_preset="voc")).t2m_preset == "voc"  # an explicit one wins

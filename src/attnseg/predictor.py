@@ -237,6 +237,12 @@ class AttnSegPredictor:
         """{token: concept} of the loaded concepts."""
         return dict(applied(self.pipe))
 
+    def personal_config(self, config: PersonalConfig | None = None) -> PersonalConfig:
+        """``config`` (default: the defaults) with its T2M preset resolved: the model's default when it names none,
+        so that a result records the preset its maps were made with."""
+        cfg = config or PersonalConfig()
+        return replace(cfg, t2m_preset=cfg.t2m_preset or self.default_presets.get("t2m"))
+
     def concept_record(self) -> dict[str, dict[str, str]]:
         """{token: {class, method, digest}} of the loaded concepts, as a personal result's settings record them."""
         return {t: {"class": c.class_word, "method": c.method, "digest": concept_digest(c)} for t, c in self.concepts.items()}
@@ -259,12 +265,12 @@ class AttnSegPredictor:
         the bf / af assignments (:mod:`attnseg.methods.personal`)."""
         if self._latents is None or len(self._images) != 1:
             raise RuntimeError("call set_image(...) with one image before personal_maps(...)")
-        cfg = config or PersonalConfig()
+        cfg = self.personal_config(config)
         queries = [" ".join(str(q).split()) for q in queries]
         if not queries or not all(queries):
             raise ValueError("give at least one non-empty query, e.g. 'a <my-mug> mug with cola'")
         cls = class_word or self.concept_class(queries)
-        t2m = self.method("t2m", cfg.t2m_preset or self.default_presets.get("t2m"))
+        t2m = self.method("t2m", cfg.t2m_preset)
         bb = self.backbone
         side = int(self._latents.shape[-1])
         plan = t2m.plan(bb.layers, side)
@@ -315,7 +321,7 @@ class AttnSegPredictor:
         ("a <my-mug> mug with cola"): mask index i is the segment assigned to the i-th query (``config.assignment``:
         "af" Hungarian over all queries, "bf" each alone). Scores: background first, then per query the indicator of
         its segment, on the attention grid, bilinearly resized to the image (the mask is their argmax)."""
-        cfg = config or PersonalConfig()
+        cfg = self.personal_config(config)
         if cfg.assignment not in ("af", "bf"):
             raise ValueError(f"unknown assignment {cfg.assignment!r}: use 'af' or 'bf'")
         pm = self.personal_maps(queries, class_word, cfg, seed)

@@ -30,7 +30,7 @@ def segment_personal_paths(
 ) -> tuple[list[str], list[str], list[str]]:
     """Segment every image of ``inputs`` (files or folders) for ``queries``: (written, skipped as done, failed)."""
     out = Path(out)
-    cfg = config or PersonalConfig()
+    cfg = predictor.personal_config(config)
     request = {
         **asdict(cfg),
         "class": class_word or predictor.concept_class(queries),
