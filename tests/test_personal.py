@@ -242,11 +242,12 @@ def _photos(n=3):
     return training_photos("striped", "circle", n, 0)
 
 
-def test_learning_is_seeded_and_resumes_to_the_same_concept(tiny_pipe_dir, tmp_path):
+@pytest.mark.parametrize("method", ["textual-inversion", "custom-diffusion"])
+def test_learning_is_seeded_and_resumes_to_the_same_concept(tiny_pipe_dir, tmp_path, method):
     from attnseg.diffusion.loading import load_pipeline
     from attnseg.train.personalize import PersonalizeConfig, learn_concept
 
-    cfg = PersonalizeConfig(steps=4, batch=2, ckpt_every=2, samples=0, prior_images=0)
+    cfg = PersonalizeConfig(method=method, steps=4, batch=2, ckpt_every=2, samples=0, prior_images=1)
     whole = learn_concept(load_pipeline(tiny_pipe_dir, dtype="float32"), _photos(), "<my-x>", "circle", tmp_path / "a.safetensors", cfg)
 
     class Killed(Exception):
@@ -263,6 +264,8 @@ def test_learning_is_seeded_and_resumes_to_the_same_concept(tiny_pipe_dir, tmp_p
     resumed = learn_concept(load_pipeline(tiny_pipe_dir, dtype="float32"), _photos(), "<my-x>", "circle", out, cfg)
     assert not out.with_name(out.name + ".ckpt").exists()
     assert torch.allclose(whole.embedding, resumed.embedding, atol=1e-6)
+    assert whole.kv.keys() == resumed.kv.keys() and all(torch.allclose(whole.kv[k], resumed.kv[k], atol=1e-6) for k in whole.kv)
+    assert bool(whole.kv) == (method == "custom-diffusion") and all(v.abs().sum() > 0 for v in whole.kv.values())
     start = load_pipeline(tiny_pipe_dir, dtype="float32")
     from attnseg.diffusion.concepts import word_embedding
 
