@@ -1,0 +1,69 @@
+"""Does a concept learned by ``attnseg personalize`` find its object in new scenes? (docs/BENCHMARKS.md)
+
+One look (default: striped circles) is learned from its training photos as the CLI learns it (``learn_concept``, the
+default settings), then every test scene of another world seed that holds exactly one object of that look is
+queried for it alone, three ways: colour and token ("a red <my-striped> circle"), the token alone, and the colour
+alone. A hit: the object gets the most mask pixels of all the scene's objects. Prints hits / scenes and the mean IoU
+of the mask with the object, per query; chance is about one in the scene's object count.
+
+    python scripts/check_personal_scene.py --out /tmp/personal-check --look striped --seed 7 --n 60
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnseg.methods.personal import iou
+from attnseg.predictor import AttnSegPredictor
+from attnseg.shapes.personal import test_scene, training_photos
+from attnseg.train.personalize import PersonalizeConfig, learn_concept
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="folder of the learned concept")
+    ap.add_argument("--look", default="striped")
+    ap.add_argument("--shape", default="circle")
+    ap.add_argument("--seed", type=int, default=7, help="world seed of the test scenes (the benchmark's is 1)")
+    ap.add_argument("--n", type=int, default=60, help="scenes looked at (those with exactly one object of the look count)")
+    ap.add_argument("--method", default="textual-inversion", choices=["textual-inversion", "custom-diffusion"])
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    token = f"<my-{a.look}>"
+    concept = a.out / f"my-{a.look}.safetensors"
+    if not concept.is_file():
+        learner = AttnSegPredictor.from_pretrained()
+        photos = training_photos(a.look, a.shape, 8, 0)
+        learn_concept(learner.pipe, photos, token, a.shape, concept, PersonalizeConfig(method=a.method))
+    pred = AttnSegPredictor.from_pretrained()
+    pred.load_concept(concept)
+    queries = {"colour and token": "a {c} {t} {s}", "token alone": "a {t} {s}", "colour alone": "a {c} {s}"}
+    hits = dict.fromkeys(queries, 0)
+    ious: dict[str, list[float]] = {k: [] for k in queries}
+    scenes = 0
+    for i in range(a.n):
+        sc = test_scene(i, a.seed, a.shape)
+        mine = [q for q, o in enumerate(sc.objects) if o.look == a.look]
+        if len(mine) != 1:
+            continue
+        scenes += 1
+        q = mine[0]
+        pred.set_image(sc.image)
+        for name, tpl in queries.items():
+            query = tpl.format(c=sc.objects[q].obj.colour, t=token, s=a.shape)
+            mask = pred.segment_personal([query], a.shape).mask == 1
+            cover = [int((mask & (sc.instance == j + 1)).sum()) for j in range(len(sc.objects))]
+            hits[name] += int(max(cover) > 0 and int(np.argmax(cover)) == q)
+            ious[name].append(iou(mask, sc.instance == q + 1))
+    print(f"{scenes} scenes of world seed {a.seed} with one {a.look} {a.shape}; concept {concept}\n")
+    print("| query | hits | mean IoU with the object |\n|---|---|---|")
+    for name in queries:
+        print(f"| {name} | {hits[name]} / {scenes} | {100 * np.mean(ious[name]):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
