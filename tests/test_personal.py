@@ -386,7 +386,7 @@ def test_concepts_refuse_pipelines_of_other_families():
 
 
 def test_a_segment_chosen_by_several_queries_goes_to_the_one_scoring_it_highest():
-    from attnseg.predictor import mask_segments
+    from attnseg.methods.personal import mask_segments
 
     scores = torch.tensor([[0.2, 0.9, 0.1], [0.1, 0.8, 0.3], [0.5, 0.95, 0.0]])
     bf = torch.tensor([1, 1, 1])  # every query alone takes segment 1

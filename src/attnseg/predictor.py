@@ -32,9 +32,11 @@ from attnseg.methods.diffseg import DiffSegConfig, assign
 from attnseg.methods.interactive import Interactive, VisualPrompt, clip_to_boxes, initial_maps
 from attnseg.methods.personal import (
     PersonalConfig,
+    PersonalMaps,
     assign_af,
     assign_bf,
     attribution_words,
+    mask_segments,
     region_mask,
     region_segments,
     segment_scores,
@@ -53,28 +55,6 @@ WEAK_PRESENCE = 0.3
 """A label whose presence is below this is listed in ``weak_labels``. Chosen on validation scenes of the embedded
 model (world seed 3, one absent shape added to each scene's labels): it flags 34% of absent labels and 6% of present
 ones (docs/BENCHMARKS.md)."""
-
-
-@dataclass
-class PersonalMaps:
-    """Personalized referring segmentation of one image on the attention grid (P = h * w pixels).
-
-    fg, bg: (P,) T2M's class and background scores of the region query; region: (P,) bool; segments: (P,) ids, -1
-    outside the region; instance: (Q, P) each query's attribution map; scores: (Q, S) its segment means; bf, af: (Q,)
-    the segment of each query, each alone and all together (-1: none)."""
-
-    queries: list[str]
-    class_word: str
-    grid: tuple[int, int]
-    fg: torch.Tensor
-    bg: torch.Tensor
-    region: torch.Tensor
-    segments: torch.Tensor
-    instance: torch.Tensor
-    scores: torch.Tensor
-    bf: torch.Tensor
-    af: torch.Tensor
-    prompts: list[str]
 
 
 @dataclass
@@ -138,19 +118,6 @@ def _settings(method) -> dict:
     cfg = method.config
     d = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-def mask_segments(chosen: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """The segment each query's mask shows (-1: none), from the assignment ``chosen`` (Q,) and the (Q, S) scores: a
-    segment that several queries chose (bf, each query alone) goes to the one that scores it highest, the others get
-    no mask; a mask is one segment of one query."""
-    out = chosen.clone()
-    for j in set(out.tolist()) - {-1}:
-        qs = (out == j).nonzero().flatten()
-        if len(qs) > 1:
-            keep = qs[scores[qs, j].argmax()]
-            out[qs[qs != keep]] = -1
-    return out
 
 
 class AttnSegPredictor:

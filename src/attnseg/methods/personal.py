@@ -171,3 +171,38 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     """Intersection over union of two bool masks (1 when both are empty)."""
     union = np.logical_or(pred, truth).sum()
     return 1.0 if union == 0 else float(np.logical_and(pred, truth).sum() / union)
+
+
+@dataclass
+class PersonalMaps:
+    """Personalized referring segmentation of one image on the attention grid (P = h * w pixels).
+
+    fg, bg: (P,) T2M's class and background scores of the region query; region: (P,) bool; segments: (P,) ids, -1
+    outside the region; instance: (Q, P) each query's attribution map; scores: (Q, S) its segment means; bf, af: (Q,)
+    the segment of each query, each alone and all together (-1: none)."""
+
+    queries: list[str]
+    class_word: str
+    grid: tuple[int, int]
+    fg: torch.Tensor
+    bg: torch.Tensor
+    region: torch.Tensor
+    segments: torch.Tensor
+    instance: torch.Tensor
+    scores: torch.Tensor
+    bf: torch.Tensor
+    af: torch.Tensor
+    prompts: list[str]
+
+
+def mask_segments(chosen: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The segment each query's mask shows (-1: none), from the assignment ``chosen`` (Q,) and the (Q, S) scores: a
+    segment that several queries chose (bf, each query alone) goes to the one that scores it highest, the others get
+    no mask; a mask is one segment of one query."""
+    out = chosen.clone()
+    for j in set(out.tolist()) - {-1}:
+        qs = (out == j).nonzero().flatten()
+        if len(qs) > 1:
+            keep = qs[scores[qs, j].argmax()]
+            out[qs[qs != keep]] = -1
+    return out
