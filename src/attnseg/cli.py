@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from attnseg.io.labels import split_labels
 from attnseg.train.grounding.command import grounding_app
 
 app = typer.Typer(
@@ -170,7 +171,7 @@ def segment(
     if method in REGISTRY and REGISTRY[method].guide == VISUAL:
         _err(f"{method} segments what --point, --box or --scribble show; give at least one")
         raise typer.Exit(2)
-    labels = _split_labels(labels)
+    labels = split_labels(labels)
     _check_method(method, preset, REAL)
     _check_inputs(inputs, bool(labels))
     if engine not in ENGINES:
@@ -258,7 +259,7 @@ def _vocabulary(words: list[str] | None, file: Path | None) -> list[str] | None:
             raise typer.Exit(2) from None
     elif not words:
         return None
-    vocab = list(dict.fromkeys(_split_labels(words)))
+    vocab = list(dict.fromkeys(split_labels(words)))
     if not vocab:
         _err(f"the vocabulary {'file ' + str(file) + ' ' if file else ''}is empty: give at least one candidate label")
         raise typer.Exit(2)
@@ -412,7 +413,7 @@ def _segment_personal(inputs, labels, concepts, class_word, model, out, seed, de
         _err(f"unknown preset {preset!r} for --concept: use one of {', '.join(PERSONAL_PRESETS)}")
         raise typer.Exit(2)
     config = PERSONAL_PRESETS[preset or "default"]
-    queries = _split_labels(labels)
+    queries = split_labels(labels)
     if not queries:
         _err("no queries given: pass --labels 'a <my-mug> mug with cola' (one query per object, repeat --labels)")
         raise typer.Exit(2)
@@ -432,11 +433,6 @@ def _segment_personal(inputs, labels, concepts, class_word, model, out, seed, de
     typer.echo(f"{len(done)} segmented, {len(skipped)} already done, {len(failed)} failed -> {out}")
     if failed:
         raise typer.Exit(1)
-
-
-def _split_labels(labels: list[str] | None) -> list[str]:
-    """Labels given by repeating the option (``-l cat -l dog``) or as one comma-separated list (``-l cat,dog``)."""
-    return [x.strip() for value in labels or [] for x in value.split(",") if x.strip()]
 
 
 def _check_inputs(inputs: list[Path], labels_given: bool) -> None:
@@ -753,7 +749,7 @@ def generate(
         _err("--block, --steps, --workers and --cpu-threads must be at least 1")
         raise typer.Exit(2)
     try:
-        items, cls, digest = plan_items(_split_labels(classes) or None, per_class, template, prompts)
+        items, cls, digest = plan_items(split_labels(classes) or None, per_class, template, prompts)
         extra = module_record(method, module)
     except SynthError as e:
         _err(str(e))

@@ -89,15 +89,15 @@ def generate_with_masks(
     info, _, cfg = resolve(method, preset, images=GENERATED)
     m = info.build(replace(cfg, **overrides))
     cfg = m.config
-    if info.name == "grounding":
-        grounder = grounder if grounder is not None else Grounder.from_folder(backbone)
-        return generate_grounded(grounder, m, prompts, labels, generators, capture)
     if not capture:
         images, _ = backbone.generate(prompts, cfg.steps, cfg.guidance, generators)
         return [
             GeneratedItem(p, list(lab), _u8(im), np.zeros((0,)), np.zeros((0,)))
             for p, lab, im in zip(prompts, labels, images, strict=True)
         ]
+    if info.name == "grounding":
+        grounder = grounder if grounder is not None else Grounder.from_folder(backbone)
+        return generate_grounded(grounder, m, prompts, labels, generators)
     spans = [label_token_spans(backbone, p, labs) for p, labs in zip(prompts, labels, strict=True)]
     latent = backbone.latent_side(backbone.native_resolution)
     cross_layers = {lay.name for lay in backbone.layers if lay.kind == "cross"}
@@ -140,17 +140,10 @@ def generate_grounded(
     prompts: Sequence[str],
     labels: Sequence[Sequence[str]],
     generators: Sequence[torch.Generator] | None = None,
-    capture: bool = True,
 ) -> list[GeneratedItem]:
     """Grounded Diffusion's generation: images and the module's masks of ``labels`` (any words: the module reads the
     words' embeddings, not the prompt's tokens); ``soft`` holds its sigmoid scores."""
     cfg = method.config
-    if not capture:
-        images, _ = grounder.backbone.generate(prompts, cfg.steps, cfg.guidance, generators)
-        return [
-            GeneratedItem(p, list(lab), _u8(im), np.zeros((0,)), np.zeros((0,)))
-            for p, lab, im in zip(prompts, labels, images, strict=True)
-        ]
     items = grounder.generate(prompts, labels, generators, cfg.steps, cfg.guidance)
     return [
         GeneratedItem(it.prompt, it.labels, it.image, it.probs, method.labels(torch.from_numpy(it.probs)).numpy())

@@ -44,14 +44,7 @@ class GroundingError(ValueError):
 
 def class_embeddings(backbone, words: Sequence[str], template: str = QUERY_TEMPLATE) -> torch.Tensor:
     """(K, D) float32: each word's text-encoder states in ``template``, averaged over the word's tokens."""
-    texts = [template.format(w) for w in words]
-    hidden = backbone.encode_prompts(texts).hidden.float()
-    start = template.index("{}")
-    out = []
-    for i, (text, w) in enumerate(zip(texts, words, strict=True)):
-        spans = backbone.token_spans(text, [(start, start + len(w))], [w]).spans[0]
-        out.append(hidden[i, spans].mean(0))
-    return torch.stack(out).cpu()
+    return backbone.concept_states(words, template).cpu()
 
 
 def pad_queries(embeddings: dict[str, torch.Tensor], labels: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:

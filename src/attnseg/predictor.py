@@ -391,7 +391,7 @@ class AttnSegPredictor:
         concepts = None
         if plan.concepts:  # ConceptAttention: each image's labels as concept tokens, so a forward holds one image
             concepts = [bb.concept_states([*labs, *plan.concept_background]) for labs in label_lists]
-        n_text = int(text.hidden.shape[1]) + max((len(c) for c in concepts), default=0) if concepts else int(text.hidden.shape[1])
+        n_text = int(text.hidden.shape[1]) + max((len(c) for c in concepts or []), default=0)
         chunk_rows = self._rows_per_forward(plan, int(latents.shape[-1]), n_text)
         if concepts:
             chunks = [

@@ -130,8 +130,9 @@ class Backbone(Protocol):
         concepts: torch.Tensor | None = None,
     ) -> AttentionStore: ...
 
-    def concept_states(self, words: Sequence[str]) -> torch.Tensor:
-        """(C, D) text-stream states of concept words: each word encoded alone, its tokens' states averaged."""
+    def concept_states(self, words: Sequence[str], template: str = "{}") -> torch.Tensor:
+        """(C, D) float32 text-stream states of words, each encoded in ``template`` (default: alone), its tokens'
+        states averaged."""
         ...
 
     def denoising_error(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int, text: TextStates) -> torch.Tensor:
@@ -223,11 +224,13 @@ class DiffusersBackbone:
     call_kwargs: ClassVar[dict[str, Any]] = {}
     """Keywords of the family's pipeline call beyond the common ones."""
 
-    def concept_states(self, words: Sequence[str]) -> torch.Tensor:
-        states = self.encode_prompts(list(words)).hidden
+    def concept_states(self, words: Sequence[str], template: str = "{}") -> torch.Tensor:
+        texts = [template.format(w) for w in words]
+        states = self.encode_prompts(texts).hidden.float()
+        start = template.index("{}")
         out = []
-        for i, w in enumerate(words):
-            span = self.token_spans(w, [(0, len(w))], [w]).spans[0]
+        for i, (text, w) in enumerate(zip(texts, words, strict=True)):
+            span = self.token_spans(text, [(start, start + len(w))], [w]).spans[0]
             out.append(states[i, list(span)].mean(dim=0))
         return torch.stack(out)
 

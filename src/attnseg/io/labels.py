@@ -11,6 +11,11 @@ class LabelsError(ValueError):
     """Labels cannot be read or found for an image; the message says what to do."""
 
 
+def split_labels(values: Sequence[str] | None) -> list[str]:
+    """Labels given by repeating an option (``-l cat -l dog``) or as one comma-separated list (``-l cat,dog``)."""
+    return [x.strip() for value in values or [] for x in value.split(",") if x.strip()]
+
+
 def load_labels_file(path: str | Path) -> dict[str, list[str]]:
     """A JSON object mapping an image's file name (or stem) to its list of labels."""
     p = Path(path)

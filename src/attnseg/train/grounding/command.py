@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from attnseg.io.labels import split_labels
+
 grounding_app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
@@ -22,14 +24,9 @@ def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
 
-def _words(values: list[str] | None) -> list[str]:
-    """Repeated options and comma-separated lists alike: ``--seen a --seen b`` or ``--seen a,b``."""
-    return [w.strip() for v in values or [] for w in v.split(",") if w.strip()]
-
-
 def _attributes(detector: str, attributes: list[str] | None) -> tuple[str, ...]:
     if attributes is not None:
-        return tuple(_words(attributes))
+        return tuple(split_labels(attributes))
     if detector == "shapes":
         from attnseg.shapes.world import COLOURS
 
@@ -79,7 +76,7 @@ def train_cmd(
     from attnseg.train.grounding.train import TrainConfig, train_grounding
 
     torch.set_num_threads(threads)
-    words = _words(seen)
+    words = split_labels(seen)
     if not words:
         _err("give the seen classes with --seen")
         raise typer.Exit(2)
@@ -183,7 +180,7 @@ def _classes(classes: list[str] | None) -> list[str]:
         from attnseg.shapes.world import SHAPES
 
         return list(SHAPES)
-    return _words(classes)
+    return split_labels(classes)
 
 
 if __name__ == "__main__":
