@@ -124,3 +124,5 @@ def test_sdxl_size_conditioning_follows_the_latents(sdxl, monkeypatch):
     )
     bb.forward(torch.zeros((1, 4, 8, 8)), 150, bb.encode_prompts(["a red circle"]))
     assert seen[0].tolist() == [[32, 32, 0, 0, 32, 32]]  # 8-px latents of a 4x VAE: a 32-px image
+    bb.forward(torch.zeros((1, 4, 8, 12)), 150, bb.encode_prompts(["a red circle"]))
+    assert seen[1].tolist() == [[32, 48, 0, 0, 32, 48]]  # (height, width), as the pipeline's original and target sizes

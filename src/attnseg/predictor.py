@@ -26,6 +26,7 @@ from attnseg.diffusion.concepts import Concept, ConceptError, applied, apply_con
 from attnseg.diffusion.concepts import load_concept as read_concept
 from attnseg.diffusion.loading import ModelError, backbone_for, load_pipeline, profile_path, read_profile
 from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt, find_phrase_spans
+from attnseg.diffusion.vae import aspect_size
 from attnseg.io.images import load_image
 from attnseg.methods.base import fused_cross, mean_self
 from attnseg.methods.diffseg import DiffSegConfig, assign
@@ -239,8 +240,7 @@ class AttnSegPredictor:
         cls = class_word or self.concept_class(queries)
         t2m = self.method("t2m", cfg.t2m_preset)
         bb = self.backbone
-        side = int(self._latents.shape[-1])
-        plan = t2m.plan(bb.layers, side)
+        plan = t2m.plan(bb.layers, tuple(self._latents.shape[-2:]))
         region_text = cfg.region_template.format(cls=cls)
         texts = [region_text, *queries]
         spans = [bb.token_spans(region_text, find_phrase_spans(region_text, [cls]), [cls])]
@@ -253,11 +253,15 @@ class AttnSegPredictor:
         fg = bg = self_attn = inst = None
         for _ in range(max(1, cfg.draws)):
             noise = torch.randn(self._latents.shape[1:], generator=g).to(self.device, self._latents.dtype)
-            z = bb.add_noise(self._latents.expand(len(texts), -1, -1, -1), noise[None].expand(len(texts), -1, -1, -1), t2m.config.timestep)
+            z = bb.add_noise(
+                self._latents.expand(len(texts), -1, -1, -1), noise[None].expand(len(texts), -1, -1, -1), t2m.config.timestep
+            )
             store = bb.forward(z, t2m.config.timestep, text, plan.names)
             reg = t2m.scores(store.rows([0]), spans[0], plan)[0].float()  # (P, 2): background, class
             sa = mean_self(store.rows([0]), plan.self_names)[0].float()
-            ins = torch.stack([t2m.foreground(store.rows([i + 1]), spans[i + 1], plan)[0, :, 0].float() for i in range(len(queries))])
+            ins = torch.stack(
+                [t2m.foreground(store.rows([i + 1]), spans[i + 1], plan)[0, :, 0].float() for i in range(len(queries))]
+            )
             fg, bg = (reg[:, 1], reg[:, 0]) if fg is None else (fg + reg[:, 1], bg + reg[:, 0])
             self_attn, inst = (sa, ins) if self_attn is None else (self_attn + sa, inst + ins)
         n = max(1, cfg.draws)
@@ -375,7 +379,7 @@ class AttnSegPredictor:
         n = len(latents)
         prompts = [self.prompt_for(labs, method) for labs in label_lists]
         text = bb.encode_prompts([p for p, _ in prompts])
-        plan = method.plan(bb.layers, int(latents.shape[-1]))
+        plan = method.plan(bb.layers, tuple(latents.shape[-2:]))
         cfg = method.config
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn((draws, *latents.shape[1:]), generator=g).to(self.device, latents.dtype)
@@ -392,7 +396,7 @@ class AttnSegPredictor:
         if plan.concepts:  # ConceptAttention: each image's labels as concept tokens, so a forward holds one image
             concepts = [bb.concept_states([*labs, *plan.concept_background]) for labs in label_lists]
         n_text = int(text.hidden.shape[1]) + max((len(c) for c in concepts or []), default=0)
-        chunk_rows = self._rows_per_forward(plan, int(latents.shape[-1]), n_text)
+        chunk_rows = self._rows_per_forward(plan, tuple(latents.shape[-2:]), n_text)
         if concepts:
             chunks = [
                 rows[i * draws + d0 : i * draws + min(draws, d0 + chunk_rows)]
@@ -444,13 +448,13 @@ class AttnSegPredictor:
         presence = [(pk / pk.max().clamp_min(1e-12)).tolist() if pk is not None else [] for pk in peaks]
         return out, [p for p, _ in prompts], presence
 
-    def _rows_per_forward(self, plan, latent_side: int, n_text: int) -> int:
+    def _rows_per_forward(self, plan, latent: tuple[int, int], n_text: int) -> int:
         """Rows of one forward: ``max_batch``, fewer when the plan's captured maps would pass ``CAPTURE_BUDGET``."""
         layers = {lay.name: lay for lay in self.inventory}
         per_row = 0
         for name in plan.names:
             lay = layers.get(name) or layers[name.replace(":concept", ":cross")]  # a concept map: as its module's cross
-            p = lay.side(latent_side) ** 2
+            p = lay.pixels(latent)
             per_row += 4 * p * (n_text if lay.kind == "cross" else p) * (lay.heads if name in plan.per_head else 1)
         return max(1, min(self.max_batch, CAPTURE_BUDGET // max(per_row, 1)))
 
@@ -521,7 +525,7 @@ class AttnSegPredictor:
         _, _, cfg = resolve("interactive", preset)
         method = Interactive(replace(cfg, **overrides))
         bb = self.backbone
-        plan = method.plan(bb.layers, int(self._latents.shape[-1]))
+        plan = method.plan(bb.layers, tuple(self._latents.shape[-2:]))
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn(self._latents.shape[1:], generator=g)[None].to(self.device, self._latents.dtype)
         z = bb.add_noise(self._latents, noise, method.config.timestep)
@@ -574,7 +578,7 @@ class AttnSegPredictor:
         bb = self.backbone
         arrays = [load_image(im) for im in images]
         latents = self.encode_images(arrays)
-        plan = segmenter.plan(bb.layers, int(latents.shape[-1]))
+        plan = segmenter.plan(bb.layers, tuple(latents.shape[-2:]))
         text = bb.encode_prompts([cfg.prompt] * len(arrays))
         g = torch.Generator().manual_seed(int(seed))
         noise = torch.randn(latents.shape[1:], generator=g).to(self.device, latents.dtype).expand_as(latents)
@@ -615,6 +619,27 @@ class AttnSegPredictor:
             )
         return results
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides that give whole pixels at every attention level: the VAE's factor x 2^(deepest level)."""
+        r = self.resolution
+        return r // self.backbone.latent_side(r) * 2 ** max(lay.level for lay in self.inventory)
+
+    def _posterior_groups(self, images, posterior, config) -> list[tuple[list[int], int | list[int], tuple]]:
+        """[(image indices, image size, (mean, std))]: every image in ``posterior`` (square, at the predictor's
+        resolution), or, when ``config.long_side`` keeps the aspect, the images encoded at their own sizes
+        (:func:`~attnseg.diffusion.vae.aspect_size`), one group per size."""
+        long_side = getattr(config, "long_side", None)
+        if long_side is None:
+            return [(list(range(len(images))), self.resolution, posterior)]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(aspect_size(*im.shape[:2], long_side, self.size_multiple), []).append(i)
+        return [
+            (idx, list(size), self.backbone.encode_posteriors([images[i] for i in idx], size, self.max_batch))
+            for size, idx in groups.items()
+        ]
+
     def _segment(self, posterior, images, label_lists, method, preset, draws, seed, crf, overrides):
         """``posterior``: the images' latents (posterior means) and their standard deviations."""
         if isinstance(method, str) and method in names(REAL, NOTHING):
@@ -627,14 +652,19 @@ class AttnSegPredictor:
         n_draws = int(draws if draws is not None else getattr(m.config, "draws", 1))
         if n_draws < 1:
             raise ValueError("draws must be at least 1")
-        maps, texts, presences = self.score_maps(posterior[0], label_lists, m, n_draws, seed, latent_std=posterior[1])
+        n = len(images)
+        maps, texts, presences, sizes = [None] * n, [""] * n, [[]] * n, [self.resolution] * n
+        for idx, size, (mean, std) in self._posterior_groups(images, posterior, m.config):
+            group = self.score_maps(mean, [label_lists[i] for i in idx], m, n_draws, seed, latent_std=std)
+            for i, sc, text, presence in zip(idx, *group, strict=True):
+                maps[i], texts[i], presences[i], sizes[i] = sc, text, presence, size
         results = []
         crf_cfg = _crf_config(crf)
-        for img, labs, sc, text, presence in zip(images, label_lists, maps, texts, presences, strict=True):
+        for img, labs, sc, text, presence, size in zip(images, label_lists, maps, texts, presences, sizes, strict=True):
             h, w = img.shape[:2]
             up = F.interpolate(sc[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
             settings = {**_settings(m), "preset": preset, "draws": n_draws, "seed": seed, "crf": crf_cfg is not None}
-            settings["resolution"] = self.resolution
+            settings["resolution"] = size
             results.append(
                 _result(
                     img,

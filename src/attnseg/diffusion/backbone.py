@@ -107,7 +107,7 @@ class Backbone(Protocol):
     def encode_images(self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16) -> torch.Tensor: ...
 
     def encode_posteriors(
-        self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16
+        self, images: Sequence[np.ndarray], resolution: int | tuple[int, int], max_batch: int = 16
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def encode_prompts(self, texts: Sequence[str]) -> TextStates: ...
@@ -202,9 +202,10 @@ class DiffusersBackbone:
         return self.encode_posteriors(images, resolution, max_batch)[0]
 
     def encode_posteriors(
-        self, images: Sequence[np.ndarray], resolution: int, max_batch: int = 16
+        self, images: Sequence[np.ndarray], resolution: int | tuple[int, int], max_batch: int = 16
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean (as ``encode_images``) and standard deviation, both in the denoiser's latent scale."""
+        """Posterior mean (as ``encode_images``) and standard deviation, both in the denoiser's latent scale; the
+        images resized to a square ``resolution`` or to (H, W)."""
         mean, std = encode_posteriors(self.pipe.vae, images, resolution, self.device, max_batch, self.upcast_vae)
         return mean.to(self.dtype), std.to(self.dtype)
 

@@ -19,6 +19,17 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+Latent = int | tuple[int, int]
+"""A latent's size: its side when square, else (h, w)."""
+
+
+def as_hw(latent: Latent) -> tuple[int, int]:
+    """(h, w) of a latent size given as a side or as (h, w)."""
+    if isinstance(latent, int):
+        return latent, latent
+    h, w = latent
+    return int(h), int(w)
+
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -49,12 +60,21 @@ class LayerInfo:
         """The attention module this map is read from."""
         return self.name.split(":", 1)[0]
 
-    def side(self, latent_side: int) -> int:
-        """Side of this layer's grid for a latent of side ``latent_side``."""
-        s = latent_side
+    def grid(self, latent: Latent) -> tuple[int, int]:
+        """(h, w) of this layer's grid for a latent of side ``latent`` or of (h, w) ``latent``."""
+        h, w = as_hw(latent)
         for _ in range(self.level):
-            s = (s + 1) // 2
-        return s
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return h, w
+
+    def side(self, latent: Latent) -> int:
+        """The longer side of this layer's grid (its side on a square latent)."""
+        return max(self.grid(latent))
+
+    def pixels(self, latent: Latent) -> int:
+        """Pixels of this layer's grid (its attention maps' query rows) for ``latent``."""
+        h, w = self.grid(latent)
+        return h * w
 
 
 def layer_inventory(unet) -> list[LayerInfo]:
@@ -114,8 +134,8 @@ def flux_inventory(transformer) -> list[LayerInfo]:
 class LayerSelect:
     """A choice of layers: any of names (glob patterns), grid sides, ranks, blocks; ANDed together.
 
-    ``names`` match the module name (``*up_blocks.2.attentions.1*attn1``); ``sides`` match the grid
-    side at the image size in use (for example 16 for SD's 16-px layers at 512 px); ``ranks`` match
+    ``names`` match the module name (``*up_blocks.2.attentions.1*attn1``); ``sides`` match the grid's
+    longer side at the image size in use (for example 16 for SD's 16-px layers at 512 x 512); ``ranks`` match
     resolution ranks (see the module docstring; a rank beyond the finest level means the finest).
     ``take`` = (start, stop) keeps that slice of the matches in UNet order, for the papers' choices
     such as T2M's self-attention of ``up_blocks.2.attentions.1`` (take (1, 2) of the 32-px decoder
@@ -129,7 +149,7 @@ class LayerSelect:
     blocks: tuple[str, ...] = ()
     take: tuple[int, int] | None = None
 
-    def resolve(self, layers: Sequence[LayerInfo], latent_side: int | None = None) -> list[LayerInfo]:
+    def resolve(self, layers: Sequence[LayerInfo], latent: Latent | None = None) -> list[LayerInfo]:
         cands = [lay for lay in layers if lay.kind == self.kind]
         if self.blocks:
             cands = [lay for lay in cands if lay.block in self.blocks]
@@ -140,9 +160,9 @@ class LayerSelect:
             wanted = {min(r, max_rank) for r in self.ranks}
             cands = [lay for lay in cands if lay.rank in wanted]
         if self.sides:
-            if latent_side is None:
-                raise ValueError("selecting layers by grid side needs the latent side")
-            cands = [lay for lay in cands if lay.side(latent_side) in self.sides]
+            if latent is None:
+                raise ValueError("selecting layers by grid side needs the latent size")
+            cands = [lay for lay in cands if lay.side(latent) in self.sides]
         if self.take is not None and cands:
             start = min(self.take[0], len(cands) - 1)
             cands = cands[start : max(self.take[1], start + 1)]
@@ -154,13 +174,16 @@ class LayerSelect:
         return cands
 
 
-def resolve_all(
-    selects: Iterable[LayerSelect], inventory: Sequence[LayerInfo], latent_side: int | None = None
-) -> list[LayerInfo]:
+def finest_grid(layers: Iterable[LayerInfo], latent: Latent) -> tuple[int, int]:
+    """The largest (h, w) grid among ``layers`` for ``latent``."""
+    return max((lay.grid(latent) for lay in layers), key=lambda g: g[0] * g[1])
+
+
+def resolve_all(selects: Iterable[LayerSelect], inventory: Sequence[LayerInfo], latent: Latent | None = None) -> list[LayerInfo]:
     """Union of several selections, in order, without repeats."""
     out: list[LayerInfo] = []
     for s in selects:
-        for lay in s.resolve(inventory, latent_side):
+        for lay in s.resolve(inventory, latent):
             if lay not in out:
                 out.append(lay)
     return out

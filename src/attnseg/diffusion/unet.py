@@ -119,14 +119,15 @@ class SDXLBackbone(UNetBackbone):
             return states.to(self.dtype), pooled.to(self.dtype)
 
         hidden, pooled = self._text_cache.get(texts, (self.device, self.dtype), encode)
-        return TextStates(hidden, {"text_embeds": pooled, "time_ids": self.time_ids(len(texts), self.native_resolution)})
+        r = self.native_resolution
+        return TextStates(hidden, {"text_embeds": pooled, "time_ids": self.time_ids(len(texts), (r, r))})
 
-    def time_ids(self, n: int, resolution: int) -> torch.Tensor:
-        """SDXL's size conditioning: original = target = ``resolution``, no crop; (n, 6)."""
-        r = int(resolution)
-        return torch.tensor([[r, r, 0, 0, r, r]], device=self.device, dtype=self.dtype).expand(n, -1)
+    def time_ids(self, n: int, size: tuple[int, int]) -> torch.Tensor:
+        """SDXL's size conditioning: original = target = ``size`` (H, W), no crop; (n, 6)."""
+        h, w = (int(s) for s in size)
+        return torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype).expand(n, -1)
 
     def _added(self, text: TextStates, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        # The size the latents were encoded at, which a predictor may choose below the native one.
-        size = int(latents.shape[-1]) * int(self.pipe.vae_scale_factor)
-        return {**text.added, "time_ids": self.time_ids(len(latents), size)}
+        # The size the latents were encoded at, which a predictor may choose below the native one or not square.
+        f = int(self.pipe.vae_scale_factor)
+        return {**text.added, "time_ids": self.time_ids(len(latents), (latents.shape[-2] * f, latents.shape[-1] * f))}

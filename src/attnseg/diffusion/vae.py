@@ -11,17 +11,31 @@ import torch.nn.functional as F
 
 
 @torch.inference_mode()
-def encode_posteriors(vae, images: Sequence[np.ndarray], resolution: int, device, max_batch: int = 16, upcast: bool = False):
-    """The VAE posterior of RGB uint8 images resized to ``resolution`` x ``resolution``, as the denoiser reads
-    latents: ((mean - shift) x scale, std x scale), each (N, C, r/f, r/f).
+def aspect_size(h: int, w: int, long_side: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """(H, W) of an ``h`` x ``w`` image resized with its aspect kept: the long side brought into
+    ``long_side`` = (lo, hi) (unchanged when it lies inside), each side then rounded to a multiple of ``multiple``
+    (at least one), so that every level of the denoiser holds whole pixels."""
+    lo, hi = long_side
+    if not 0 < lo <= hi:
+        raise ValueError(f"long_side needs 0 < lo <= hi, got {long_side}")
+    scale = min(max(max(h, w), lo), hi) / max(h, w)
+    return tuple(max(multiple, int(s * scale / multiple + 0.5) * multiple) for s in (h, w))  # halves round up
+
+
+def encode_posteriors(
+    vae, images: Sequence[np.ndarray], resolution: int | tuple[int, int], device, max_batch: int = 16, upcast: bool = False
+):
+    """The VAE posterior of RGB uint8 images resized to ``resolution`` x ``resolution`` (or to (H, W)), as the
+    denoiser reads latents: ((mean - shift) x scale, std x scale), each (N, C, H/f, W/f).
 
     ``upcast``: encode in fp32 when the VAE is in fp16 (SDXL's overflows there; its config asks for it).
     """
+    size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
     xs = []
     for im in images:
         t = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 127.5 - 1
-        if t.shape[-2:] != (resolution, resolution):  # resampling to the same size is the identity
-            t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+        if t.shape[-2:] != size:  # resampling to the same size is the identity
+            t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
         xs.append(t)
     dtype = next(vae.parameters()).dtype
     upcast = upcast and bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16

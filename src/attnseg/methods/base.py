@@ -9,7 +9,7 @@ import torch
 
 from attnseg.diffusion.capture import AttentionStore
 from attnseg.diffusion.prompts import TokenSpans
-from attnseg.ops.maps import resize_columns, token_maps
+from attnseg.ops.maps import grid_of, resize_columns, token_maps
 
 
 @dataclass
@@ -55,12 +55,10 @@ def fused_cross(
     wsum = 0.0
     for name, w in cross.items():
         m = store.mean(name)
-        p = m.shape[1]
-        side = round(p**0.5)
         lab = token_maps(m, spans.spans)
         if normalise is not None and normalise_first:
             lab = normalise(lab)
-        lab = resize_columns(lab, (side, side), grid)
+        lab = resize_columns(lab, grid_of(m.shape[1], grid), grid)
         if normalise is not None and not normalise_first:  # after resizing: weights compare maps of equal pixel counts
             lab = normalise(lab)
         total = lab * w if total is None else total + lab * w

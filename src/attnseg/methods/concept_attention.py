@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
-from attnseg.diffusion.layers import LayerInfo, LayerSelect
+from attnseg.diffusion.layers import Latent, LayerInfo, LayerSelect, finest_grid
 from attnseg.diffusion.prompts import TokenSpans
 from attnseg.methods.base import CapturePlan
-from attnseg.ops.maps import background_score, minmax, resize_columns, with_background
+from attnseg.ops.maps import background_score, grid_of, minmax, resize_columns, with_background
 
 
 @dataclass
@@ -71,18 +71,17 @@ class ConceptAttention:
     def __init__(self, config: ConceptAttentionConfig | None = None) -> None:
         self.config = config or ConceptAttentionConfig()
 
-    def plan(self, inventory: list[LayerInfo], latent_side: int) -> CapturePlan:
-        layers = self.config.layers.resolve(inventory, latent_side)
+    def plan(self, inventory: list[LayerInfo], latent: Latent) -> CapturePlan:
+        layers = self.config.layers.resolve(inventory, latent)
         if any(lay.source not in ("joint", "single") for lay in layers):
             raise ValueError(
                 "ConceptAttention reads joint attention (SD3, SD3.5, Flux): this model's cross-attention layers "
                 f"({layers[0].name}, ...) take no concept tokens"
             )
-        side = max(lay.side(latent_side) for lay in layers)
         return CapturePlan(
             cross={},
             self_names=[],
-            grid=(side, side),
+            grid=finest_grid(layers, latent),
             concepts={concept_name(lay.name): 1.0 for lay in layers},
             concept_background=tuple(self.config.background_words),
         )
@@ -94,8 +93,7 @@ class ConceptAttention:
         total = None
         for name, w in plan.concepts.items():
             m = store.mean(name).float()
-            side = round(m.shape[1] ** 0.5)
-            m = resize_columns(m, (side, side), plan.grid) * w
+            m = resize_columns(m, grid_of(m.shape[1], plan.grid), plan.grid) * w
             total = m if total is None else total + m
         maps = total / sum(plan.concepts.values())
         fg = maps[:, :, :k]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
-from attnseg.diffusion.layers import LayerInfo, LayerSelect
+from attnseg.diffusion.layers import Latent, LayerInfo, LayerSelect, finest_grid
 from attnseg.diffusion.prompts import TokenSpans
 from attnseg.methods.base import CapturePlan, fused_cross
 from attnseg.ops.maps import background_score, minmax, with_background
@@ -57,10 +57,9 @@ class CrossAttentionBaseline:
     def __init__(self, config: CrossConfig | None = None) -> None:
         self.config = config or CrossConfig()
 
-    def plan(self, inventory: list[LayerInfo], latent_side: int) -> CapturePlan:
-        layers = self.config.cross.resolve(inventory, latent_side)
-        side = max(lay.side(latent_side) for lay in layers)
-        return CapturePlan(cross={lay.name: 1.0 for lay in layers}, self_names=[], grid=(side, side))
+    def plan(self, inventory: list[LayerInfo], latent: Latent) -> CapturePlan:
+        layers = self.config.cross.resolve(inventory, latent)
+        return CapturePlan(cross={lay.name: 1.0 for lay in layers}, self_names=[], grid=finest_grid(layers, latent))
 
     def scores(self, store: AttentionStore, spans: TokenSpans, plan: CapturePlan) -> torch.Tensor:
         """(B, P, K + 1) scores on ``plan.grid``, background first."""

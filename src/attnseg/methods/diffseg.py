@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from attnseg.diffusion.capture import AttentionStore
-from attnseg.diffusion.layers import LayerInfo
+from attnseg.diffusion.layers import Latent, LayerInfo, finest_grid
 from attnseg.methods.base import CapturePlan
 from attnseg.ops.maps import grid_side
 
@@ -140,10 +140,11 @@ class DiffSeg:
     def __init__(self, config: DiffSegConfig | None = None) -> None:
         self.config = config or DiffSegConfig()
 
-    def plan(self, inventory: list[LayerInfo], latent_side: int) -> CapturePlan:
+    def plan(self, inventory: list[LayerInfo], latent: Latent) -> CapturePlan:
+        if not isinstance(latent, int) and latent[0] != latent[1]:
+            raise ValueError(f"DiffSeg reads square latents; this one is {latent[0]} x {latent[1]}")
         layers = [lay for lay in inventory if lay.kind == "self"]
-        side = max(lay.side(latent_side) for lay in layers)
-        return CapturePlan(cross={}, self_names=[lay.name for lay in layers], grid=(side, side))
+        return CapturePlan(cross={}, self_names=[lay.name for lay in layers], grid=finest_grid(layers, latent))
 
     def proposals(self, store: AttentionStore, plan: CapturePlan) -> list[torch.Tensor]:
         """Per image, the merged proposals (Q, S, S) from the captured maps, grouped by grid side."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
-from attnseg.diffusion.layers import LayerInfo, LayerSelect
+from attnseg.diffusion.layers import Latent, LayerInfo, LayerSelect
 from attnseg.methods.base import CapturePlan, mean_self
 from attnseg.methods.diffseg import DiffSeg, DiffSegConfig
 from attnseg.methods.iseg import entropy_reduced_self
@@ -79,17 +79,16 @@ class DiffSegISeg(DiffSeg):
     def __init__(self, config: DiffSegISegConfig | None = None) -> None:
         super().__init__(config or DiffSegISegConfig())
 
-    def plan(self, inventory: list[LayerInfo], latent_side: int) -> RefinePlan:
-        base = super().plan(inventory, latent_side)
-        refine = self.config.self_layer.resolve(inventory, latent_side)
-        side = refine[0].side(latent_side)
+    def plan(self, inventory: list[LayerInfo], latent: Latent) -> RefinePlan:
+        base = super().plan(inventory, latent)
+        refine = self.config.self_layer.resolve(inventory, latent)
         names = [lay.name for lay in refine]
         return RefinePlan(
             cross={},
             self_names=base.self_names,
             grid=base.grid,
             refine_names=names,
-            refine_grid=(side, side),
+            refine_grid=refine[0].grid(latent),
         )
 
     def proposals(self, store: AttentionStore, plan: RefinePlan) -> list[torch.Tensor]:

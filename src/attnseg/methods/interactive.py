@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from attnseg.diffusion.capture import AttentionStore
-from attnseg.diffusion.layers import LayerInfo, LayerSelect
+from attnseg.diffusion.layers import Latent, LayerInfo, LayerSelect
 from attnseg.methods.base import CapturePlan, mean_self
 from attnseg.methods.iseg import entropy_reduced_self
 from attnseg.methods.t2m import EMBEDDED_SELF_LAYER as T2M_SELF_LAYER
@@ -153,11 +153,10 @@ class Interactive:
     def __init__(self, config: InteractiveConfig | None = None) -> None:
         self.config = config or InteractiveConfig()
 
-    def plan(self, inventory: list[LayerInfo], latent_side: int) -> CapturePlan:
-        s = self.config.self_layer.resolve(inventory, latent_side)
-        side = s[0].side(latent_side)
+    def plan(self, inventory: list[LayerInfo], latent: Latent) -> CapturePlan:
+        s = self.config.self_layer.resolve(inventory, latent)
         names = [lay.name for lay in s]
-        return CapturePlan(cross={}, self_names=names, grid=(side, side), per_head=names if self.config.heads else [])
+        return CapturePlan(cross={}, self_names=names, grid=s[0].grid(latent), per_head=names if self.config.heads else [])
 
     def scores(self, store: AttentionStore, initial: torch.Tensor, plan: CapturePlan) -> torch.Tensor:
         """(B, P, K) initial maps -> (B, P, K + 1) scores, background first: N products with Ent-Self, min-max."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
-from attnseg.diffusion.layers import LayerInfo, LayerSelect
+from attnseg.diffusion.layers import Latent, LayerInfo, LayerSelect
 from attnseg.diffusion.prompts import TokenSpans
 from attnseg.methods.base import CapturePlan, fused_cross, mean_self
 from attnseg.ops.cluster import cluster_mean, grid_seeds, kl_kmeans
@@ -135,9 +135,8 @@ class ISeg:
     def __init__(self, config: ISegConfig | None = None) -> None:
         self.config = config or ISegConfig()
 
-    def plan(self, inventory: list[LayerInfo], latent_side: int) -> CapturePlan:
-        s = self.config.self_layer.resolve(inventory, latent_side)
-        side = s[0].side(latent_side)
+    def plan(self, inventory: list[LayerInfo], latent: Latent) -> CapturePlan:
+        s = self.config.self_layer.resolve(inventory, latent)
         for lay in s if self.config.heads else ():
             bad = [h for h in self.config.heads if not 0 <= h < lay.heads]
             if bad:
@@ -147,12 +146,12 @@ class ISeg:
                 )
         cross: dict[str, float] = {}
         for rank, w in self.config.cross.items():
-            for lay in LayerSelect(kind="cross", ranks=(rank,), blocks=("up",)).resolve(inventory, latent_side):
+            for lay in LayerSelect(kind="cross", ranks=(rank,), blocks=("up",)).resolve(inventory, latent):
                 cross[lay.name] = cross.get(lay.name, 0.0) + w
         return CapturePlan(
             cross=cross,
             self_names=[lay.name for lay in s],
-            grid=(side, side),
+            grid=s[0].grid(latent),
             per_head=[lay.name for lay in s] if self.config.heads else [],
             key_scale_gamma=self.config.gamma if self.config.gamma != 1 else None,
             scale_values=self.config.cat_cross == "embedding",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
-from attnseg.diffusion.layers import LayerInfo, LayerSelect, resolve_all
+from attnseg.diffusion.layers import Latent, LayerInfo, LayerSelect, resolve_all
 from attnseg.diffusion.prompts import T2M_BACKGROUND_WORDS, TokenSpans
 from attnseg.methods.base import CapturePlan, fused_cross, mean_self
 from attnseg.ops.maps import background_score, box_mask, minmax, propagate, with_background
@@ -62,6 +62,11 @@ class T2MConfig:
     """"sample": each noise draw starts from a sample of the VAE posterior (the paper, section 3.1: the encoder
     "encodes images ... by sampling based on the predicted mean and standard deviation"); "mean": its mean, so that one draw is deterministic
     given the noise (ours; the embedded presets)."""
+    long_side: tuple[int, int] | None = None
+    """None: the image is resized to the model's square resolution (ours; the paper: "rescale it to meet the model
+    requirements"). (lo, hi): its aspect is kept and its long side brought into [lo, hi], as the authors' code does
+    (704-1024), each side rounded to the model's size multiple (ours: 64 on SD 1.x / 2.x, whole pixels at every
+    level), so that a non-square image gives non-square attention grids."""
     average: str = "scores"
     """How draws are combined: "scores" (ours; the paper does not say): each draw's scores, background included,
     are averaged; "foreground": the foreground maps are averaged and the (nonlinear) background rule applied once to
@@ -76,10 +81,11 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     # names as labels to use synonyms). Background words as for VOC (the paper names one list, after CLIMS).
     "coco": T2MConfig(synonyms=False, draws=1),
     # COCO as the authors' code runs it: its background rule (2 thr - max)^2 with thr 0.35, Self boxed at 0.5.
-    "coco-code": T2MConfig(synonyms=False, draws=1, bg_threshold=0.35, caa_threshold=0.5),
+    # Both code presets keep the image's aspect, long side 704-1024.
+    "coco-code": T2MConfig(synonyms=False, draws=1, bg_threshold=0.35, caa_threshold=0.5, long_side=(704, 1024)),
     # VOC as the authors' code runs it: Self boxed to each label's Cross regions at 0.2, and the 10 draws combined
     # with the foreground averaged, the background rule applied once.
-    "code": T2MConfig(average="foreground", caa_threshold=0.2),
+    "code": T2MConfig(average="foreground", caa_threshold=0.2, long_side=(704, 1024)),
     "plain": T2MConfig(synonyms=False, background_words=(), draws=1),
     # For datasets whose vocabulary has no use for VOC's background words (e.g. ShapesWorld).
     "no-bg-words": T2MConfig(synonyms=False, background_words=()),
@@ -100,7 +106,8 @@ T2M_PRESETS: dict[str, T2MConfig] = {
 }
 
 # The embedded preset with the code's two choices of the `code` preset (boxed Self, draws averaged before the
-# background rule); the embedded model's latents stay the posterior mean.
+# background rule); the embedded model's latents stay the posterior mean and its images square (704 px would be 11
+# times its size).
 T2M_PRESETS["embedded-code"] = replace(T2M_PRESETS["embedded"], average="foreground", caa_threshold=0.2)
 
 
@@ -115,11 +122,10 @@ class T2M:
     def __init__(self, config: T2MConfig | None = None) -> None:
         self.config = config or T2MConfig()
 
-    def plan(self, inventory: list[LayerInfo], latent_side: int) -> CapturePlan:
-        s = self.config.self_layer.resolve(inventory, latent_side)
-        side = s[0].side(latent_side)
-        cross = resolve_all(self.config.cross, inventory, latent_side)
-        return CapturePlan(cross={lay.name: 1.0 for lay in cross}, self_names=[lay.name for lay in s], grid=(side, side))
+    def plan(self, inventory: list[LayerInfo], latent: Latent) -> CapturePlan:
+        s = self.config.self_layer.resolve(inventory, latent)
+        cross = resolve_all(self.config.cross, inventory, latent)
+        return CapturePlan(cross={lay.name: 1.0 for lay in cross}, self_names=[lay.name for lay in s], grid=s[0].grid(latent))
 
     @property
     def averages_foreground(self) -> bool:

@@ -22,6 +22,17 @@ def grid_side(p: int) -> int:
     return s
 
 
+def grid_of(p: int, like: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) grid of ``p`` pixels with the aspect of the grid ``like`` (a coarser level of the same latent:
+    each level halves both sides, rounding up)."""
+    h, w = like
+    while h * w > p and (h > 1 or w > 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w != p:
+        raise ValueError(f"{p} pixels is not a level of a {like[0]} x {like[1]} grid")
+    return h, w
+
+
 def resize_columns(maps: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
     """Bilinearly resize the columns of ``maps`` (B, P_src, C) from grid ``src`` to ``dst``."""
     if tuple(src) == tuple(dst):
