@@ -1,6 +1,7 @@
-"""iSeg as its authors' code runs it: the KL k-means of the cross maps and the self-attention heads subset.
+"""iSeg as its authors' code runs it: the KL k-means of the cross maps, the self-attention heads subset, the code's
+cross layers pooled and normalised per resolution, its VOC cross heads and background words.
 
-Known answers on small hand-made tensors.
+Known answers on small hand-made tensors, and the layers named on SD-shaped and tiny UNets.
 """
 
 from __future__ import annotations
@@ -8,15 +9,27 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
-from attnseg.diffusion.layers import LayerInfo
-from attnseg.diffusion.prompts import TokenSpans
-from attnseg.methods.base import CapturePlan
-from attnseg.methods.iseg import ISEG_PRESETS, ISeg, ISegConfig
+from attnseg.diffusion.layers import LayerInfo, layer_inventory
+from attnseg.diffusion.prompts import ISEG_VOC_BACKGROUND_WORDS, TokenSpans
+from attnseg.jobs.bench import SD15_UNET
+from attnseg.methods.base import CapturePlan, fused_cross
+from attnseg.methods.iseg import (
+    CODE_CROSS_LAYERS,
+    EMBEDDED_SELF_LAYER,
+    ISEG_PRESETS,
+    VOC_CROSS_HEADS,
+    ISeg,
+    ISegConfig,
+    resolution_fused_cross,
+)
 from attnseg.ops.cluster import cluster_mean, grid_seeds, kl_kmeans, symmetric_kl
+from attnseg.ops.maps import sum_normalise
+from attnseg.shapes.world import make_scene
 
 # --- ops.cluster -----------------------------------------------------------------------------------------------
 
@@ -181,9 +194,222 @@ def test_code_presets():
     code = ISEG_PRESETS["code"]
     assert code.heads == (1, 2) and code.cluster and (code.cluster_k, code.cluster_iters) == (32, 20)
     assert code.cat_cross == "embedding" and code.normalise_first
+    assert code.cross_layers == CODE_CROSS_LAYERS and code.cross_norm == "resolution" and code.cross == {1: 0.7, 2: 0.3}
+    assert code.background_words == ISEG_VOC_BACKGROUND_WORDS and code.cross_heads is None
+    assert ISEG_PRESETS["code-voc-heads"] == replace(code, cross_heads=VOC_CROSS_HEADS)
+    # the embedded preset stays as it was; embedded-code adds the code's procedures, not its SD 2.1 heads or VOC words
+    assert ISEG_PRESETS["embedded"] == ISegConfig(iters=1, self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.5)
     emb = ISEG_PRESETS["embedded-code"]
-    assert emb.cluster and emb.heads is None  # the heads name SD 2.1's heads of a layer this preset does not read
-    assert emb == replace(ISEG_PRESETS["embedded"], cat_cross="embedding", normalise_first=True, cluster=True)
+    assert emb == replace(
+        ISEG_PRESETS["embedded"],
+        cat_cross="embedding",
+        cross_layers=CODE_CROSS_LAYERS,
+        cross_norm="resolution",
+        normalise_first=True,
+        cluster=True,
+    )
+    assert emb.heads is None and emb.background_words == () and emb.cross_heads is None
     for name, cfg in ISEG_PRESETS.items():
-        if name not in ("code", "embedded-code"):
+        if name not in ("code", "code-voc-heads", "embedded-code"):
             assert not cfg.cluster and cfg.heads is None, name
+            assert (cfg.cross_layers, cfg.cross_norm, cfg.cross_heads, cfg.background_words) == ((), "layer", None, ()), name
+
+
+def test_voc_background_words_are_the_nine_the_code_assigns():
+    # wsss/iSeg.py assigns one string literal; the two lines under it are statements of their own, not part of it.
+    assert ISEG_VOC_BACKGROUND_WORDS == ("ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water")
+    assert sum(len(v) for v in VOC_CROSS_HEADS.values()) == 50  # 41 at 16 px, 9 at 32 px
+    assert [len(VOC_CROSS_HEADS[1]), len(VOC_CROSS_HEADS[2]), max(VOC_CROSS_HEADS[1]), max(VOC_CROSS_HEADS[2])] == [41, 9, 96, 28]
+
+
+# --- per-resolution normalisation --------------------------------------------------------------------------------
+
+
+def _per_head_store(maps: dict[str, torch.Tensor]) -> AttentionStore:
+    store = AttentionStore(per_head=frozenset(maps))
+    for name, m in maps.items():
+        store.add(name, m)
+    return store
+
+
+def _head_maps(label_cols: list[list[float]]) -> torch.Tensor:
+    """(1, H, P, 3) per-head cross maps whose token 1 holds ``label_cols[h]``; tokens 0 and 2 hold ones."""
+    cols = torch.tensor(label_cols)
+    ones = torch.ones_like(cols)
+    return torch.stack([ones, cols, ones], dim=2)[None]
+
+
+def _two_layers_one_resolution() -> dict[str, torch.Tensor]:
+    """Two 2 x 2 layers: a1 with two heads (token 1: 3 1 0 0 and 1 3 0 0), a2 with one (0 0 1 1)."""
+    return {"a1": _head_maps([[3, 1, 0, 0], [1, 3, 0, 0]]), "a2": _head_maps([[0, 0, 1, 1]])}
+
+
+def test_per_resolution_pools_every_head_then_normalises_once():
+    store = _per_head_store(_two_layers_one_resolution())
+    cross = {"a1": 0.7, "a2": 0.7}
+    # The code: the three heads averaged, (4 4 1 1) / 3, then normalised once: (4 4 1 1) / 10.
+    pooled = resolution_fused_cross(store, cross, SPANS, (2, 2))[0, :, 0]
+    assert torch.allclose(pooled, torch.tensor([0.4, 0.4, 0.1, 0.1]))
+    # Per layer (the paper preset): a1's head mean (2 2 0 0) and a2 each normalised, then averaged.
+    per_layer = fused_cross(store, cross, SPANS, (2, 2), normalise=sum_normalise)[0, :, 0]
+    assert torch.allclose(per_layer, torch.tensor([0.25, 0.25, 0.25, 0.25]))
+    # Pooling the layers' head means instead of the heads would give (2 2 1 1) / 6: a layer counts by its heads.
+    assert not torch.allclose(pooled, torch.tensor([2, 2, 1, 1]) / 6)
+
+
+def test_per_resolution_normalises_each_token_before_a_label_averages_them():
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 3.0], [1.0, 0.0, 3.0]])[None, None]  # 1 head, 3 tokens
+    store = _per_head_store({"a": m})
+    two = TokenSpans(input_ids=[0, 1, 2], spans=[[1, 2]], labels=["two words"])
+    # (0.5 0.5 0 0) and (0 0 0.5 0.5) averaged; averaging first, then normalising, gives (1 1 3 3) / 8.
+    got = resolution_fused_cross(store, {"a": 1.0}, two, (2, 2))[0, :, 0]
+    assert torch.allclose(got, torch.tensor([0.25, 0.25, 0.25, 0.25]))
+    assert torch.allclose(fused_cross(store, {"a": 1.0}, two, (2, 2), normalise=sum_normalise)[0, :, 0], torch.tensor([1, 1, 3, 3]) / 8)
+
+
+def test_resolutions_are_fused_with_their_weights():
+    # A 1 x 1 layer (weight 0.7) and the two 2 x 2 layers (0.3). Normalised at its own grid the 1 x 1 map is 1 and
+    # upsamples to 1 everywhere: 0.7 * 1 + 0.3 * (0.4 0.4 0.1 0.1), the weights summing to 1.
+    maps = {"c": _head_maps([[5.0]]), **_two_layers_one_resolution()}
+    store = _per_head_store(maps)
+    cross = {"c": 0.7, "a1": 0.3, "a2": 0.3}
+    first = resolution_fused_cross(store, cross, SPANS, (2, 2), normalise_first=True)[0, :, 0]
+    assert torch.allclose(first, torch.tensor([0.82, 0.82, 0.73, 0.73]))
+    # Normalised after upsampling, the 1 x 1 map is 0.25 per pixel: 0.7 * 0.25 + 0.3 * (0.4 0.4 0.1 0.1).
+    after = resolution_fused_cross(store, cross, SPANS, (2, 2), normalise_first=False)[0, :, 0]
+    assert torch.allclose(after, torch.tensor([0.295, 0.295, 0.205, 0.205]))
+
+
+def test_cross_heads_pool_only_the_kept_heads():
+    store = _per_head_store(_two_layers_one_resolution())
+    # a1's head 1 (1 3 0 0) and a2's head 0 (0 0 1 1): (1 3 1 1) / 6.
+    got = resolution_fused_cross(store, {"a1": 1.0, "a2": 1.0}, SPANS, (2, 2), heads={"a1": (1,), "a2": (0,)})[0, :, 0]
+    assert torch.allclose(got, torch.tensor([1, 3, 1, 1]) / 6)
+
+
+def test_per_resolution_needs_per_head_maps_and_a_known_mode():
+    store = AttentionStore()
+    store.add("a", torch.ones((1, 4, 3)))
+    with pytest.raises(ValueError, match="captured per head"):
+        resolution_fused_cross(store, {"a": 1.0}, SPANS, (2, 2))
+    with pytest.raises(ValueError, match="unknown iSeg cross_norm 'tokens'"):
+        ISeg(ISegConfig(cross_norm="tokens")).fused(store, SPANS, CapturePlan(cross={"a": 1.0}, self_names=[], grid=(2, 2)))
+
+
+def test_code_preset_scores_from_the_pooled_maps():
+    # Identity Self, one iteration, no clustering: the label map is the min-max of the pooled, normalised map.
+    store = _per_head_store(_two_layers_one_resolution())
+    store.add("s", torch.eye(4)[None])
+    plan = CapturePlan(cross={"a1": 1.0, "a2": 1.0}, self_names=["s"], grid=(2, 2), per_head=["a1", "a2"])
+    cfg = ISegConfig(iters=1, bg_threshold=0.5, cross_norm="resolution", normalise_first=True)
+    fg = ISeg(cfg).scores(store, SPANS, plan)[0, :, 1]
+    assert torch.allclose(fg, torch.tensor([1.0, 1.0, 0.0, 0.0]))  # (0.4 0.4 0.1 0.1), min-max
+
+
+# --- the code's layers, heads and prompt on real UNet layouts ---------------------------------------------------
+
+
+def _inventory(**overrides):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return layer_inventory(UNet2DConditionModel(**{**SD15_UNET, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def sd15_inventory():
+    return _inventory()
+
+
+@pytest.fixture(scope="module")
+def sd21_inventory():
+    # SD 2.1's UNet: 5, 10, 20, 20 heads per level (its config's attention_head_dim), 1024-wide text states.
+    return _inventory(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True)
+
+
+def _attn2(block: str) -> str:
+    return f"{block}.transformer_blocks.0.attn2"
+
+
+CODE_16 = ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1"] + [f"up_blocks.1.attentions.{i}" for i in range(3)]
+CODE_32 = ["down_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"]
+
+
+def test_code_preset_reads_the_codes_cross_layers_on_sd15(sd15_inventory):
+    plan = ISeg(ISEG_PRESETS["code"]).plan(sd15_inventory, 64)
+    assert plan.cross == {**{_attn2(b): 0.7 for b in CODE_16}, **{_attn2(b): 0.3 for b in CODE_32}}
+    assert plan.per_head == [*plan.cross, "up_blocks.3.attentions.1.transformer_blocks.0.attn1"]
+    assert plan.cross_heads == {}
+    paper = ISeg(ISEG_PRESETS["paper"]).plan(sd15_inventory, 64)  # decoder only, head means
+    assert sorted(paper.cross) == sorted(_attn2(f"up_blocks.{b}.attentions.{i}") for b in (1, 2) for i in range(3))
+    assert paper.per_head == [] and paper.cross_heads == {}
+
+
+def test_voc_cross_heads_map_to_each_layers_own_heads_on_sd21(sd21_inventory):
+    plan = ISeg(ISEG_PRESETS["code-voc-heads"]).plan(sd21_inventory, 64)
+    # 16 px: 20 heads a layer, in forward order down_blocks.2.attentions.0, .1, up_blocks.1.attentions.0, .1, .2.
+    # Positions 81 83 87 88 93 94 96 fall in the fifth layer (80-99); 60 76 77 78 in the fourth.
+    assert plan.cross_heads[_attn2("up_blocks.1.attentions.2")] == (1, 3, 7, 8, 13, 14, 16)
+    assert plan.cross_heads[_attn2("up_blocks.1.attentions.1")] == (0, 16, 17, 18)
+    # 32 px: 10 heads a layer; 5 6 8 in down_blocks.1.attentions.1, 13 in up_blocks.2.attentions.0, 21-28 in .1.
+    assert plan.cross_heads[_attn2("down_blocks.1.attentions.1")] == (5, 6, 8)
+    assert plan.cross_heads[_attn2("up_blocks.2.attentions.0")] == (3,)
+    assert plan.cross_heads[_attn2("up_blocks.2.attentions.1")] == (1, 2, 5, 7, 8)
+    assert sorted(plan.cross_heads) == sorted(_attn2(b) for b in CODE_16 + CODE_32)
+    assert sum(map(len, plan.cross_heads.values())) == 50
+
+
+def test_voc_cross_heads_are_refused_where_they_do_not_exist(sd15_inventory, tiny_pipe):
+    with pytest.raises(ValueError, match=r"have 40 heads together, so \[41, 43"):
+        ISeg(ISEG_PRESETS["code-voc-heads"]).plan(sd15_inventory, 64)
+    with pytest.raises(ValueError, match="have 6 heads together"):  # 3 layers of 2 heads at 8 px
+        ISeg(replace(ISEG_PRESETS["code-voc-heads"], heads=None)).plan(layer_inventory(tiny_pipe.unet), 16)
+    with pytest.raises(ValueError, match="use cross_norm='resolution'"):
+        ISeg(ISegConfig(cross_heads={1: (0,)})).plan(sd15_inventory, 64)
+    with pytest.raises(ValueError, match="one rank of cross"):
+        ISeg(ISegConfig(cross_layers=CODE_CROSS_LAYERS, cross={1: 1.0})).plan(sd15_inventory, 64)
+
+
+def test_code_layers_on_the_tiny_pipeline(tiny_pipe):
+    # The embedded layout: cross layers at 16 px (down_blocks.0, up_blocks.2) and 8 px (down_blocks.1, up_blocks.1)
+    # and the 4-px mid block. The code's 16-px layers are this UNet's rank-1 (8 px) ones; at rank 2 its one encoder
+    # layer stands for the code's second, and both decoder layers are read. The mid block is not.
+    inv = layer_inventory(tiny_pipe.unet)
+    plan = ISeg(ISEG_PRESETS["embedded-code"]).plan(inv, 16)
+    assert plan.cross == {
+        _attn2("down_blocks.1.attentions.0"): 0.7,
+        _attn2("up_blocks.1.attentions.0"): 0.7,
+        _attn2("up_blocks.1.attentions.1"): 0.7,
+        _attn2("down_blocks.0.attentions.0"): 0.3,
+        _attn2("up_blocks.2.attentions.0"): 0.3,
+        _attn2("up_blocks.2.attentions.1"): 0.3,
+    }
+    assert plan.per_head == list(plan.cross)  # no self heads in embedded-code
+    embedded = ISeg(ISEG_PRESETS["embedded"]).plan(inv, 16)
+    assert list(embedded.cross) == [_attn2(f"up_blocks.{b}.attentions.{i}") for b in (1, 2) for i in (0, 1)]
+
+
+def test_code_prompt_appends_the_background_words_and_reads_only_label_tokens(predictor):
+    # "tree" is a label and a background word: the label's token is the first "tree", before the background words.
+    text, spans = predictor.prompt_for(["circle", "tree"], ISeg(ISEG_PRESETS["code"]))
+    assert text == (
+        "a photograph of circle and tree and other objects and background, "
+        "ground, land, grass, tree, building, wall, sky, lake, water"
+    )
+    tok = predictor.pipe.tokenizer
+    ids = tok(text)["input_ids"]
+    assert [tok.decode([ids[i] for i in s]).strip() for s in spans.spans] == ["circle", "tree"]
+    first_bg = len(tok("a photograph of circle and tree and other objects and background,")["input_ids"]) - 1  # no EOS
+    assert max(max(s) for s in spans.spans) < first_bg
+    assert ids[first_bg:-1] == tok(", ".join(ISEG_VOC_BACKGROUND_WORDS), add_special_tokens=False)["input_ids"]
+    _, plain = predictor.prompt_for(["circle", "tree"], ISeg(ISEG_PRESETS["paper"]))
+    assert plain.spans == spans.spans  # the words only follow the labels
+
+
+def test_code_presets_segment_on_the_tiny_pipeline(predictor):
+    # Cross layers captured per head through the predictor; the tiny UNet has 2 heads, so not the code's self heads.
+    predictor.set_image(make_scene(7, 0).image)
+    for preset in ("code", "embedded-code"):
+        r = predictor.segment(["red circle", "star"], method="iseg", preset=preset, draws=1, heads=None)
+        assert r.scores.shape[0] == 3 and np.isfinite(r.scores).all(), preset
+        assert r.prompt.endswith(", lake, water") == (preset == "code"), preset

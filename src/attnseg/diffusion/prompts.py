@@ -34,6 +34,20 @@ T2M_BACKGROUND_WORDS: tuple[str, ...] = (
     "stone",
     "rocks",
 )
+# iSeg's authors' code (wsss/iSeg.py, ``prepare_data_name``, VOC): the words it appends after "... and background, ".
+# Only the first line of its string is assigned; the two lines under it (river ... sign) are separate statements
+# that Python evaluates and discards, so the prompt carries these nine words.
+ISEG_VOC_BACKGROUND_WORDS: tuple[str, ...] = (
+    "ground",
+    "land",
+    "grass",
+    "tree",
+    "building",
+    "wall",
+    "sky",
+    "lake",
+    "water",
+)
 
 
 class PromptError(ValueError):

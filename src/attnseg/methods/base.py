@@ -31,6 +31,9 @@ class CapturePlan:
     """ConceptAttention: {``<module>:concept``: weight} concept maps read; the forward then carries concept tokens,
     the image's labels followed by ``concept_background``."""
     concept_background: tuple[str, ...] = ()
+    cross_heads: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """The heads that iSeg's per-resolution fusion pools of per-head cross modules: {module: 0-based heads of its
+    own}; a module not named: all its heads (iSeg's code: its VOC cross heads)."""
 
     @property
     def names(self) -> list[str]:
@@ -47,14 +50,16 @@ def fused_cross(
 ) -> torch.Tensor:
     """Weighted mean of per-label cross maps of several modules on ``grid``: (B, P, K).
 
-    Each module's head-mean map (B, P_l, T) is reduced to its labels' token averages, resized to
-    ``grid``, optionally normalised per label (``normalise`` of a (B, P, K) tensor; at the module's own
-    resolution before resizing with ``normalise_first``), then weighted.
+    Each module's head-mean map (B, P_l, T) (the mean of its heads when it was captured per head) is reduced to its
+    labels' token averages, resized to ``grid``, optionally normalised per label (``normalise`` of a (B, P, K)
+    tensor; at the module's own resolution before resizing with ``normalise_first``), then weighted.
     """
     total = None
     wsum = 0.0
     for name, w in cross.items():
         m = store.mean(name)
+        if m.dim() == 4:  # per-head capture (B, H, P_l, T)
+            m = m.mean(dim=1)
         lab = token_maps(m, spans.spans)
         if normalise is not None and normalise_first:
             lab = normalise(lab)
