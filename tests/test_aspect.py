@@ -5,31 +5,55 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from attnseg.diffusion.layers import LayerInfo, LayerSelect, finest_grid
-from attnseg.diffusion.vae import aspect_size
-from attnseg.methods.t2m import T2M_PRESETS
+from attnseg.diffusion.prompts import T2M_SYNONYMS, T2M_VOC_CLASS_BACKGROUND_WORDS, compose_prompt
+from attnseg.io.images import resize_pad
+from attnseg.methods.t2m import PAD_COLOUR, T2M_PRESETS, code_size
 from attnseg.ops.maps import grid_of
 from attnseg.shapes.world import make_scene
 
 
+def T2M_PROMPT_OF(labels):
+    cfg = T2M_PRESETS["code"]
+    assert cfg.class_background_words is T2M_VOC_CLASS_BACKGROUND_WORDS
+    words = tuple(dict.fromkeys(w for lab in labels for w in cfg.class_background_words.get(lab, cfg.background_words)))
+    p = compose_prompt(labels, cfg.template, synonyms=T2M_SYNONYMS, background_words=words)
+    return p.text, p.char_spans
+
+
 @pytest.mark.parametrize(
-    "hw, size",
+    "hw, scale, multiple, sizes",
     [
-        ((375, 500), (512, 704)),  # long side 500 -> 704: 528 x 704, 528 rounds to 512
-        ((500, 375), (704, 512)),
-        ((2000, 1000), (1024, 512)),  # long side 2000 -> 1024
-        ((800, 600), (832, 576)),  # inside [704, 1024]: unchanged, then to multiples of 64 (12.5 rounds up)
-        ((10, 1000), (64, 1024)),  # a side never rounds to zero
+        ((375, 500), 1, 64, ((576, 768), (576, 768))),  # VOC's 4:3: ratio 1.33 -> 12 units of 64 px
+        ((300, 500), 1, 64, ((499, 832), (512, 832))),  # 5:3 -> 13 units; 499 padded to 512
+        ((1000, 400), 1, 64, ((1024, 409), (1024, 448))),  # 5:2 -> 16 units; width padded
+        ((100, 100), 1, 64, ((704, 704), (704, 704))),  # square: 11 units
+        ((48, 64), 0.125, 16, ((72, 96), (80, 96))),  # a 64-px model: the same rule at an eighth of the size
     ],
 )
-def test_aspect_size_keeps_the_aspect_and_brings_the_long_side_into_range(hw, size):
-    assert aspect_size(*hw, (704, 1024), 64) == size
+def test_code_size_follows_the_authors_buckets_and_pads_to_the_multiple(hw, scale, multiple, sizes):
+    assert code_size(*hw, scale, multiple) == sizes
 
 
-def test_aspect_size_refuses_a_bad_range():
-    with pytest.raises(ValueError, match="lo <= hi"):
-        aspect_size(10, 10, (1024, 704), 64)
+def test_resize_pad_fills_the_bottom_and_right():
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    out = resize_pad(img, (2, 3), (4, 5), PAD_COLOUR)
+    assert out.shape == (4, 5, 3) and np.array_equal(out[:2, :3], img)
+    assert (out[2:] == PAD_COLOUR).all() and (out[:, 3:] == PAD_COLOUR).all()
+    with pytest.raises(ValueError, match="cannot pad"):
+        resize_pad(img, (2, 3), (1, 5), PAD_COLOUR)
+
+
+def test_t2m_code_prompt_lists_labels_and_each_labels_background_words():
+    text, spans = T2M_PROMPT_OF(["cat", "boat", "tvmonitor"])
+    assert text == (
+        "a photo including cat, boat, tv monitor screen, tree, river, sea, lake, water, railway, railroad, track, "
+        "stone, rocks, mountain, keyboard, and wall."
+    )
+    assert compose_prompt(["cat"], "t2m-code", background_words=("tree",)).text == "a photo including cat, tree."
+    assert len(spans) == 3 and spans[2] == (text.index("tv monitor screen"), text.index("tv monitor screen") + 17)
 
 
 def test_layer_grids_of_a_non_square_latent_halve_each_side_rounding_up():
@@ -50,42 +74,50 @@ def test_grid_of_finds_the_level_of_a_pixel_count():
 
 
 def test_t2m_code_keeps_the_aspect_and_the_embedded_presets_do_not():
-    assert T2M_PRESETS["code"].long_side == (704, 1024) and T2M_PRESETS["coco-code"].long_side == (704, 1024)
-    assert T2M_PRESETS["voc"].long_side is None and T2M_PRESETS["embedded-code"].long_side is None
+    assert T2M_PRESETS["code"].resize == "code" and T2M_PRESETS["coco-code"].resize == "code"
+    assert T2M_PRESETS["voc"].resize == "square" and T2M_PRESETS["embedded-code"].resize == "square"
 
 
-def test_a_square_image_at_the_model_size_gives_the_square_path_numbers(predictor):
+def test_the_code_resize_reads_each_image_padded_at_its_own_size_and_alike_alone_and_in_a_batch(predictor, monkeypatch):
     r = predictor.resolution
-    img = make_scene(7, 0).image
-    assert img.shape[:2] == (r, r)
-    predictor.set_image(img)
-    square = predictor.segment(["circle", "star"], method="t2m", preset="embedded", draws=2, seed=3)
-    kept = predictor.segment(["circle", "star"], method="t2m", preset="embedded", draws=2, seed=3, long_side=(r, r))
-    assert np.array_equal(kept.scores, square.scores)
-    assert square.settings["resolution"] == r and kept.settings["resolution"] == [r, r]
-
-
-def test_a_wide_image_is_read_on_a_wide_grid_and_each_image_alike_alone_and_in_a_batch(predictor, monkeypatch):
-    r, m = predictor.resolution, predictor.size_multiple
+    scale, mult = predictor.backbone.native_resolution / 512, predictor.size_multiple
     wide = make_scene(7, 1).image[: r // 2]  # half as tall as wide
     tall = make_scene(7, 2).image[:, : r // 2]
-    grids = []
+    seen = []
     orig = predictor.score_maps
 
     def spy(latents, *a, **kw):
         out = orig(latents, *a, **kw)
-        grids.append((tuple(latents.shape[-2:]), tuple(out[0][0].shape[-2:])))
+        seen.append((tuple(latents.shape[-2:]), tuple(out[0][0].shape[-2:])))
         return out
 
     monkeypatch.setattr(predictor, "score_maps", spy)
-    kw = dict(method="t2m", preset="embedded", draws=1, seed=0, long_side=(r, r))
+    kw = dict(method="t2m", preset="embedded", draws=1, seed=0, resize="code")
     both = predictor.segment_batch([wide, tall], [["circle"], ["star"]], **kw)
     f = r // predictor.backbone.latent_side(r)
-    (lw, gw), (lt, gt) = grids
-    assert lw == (r // 2 // f, r // f) and lt == (r // f, r // 2 // f)  # each image's own latent, aspect kept
-    assert gw[1] == 2 * gw[0] and gt[0] == 2 * gt[1]  # and its attention grid
+    (_, pw), (_, pt) = code_size(*wide.shape[:2], scale, mult), code_size(*tall.shape[:2], scale, mult)
+    (lw, gw), (lt, gt) = seen
+    assert lw == (pw[0] // f, pw[1] // f) and lt == (pt[0] // f, pt[1] // f)  # each image padded at its own size
+    assert gw[1] == 2 * gw[0] and gt[0] == 2 * gt[1]  # and read on a grid of its aspect
     assert both[0].scores.shape == (2, *wide.shape[:2]) and both[1].mask.shape == tall.shape[:2]
-    assert both[0].settings["resolution"] == [r // 2, r] and r % m == 0
+    assert both[0].settings["resolution"] == list(pw)
     alone = predictor.segment_batch([tall], [["star"]], **kw)[0]
     assert np.allclose(alone.scores, both[1].scores, atol=2e-3)
 
+
+def test_the_padding_is_cropped_from_the_scores(predictor, monkeypatch):
+    r = predictor.resolution
+    wide = make_scene(7, 1).image[: r // 2]
+    (h, w), (ph, pw) = code_size(*wide.shape[:2], predictor.backbone.native_resolution / 512, predictor.size_multiple)
+    assert (ph, pw) != (h, w)
+    scores = torch.full((2, ph, pw), 0.5)
+    scores[0] = 0.0
+    scores[0, h:] = scores[0, :, w:] = 1.0  # background wins on the padding only
+
+    def fake(latents, labels, *a, **kw):  # scores at the padded pixel size: the crop is exact there
+        return [scores], ["p"], [[1.0]]
+
+    monkeypatch.setattr(predictor, "score_maps", fake)
+    res = predictor.segment_batch([wide], [["circle"]], method="t2m", preset="embedded", draws=1, resize="code")[0]
+    assert res.scores.shape == (2, *wide.shape[:2]) and (res.mask == 1).all()
+    assert np.allclose(res.scores[0], 0.0)

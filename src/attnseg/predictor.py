@@ -26,8 +26,7 @@ from attnseg.diffusion.concepts import Concept, ConceptError, applied, apply_con
 from attnseg.diffusion.concepts import load_concept as read_concept
 from attnseg.diffusion.loading import ModelError, backbone_for, load_pipeline, profile_path, read_profile
 from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt, find_phrase_spans
-from attnseg.diffusion.vae import aspect_size
-from attnseg.io.images import load_image
+from attnseg.io.images import load_image, resize_pad
 from attnseg.methods.base import fused_cross, mean_self
 from attnseg.methods.diffseg import DiffSegConfig, assign
 from attnseg.methods.interactive import Interactive, VisualPrompt, clip_to_boxes, initial_maps
@@ -44,6 +43,7 @@ from attnseg.methods.personal import (
     spatial_affinity,
 )
 from attnseg.methods.registry import NOTHING, REAL, check_profile, get_method, names, resolve
+from attnseg.methods.t2m import PAD_COLOUR, code_size
 from attnseg.ops.maps import columns_to_images
 from attnseg.ops.refine import CRFConfig, confidence_map, dense_crf, scores_to_probs
 
@@ -349,6 +349,9 @@ class AttnSegPredictor:
         cfg = (self.method(method, preset) if isinstance(method, str) else method).config
         synonyms = bool(getattr(cfg, "synonyms", False))
         background = tuple(getattr(cfg, "background_words", ()))
+        per_label = getattr(cfg, "class_background_words", None)
+        if per_label:  # each label's own words, in label order, without repeats
+            background = tuple(dict.fromkeys(w for lab in labels for w in per_label.get(lab, background)))
         key = (tuple(labels), cfg.template, synonyms, background)
         if key in self._prompt_cache:
             self._prompt_cache.move_to_end(key)
@@ -625,20 +628,26 @@ class AttnSegPredictor:
         r = self.resolution
         return r // self.backbone.latent_side(r) * 2 ** max(lay.level for lay in self.inventory)
 
-    def _posterior_groups(self, images, posterior, config) -> list[tuple[list[int], int | list[int], tuple]]:
-        """[(image indices, image size, (mean, std))]: every image in ``posterior`` (square, at the predictor's
-        resolution), or, when ``config.long_side`` keeps the aspect, the images encoded at their own sizes
-        (:func:`~attnseg.diffusion.vae.aspect_size`), one group per size."""
-        long_side = getattr(config, "long_side", None)
-        if long_side is None:
-            return [(list(range(len(images))), self.resolution, posterior)]
+    def _posterior_groups(self, images, posterior, config) -> list[tuple[list[int], int | list[int], tuple, list]]:
+        """[(image indices, size read, (mean, std), valid regions)]: every image in ``posterior`` (square, at the
+        predictor's resolution; no padding), or, with ``config.resize == "code"``, the images resized and padded as
+        T2M's code does (:func:`~attnseg.methods.t2m.code_size`) and encoded at their padded sizes, one group per
+        size, each image's valid region (h', w') the top-left part of it."""
+        resize = getattr(config, "resize", "square")
+        if resize not in ("square", "code"):
+            raise ValueError(f"unknown resize {resize!r}: use 'square' or 'code'")
+        if resize == "square":
+            return [(list(range(len(images))), self.resolution, posterior, [None] * len(images))]
+        scale = self.backbone.native_resolution / 512
+        sizes = [code_size(*im.shape[:2], scale, self.size_multiple) for im in images]
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault(aspect_size(*im.shape[:2], long_side, self.size_multiple), []).append(i)
-        return [
-            (idx, list(size), self.backbone.encode_posteriors([images[i] for i in idx], size, self.max_batch))
-            for size, idx in groups.items()
-        ]
+        for i, (_, padded) in enumerate(sizes):
+            groups.setdefault(padded, []).append(i)
+        out = []
+        for padded, idx in groups.items():
+            arrays = [resize_pad(images[i], sizes[i][0], padded, PAD_COLOUR) for i in idx]
+            out.append((idx, list(padded), self.backbone.encode_posteriors(arrays, padded, self.max_batch), [sizes[i][0] for i in idx]))
+        return out
 
     def _segment(self, posterior, images, label_lists, method, preset, draws, seed, crf, overrides):
         """``posterior``: the images' latents (posterior means) and their standard deviations."""
@@ -653,16 +662,21 @@ class AttnSegPredictor:
         if n_draws < 1:
             raise ValueError("draws must be at least 1")
         n = len(images)
-        maps, texts, presences, sizes = [None] * n, [""] * n, [[]] * n, [self.resolution] * n
-        for idx, size, (mean, std) in self._posterior_groups(images, posterior, m.config):
+        maps, texts, presences, sizes, valid = [None] * n, [""] * n, [[]] * n, [self.resolution] * n, [None] * n
+        for idx, size, (mean, std), regions in self._posterior_groups(images, posterior, m.config):
             group = self.score_maps(mean, [label_lists[i] for i in idx], m, n_draws, seed, latent_std=std)
-            for i, sc, text, presence in zip(idx, *group, strict=True):
-                maps[i], texts[i], presences[i], sizes[i] = sc, text, presence, size
+            for i, sc, text, presence, region in zip(idx, *group, regions, strict=True):
+                maps[i], texts[i], presences[i], sizes[i], valid[i] = sc, text, presence, size, region
         results = []
         crf_cfg = _crf_config(crf)
-        for img, labs, sc, text, presence, size in zip(images, label_lists, maps, texts, presences, sizes, strict=True):
+        for img, labs, sc, text, presence, size, region in zip(
+            images, label_lists, maps, texts, presences, sizes, valid, strict=True
+        ):
             h, w = img.shape[:2]
-            up = F.interpolate(sc[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+            sc = sc[None].float()
+            if region is not None:  # padded: the scores at the padded size, the image's part of them
+                sc = F.interpolate(sc, size=tuple(size), mode="bilinear", align_corners=False)[:, :, : region[0], : region[1]]
+            up = F.interpolate(sc, size=(h, w), mode="bilinear", align_corners=False)[0]
             settings = {**_settings(m), "preset": preset, "draws": n_draws, "seed": seed, "crf": crf_cfg is not None}
             settings["resolution"] = size
             results.append(

@@ -34,6 +34,14 @@ T2M_BACKGROUND_WORDS: tuple[str, ...] = (
     "stone",
     "rocks",
 )
+T2M_VOC_CLASS_BACKGROUND_WORDS: dict[str, tuple[str, ...]] = {
+    "boat": ("river", "sea", "lake", "water", "mountain"),
+    "cow": ("grass", "stone", "rocks"),
+    "train": ("railway", "railroad", "track"),
+    "tvmonitor": ("keyboard", "wall"),
+}
+"""T2M's authors' code on VOC (scripts/SD_seg.py, ``background_prompts``): these classes' own background words; every
+other class takes the paper's list (:data:`T2M_BACKGROUND_WORDS`, CLIMS's)."""
 # iSeg's authors' code (wsss/iSeg.py, ``prepare_data_name``, VOC): the words it appends after "... and background, ".
 # Only the first line of its string is assigned; the two lines under it (river ... sign) are separate statements
 # that Python evaluates and discards, so the prompt carries these nine words.
@@ -69,6 +77,8 @@ class PromptTemplate:
     suffix: str
     pair_sep: str | None = None
     background_sep: str = ", "
+    background_last_sep: str | None = None
+    """Before the last of two or more background words, instead of ``background_sep``."""
 
     def join(self, phrases: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
         text = self.prefix
@@ -88,6 +98,8 @@ TEMPLATES: dict[str, PromptTemplate] = {
     # T2M: "a photo including bottle, chair, and sofa."
     "t2m": PromptTemplate("t2m", "a photo including ", ", ", ", and ", ".", pair_sep=" and "),
     # iSeg: "a photograph of A and B and other objects and background"
+    # T2M's authors' code: labels and background words one list, "a photo including cat, dog, tree, and sea."
+    "t2m-code": PromptTemplate("t2m-code", "a photo including ", ", ", ", ", ".", background_last_sep=", and "),
     "iseg": PromptTemplate("iseg", "a photograph of ", " and ", " and ", " and other objects and background"),
     # DAAM / DiffuMask style: "a photo of a dog and a cat"
     "photo": PromptTemplate("photo", "a photo of ", " and ", " and ", ""),
@@ -133,8 +145,9 @@ def compose_prompt(
         punct = suffix if suffix in (".", "") else ""
         rest = "" if punct == suffix else suffix
         text += rest
-        for w in background_words:
-            text += tpl.background_sep
+        for k, w in enumerate(background_words):
+            last = k == len(background_words) - 1 and k > 0 and tpl.background_last_sep is not None
+            text += tpl.background_last_sep if last else tpl.background_sep
             bg_spans.append((len(text), len(text) + len(w)))
             text += w
         text += punct

@@ -11,17 +11,6 @@ import torch.nn.functional as F
 
 
 @torch.inference_mode()
-def aspect_size(h: int, w: int, long_side: tuple[int, int], multiple: int) -> tuple[int, int]:
-    """(H, W) of an ``h`` x ``w`` image resized with its aspect kept: the long side brought into
-    ``long_side`` = (lo, hi) (unchanged when it lies inside), each side then rounded to a multiple of ``multiple``
-    (at least one), so that every level of the denoiser holds whole pixels."""
-    lo, hi = long_side
-    if not 0 < lo <= hi:
-        raise ValueError(f"long_side needs 0 < lo <= hi, got {long_side}")
-    scale = min(max(max(h, w), lo), hi) / max(h, w)
-    return tuple(max(multiple, int(s * scale / multiple + 0.5) * multiple) for s in (h, w))  # halves round up
-
-
 def encode_posteriors(
     vae, images: Sequence[np.ndarray], resolution: int | tuple[int, int], device, max_batch: int = 16, upcast: bool = False
 ):

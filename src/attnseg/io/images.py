@@ -125,3 +125,15 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
     fg = (mask > 0)[..., None]
     out = np.where(fg, (1 - alpha) * out + alpha * col, out)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def resize_pad(image: np.ndarray, size: tuple[int, int], padded: tuple[int, int], fill: tuple[int, int, int]) -> np.ndarray:
+    """An RGB uint8 image resized to ``size`` (h, w; bilinear, antialiased as PIL resizes) and padded at the bottom
+    and right with ``fill`` to ``padded`` (H, W)."""
+    (h, w), (ph, pw) = size, padded
+    if ph < h or pw < w:
+        raise ValueError(f"cannot pad a {h} x {w} image to {ph} x {pw}")
+    out = np.empty((ph, pw, 3), dtype=np.uint8)
+    out[:] = np.asarray(fill, dtype=np.uint8)
+    out[:h, :w] = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    return out

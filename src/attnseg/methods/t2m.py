@@ -15,7 +15,7 @@ import torch
 
 from attnseg.diffusion.capture import AttentionStore
 from attnseg.diffusion.layers import Latent, LayerInfo, LayerSelect, resolve_all
-from attnseg.diffusion.prompts import T2M_BACKGROUND_WORDS, TokenSpans
+from attnseg.diffusion.prompts import T2M_BACKGROUND_WORDS, T2M_VOC_CLASS_BACKGROUND_WORDS, TokenSpans
 from attnseg.methods.base import CapturePlan, fused_cross, mean_self
 from attnseg.ops.maps import background_score, box_mask, minmax, propagate, with_background
 
@@ -36,7 +36,10 @@ class T2MConfig:
     synonyms: bool = True
     """Replace VOC class names by the paper's synonyms (person -> person with clothes, ...)."""
     background_words: tuple[str, ...] = T2M_BACKGROUND_WORDS
-    """Words appended to absorb attention; their maps are not read."""
+    """Words appended to absorb attention; their maps are not read (paper, appendix A, after CLIMS)."""
+    class_background_words: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Per label, its own background words instead of ``background_words``; the prompt carries those of its labels in
+    order, without repeats (the authors' code on VOC: :data:`T2M_VOC_CLASS_BACKGROUND_WORDS`). Empty: the paper's."""
     cross: tuple[LayerSelect, ...] = field(
         default_factory=lambda: (
             LayerSelect(kind="cross", ranks=(0, 1), blocks=("down", "mid")),
@@ -62,11 +65,12 @@ class T2MConfig:
     """"sample": each noise draw starts from a sample of the VAE posterior (the paper, section 3.1: the encoder
     "encodes images ... by sampling based on the predicted mean and standard deviation"); "mean": its mean, so that one draw is deterministic
     given the noise (ours; the embedded presets)."""
-    long_side: tuple[int, int] | None = None
-    """None: the image is resized to the model's square resolution (ours; the paper: "rescale it to meet the model
-    requirements"). (lo, hi): its aspect is kept and its long side brought into [lo, hi], as the authors' code does
-    (704-1024), each side rounded to the model's size multiple (ours: 64 on SD 1.x / 2.x, whole pixels at every
-    level), so that a non-square image gives non-square attention grids."""
+    resize: str = "square"
+    """"square" (ours; the paper: "rescale it to meet the model requirements"): the image is resized to the model's
+    square resolution. "code": as the authors' code (scripts/SD_seg.py, ``MySegmentation``): its aspect is kept, its
+    long side set by its aspect ratio (:func:`code_size`), the short side padded at the bottom or right to a multiple
+    of the model's size multiple with the mean colour, and the padding cropped from the score maps before they are
+    resized to the image: non-square attention grids."""
     average: str = "scores"
     """How draws are combined: "scores" (ours; the paper does not say): each draw's scores, background included,
     are averaged; "foreground": the foreground maps are averaged and the (nonlinear) background rule applied once to
@@ -81,11 +85,20 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     # names as labels to use synonyms). Background words as for VOC (the paper names one list, after CLIMS).
     "coco": T2MConfig(synonyms=False, draws=1),
     # COCO as the authors' code runs it: its background rule (2 thr - max)^2 with thr 0.35, Self boxed at 0.5.
-    # Both code presets keep the image's aspect, long side 704-1024.
-    "coco-code": T2MConfig(synonyms=False, draws=1, bg_threshold=0.35, caa_threshold=0.5, long_side=(704, 1024)),
-    # VOC as the authors' code runs it: Self boxed to each label's Cross regions at 0.2, and the 10 draws combined
-    # with the foreground averaged, the background rule applied once.
-    "code": T2MConfig(average="foreground", caa_threshold=0.2, long_side=(704, 1024)),
+    # Both code presets keep the image's aspect, long side 704-1024 px (``resize="code"``).
+    "coco-code": T2MConfig(
+        template="t2m-code", synonyms=False, draws=1, bg_threshold=0.35, caa_threshold=0.5, resize="code"
+    ),
+    # VOC as the authors' code runs it: Self boxed to each label's Cross regions at 0.2, the 10 draws combined with
+    # the foreground averaged, the background rule applied once, its prompt (labels and background words one list,
+    # its per-class background words).
+    "code": T2MConfig(
+        template="t2m-code",
+        class_background_words=T2M_VOC_CLASS_BACKGROUND_WORDS,
+        average="foreground",
+        caa_threshold=0.2,
+        resize="code",
+    ),
     "plain": T2MConfig(synonyms=False, background_words=(), draws=1),
     # For datasets whose vocabulary has no use for VOC's background words (e.g. ShapesWorld).
     "no-bg-words": T2MConfig(synonyms=False, background_words=()),
@@ -106,9 +119,28 @@ T2M_PRESETS: dict[str, T2MConfig] = {
 }
 
 # The embedded preset with the code's two choices of the `code` preset (boxed Self, draws averaged before the
-# background rule); the embedded model's latents stay the posterior mean and its images square (704 px would be 11
-# times its size).
+# background rule); the embedded model's latents stay the posterior mean and its images square.
 T2M_PRESETS["embedded-code"] = replace(T2M_PRESETS["embedded"], average="foreground", caa_threshold=0.2)
+
+
+CODE_LONG_SIDES: tuple[tuple[float, int], ...] = ((16 / 7, 16), (15 / 8, 15), (14 / 8, 14), (13 / 9, 13), (12 / 10, 12))
+"""The authors' code's long side by aspect ratio (scripts/SD_seg.py, ``MySegmentation.__getitem__``): above a
+ratio (long / short), that many 64-px units; 11 (704 px) up to 1.2."""
+PAD_COLOUR: tuple[int, int, int] = (123, 117, 104)
+"""The colour the authors' code pads with (its ``bg_mean``, RGB)."""
+
+
+def code_size(h: int, w: int, scale: float = 1.0, multiple: int = 64) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((h', w'), (H, W)): an ``h`` x ``w`` image resized as T2M's code resizes it, and that size padded at the bottom
+    or right to a multiple of ``multiple``.
+
+    The long side is 64 px times 11 to 16 by the aspect ratio (:data:`CODE_LONG_SIDES`), times ``scale`` (1 on SD
+    1.x / 2.x; the model's native resolution / 512 elsewhere, ours), the short side in proportion, truncated."""
+    units = next((u for ratio, u in CODE_LONG_SIDES if max(h / w, w / h) > ratio), 11)
+    long = round(64 * units * scale)
+    rh, rw = (int(long * h / w), long) if w > h else (long, int(long * w / h))
+    pad = lambda s: -(-s // multiple) * multiple  # noqa: E731
+    return (rh, rw), (pad(rh), pad(rw))
 
 
 def self_cross(self_attn: torch.Tensor, cross: torch.Tensor, iters: int) -> torch.Tensor:
