@@ -4,9 +4,12 @@ One look (default: striped circles) is learned from its training photos as the C
 default settings), then every test scene of another world seed that holds exactly one object of that look is
 queried for it alone, three ways: colour and token ("a red <my-striped> circle"), the token alone, and the colour
 alone. A hit: the object gets the most mask pixels of all the scene's objects. Prints hits / scenes and the mean IoU
-of the mask with the object, per query; chance is about one in the scene's object count.
+of the mask with the object, per query; chance is about one in the scene's object count. With ``--colour`` the
+photos show one object always in that colour (a user's own object, its colour part of its look) and the scenes
+counted are those with exactly one object of that colour and look.
 
     python scripts/check_personal_scene.py --out /tmp/personal-check --look striped --seed 7 --n 60
+    python scripts/check_personal_scene.py --out /tmp/personal-check --look striped --colour red --seed 7 --n 400
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7, help="world seed of the test scenes (the benchmark's is 1)")
     ap.add_argument("--n", type=int, default=60, help="scenes looked at (those with exactly one object of the look count)")
     ap.add_argument("--method", default="textual-inversion", choices=["textual-inversion", "custom-diffusion"])
+    ap.add_argument("--colour", default=None, help="learn one object of this colour (default: the look in every colour)")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    token = f"<my-{a.look}>"
-    concept = a.out / f"my-{a.look}.safetensors"
+    name = f"my-{a.colour}-{a.look}" if a.colour else f"my-{a.look}"
+    token = f"<{name}>"
+    concept = a.out / f"{name}.safetensors"
     if not concept.is_file():
         learner = AttnSegPredictor.from_pretrained()
-        photos = training_photos(a.look, a.shape, 8, 0)
+        photos = training_photos(a.look, a.shape, 8, 0, colour=a.colour)
         learn_concept(learner.pipe, photos, token, a.shape, concept, PersonalizeConfig(method=a.method))
     pred = AttnSegPredictor.from_pretrained()
     pred.load_concept(concept)
@@ -47,7 +52,7 @@ def main() -> None:
     scenes = 0
     for i in range(a.n):
         sc = test_scene(i, a.seed, a.shape)
-        mine = [q for q, o in enumerate(sc.objects) if o.look == a.look]
+        mine = [q for q, o in enumerate(sc.objects) if o.look == a.look and a.colour in (None, o.obj.colour)]
         if len(mine) != 1:
             continue
         scenes += 1
@@ -59,7 +64,7 @@ def main() -> None:
             cover = [int((mask & (sc.instance == j + 1)).sum()) for j in range(len(sc.objects))]
             hits[name] += int(max(cover) > 0 and int(np.argmax(cover)) == q)
             ious[name].append(iou(mask, sc.instance == q + 1))
-    print(f"{scenes} scenes of world seed {a.seed} with one {a.look} {a.shape}; concept {concept}\n")
+    print(f"{scenes} scenes of world seed {a.seed} with one {a.colour or ''} {a.look} {a.shape}; concept {concept}\n")
     print("| query | hits | mean IoU with the object |\n|---|---|---|")
     for name in queries:
         print(f"| {name} | {hits[name]} / {scenes} | {100 * np.mean(ious[name]):.1f} |")

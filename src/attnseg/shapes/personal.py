@@ -136,16 +136,19 @@ def _place(rng: np.random.Generator, n: int, size: int, radius: tuple[float, flo
     raise RuntimeError(f"could not place {n} objects in a {size}-px image")
 
 
-def training_photos(look: str, shape: str, n: int, seed: int, size: int = 64) -> list[np.ndarray]:
-    """``n`` photos of the personal instance (``shape`` with ``look``): one object each, in every colour in turn
-    (its contexts), other sizes, rotations, places and backgrounds."""
+def training_photos(look: str, shape: str, n: int, seed: int, size: int = 64, colour: str | None = None) -> list[np.ndarray]:
+    """``n`` photos of the personal instance (``shape`` with ``look``): one object each, other sizes, rotations,
+    places and backgrounds; in every colour in turn (``colour`` None: colour is its context, as the benchmark reads
+    it) or always in ``colour`` (one object of the user's, its colour part of its look)."""
     colours = list(COLOURS)
+    if colour is not None and colour not in colours:
+        raise ValueError(f"unknown colour {colour!r}; known colours: {', '.join(colours)}")
     photos = []
     for i in range(n):
         rng = _rng(seed, 100_000 + LOOKS.index(look) * 1000 + i)
         ((cx, cy, r),) = _place(rng, 1, size, (0.2, 0.34))
-        colour = colours[(i + LOOKS.index(look)) % len(colours)]
-        obj = SceneObject(colour, shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
+        colour_i = colour or colours[(i + LOOKS.index(look)) % len(colours)]
+        obj = SceneObject(colour_i, shape, cx, cy, r, float(rng.uniform(0, 2 * math.pi)))
         photos.append(render([PersonalObject(obj, look)], rng, size).image)
     return photos
 
