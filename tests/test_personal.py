@@ -401,3 +401,18 @@ def test_the_t2m_preset_of_the_maps_is_resolved_and_recorded(predictor, monkeypa
     monkeypatch.setattr(predictor, "default_presets", {"t2m": "single-pass"})
     assert predictor.personal_config().t2m_preset == "single-pass"  # the model's default, named
     assert predictor.personal_config(PersonalConfig(t2m_preset="voc")).t2m_preset == "voc"  # an explicit one wins
+
+
+def test_training_photos_of_one_colour_show_that_colour_in_every_photo():
+    from attnseg.shapes.personal import training_photos
+    from attnseg.shapes.world import COLOURS
+
+    def has(photo, colour):  # pixels within 40 of the colour's RGB (shading and noise move the fill's pixels)
+        return int((np.abs(photo.astype(int) - np.array(COLOURS[colour])).max(-1) <= 40).sum())
+
+    red = training_photos("striped", "circle", 4, 0, colour="red")
+    assert all(has(p, "red") > 200 for p in red)
+    cycled = training_photos("striped", "circle", 4, 0)
+    assert sum(has(p, "red") > 200 for p in cycled) == 1  # every colour in turn: red once
+    with pytest.raises(ValueError, match="unknown colour"):
+        training_photos("striped", "circle", 1, 0, colour="mauve")
