@@ -75,3 +75,13 @@ def test_text_states_rows():
     sub = ts.rows(torch.tensor([2, 0]))
     assert len(sub) == 2
     assert torch.equal(sub.hidden[0], ts.hidden[2]) and torch.equal(sub.added["pooled"], torch.tensor([2.0, 0.0]))
+
+
+def test_every_method_with_a_code_preset_has_a_paper_preset_of_its_default_settings():
+    from attnseg.methods.registry import REGISTRY
+
+    with_code = [info for info in REGISTRY.values() if "code" in info.presets]
+    assert {info.name for info in with_code} >= {"t2m", "iseg", "diffseg", "seediff"}
+    for info in with_code:
+        assert "paper" in info.presets, info.name
+        assert info.presets["paper"] == info.presets[info.default_preset], info.name

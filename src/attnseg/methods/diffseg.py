@@ -43,6 +43,8 @@ class DiffSegConfig:
 
 DIFFSEG_PRESETS = {
     "default": DiffSegConfig(),
+    # The paper's settings, under the name every method with a `code` preset has.
+    "paper": DiffSegConfig(),
     "small-unet": DiffSegConfig(anchors_per_side=8),
     # The embedded model (16-px finest grid, 256-pixel attention rows): the paper's 1.1 was set on Stable
     # Diffusion's 64-px maps and merges every scene of this model into one segment. 0.1 was chosen on validation

@@ -412,6 +412,8 @@ CA_PRESETS = {"default": CAConfig()}
 CASA_PRESETS = {"default": CASAConfig(), "seediff-comparison": CASAConfig(beta=0.3, uncertain_band=None, pamr=True)}
 SEEDIFF_PRESETS = {
     "default": SeeDiffConfig(),
+    # The paper's settings, under the name every method with a `code` preset has.
+    "paper": SeeDiffConfig(),
     # The authors' code (BAIKLAB-Admin/SeeDiff: src/seediff_app.py, src/pamr.py). Its 5000 PAMR iterations take about
     # 2.5 minutes per 512-px image and label on one CPU thread: lower pamr_iters there.
     "code": SeeDiffConfig(

@@ -79,6 +79,8 @@ class T2MConfig:
 
 T2M_PRESETS: dict[str, T2MConfig] = {
     "voc": T2MConfig(),
+    # The paper's words, under the name every method with a `code` preset has: its VOC settings.
+    "paper": T2MConfig(),
     "single-pass": T2MConfig(draws=1),
     # COCO (appendix A: "we sample 10, 1, and 1 times" for VOC, COCO and Mug19). The paper adopts CLIP-ES's category
     # synonyms, a list it does not print; the VOC synonyms do not apply, so labels are used as given (pass richer
