@@ -25,7 +25,6 @@ from attnseg.methods.generated import (
     SeeDiff,
     SeeDiffConfig,
 )
-from attnseg.methods.goca import GOCA_PRESETS, GoCA, GoCAConfig
 from attnseg.methods.grounding import GROUNDED_PRESETS, Grounded, GroundedConfig
 from attnseg.methods.interactive import INTERACTIVE_PRESETS, Interactive, InteractiveConfig
 from attnseg.methods.iseg import ISEG_PRESETS, ISeg, ISegConfig
@@ -87,7 +86,6 @@ REGISTRY: dict[str, MethodInfo] = {
             ConceptAttention,
             "ConceptAttention: joint attention's output space (SD3, Flux)",
         ),
-        MethodInfo("goca", GoCAConfig, GOCA_PRESETS, REAL, LABELS, GoCA, "GoCA: auto aggregation, per-pixel rescaling"),
         MethodInfo("diffseg", DiffSegConfig, DIFFSEG_PRESETS, REAL, NOTHING, DiffSeg, "DiffSeg: KL merging of self-attention"),
         MethodInfo(
             "diffseg-iseg",
