@@ -53,3 +53,40 @@ def test_sd3_stage_trains_resumes_and_exports(tmp_path):
     im = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np", **SD3_CALL).images
     assert im.shape == (1, 64, 64, 3) and np.isfinite(im).all()
     assert json.loads((out / "training.json").read_text())["step"] == 5
+    # The pooled conditioning is off (the default): zero and frozen through training and in the exported pipeline.
+    assert all(not p.text_projection.weight.any() for p in (pipe.text_encoder, pipe.text_encoder_2))
+    _, _, pooled, _ = pipe.encode_prompt("a red circle", None, None, device="cpu", do_classifier_free_guidance=False, **SD3_CALL)
+    assert pooled.abs().max() == 0
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_turned_off(tmp_path):
+    from attnseg.diffusion.loading import EMBEDDED_DIR
+    from attnseg.train.embedded.sd3 import SD3Arch, stage_sd3
+    from attnseg.train.embedded.train import TrainConfig, stage_data, stage_encode, stage_vae
+
+    first = tmp_path / "t1"
+    cfg = TrainConfig(work=str(first), n_scenes=8, unet_steps=1, batch=2, ckpt_every=1, diag_every=1000, threads=1)
+    stage_data(cfg)
+    stage_vae(cfg, str(EMBEDDED_DIR))
+    stage_encode(cfg)
+    stage_sd3(cfg, SD3Arch(layers=1, pooled=True), init_from=str(EMBEDDED_DIR))
+    t1 = torch.load(first / "sd3-ckpt.pt", weights_only=True)
+    assert t1["text_encoder"]["text_projection.weight"].abs().max() > 0  # pooled on: a trained projection
+    # A checkpoint of the time before the setting existed reads as pooled on.
+    from attnseg.train.embedded.sd3 import _arch_of
+
+    legacy = {k: v for k, v in t1["config"]["sd3_arch"].items() if k != "pooled"}
+    assert _arch_of({"sd3_arch": legacy}).pooled
+
+    second = tmp_path / "t2"
+    second.mkdir()
+    for name in ("latents.npz", "scenes.npz", "vae.pt"):
+        (second / name).symlink_to(first / name)
+    cfg2 = TrainConfig(work=str(second), n_scenes=8, unet_steps=2, batch=2, ckpt_every=1, diag_every=1000, threads=1)
+    stage_sd3(cfg2, SD3Arch(layers=4), init_ckpt=str(first / "sd3-ckpt.pt"))  # sizes from the checkpoint
+    t2 = torch.load(second / "sd3-ckpt.pt", weights_only=True)
+    assert t2["step"] == 2 and t2["config"]["sd3_arch"]["layers"] == 1 and not t2["config"]["sd3_arch"]["pooled"]
+    assert not t2["text_encoder"]["text_projection.weight"].any() and not t2["text_encoder_2"]["text_projection.weight"].any()
+    moved = max((t2["transformer"][k] - t1["transformer"][k]).abs().max() for k in t1["transformer"])
+    assert 0 < moved < 0.05  # two steps from T1's weights, not a fresh start

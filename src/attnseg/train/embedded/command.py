@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="export: pipeline folder to write")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", default=None, help="warm start from a pipeline folder (e.g. the shipped embedded model)")
-    p.add_argument("--init-ckpt", default=None, help="unet stage: start from another work folder's ckpt.pt")
+    p.add_argument(
+        "--init-ckpt", default=None, help="unet / sd3 stage: start from another work folder's ckpt.pt / sd3-ckpt.pt"
+    )
     p.add_argument(
         "--text-layers",
         type=int,
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage == "export":
         stage_export(cfg, a.out or Path(cfg.work) / "pipeline")
     if a.stage == "sd3":
-        stage_sd3(cfg, SD3Arch(), a.max_minutes, a.init_from)
+        stage_sd3(cfg, SD3Arch(), a.max_minutes, a.init_from, a.init_ckpt)
     if a.stage == "export-sd3":
         stage_export_sd3(cfg, a.out or Path(cfg.work) / "pipeline-sd3")
 
