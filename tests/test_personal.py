@@ -416,3 +416,12 @@ def test_training_photos_of_one_colour_show_that_colour_in_every_photo():
     assert sum(has(p, "red") > 200 for p in cycled) == 1  # every colour in turn: red once
     with pytest.raises(ValueError, match="unknown colour"):
         training_photos("striped", "circle", 1, 0, colour="mauve")
+
+
+def test_personal_maps_refuse_a_t2m_preset_that_does_not_read_the_square_image(predictor):
+    from attnseg.methods.personal import PersonalConfig
+    from attnseg.shapes.world import make_scene
+
+    predictor.set_image(make_scene(7, 0).image)
+    with pytest.raises(ValueError, match=r"square size.*'code'"):
+        predictor.personal_maps(["a red circle"], "circle", PersonalConfig(t2m_preset="code"))

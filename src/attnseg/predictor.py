@@ -239,6 +239,8 @@ class AttnSegPredictor:
             raise ValueError("give at least one non-empty query, e.g. 'a <my-mug> mug with cola'")
         cls = class_word or self.concept_class(queries)
         t2m = self.method("t2m", cfg.t2m_preset)
+        if t2m.config.resize != "square":
+            raise ValueError(f"personal segmentation reads the image at the model's square size; T2M preset {cfg.t2m_preset!r} resizes it as {t2m.config.resize!r}: choose another")
         bb = self.backbone
         plan = t2m.plan(bb.layers, tuple(self._latents.shape[-2:]))
         region_text = cfg.region_template.format(cls=cls)
