@@ -7,6 +7,17 @@ import pytest
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test starts with the process's thread count: training stages set their own, and some outputs (the golden
+    files) depend on it."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):
     """A random-weight Stable Diffusion pipeline of the embedded layout, saved to disk."""

@@ -69,6 +69,8 @@ def test_grid_of_finds_the_level_of_a_pixel_count():
     assert grid_of(24, (16, 24)) == (4, 6)
     assert grid_of(12, (5, 7)) == (3, 4)
     assert grid_of(35, (5, 7)) == (5, 7)
+    assert grid_of(1024, (16, 16)) == (32, 32)  # a finer level: a 32-px cross map read on a 16-px grid
+    assert grid_of(99, (5, 6)) == (9, 11)  # 9 x 11 halves to 5 x 6; of the grids that do, the only one of 99 pixels
     with pytest.raises(ValueError, match="not a level"):
         grid_of(10, (16, 24))
 
@@ -121,3 +123,28 @@ def test_the_padding_is_cropped_from_the_scores(predictor, monkeypatch):
     res = predictor.segment_batch([wide], [["circle"]], method="t2m", preset="embedded", draws=1, resize="code")[0]
     assert res.scores.shape == (2, *wide.shape[:2]) and (res.mask == 1).all()
     assert np.allclose(res.scores[0], 0.0)
+
+
+def test_cross_maps_finer_than_the_working_grid_are_resized_down(predictor):
+    coarse = LayerSelect(kind="self", ranks=(0,))  # the coarsest self layer: every decoder cross map is finer
+    predictor.set_image(make_scene(7, 0).image[:, :48])
+    plan = predictor.method("iseg", "embedded", self_layer=coarse).plan(predictor.inventory, (16, 12))
+    assert plan.grid == (4, 3)
+    res = predictor.segment(["circle"], method="iseg", preset="embedded", self_layer=coarse)
+    assert res.scores.shape == (2, 64, 48) and np.isfinite(res.scores).all()
+
+
+def test_the_code_resize_encodes_each_image_once_and_not_at_the_square(predictor, monkeypatch):
+    r = predictor.resolution
+    wide = make_scene(7, 1).image[: r // 2]
+    calls = []
+    orig = predictor.backbone.encode_posteriors
+    monkeypatch.setattr(predictor.backbone, "encode_posteriors", lambda ims, size, *a: calls.append(size) or orig(ims, size, *a))
+    predictor.segment_batch([wide], [["circle"]], method="t2m", preset="embedded", draws=1, resize="code")
+    assert calls == [code_size(*wide.shape[:2], 1.0 * r / 512, predictor.size_multiple)[1]]  # no square encoding
+    calls.clear()
+    predictor.set_image(wide)
+    assert calls == [r]  # set_image encodes the square image for every other method
+    for _ in range(2):
+        predictor.segment(["circle"], method="t2m", preset="embedded", draws=1, resize="code")
+    assert len(calls) == 2  # the padded image once, kept for the second call

@@ -192,3 +192,15 @@ def test_cat_cross_on_the_embedding_scales_the_text_states_before_the_projection
         keys_img, _ = JointCaptureProcessor(AttentionStore(), {}, key_scale=w)(attn, h, e)
     assert torch.allclose(img, ref_img, atol=1e-5) and torch.allclose(txt, ref_txt, atol=1e-5)
     assert not torch.allclose(keys_img, ref_img, atol=1e-4)  # eq. 8 scales the keys only: another output
+
+
+def test_an_image_larger_than_the_position_table_is_a_clear_error(sd3):
+    most = sd3.pipe.transformer.config.pos_embed_max_size
+    if most is None:
+        pytest.skip("this transformer has no position table limit")
+    bb = sd3.backbone
+    text = bb.encode_prompts(["a red circle"])
+    patch = sd3.pipe.transformer.config.patch_size
+    bb.forward(torch.zeros((1, 4, most * patch, most * patch)), 150, text)  # the largest it reads
+    with pytest.raises(ValueError, match=f"at most {most} x {most} patches"):
+        bb.forward(torch.zeros((1, 4, most * patch, (most + 1) * patch)), 150, text)

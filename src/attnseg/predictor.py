@@ -144,6 +144,8 @@ class AttnSegPredictor:
         self._latents: torch.Tensor | None = None
         self._latent_std: torch.Tensor | None = None
         self._images: list[np.ndarray] = []
+        self._padded: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        """The posteriors of ``_images`` resized and padded as T2M's code does, by padded size (``resize="code"``)."""
         self._prompt_cache: OrderedDict[tuple, tuple[str, TokenSpans]] = OrderedDict()
 
     @classmethod
@@ -186,6 +188,7 @@ class AttnSegPredictor:
     def set_images(self, images: Sequence) -> None:
         self._images = [load_image(im) for im in images]
         self._latents, self._latent_std = self.encode_posteriors(self._images)
+        self._padded = {}
 
     # ------------------------------------------------------------------ personal concepts
 
@@ -498,7 +501,7 @@ class AttnSegPredictor:
         arrays = [load_image(im) for im in images]
         if isinstance(method, str) and method in names(REAL, NOTHING):  # encodes the images itself
             return self._segment_unlabelled(method, arrays, labels, preset, seed, crf)
-        posterior = self.encode_posteriors(arrays)
+        posterior = lambda: self.encode_posteriors(arrays)  # noqa: E731 - only where the method reads the square image
         return self._segment(posterior, arrays, [list(x) for x in labels], method, preset, draws, seed, crf, overrides)
 
     @torch.inference_mode()
@@ -632,27 +635,32 @@ class AttnSegPredictor:
 
     def _posterior_groups(self, images, posterior, config) -> list[tuple[list[int], int | list[int], tuple, list]]:
         """[(image indices, size read, (mean, std), valid regions)]: every image in ``posterior`` (square, at the
-        predictor's resolution; no padding), or, with ``config.resize == "code"``, the images resized and padded as
-        T2M's code does (:func:`~attnseg.methods.t2m.code_size`) and encoded at their padded sizes, one group per
-        size, each image's valid region (h', w') the top-left part of it."""
+        predictor's resolution; no padding; a callable is called for it), or, with ``config.resize == "code"``, the
+        images resized and padded as T2M's code does (:func:`~attnseg.methods.t2m.code_size`, its sizes scaled by the
+        predictor's resolution / 512) and encoded at their padded sizes, one group per size (those of the images of
+        ``set_image`` kept for later calls), each image's valid region (h', w') the top-left part of it."""
         resize = getattr(config, "resize", "square")
         if resize not in ("square", "code"):
             raise ValueError(f"unknown resize {resize!r}: use 'square' or 'code'")
         if resize == "square":
-            return [(list(range(len(images))), self.resolution, posterior, [None] * len(images))]
-        scale = self.backbone.native_resolution / 512
+            return [(list(range(len(images))), self.resolution, posterior() if callable(posterior) else posterior, [None] * len(images))]
+        scale = self.resolution / 512
         sizes = [code_size(*im.shape[:2], scale, self.size_multiple) for im in images]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (_, padded) in enumerate(sizes):
             groups.setdefault(padded, []).append(i)
+        cache = self._padded if images is self._images else {}
         out = []
         for padded, idx in groups.items():
-            arrays = [resize_pad(images[i], sizes[i][0], padded, PAD_COLOUR) for i in idx]
-            out.append((idx, list(padded), self.backbone.encode_posteriors(arrays, padded, self.max_batch), [sizes[i][0] for i in idx]))
+            if padded not in cache:
+                arrays = [resize_pad(images[i], sizes[i][0], padded, PAD_COLOUR) for i in idx]
+                cache[padded] = self.backbone.encode_posteriors(arrays, padded, self.max_batch)
+            out.append((idx, list(padded), cache[padded], [sizes[i][0] for i in idx]))
         return out
 
     def _segment(self, posterior, images, label_lists, method, preset, draws, seed, crf, overrides):
-        """``posterior``: the images' latents (posterior means) and their standard deviations."""
+        """``posterior``: the images' latents (posterior means) and their standard deviations at the predictor's square
+        resolution, or a callable that encodes them (called only by a method that reads the square image)."""
         if isinstance(method, str) and method in names(REAL, NOTHING):
             return self._segment_unlabelled(method, images, label_lists, preset, seed, crf)
         if isinstance(method, str):

@@ -98,7 +98,8 @@ TEMPLATES: dict[str, PromptTemplate] = {
     # T2M: "a photo including bottle, chair, and sofa."
     "t2m": PromptTemplate("t2m", "a photo including ", ", ", ", and ", ".", pair_sep=" and "),
     # iSeg: "a photograph of A and B and other objects and background"
-    # T2M's authors' code: labels and background words one list, "a photo including cat, dog, tree, and sea."
+    # T2M's authors' code: labels and background words one list, "a photo including cat, dog, tree, and sea." (its
+    # VOC and COCO prompts always carry two or more background words; with fewer, no "and" is written)
     "t2m-code": PromptTemplate("t2m-code", "a photo including ", ", ", ", ", ".", background_last_sep=", and "),
     "iseg": PromptTemplate("iseg", "a photograph of ", " and ", " and ", " and other objects and background"),
     # DAAM / DiffuMask style: "a photo of a dog and a cat"

@@ -92,6 +92,7 @@ class SD3Backbone(DiffusersBackbone):
     def forward(
         self, latents, timestep, text: TextStates, names=(), per_head=(), key_scale=None, scale_values=False, concepts=None
     ) -> AttentionStore:
+        self.check_size(latents)
         t = torch.full((len(latents),), float(timestep), device=self.device)
         store = AttentionStore(per_head=frozenset(per_head))
         hidden, n_con = with_concepts(text.hidden, concepts, key_scale)
@@ -103,6 +104,19 @@ class SD3Backbone(DiffusersBackbone):
                 timestep=t,
             )
         return store
+
+    def check_size(self, latents: torch.Tensor) -> None:
+        """Refuse latents larger than the transformer's table of position embeddings (``pos_embed_max_size`` patches a
+        side), which diffusers reports deep inside the forward."""
+        cfg = self.pipe.transformer.config
+        most = getattr(cfg, "pos_embed_max_size", None)
+        h, w = (int(x) // int(cfg.patch_size) for x in latents.shape[-2:])
+        if most is not None and max(h, w) > most:
+            f = int(self.pipe.vae_scale_factor) * int(cfg.patch_size)
+            raise ValueError(
+                f"this SD3 transformer reads at most {most} x {most} patches ({most * f} px a side); the image was read "
+                f"at {h * f} x {w * f} px: use a smaller resolution or a preset that reads the square image"
+            )
 
     @torch.inference_mode()
     def denoising_error(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int, text: TextStates) -> torch.Tensor:

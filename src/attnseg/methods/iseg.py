@@ -156,10 +156,11 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
     "embedded-n8": ISegConfig(self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.5),
     "embedded-no-cat": ISegConfig(gamma=1.0, iters=1, self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.5),
     "embedded-paper-bg": ISegConfig(iters=1, self_layer=EMBEDDED_SELF_LAYER),
-    # As the authors' code runs it on VOC: Cat-Cross on the text embedding (keys and values), its encoder and decoder
-    # cross layers with their heads pooled per resolution and normalised once, at their own resolution, before
-    # fusing, its VOC background words, self-attention heads 1-2 only, KL k-means clustering of the cross maps. Every
-    # cross head: the code's VOC head list names SD 2.x's heads ("code-voc-heads").
+    # The paper's lambda and N with what the authors' code computes on VOC: Cat-Cross on the text embedding (keys and
+    # values), its encoder and decoder cross layers with their heads pooled per resolution and normalised once, at
+    # their own resolution, before fusing, its VOC background words, self-attention heads 1-2 only, KL k-means
+    # clustering of the cross maps (the code's own VOC lambda and N are `wsss-voc`'s). Every cross head: the code's
+    # VOC head list names SD 2.x's heads ("code-voc-heads").
     "code": ISegConfig(
         cat_cross="embedding",
         cross_layers=CODE_CROSS_LAYERS,

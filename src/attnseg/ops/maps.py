@@ -23,14 +23,22 @@ def grid_side(p: int) -> int:
 
 
 def grid_of(p: int, like: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) grid of ``p`` pixels with the aspect of the grid ``like`` (a coarser level of the same latent:
-    each level halves both sides, rounding up)."""
+    """The (h, w) grid of ``p`` pixels that is a level of the same latent as the grid ``like``: a coarser level halves
+    both sides, rounding up; a finer one is a grid that halves to ``like`` that way (a unique one, else an error)."""
     h, w = like
     while h * w > p and (h > 1 or w > 1):
         h, w = (h + 1) // 2, (w + 1) // 2
-    if h * w != p:
-        raise ValueError(f"{p} pixels is not a level of a {like[0]} x {like[1]} grid")
-    return h, w
+    if h * w == p:
+        return h, w
+    finer = {tuple(like)}
+    while finer and min(a * b for a, b in finer) < p:
+        finer = {(a, b) for ph, pw in finer for a in (2 * ph - 1, 2 * ph) for b in (2 * pw - 1, 2 * pw)}
+        hits = {g for g in finer if g[0] * g[1] == p}
+        if len(hits) > 1:
+            raise ValueError(f"{p} pixels fit several levels finer than {like[0]} x {like[1]}: {sorted(hits)}")
+        if hits:
+            return hits.pop()
+    raise ValueError(f"{p} pixels is not a level of a {like[0]} x {like[1]} grid")
 
 
 def resize_columns(maps: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:

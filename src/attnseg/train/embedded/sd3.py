@@ -140,7 +140,8 @@ def stage_sd3(
 ) -> None:
     """Train (or resume) the transformer and its text encoders on ``WORK/latents.npz``; a new run starts from the
     embedded UNet model's text embeddings (``init_from``, a pipeline folder) or from another run's weights
-    (``init_ckpt``, its ``sd3-ckpt.pt``: sizes from it, ``arch.pooled`` from ``arch``; optimiser, EMA and step anew)."""
+    (``init_ckpt``, its ``sd3-ckpt.pt``: its trained weights, not their EMA, and sizes from it, ``arch.pooled`` from
+    ``arch``; optimiser, EMA and step anew)."""
     work = Path(cfg.work)
     torch.set_num_threads(cfg.threads)
     lat_d = np.load(work / "latents.npz")
@@ -170,6 +171,8 @@ def stage_sd3(
             e.copy_(s)
         step, warm_from, decay_from = int(state["step"]), int(state["warm_from"]), state["decay_from"]
         _log(work, {"stage": "sd3", "resumed_at": step, "colour_prob": cfg.colour_prob, "lr_decay_steps": cfg.lr_decay_steps})
+        if init_ckpt or init_from:  # a run resumes from its own checkpoint; say so rather than start anew
+            _log(work, {"stage": "sd3", "ignored": {"init_ckpt": init_ckpt, "init_from": init_from}, "why": "resuming"})
     elif init_ckpt:
         model.load_state_dict(source["transformer"])
         te1.load_state_dict(source["text_encoder"])

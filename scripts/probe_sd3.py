@@ -1,0 +1,93 @@
+"""Where the embedded SD3 model's words go (docs/EMBEDDED-MODEL-TRAINING.md, runs T1 and T2).
+
+- ``text``: velocity error of validation captions (world seed 3, every object named by colour and shape) with the
+  right tokens and pooled vectors, with another scene's pooled vector, with another scene's tokens, with both
+  another scene's, and with a zero pooled vector, at s = 0.4 and 0.7;
+- ``timesteps``: the cross baseline's mIoU on validation scenes read at several noise levels;
+- ``blocks``: the cross baseline's mIoU reading one joint block at a time.
+
+    python scripts/probe_sd3.py EXPORT text
+    python scripts/probe_sd3.py EXPORT timesteps --n 50 --t 150,400,700 -m cross -m concept-attention
+    python scripts/probe_sd3.py EXPORT blocks --n 30 --t 400
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from attnseg.diffusion.layers import LayerSelect
+from attnseg.ops.metrics import confusion, summarize
+from attnseg.predictor import AttnSegPredictor
+from attnseg.shapes.world import SHAPES, caption, make_scene
+
+
+def miou(pred: AttnSegPredictor, scenes, method: str, **overrides) -> float:
+    name, _, preset = method.partition(":")
+    conf = np.zeros((len(SHAPES) + 1,) * 2, dtype=np.int64)
+    for b in range(0, len(scenes), 10):
+        chunk = scenes[b : b + 10]
+        labels = [sorted(set(s.labels)) for s in chunk]
+        res = pred.segment_batch([s.image for s in chunk], labels, method=name, preset=preset or None, draws=1, **overrides)
+        for s, labs, r in zip(chunk, labels, res, strict=True):
+            ids = np.array([0, *[SHAPES.index(x) + 1 for x in labs]])
+            conf += confusion(s.semantic, ids[r.mask], len(SHAPES) + 1)
+    return 100 * summarize(conf, ["background", *SHAPES])["miou"]
+
+
+def text_paths(pred: AttnSegPredictor, n: int) -> None:
+    bb, tr = pred.backbone, pred.backbone.pipe.transformer
+    rng = np.random.default_rng(0)
+    scenes = [make_scene(3, i) for i in range(n)]
+    z0 = bb.encode_images([s.image for s in scenes], pred.resolution).float()
+    caps = [caption(s.objects, rng, colour_prob=1.0) for s in scenes]
+    right, wrong = bb.encode_prompts(caps), bb.encode_prompts(caps[1:] + caps[:1])
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    pooled = lambda t: t.added["pooled_projections"]  # noqa: E731
+    cases = {
+        "right": (right.hidden, pooled(right)),
+        "right tokens, other pooled": (right.hidden, pooled(wrong)),
+        "other tokens, right pooled": (wrong.hidden, pooled(right)),
+        "both other": (wrong.hidden, pooled(wrong)),
+        "right tokens, zero pooled": (right.hidden, torch.zeros_like(pooled(right))),
+    }
+    print("| s | " + " | ".join(cases) + " |\n|---|" + "---|" * len(cases))
+    for s in (0.4, 0.7):
+        zt = (1 - s) * z0 + s * noise
+        errs = []
+        for states, pool in cases.values():
+            with torch.inference_mode():
+                out = tr(zt, encoder_hidden_states=states, pooled_projections=pool, timestep=torch.full((n,), s * 1000)).sample
+            errs.append(float((out - (noise - z0)).pow(2).mean()))
+        print(f"| {s} | " + " | ".join(f"{e:.3f}" for e in errs) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("probe", choices=["text", "timesteps", "blocks"])
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--t", default="150,400,700")
+    ap.add_argument("-m", "--method", action="append", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    pred = AttnSegPredictor.from_pretrained(a.model)
+    if a.probe == "text":
+        text_paths(pred, a.n)
+        return
+    scenes = [make_scene(3, i) for i in range(a.n)]
+    ts = [int(t) for t in a.t.split(",")]
+    if a.probe == "timesteps":
+        for m in a.method or ["cross"]:
+            print(m, " ".join(f"t={t}: {miou(pred, scenes, m, timestep=t):.1f}" for t in ts))
+        return
+    modules = sorted({lay.module for lay in pred.inventory if lay.kind == "cross"}, key=lambda s: int(s.split(".")[1]))
+    for mod in modules:
+        sel = LayerSelect(kind="cross", names=(f"{mod}:cross",))
+        print(mod, f"{miou(pred, scenes, 'cross', timestep=ts[0], cross=sel):.1f}")
+
+
+if __name__ == "__main__":
+    main()
