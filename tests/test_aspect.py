@@ -148,3 +148,14 @@ def test_the_code_resize_encodes_each_image_once_and_not_at_the_square(predictor
     for _ in range(2):
         predictor.segment(["circle"], method="t2m", preset="embedded", draws=1, resize="code")
     assert len(calls) == 2  # the padded image once, kept for the second call
+
+
+def test_t2m_coco_code_writes_the_codes_coco_names(predictor):
+    text, spans = predictor.prompt_for(["tv", "person", "cup"], "t2m", "coco-code")
+    assert text == (
+        "a photo including tv monitor screen, person with clothes, cup, tree, river, sea, lake, water, railway, "
+        "railroad, track, stone, and rocks."
+    )
+    assert len(spans.spans) == 3
+    with pytest.raises(ValueError, match="unknown synonyms 'ade'"):
+        predictor.prompt_for(["tv"], predictor.method("t2m", "coco", synonyms="ade"))

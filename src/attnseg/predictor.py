@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from attnseg.diffusion.concepts import Concept, ConceptError, applied, apply_concept, concept_digest
 from attnseg.diffusion.concepts import load_concept as read_concept
 from attnseg.diffusion.loading import ModelError, backbone_for, load_pipeline, profile_path, read_profile
-from attnseg.diffusion.prompts import T2M_SYNONYMS, TokenSpans, compose_prompt, find_phrase_spans
+from attnseg.diffusion.prompts import SYNONYM_SETS, TokenSpans, compose_prompt, find_phrase_spans
 from attnseg.io.images import load_image, resize_pad
 from attnseg.methods.base import fused_cross, mean_self
 from attnseg.methods.diffseg import DiffSegConfig, assign
@@ -352,7 +352,10 @@ class AttnSegPredictor:
         Raises ``ValueError`` when a label cannot be placed (empty, or beyond the tokenizer's limit).
         """
         cfg = (self.method(method, preset) if isinstance(method, str) else method).config
-        synonyms = bool(getattr(cfg, "synonyms", False))
+        synonyms = getattr(cfg, "synonyms", False)
+        synonyms = "voc" if synonyms is True else synonyms or None
+        if synonyms is not None and synonyms not in SYNONYM_SETS:
+            raise ValueError(f"unknown synonyms {synonyms!r}: use {', '.join(SYNONYM_SETS)} or none")
         background = tuple(getattr(cfg, "background_words", ()))
         per_label = getattr(cfg, "class_background_words", None)
         if per_label:  # each label's own words, in label order, without repeats
@@ -361,7 +364,7 @@ class AttnSegPredictor:
         if key in self._prompt_cache:
             self._prompt_cache.move_to_end(key)
             return self._prompt_cache[key]
-        prompt = compose_prompt(labels, cfg.template, synonyms=T2M_SYNONYMS if synonyms else None, background_words=background)
+        prompt = compose_prompt(labels, cfg.template, synonyms=SYNONYM_SETS.get(synonyms), background_words=background)
         out = (prompt.text, self.backbone.token_spans(prompt.text, prompt.char_spans, prompt.labels))
         self._prompt_cache[key] = out
         if len(self._prompt_cache) > PROMPT_CACHE_SIZE:

@@ -22,6 +22,28 @@ T2M_SYNONYMS: dict[str, str] = {
     "pottedplant": "potted plant",
     "diningtable": "dining table",
 }
+T2M_COCO_SYNONYMS: dict[str, str] = {
+    "person": "person with clothes",
+    "motorcycle": "motorbike",
+    "airplane": "aeroplane",
+    "bird": "bird avian",
+    "backpack": "backpack, bag",
+    "umbrella": "umbrella, parasol",
+    "handbag": "handbag, purse",
+    "tie": "necktie",
+    "snowboard": "sknowboard",
+    "baseball glove": "glove",
+    "spoon": "dessert spoon",
+    "chair": "chair seat",
+    "couch": "sofa",
+    "tv": "tv monitor screen",
+    "remote": "remote control",
+    "hair drier": "hairdrier, blowdrier",
+}
+"""T2M's authors' code on COCO (scripts/SD_seg.py, ``seg_prompts``), keyed by COCO's category names: the names it writes
+in their place, its spelling kept ("sknowboard"); every other category is written as COCO names it."""
+SYNONYM_SETS: dict[str, dict[str, str]] = {"voc": T2M_SYNONYMS, "coco": T2M_COCO_SYNONYMS}
+"""The synonym lists a method's ``synonyms`` setting names (``True`` means ``"voc"``)."""
 T2M_BACKGROUND_WORDS: tuple[str, ...] = (
     "tree",
     "river",

@@ -33,8 +33,9 @@ class T2MConfig:
     """Noise level t of T = 1000 (paper: 150)."""
     template: str = "t2m"
     """"a photo including A, B, and C." """
-    synonyms: bool = True
-    """Replace VOC class names by the paper's synonyms (person -> person with clothes, ...)."""
+    synonyms: bool | str = True
+    """Replace class names by richer ones: True or "voc", VOC's (paper, section 4 and appendix A: person -> person
+    with clothes, ...); "coco", the authors' code's COCO names (tv -> tv monitor screen, ...); False: none."""
     background_words: tuple[str, ...] = T2M_BACKGROUND_WORDS
     """Words appended to absorb attention; their maps are not read (paper, appendix A, after CLIMS)."""
     class_background_words: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -87,9 +88,10 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     # names as labels to use synonyms). Background words as for VOC (the paper names one list, after CLIMS).
     "coco": T2MConfig(synonyms=False, draws=1),
     # COCO as the authors' code runs it: its background rule (2 thr - max)^2 with thr 0.35, Self boxed at 0.5.
-    # Both code presets keep the image's aspect, long side 704-1024 px (``resize="code"``).
+    # Both code presets keep the image's aspect, long side 704-1024 px (``resize="code"``); COCO's with the code's
+    # COCO names.
     "coco-code": T2MConfig(
-        template="t2m-code", synonyms=False, draws=1, bg_threshold=0.35, caa_threshold=0.5, resize="code"
+        template="t2m-code", synonyms="coco", draws=1, bg_threshold=0.35, caa_threshold=0.5, resize="code"
     ),
     # VOC as the authors' code runs it: Self boxed to each label's Cross regions at 0.2, the 10 draws combined with
     # the foreground averaged, the background rule applied once, its prompt (labels and background words one list,
