@@ -13,7 +13,8 @@ import argparse
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-from attnseg.predictor import WEAK_PRESENCE, AttnSegPredictor
+from attnseg.predictor import AttnSegPredictor
+from attnseg.results import WEAK_PRESENCE
 from attnseg.shapes.world import SHAPES, make_scene
 
 

@@ -159,7 +159,7 @@ def test_per_class_chart_fits_long_class_names():
 def test_presence_is_relative_peak_attention_and_names_weak_labels(tiny_pipe_dir, tmp_path, image):
     import numpy as np
 
-    from attnseg.predictor import WEAK_PRESENCE, SegmentationResult
+    from attnseg.results import WEAK_PRESENCE, SegmentationResult
 
     r = CliRunner().invoke(
         app, ["segment", str(image), "-l", "circle,star,ring", "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "o")]

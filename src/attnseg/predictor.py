@@ -16,97 +16,30 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from dataclasses import asdict, is_dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnseg.diffusion.concepts import Concept, ConceptError, applied, apply_concept, concept_digest
-from attnseg.diffusion.concepts import load_concept as read_concept
 from attnseg.diffusion.loading import ModelError, backbone_for, load_pipeline, profile_path, read_profile
-from attnseg.diffusion.prompts import SYNONYM_SETS, TokenSpans, compose_prompt, find_phrase_spans
+from attnseg.diffusion.prompts import SYNONYM_SETS, TokenSpans, compose_prompt
 from attnseg.io.images import load_image, resize_pad
-from attnseg.methods.base import fused_cross, mean_self
+from attnseg.methods.base import fused_cross
 from attnseg.methods.diffseg import DiffSegConfig, assign
 from attnseg.methods.interactive import Interactive, VisualPrompt, clip_to_boxes, initial_maps
-from attnseg.methods.personal import (
-    PersonalConfig,
-    PersonalMaps,
-    assign_af,
-    assign_bf,
-    attribution_words,
-    mask_segments,
-    region_mask,
-    region_segments,
-    segment_scores,
-    spatial_affinity,
-)
 from attnseg.methods.registry import NOTHING, REAL, check_profile, get_method, names, resolve
 from attnseg.methods.t2m import PAD_COLOUR, code_size
 from attnseg.ops.maps import columns_to_images
-from attnseg.ops.refine import CRFConfig, confidence_map, dense_crf, scores_to_probs
+from attnseg.ops.refine import CRFConfig
+from attnseg.personal_concepts import PersonalConcepts
+from attnseg.results import SegmentationResult, crf_config, make_result
 
 PROMPT_CACHE_SIZE = 256
 """Composed prompts (labels and template -> text and token spans) kept per predictor."""
 CAPTURE_BUDGET = 2 << 30
 """Bytes of captured maps one forward may hold: with many large self maps (every joint layer of SD3 at 1024 px is
 64 MiB a row) a forward takes fewer rows than ``max_batch``."""
-WEAK_PRESENCE = 0.3
-"""A label whose presence is below this is listed in ``weak_labels``. Chosen on validation scenes of the embedded
-model (world seed 3, one absent shape added to each scene's labels): it flags 34% of absent labels and 6% of present
-ones (docs/BENCHMARKS.md)."""
-
-
-@dataclass
-class SegmentationResult:
-    """Masks of one image at its input size.
-
-    mask: (H, W) uint8, 0 = background, i = ``labels[i - 1]``.
-    scores: (K + 1, H, W) float32 per-class scores, background first (CRF marginals with ``crf``).
-    confidence: (H, W) top-2 margin of the scores; ``uncertain`` marks margins below 0.05.
-    presence: per label, the peak of its raw cross-attention (the method's cross layers, before any normalisation)
-    relative to the strongest label's, averaged over draws: 1 for the strongest; a label that is not in the image
-    tends to lower values. Labels are assumed present; ``weak_labels`` names those below ``WEAK_PRESENCE``.
-    """
-
-    labels: list[str]
-    mask: np.ndarray
-    scores: np.ndarray
-    confidence: np.ndarray
-    uncertain: np.ndarray
-    method: str
-    prompt: str
-    settings: dict = field(default_factory=dict)
-    presence: list[float] = field(default_factory=list)
-
-    @property
-    def weak_labels(self) -> list[str]:
-        """Labels whose presence is below ``WEAK_PRESENCE`` (none for unsupervised segments, which have no presence)."""
-        return [lab for lab, p in zip(self.labels, self.presence, strict=False) if p < WEAK_PRESENCE]
-
-
-def _crf_config(crf: bool | CRFConfig) -> CRFConfig | None:
-    """The dense CRF's settings of a ``crf`` argument: its own, the defaults for True, None for False."""
-    return crf if isinstance(crf, CRFConfig) else CRFConfig() if crf else None
-
-
-def _result(image: np.ndarray, up: torch.Tensor, crf_cfg: CRFConfig | None, **fields) -> SegmentationResult:
-    """The result of scores ``up`` (K + 1, H, W) at the image's size: refined by the CRF when asked, their argmax
-    and confidence; ``fields`` are the result's other fields."""
-    if crf_cfg is not None:
-        up = torch.from_numpy(dense_crf(image, scores_to_probs(up), crf_cfg))
-    conf, unc = confidence_map(up)
-    scores = up.numpy().astype(np.float32)
-    return SegmentationResult(
-        mask=scores.argmax(axis=0).astype(np.uint8),  # numpy: torch's argmax over dim 0 is slow on CPU
-        scores=scores,
-        confidence=conf.numpy().astype(np.float32),
-        uncertain=unc.numpy(),
-        **fields,
-    )
-
-
 def _prompt_record(p: VisualPrompt) -> dict:
     """A visual prompt as the result's settings record it (a scribble by its pixel count, not its pixels)."""
     if p.kind == "scribble":
@@ -121,7 +54,7 @@ def _settings(method) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-class AttnSegPredictor:
+class AttnSegPredictor(PersonalConcepts):
     """Open-vocabulary segmentation of real images from a diffusion model's attention.
 
     ``model`` is a loaded pipeline or a backbone (:mod:`attnseg.diffusion.backbone`).
@@ -189,138 +122,6 @@ class AttnSegPredictor:
         self._images = [load_image(im) for im in images]
         self._latents, self._latent_std = self.encode_posteriors(self._images)
         self._padded = {}
-
-    # ------------------------------------------------------------------ personal concepts
-
-    def load_concept(self, concept: str | Concept) -> Concept:
-        """Put a personal concept (a file of ``attnseg personalize`` or a :class:`Concept`) on the model: its token can
-        then be used in labels ("a <my-mug> mug with cola"). Refused (``ConceptError``) when learned on another model."""
-        c = read_concept(concept) if not isinstance(concept, Concept) else concept
-        apply_concept(self.pipe, c)
-        if self.vocabulary is not None:
-            self.vocabulary = [*self.vocabulary, c.token]
-        self.backbone.clear_text_cache()
-        self._prompt_cache.clear()
-        return c
-
-    @property
-    def concepts(self) -> dict[str, Concept]:
-        """{token: concept} of the loaded concepts."""
-        return dict(applied(self.pipe))
-
-    def personal_config(self, config: PersonalConfig | None = None) -> PersonalConfig:
-        """``config`` (default: the defaults) with its T2M preset resolved: the model's default when it names none,
-        so that a result records the preset its maps were made with."""
-        cfg = config or PersonalConfig()
-        return replace(cfg, t2m_preset=cfg.t2m_preset or self.default_presets.get("t2m"))
-
-    def concept_record(self) -> dict[str, dict[str, str]]:
-        """{token: {class, method, digest}} of the loaded concepts, as a personal result's settings record them."""
-        return {t: {"class": c.class_word, "method": c.method, "digest": concept_digest(c)} for t, c in self.concepts.items()}
-
-    def concept_class(self, queries: Sequence[str]) -> str:
-        """The class word of the concepts named in ``queries`` (all must share one)."""
-        loaded = self.concepts
-        classes = {loaded[w].class_word for q in queries for w in q.split() if w in loaded}
-        if len(classes) != 1:
-            what = "no loaded concept" if not classes else f"concepts of several classes ({', '.join(sorted(classes))})"
-            raise ConceptError(f"the queries {list(queries)} name {what}: give the class word (class_word=..., --class)")
-        return classes.pop()
-
-    @torch.inference_mode()
-    def personal_maps(
-        self, queries: Sequence[str], class_word: str | None = None, config: PersonalConfig | None = None, seed: int = 0
-    ) -> PersonalMaps:
-        """Personalized referring segmentation (T2M section 5.3) of the image of ``set_image`` on the attention grid:
-        the class region ("a photo including <class>."), its segments, each query's attribution per segment, and
-        the bf / af assignments (:mod:`attnseg.methods.personal`)."""
-        if self._latents is None or len(self._images) != 1:
-            raise RuntimeError("call set_image(...) with one image before personal_maps(...)")
-        cfg = self.personal_config(config)
-        queries = [" ".join(str(q).split()) for q in queries]
-        if not queries or not all(queries):
-            raise ValueError("give at least one non-empty query, e.g. 'a <my-mug> mug with cola'")
-        cls = class_word or self.concept_class(queries)
-        t2m = self.method("t2m", cfg.t2m_preset)
-        if t2m.config.resize != "square":
-            raise ValueError(f"personal segmentation reads the image at the model's square size; T2M preset {cfg.t2m_preset!r} resizes it as {t2m.config.resize!r}: choose another")
-        bb = self.backbone
-        plan = t2m.plan(bb.layers, tuple(self._latents.shape[-2:]))
-        region_text = cfg.region_template.format(cls=cls)
-        texts = [region_text, *queries]
-        spans = [bb.token_spans(region_text, find_phrase_spans(region_text, [cls]), [cls])]
-        for q in queries:
-            words = attribution_words(q, cls)
-            ts = bb.token_spans(q, find_phrase_spans(q, words), words)
-            spans.append(TokenSpans(ts.input_ids, [sorted({p for sp in ts.spans for p in sp})], [q]))
-        text = bb.encode_prompts(texts)
-        g = torch.Generator().manual_seed(int(seed))
-        fg = bg = self_attn = inst = None
-        for _ in range(max(1, cfg.draws)):
-            noise = torch.randn(self._latents.shape[1:], generator=g).to(self.device, self._latents.dtype)
-            z = bb.add_noise(
-                self._latents.expand(len(texts), -1, -1, -1), noise[None].expand(len(texts), -1, -1, -1), t2m.config.timestep
-            )
-            store = bb.forward(z, t2m.config.timestep, text, plan.names)
-            reg = t2m.scores(store.rows([0]), spans[0], plan)[0].float()  # (P, 2): background, class
-            sa = mean_self(store.rows([0]), plan.self_names)[0].float()
-            ins = torch.stack(
-                [t2m.foreground(store.rows([i + 1]), spans[i + 1], plan)[0, :, 0].float() for i in range(len(queries))]
-            )
-            fg, bg = (reg[:, 1], reg[:, 0]) if fg is None else (fg + reg[:, 1], bg + reg[:, 0])
-            self_attn, inst = (sa, ins) if self_attn is None else (self_attn + sa, inst + ins)
-        n = max(1, cfg.draws)
-        fg, bg, self_attn, inst = fg / n, bg / n, self_attn / n, inst / n
-        region = region_mask(fg.cpu(), bg.cpu(), len(queries), cfg.region_threshold)
-        spatial = spatial_affinity(plan.grid, cfg.spatial_sigma) if cfg.spatial_sigma is not None else None
-        segments = region_segments(self_attn.cpu(), region, len(queries), max(cfg.max_segments, len(queries)), spatial)
-        table = segment_scores(inst.cpu(), segments)
-        return PersonalMaps(
-            queries=queries,
-            class_word=cls,
-            grid=plan.grid,
-            fg=fg.cpu(),
-            bg=bg.cpu(),
-            region=region,
-            segments=segments,
-            instance=inst.cpu(),
-            scores=table,
-            bf=assign_bf(table),
-            af=assign_af(table),
-            prompts=texts,
-        )
-
-    def segment_personal(
-        self, queries: Sequence[str], class_word: str | None = None, config: PersonalConfig | None = None, seed: int = 0
-    ) -> SegmentationResult:
-        """Segment the image of ``set_image`` for referring ``queries`` that may name loaded concepts
-        ("a <my-mug> mug with cola"): mask index i is the segment assigned to the i-th query (``config.assignment``:
-        "af" Hungarian over all queries, "bf" each alone). Scores: background first, then per query the indicator of
-        its segment, on the attention grid, bilinearly resized to the image (the mask is their argmax)."""
-        cfg = self.personal_config(config)
-        if cfg.assignment not in ("af", "bf"):
-            raise ValueError(f"unknown assignment {cfg.assignment!r}: use 'af' or 'bf'")
-        pm = self.personal_maps(queries, class_word, cfg, seed)
-        img = self._images[0]
-        h, w = img.shape[:2]
-        gh, gw = pm.grid
-        chosen = mask_segments(pm.af if cfg.assignment == "af" else pm.bf, pm.scores)
-        grid_scores = torch.zeros((len(pm.queries) + 1, gh * gw))
-        for q, j in enumerate(chosen.tolist()):
-            if j >= 0:
-                grid_scores[q + 1] = (pm.segments == j).float()
-        grid_scores[0] = 1 - grid_scores[1:].sum(dim=0)  # the region's unassigned segments are background too
-        up = F.interpolate(grid_scores.view(1, -1, gh, gw), size=(h, w), mode="bilinear", align_corners=False)[0]
-        settings = {**asdict(cfg), "class": pm.class_word, "seed": seed, "resolution": self.resolution}
-        settings.update(
-            prompts=pm.prompts,
-            segment_scores=[[round(float(x), 4) for x in row] for row in pm.scores],
-            bf=pm.bf.tolist(),
-            af=pm.af.tolist(),
-            masks=chosen.tolist(),
-            concepts=self.concept_record(),
-        )
-        return _result(img, up, None, labels=list(pm.queries), method="personal", prompt=pm.prompts[0], settings=settings)
 
     # ------------------------------------------------------------------ segmentation
 
@@ -547,7 +348,7 @@ class AttnSegPredictor:
         up = F.interpolate(columns_to_images(sc.float().cpu(), plan.grid), size=hw, mode="bilinear", align_corners=False)[0]
         if method.config.clip_to_box:
             up = clip_to_boxes(up, prompts)
-        crf_cfg = _crf_config(crf)
+        crf_cfg = crf_config(crf)
         settings = {
             **_settings(method),
             "preset": preset,
@@ -556,7 +357,7 @@ class AttnSegPredictor:
             "resolution": self.resolution,
         }
         settings["prompts"] = [_prompt_record(p) for p in prompts]
-        return _result(
+        return make_result(
             img,
             up,
             crf_cfg,
@@ -618,7 +419,7 @@ class AttnSegPredictor:
             up = F.interpolate(torch.from_numpy(props)[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             up = torch.cat([torch.zeros((1, h, w)), up])
             results.append(
-                _result(
+                make_result(
                     img,
                     up,
                     None,
@@ -681,7 +482,7 @@ class AttnSegPredictor:
             for i, sc, text, presence, region in zip(idx, *group, regions, strict=True):
                 maps[i], texts[i], presences[i], sizes[i], valid[i] = sc, text, presence, size, region
         results = []
-        crf_cfg = _crf_config(crf)
+        crf_cfg = crf_config(crf)
         for img, labs, sc, text, presence, size, region in zip(
             images, label_lists, maps, texts, presences, sizes, valid, strict=True
         ):
@@ -693,7 +494,7 @@ class AttnSegPredictor:
             settings = {**_settings(m), "preset": preset, "draws": n_draws, "seed": seed, "crf": crf_cfg is not None}
             settings["resolution"] = size
             results.append(
-                _result(
+                make_result(
                     img,
                     up,
                     crf_cfg,

@@ -27,7 +27,7 @@ from attnseg.io.images import encode_png, overlay, palette_png
 
 
 def write_outputs(out: Path, stem: str, image: np.ndarray, result, model_name: str, src: str, preset: str | None = None) -> None:
-    """Write the four files of one segmented image (``result``: an :class:`~attnseg.predictor.SegmentationResult`)."""
+    """Write the four files of one segmented image (``result``: an :class:`~attnseg.results.SegmentationResult`)."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / f"{stem}.png", encode_png(palette_png(result.mask)))
     atomic_write_bytes(out / f"{stem}_overlay.png", encode_png(Image.fromarray(overlay(image, result.mask))))
