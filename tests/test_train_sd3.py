@@ -67,6 +67,7 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_tur
 
     first = tmp_path / "t1"
     cfg = TrainConfig(work=str(first), n_scenes=8, unet_steps=1, batch=2, ckpt_every=1, diag_every=1000, threads=1)
+    cfg.colour_prob = 0.3
     stage_data(cfg)
     stage_vae(cfg, str(EMBEDDED_DIR))
     stage_encode(cfg)
@@ -90,3 +91,12 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_tur
     assert not t2["text_encoder"]["text_projection.weight"].any() and not t2["text_encoder_2"]["text_projection.weight"].any()
     moved = max((t2["transformer"][k] - t1["transformer"][k]).abs().max() for k in t1["transformer"])
     assert 0 < moved < 0.05  # two steps from T1's weights, not a fresh start
+    # From the command line a new run takes its caption mix from the run it starts from, not the default.
+    from attnseg.train.embedded.command import main
+
+    third = tmp_path / "t3"
+    third.mkdir()
+    for name in ("latents.npz", "scenes.npz", "vae.pt"):
+        (third / name).symlink_to(first / name)
+    main(["sd3", "--work", str(third), "--init-ckpt", str(first / "sd3-ckpt.pt"), "--steps", "1", "--threads", "1"])
+    assert torch.load(third / "sd3-ckpt.pt", weights_only=True)["config"]["colour_prob"] == 0.3

@@ -12,6 +12,7 @@ from attnseg.train.embedded.sd3 import CKPT, SD3Arch, stage_export_sd3, stage_sd
 from attnseg.train.embedded.train import (
     TrainConfig,
     _checkpoint_config,
+    _ckpt_config,
     _lr_decay_steps,
     _source_layout,
     _text_layers,
@@ -72,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg.text_layers = _text_layers(cfg, a.text_layers, a.init_from, a.init_ckpt)
     # The run being continued: the transformer's checkpoint for its stages, the UNet's otherwise.
     resumed = _checkpoint_config(cfg.work, CKPT if a.stage in ("sd3", "export-sd3") else "ckpt.pt")
-    # A caption setting: as asked, else what the run being resumed used (logged on resume), else the default.
-    cfg.colour_prob = a.colour_prob if a.colour_prob is not None else (resumed or {}).get("colour_prob", cfg.colour_prob)
+    # A caption setting: as asked, else what the run being resumed used (logged on resume), else what the run a new
+    # one starts from (--init-ckpt) used, else the default.
+    source = _ckpt_config(a.init_ckpt) if resumed is None and a.init_ckpt else None
+    cfg.colour_prob = a.colour_prob if a.colour_prob is not None else (resumed or source or {}).get("colour_prob", cfg.colour_prob)
     cfg.lr_decay_steps = _lr_decay_steps(resumed, a.lr_decay_steps)
     continued = resumed if resumed is not None else _source_layout(a.init_from, a.init_ckpt)
     cfg.unet_channels, cfg.unet_cross_every_level = _unet_layout(continued, a.unet_channels, a.cross_every_level)
