@@ -139,7 +139,7 @@ def code_size(h: int, w: int, scale: float = 1.0, multiple: int = 64) -> tuple[t
     or right to a multiple of ``multiple``.
 
     The long side is 64 px times 11 to 16 by the aspect ratio (:data:`CODE_LONG_SIDES`), times ``scale`` (1 on SD
-    1.x / 2.x; the model's native resolution / 512 elsewhere, ours), the short side in proportion, truncated."""
+    1.x / 2.x at 512 px; the predictor's resolution / 512 elsewhere, ours), the short side in proportion, truncated."""
     units = next((u for ratio, u in CODE_LONG_SIDES if max(h / w, w / h) > ratio), 11)
     long = round(64 * units * scale)
     rh, rw = (int(long * h / w), long) if w > h else (long, int(long * w / h))
