@@ -60,7 +60,7 @@ def test_sd3_stage_trains_resumes_and_exports(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_turned_off(tmp_path):
+def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and_text_mixing_turned_off(tmp_path):
     from attnseg.diffusion.loading import EMBEDDED_DIR
     from attnseg.train.embedded.sd3 import SD3Arch, stage_sd3
     from attnseg.train.embedded.train import TrainConfig, stage_data, stage_encode, stage_vae
@@ -71,14 +71,16 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_tur
     stage_data(cfg)
     stage_vae(cfg, str(EMBEDDED_DIR))
     stage_encode(cfg)
-    stage_sd3(cfg, SD3Arch(layers=1, pooled=True), init_from=str(EMBEDDED_DIR))
+    stage_sd3(cfg, SD3Arch(layers=2, pooled=True, mix_text=True), init_from=str(EMBEDDED_DIR))
     t1 = torch.load(first / "sd3-ckpt.pt", weights_only=True)
     assert t1["text_encoder"]["text_projection.weight"].abs().max() > 0  # pooled on: a trained projection
     # A checkpoint of the time before the setting existed reads as pooled on.
     from attnseg.train.embedded.sd3 import _arch_of
 
-    legacy = {k: v for k, v in t1["config"]["sd3_arch"].items() if k != "pooled"}
-    assert _arch_of({"sd3_arch": legacy}).pooled
+    assert t1["transformer"]["transformer_blocks.0.attn.to_add_out.weight"].abs().max() > 0  # the text stream trained
+    # A checkpoint of the time before the settings existed reads as both on.
+    legacy = {k: v for k, v in t1["config"]["sd3_arch"].items() if k not in ("pooled", "mix_text")}
+    assert _arch_of({"sd3_arch": legacy}).pooled and _arch_of({"sd3_arch": legacy}).mix_text
 
     second = tmp_path / "t2"
     second.mkdir()
@@ -87,9 +89,28 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_tur
     cfg2 = TrainConfig(work=str(second), n_scenes=8, unet_steps=2, batch=2, ckpt_every=1, diag_every=1000, threads=1)
     stage_sd3(cfg2, SD3Arch(layers=4), init_ckpt=str(first / "sd3-ckpt.pt"))  # sizes from the checkpoint
     t2 = torch.load(second / "sd3-ckpt.pt", weights_only=True)
-    assert t2["step"] == 2 and t2["config"]["sd3_arch"]["layers"] == 1 and not t2["config"]["sd3_arch"]["pooled"]
+    arch2 = t2["config"]["sd3_arch"]
+    assert t2["step"] == 2 and arch2["layers"] == 2 and not arch2["pooled"] and not arch2["mix_text"]
     assert not t2["text_encoder"]["text_projection.weight"].any() and not t2["text_encoder_2"]["text_projection.weight"].any()
-    moved = max((t2["transformer"][k] - t1["transformer"][k]).abs().max() for k in t1["transformer"])
+    # The text stream is frozen: the first block hands its text tokens on exactly as it received them.
+    from attnseg.train.embedded.sd3 import build_transformer
+
+    model = build_transformer(_arch_of(t2["config"]), 16, 4)
+    model.load_state_dict(t2["transformer"])
+    seen = {}
+    model.transformer_blocks[0].register_forward_hook(
+        lambda m, a, kw, out: seen.update(inp=kw["encoder_hidden_states"], out=out[0]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(
+            torch.randn(1, 4, 16, 16),
+            encoder_hidden_states=torch.randn(1, 77, 256),
+            pooled_projections=torch.zeros(1, 128),
+            timestep=torch.tensor([400.0]),
+        )
+    assert torch.equal(seen["inp"], seen["out"])
+    kept = [k for k in t1["transformer"] if "to_add_out" not in k and "ff_context.net.2" not in k]
+    moved = max((t2["transformer"][k] - t1["transformer"][k]).abs().max() for k in kept)
     assert 0 < moved < 0.05  # two steps from T1's weights, not a fresh start
     # From the command line a new run takes its caption mix from the run it starts from, not the default.
     from attnseg.train.embedded.command import main

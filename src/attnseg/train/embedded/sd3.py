@@ -4,7 +4,8 @@ It shares the embedded UNet model's data, VAE and tokenizer, so that the two bac
 latents and words:
 
 - ``SD3Transformer2DModel`` (MMDiT: joint attention over image and text tokens, image tokens first), patch 1 on
-  the 16x16x4 latents, so that its attention maps are 16x16 like the UNet's finest ones;
+  the 16x16x4 latents, so that its attention maps are 16x16 like the UNet's finest ones; its blocks read the
+  text tokens but do not update them (``SD3Arch.mix_text``);
 - two ``CLIPTextModelWithProjection`` encoders (SD3's CLIP-L and CLIP-G slots) with one transformer layer each:
   the pipeline feeds the transformer their penultimate hidden states, here the token and position embeddings
   (no mixing of tokens before the transformer, which the UNet's training showed helps words localise), and
@@ -73,6 +74,14 @@ class SD3Arch:
     stated place, can be drawn from the pooled vector alone: at 6,700 steps swapping the tokens of 48 held-out
     captions while keeping their pooled vectors left the velocity error unchanged at s = 0.4 (0.186 both), and its
     cross maps did not localise (cross baseline 10.4 mIoU)."""
+    mix_text: bool = False
+    """Whether the joint blocks update the text tokens. False (ours): every block's context output projection
+    (``attn.to_add_out``) and context feed-forward output (``ff_context.net[2]``) are zero and frozen, so each block
+    reads the encoders' unmixed embeddings as its text keys and values (through its own norm and projections), as
+    the UNet's cross-attention reads its text; the pipeline runs unchanged. With it (runs T1, T2) a text token can
+    gather the whole caption from the others, a padding slot became the place every pixel read the caption from, and
+    the cross maps did not localise (T2 at 2,000 steps: cross baseline 8.2 mIoU); the UNet model's maps localised only
+    once its padding tokens carried nothing (docs/EMBEDDED-MODEL-TRAINING.md)."""
 
     @property
     def width(self) -> int:
@@ -110,6 +119,19 @@ def build_text_encoders(arch: SD3Arch, vocab_size: int, bos_id: int, eos_id: int
     return encoders
 
 
+def freeze_text_stream(model) -> None:
+    """Zero and freeze what each joint block adds to the text tokens (see :attr:`SD3Arch.mix_text`)."""
+    for block in model.transformer_blocks:
+        for layer in (block.attn.to_add_out, block.ff_context.net[2] if block.ff_context is not None else None):
+            if layer is None:  # the last block computes no text output (``context_pre_only``)
+                continue
+            with torch.no_grad():
+                layer.weight.zero_()
+                layer.bias.zero_()
+            layer.weight.requires_grad_(False)
+            layer.bias.requires_grad_(False)
+
+
 def disable_pooled(te) -> None:
     """Zero and freeze ``te``'s pooled projection (see :attr:`SD3Arch.pooled`)."""
     with torch.no_grad():
@@ -131,8 +153,8 @@ def encode_text(te1, te2, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _arch_of(config: dict) -> SD3Arch:
-    # Checkpoints written before ``pooled`` existed were trained with the pooled conditioning on.
-    return SD3Arch(**{"pooled": True, **config.get("sd3_arch", {})})
+    # Checkpoints written before ``pooled`` / ``mix_text`` existed were trained with both on.
+    return SD3Arch(**{"pooled": True, "mix_text": True, **config.get("sd3_arch", {})})
 
 
 def stage_sd3(
@@ -140,8 +162,8 @@ def stage_sd3(
 ) -> None:
     """Train (or resume) the transformer and its text encoders on ``WORK/latents.npz``; a new run starts from the
     embedded UNet model's text embeddings (``init_from``, a pipeline folder) or from another run's weights
-    (``init_ckpt``, its ``sd3-ckpt.pt``: its trained weights, not their EMA, and sizes from it, ``arch.pooled`` from
-    ``arch``; optimiser, EMA and step anew)."""
+    (``init_ckpt``, its ``sd3-ckpt.pt``: its trained weights, not their EMA, and sizes from it, ``arch.pooled`` and
+    ``arch.mix_text`` from ``arch``; optimiser, EMA and step anew)."""
     work = Path(cfg.work)
     torch.set_num_threads(cfg.threads)
     lat_d = np.load(work / "latents.npz")
@@ -155,8 +177,10 @@ def stage_sd3(
         arch = _arch_of(state["config"])
     elif init_ckpt:
         source = torch.load(init_ckpt, weights_only=True)
-        arch = replace(_arch_of(source["config"]), pooled=arch.pooled)
+        arch = replace(_arch_of(source["config"]), pooled=arch.pooled, mix_text=arch.mix_text)
     model = build_transformer(arch, latents.shape[-1], latents.shape[1])
+    if not arch.mix_text:
+        freeze_text_stream(model)
     te1, te2 = build_text_encoders(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
     params = [*model.parameters(), *te1.parameters(), *te2.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
@@ -180,6 +204,8 @@ def stage_sd3(
         if not arch.pooled:
             disable_pooled(te1)
             disable_pooled(te2)
+        if not arch.mix_text:
+            freeze_text_stream(model)
         for e, p in zip(ema, params, strict=True):
             e.copy_(p.detach())
         _log(work, {"stage": "sd3", "init_ckpt": str(init_ckpt), "from_step": int(source["step"]), "arch": asdict(arch)})
