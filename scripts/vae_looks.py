@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from attnseg.predictor import AttnSegPredictor
-from attnseg.shapes.personal import LOOKS, PATTERN_COLOUR, training_photos
+from attnseg.shapes.personal import training_photos
+from attnseg.shapes.world import LOOKS, PATTERN_COLOUR
 
 
 def main() -> None:

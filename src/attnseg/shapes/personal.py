@@ -1,7 +1,7 @@
 """ShapesWorld's personalized referring segmentation benchmark: the analog of T2M's Mug19 (T2M section 4).
 
-A *personal instance* is a shape with a look that no caption word names: a dark pattern drawn over its body
-(:data:`LOOKS`: striped, dotted, two-tone, checkered, rimmed). Its fill colour is its *context*, as a mug's content
+A *personal instance* is a shape with a look that no caption word names: a grey pattern drawn over its body
+(ShapesWorld's :data:`LOOKS`: striped, dotted, two-tone, checkered, rimmed). Its fill colour is its *context*, as a mug's content
 ("with cola") is in Mug19: the same instance appears in several colours, and a query names one, "a red <striped>
 circle". Each instance has training photos (one object, other colours, sizes, rotations and backgrounds) and every
 test scene holds 3-5 objects of the benchmark's class, each a personal instance in a colour, all queried:
@@ -17,32 +17,13 @@ Splits (T2M section 4.3): ``all`` the queried objects, ``semantic`` those with a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from attnseg.shapes.world import COLOURS, SceneObject, _background, _rng, shape_mask
+from attnseg.shapes.world import COLOURS, LOOKS, SceneObject, _background, _rng, paint, render_coverage
 
-LOOKS: tuple[str, ...] = ("striped", "dotted", "two-tone", "checkered", "rimmed")
-"""Patterns of the personal instances, each drawn in :data:`PATTERN_COLOUR` over the body; coarse, so that each
-spans a few cells of the 16-px latent grid."""
-PATTERN_COLOUR = np.array((35, 30, 30), np.float32)
 SPLITS: tuple[str, ...] = ("all", "semantic", "visual")
-
-
-def look_pattern(look: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Where ``look`` paints the pattern colour, at object coordinates (u, v) of unit radius."""
-    if look == "striped":
-        return np.abs(u) <= 0.3
-    if look == "dotted":
-        return u * u + v * v <= 0.4**2
-    if look == "two-tone":
-        return v < 0
-    if look == "checkered":
-        return (u < 0) == (v < 0)
-    if look == "rimmed":
-        return u * u + v * v >= 0.68**2
-    raise ValueError(f"unknown look {look!r}; known looks: {', '.join(LOOKS)}")
 
 
 def token_of(look: str) -> str:
@@ -86,33 +67,16 @@ class PersonalScene:
         return out
 
 
-def _coverage(obj: SceneObject, look: str | None, size: int, supersample: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """(size, size) coverages in [0, 1] of the object and of its pattern (supersampled, as ShapesWorld renders)."""
-    s = supersample
-    xs = (np.arange(size * s) + 0.5) / s
-    gx, gy = np.meshgrid(xs - obj.cx, xs - obj.cy)
-    c, si = math.cos(obj.angle), math.sin(obj.angle)
-    u = (c * gx + si * gy) / obj.radius
-    v = (-si * gx + c * gy) / obj.radius
-    body = shape_mask(obj.shape, u, v)
-    pattern = body & look_pattern(look, u, v) if look else np.zeros_like(body)
-
-    def pool(m: np.ndarray) -> np.ndarray:
-        return m.astype(np.float32).reshape(size, s, size, s).mean(axis=(1, 3))
-
-    return pool(body), pool(pattern)
-
-
 def render(objects: list[PersonalObject], rng: np.random.Generator, size: int = 64) -> PersonalScene:
     """Draw ``objects`` in order (later on top) on a ShapesWorld background, with its shading and pixel noise."""
     img = _background(rng, size)
     instance = np.zeros((size, size), np.uint8)
     for i, po in enumerate(objects, start=1):
-        body, pattern = _coverage(po.obj, po.look, size)
+        obj = replace(po.obj, look=po.look)
+        body = render_coverage(obj, size, 4)
         col = np.asarray(COLOURS[po.obj.colour], np.float32) + rng.uniform(-12, 12, 3)
         shade = 1.0 + 0.08 * rng.normal()
-        fill = (col * shade)[None, None] * (1 - pattern[..., None]) + PATTERN_COLOUR * pattern[..., None]
-        img = img * (1 - body[..., None]) + fill * body[..., None]
+        img = paint(img, obj, col * shade, body, 4)
         instance[body >= 0.5] = i
     img += rng.normal(0, 3.0, size=img.shape)
     return PersonalScene(np.clip(np.rint(img), 0, 255).astype(np.uint8), instance, list(objects))

@@ -1,7 +1,9 @@
 """ShapesWorld: a procedural scene generator with exact ground-truth masks.
 
 Scenes hold 1-3 coloured shapes on a calm background. Every scene is a pure function of
-``(seed, index)``, so a split is reproducible and held-out scenes are simply other seeds.
+``(seed, index)``, so a split is reproducible and held-out scenes are simply other seeds. An object may wear a
+*look* (:data:`LOOKS`, a grey pattern over its body) that no caption names: the personalized segmentation
+benchmark's instances are such objects, and a world with ``look_prob`` > 0 shows them to the model in training.
 
 Classes of the semantic mask: 0 = background, ``SHAPES.index(shape) + 1`` for each shape.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,29 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 CLASS_NAMES: tuple[str, ...] = ("background", *SHAPES)
 
+LOOKS: tuple[str, ...] = ("striped", "dotted", "two-tone", "checkered", "rimmed")
+"""Patterns an object may wear, each drawn in :data:`PATTERN_COLOUR` over the body; coarse, so that each spans a few
+cells of the 16-px latent grid. No caption word names them."""
+PATTERN_COLOUR = np.array((128, 128, 128), np.float32)
+"""Mid grey: the embedded VAE reconstructs it within a few levels (``python scripts/vae_looks.py``), where it turns
+a near-black pattern green; no body colour is grey."""
+
+
+def look_pattern(look: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Where ``look`` paints the pattern colour, at object coordinates (u, v) of unit radius."""
+    if look == "striped":
+        return np.abs(u) <= 0.3
+    if look == "dotted":
+        return u * u + v * v <= 0.4**2
+    if look == "two-tone":
+        return v < 0
+    if look == "checkered":
+        return (u < 0) == (v < 0)
+    if look == "rimmed":
+        return u * u + v * v >= 0.68**2
+    raise ValueError(f"unknown look {look!r}; known looks: {', '.join(LOOKS)}")
+
+
 # Caption templates; ``{objs}`` is the objects joined by the template's own joiner.
 CAPTION_TEMPLATES: tuple[tuple[str, str, str], ...] = (
     # (prefix, joiner for 2 items / last item, suffix)
@@ -64,6 +89,8 @@ class SceneObject:
     cy: float
     radius: float
     angle: float
+    look: str | None = None
+    """One of :data:`LOOKS`, or plain; never named by captions."""
 
     @property
     def phrase(self) -> str:
@@ -117,6 +144,9 @@ class ShapesWorldConfig:
     """Per-object uniform jitter of the fill colour (0-255 scale)."""
     shapes: tuple[str, ...] = field(default_factory=lambda: SHAPES)
     colours: tuple[str, ...] = field(default_factory=lambda: tuple(COLOURS))
+    look_prob: float = 0.0
+    """Chance that an object wears one of :data:`LOOKS` (uniformly chosen). 0 draws nothing more from the scene's
+    random stream, so the scenes are those of a world without looks."""
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -174,13 +204,14 @@ def shape_mask(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
 
 
-def render_coverage(obj: SceneObject, size: int, supersample: int) -> np.ndarray:
-    """(size, size) float32 coverage in [0, 1] of ``obj`` (anti-aliased by supersampling)."""
+def render_coverage(obj: SceneObject, size: int, supersample: int, pattern: bool = False) -> np.ndarray:
+    """(size, size) float32 coverage in [0, 1] of ``obj`` (anti-aliased by supersampling); with ``pattern``, of the
+    part of it its look paints (zero for a plain object)."""
     cov = np.zeros((size, size), dtype=np.float32)
     ext = obj.radius * 1.2 + 1
     x0, x1 = max(0, int(obj.cx - ext)), min(size, math.ceil(obj.cx + ext) + 1)
     y0, y1 = max(0, int(obj.cy - ext)), min(size, math.ceil(obj.cy + ext) + 1)
-    if x1 <= x0 or y1 <= y0:
+    if x1 <= x0 or y1 <= y0 or (pattern and obj.look is None):
         return cov
     s = supersample
     xs = x0 + (np.arange((x1 - x0) * s) + 0.5) / s
@@ -189,9 +220,21 @@ def render_coverage(obj: SceneObject, size: int, supersample: int) -> np.ndarray
     c, si = math.cos(obj.angle), math.sin(obj.angle)
     u = (c * gx + si * gy) / obj.radius
     v = (-si * gx + c * gy) / obj.radius
-    m = shape_mask(obj.shape, u, v).astype(np.float32)
-    cov[y0:y1, x0:x1] = m.reshape(y1 - y0, s, x1 - x0, s).mean(axis=(1, 3))
+    m = shape_mask(obj.shape, u, v)
+    if pattern:
+        m = m & look_pattern(obj.look, u, v)
+    cov[y0:y1, x0:x1] = m.astype(np.float32).reshape(y1 - y0, s, x1 - x0, s).mean(axis=(1, 3))
     return cov
+
+
+def paint(img: np.ndarray, obj: SceneObject, colour: np.ndarray, body: np.ndarray, supersample: int) -> np.ndarray:
+    """``img`` with ``obj`` (its coverage ``body``) drawn over it in ``colour``, its look's pattern in
+    :data:`PATTERN_COLOUR`."""
+    fill = colour[None, None, :]
+    if obj.look is not None:
+        pat = render_coverage(obj, len(body), supersample, pattern=True)[..., None]
+        fill = fill * (1 - pat) + PATTERN_COLOUR * pat
+    return img * (1 - body[..., None]) + fill * body[..., None]
 
 
 # ----------------------------------------------------------------------------- backgrounds
@@ -278,6 +321,8 @@ def make_scene(seed: int, index: int, cfg: ShapesWorldConfig | None = None) -> S
             break
     else:  # pragma: no cover - 50 rejections in a row do not happen with the default config
         objs, covs = objs[:1], covs[:1]
+    if cfg.look_prob > 0:
+        objs = [replace(o, look=str(rng.choice(LOOKS))) if rng.random() < cfg.look_prob else o for o in objs]
     img = _background(rng, size)
     semantic = np.zeros((size, size), dtype=np.uint8)
     instance = np.zeros((size, size), dtype=np.uint8)
@@ -285,7 +330,7 @@ def make_scene(seed: int, index: int, cfg: ShapesWorldConfig | None = None) -> S
         col = np.asarray(COLOURS[o.colour], np.float32) + rng.uniform(-cfg.colour_jitter, cfg.colour_jitter, 3)
         # Mild shading so that objects are not flat stickers.
         shade = 1.0 + 0.08 * rng.normal()
-        img = img * (1 - cov[..., None]) + (col * shade)[None, None, :] * cov[..., None]
+        img = paint(img, o, col * shade, cov, cfg.supersample)
         m = cov >= 0.5
         semantic[m] = cfg.shapes.index(o.shape) + 1 if o.shape in cfg.shapes else 0
         instance[m] = i + 1

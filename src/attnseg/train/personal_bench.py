@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from attnseg.diffusion.concepts import METHODS
 from attnseg.io.files import atomic_write_bytes
 from attnseg.methods.personal import PersonalConfig, accuracy, iou, true_segments
-from attnseg.shapes.personal import LOOKS, SPLITS, PersonalScene, test_scene, token_of, training_photos
+from attnseg.shapes.personal import SPLITS, PersonalScene, test_scene, token_of, training_photos
+from attnseg.shapes.world import LOOKS
 from attnseg.train.personalize import PersonalizeConfig, learn_concept, read_photos
 
 ROWS: tuple[str, ...] = ("attnseg", "subject_only", "context_only")

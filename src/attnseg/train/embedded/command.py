@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="export: pipeline folder to write")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", default=None, help="warm start from a pipeline folder (e.g. the shipped embedded model)")
-    p.add_argument(
-        "--init-ckpt", default=None, help="unet / sd3 stage: start from another work folder's ckpt.pt / sd3-ckpt.pt"
-    )
+    p.add_argument("--init-ckpt", default=None, help="unet / sd3 stage: start from another work folder's ckpt.pt / sd3-ckpt.pt")
     p.add_argument(
         "--text-layers",
         type=int,
@@ -60,6 +58,13 @@ def main(argv: list[str] | None = None) -> None:
         help="cosine-decay the learning rate to 10%% over this many steps, counted from the step where the decay is "
         "first asked for (default: as resumed, else 0 = constant; a decay once begun keeps its length)",
     )
+    p.add_argument(
+        "--look-prob",
+        type=float,
+        default=None,
+        help="data stage: share of objects that wear an unnamed look (striped, dotted, ...; default 0; the later "
+        "stages read it from the data)",
+    )
     p.add_argument("--unet-channels", default=None, help="new runs: UNet width per level, e.g. 64,128 (default 64,128,128)")
     p.add_argument(
         "--cross-every-level",
@@ -70,13 +75,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = p.parse_args(argv)
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
+    made = train.data_look_prob(cfg.work)
+    cfg.look_prob = a.look_prob if a.look_prob is not None else (made or 0.0)
     cfg.text_layers = _text_layers(cfg, a.text_layers, a.init_from, a.init_ckpt)
     # The run being continued: the transformer's checkpoint for its stages, the UNet's otherwise.
     resumed = _checkpoint_config(cfg.work, CKPT if a.stage in ("sd3", "export-sd3") else "ckpt.pt")
     # A caption setting: as asked, else what the run being resumed used (logged on resume), else what the run a new
     # one starts from (--init-ckpt) used, else the default.
     source = _ckpt_config(a.init_ckpt) if resumed is None and a.init_ckpt else None
-    cfg.colour_prob = a.colour_prob if a.colour_prob is not None else (resumed or source or {}).get("colour_prob", cfg.colour_prob)
+    cfg.colour_prob = (
+        a.colour_prob if a.colour_prob is not None else (resumed or source or {}).get("colour_prob", cfg.colour_prob)
+    )
     cfg.lr_decay_steps = _lr_decay_steps(resumed, a.lr_decay_steps)
     continued = resumed if resumed is not None else _source_layout(a.init_from, a.init_ckpt)
     cfg.unet_channels, cfg.unet_cross_every_level = _unet_layout(continued, a.unet_channels, a.cross_every_level)

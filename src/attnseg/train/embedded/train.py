@@ -69,6 +69,9 @@ class TrainConfig:
     """Transformer layers of the text encoder; 0 leaves each token's embedding unmixed (see the training log)."""
     colour_prob: float = 0.8
     """Probability that a caption names an object by "colour shape" rather than by its shape alone."""
+    look_prob: float = 0.0
+    """Share of the data's objects that wear one of ShapesWorld's unnamed looks (``ShapesWorldConfig.look_prob``): a
+    model that has drawn them can learn a personal concept of one."""
     lr_decay_steps: int = 0
     """If > 0: cosine decay of the learning rate to ``lr_floor`` x lr over this many steps, counted from the step
     at which the decay was first asked for (kept in the checkpoint as ``decay_from``); 0 keeps lr constant."""
@@ -112,9 +115,12 @@ def stage_data(cfg: TrainConfig) -> None:
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
     out = work / "scenes.npz"
-    if out.exists():
+    made = data_look_prob(work)
+    if made is not None:
+        if made != cfg.look_prob:
+            raise ValueError(f"{out} was made with --look-prob {made}, not {cfg.look_prob}: use another --work folder")
         return
-    world = ShapesWorldConfig()
+    world = ShapesWorldConfig(look_prob=cfg.look_prob)
     n = cfg.n_scenes
     images = np.zeros((n, world.size, world.size, 3), np.uint8)
     semantic = np.zeros((n, world.size, world.size), np.uint8)
@@ -130,8 +136,17 @@ def stage_data(cfg: TrainConfig) -> None:
         if i % 5000 == 0:
             _log(work, {"stage": "data", "i": i, "elapsed": time.time() - t0})
     tmp = work / "scenes.tmp.npz"
-    np.savez(tmp, images=images, semantic=semantic, instance=instance, objects=objs)
+    np.savez(tmp, images=images, semantic=semantic, instance=instance, objects=objs, look_prob=cfg.look_prob)
     os.replace(tmp, out)
+
+
+def data_look_prob(work: str | Path) -> float | None:
+    """The ``look_prob`` that ``WORK/scenes.npz`` was made with (0 for data of before looks), None without data."""
+    path = Path(work) / "scenes.npz"
+    if not path.exists():
+        return None
+    with np.load(path) as d:
+        return float(d["look_prob"]) if "look_prob" in d.files else 0.0
 
 
 def _load_scenes(work: Path) -> dict[str, np.ndarray]:

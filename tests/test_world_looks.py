@@ -1,0 +1,67 @@
+"""ShapesWorld's unnamed looks: a world with ``look_prob`` draws grey patterns over objects and never names them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attnseg.shapes.world import LOOKS, PATTERN_COLOUR, SceneObject, ShapesWorldConfig, make_scene, render_coverage
+
+
+def test_a_world_without_looks_draws_the_scenes_it_always_drew():
+    for i in range(5):
+        plain, zero = make_scene(0, i), make_scene(0, i, ShapesWorldConfig(look_prob=0.0))
+        assert np.array_equal(plain.image, zero.image) and plain.caption == zero.caption
+        assert all(o.look is None for o in plain.objects)
+
+
+def test_every_object_wears_a_look_that_the_caption_does_not_name():
+    cfg = ShapesWorldConfig(look_prob=1.0, noise_std=0.0, colour_jitter=0.0)
+    seen = set()
+    for i in range(12):
+        sc = make_scene(0, i, cfg)
+        assert all(o.look in LOOKS for o in sc.objects)
+        assert not any(look in sc.caption for look in LOOKS), sc.caption
+        seen |= {o.look for o in sc.objects}
+        top = sc.objects[-1]  # drawn last: nothing covers it
+        body = render_coverage(top, cfg.size, cfg.supersample)
+        pat = render_coverage(top, cfg.size, cfg.supersample, pattern=True)
+        inside = (pat == 1) & (body == 1)
+        plain = (pat == 0) & (body == 1)
+        if inside.any():  # fully patterned pixels are the pattern colour (unshaded; no pixel noise in this world)
+            grey = sc.image[inside].astype(float).mean(0)
+            assert np.abs(grey - PATTERN_COLOUR).max() < 1.0, grey
+        if plain.any():  # the rest is the body colour, which is not grey
+            assert np.abs(sc.image[plain].astype(float).mean(0) - PATTERN_COLOUR).max() > 20
+    assert len(seen) >= 4
+
+
+def test_striped_pattern_covers_the_band_it_names():
+    obj = SceneObject("red", "square", 32.0, 32.0, 16.0, 0.0, look="striped")
+    pat = render_coverage(obj, 64, 4, pattern=True)
+    # |u| <= 0.3 of a radius of 16 px: the columns within 4.8 px of the centre, inside the square's body
+    cols = np.flatnonzero(pat[32] == 1)
+    assert cols.min() == 28 and cols.max() == 35
+    assert render_coverage(SceneObject("red", "square", 32.0, 32.0, 16.0, 0.0), 64, 4, pattern=True).sum() == 0
+
+
+def test_training_data_records_its_look_share_and_refuses_another(tmp_path):
+    import pytest
+
+    from attnseg.train.embedded.command import main
+    from attnseg.train.embedded.train import TrainConfig, data_look_prob, stage_data
+
+    assert data_look_prob(tmp_path) is None
+    main(["data", "--work", str(tmp_path), "--n-scenes", "6", "--look-prob", "0.5", "--threads", "1"])
+    assert data_look_prob(tmp_path) == 0.5
+    with pytest.raises(ValueError, match="another --work"):
+        stage_data(TrainConfig(work=str(tmp_path), n_scenes=6, look_prob=0.0))
+    stage_data(TrainConfig(work=str(tmp_path), n_scenes=6, look_prob=0.5))  # the same data: nothing to do
+
+
+def test_model_card_states_the_looks_and_from_which_step():
+    from attnseg.train.embedded.release import looks_text
+
+    assert looks_text(0.0, []) == ""
+    line = looks_text(0.3, [{"stage": "data", "i": 0}, {"stage": "unet", "init_from": "shipped", "step": 18500}])
+    assert "from step 18,500" in line and "30% of the objects" in line and "no caption names" in line
+    assert "from step" not in looks_text(0.3, [])  # a run trained on looks from the start
