@@ -35,16 +35,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=60, help="scenes looked at (those with exactly one object of the look count)")
     ap.add_argument("--method", default="textual-inversion", choices=["textual-inversion", "custom-diffusion"])
     ap.add_argument("--colour", default=None, help="learn one object of this colour (default: the look in every colour)")
+    ap.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     name = f"my-{a.colour}-{a.look}" if a.colour else f"my-{a.look}"
     token = f"<{name}>"
     concept = a.out / f"{name}.safetensors"
     if not concept.is_file():
-        learner = AttnSegPredictor.from_pretrained()
+        learner = AttnSegPredictor.from_pretrained(a.model)
         photos = training_photos(a.look, a.shape, 8, 0, colour=a.colour)
         learn_concept(learner.pipe, photos, token, a.shape, concept, PersonalizeConfig(method=a.method))
-    pred = AttnSegPredictor.from_pretrained()
+    pred = AttnSegPredictor.from_pretrained(a.model)
     pred.load_concept(concept)
     queries = {"colour and token": "a {c} {t} {s}", "token alone": "a {t} {s}", "colour alone": "a {c} {s}"}
     hits = dict.fromkeys(queries, 0)

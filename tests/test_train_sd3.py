@@ -21,6 +21,9 @@ def test_sd3_stage_trains_resumes_and_exports(tmp_path):
     stage_data(cfg)
     stage_vae(cfg, str(EMBEDDED_DIR))
     stage_encode(cfg)
+    # The latents keep the scaling factor of the pipeline the VAE came from, not 1 / std of these 16 scenes.
+    shipped = json.loads((EMBEDDED_DIR / "vae" / "config.json").read_text())["scaling_factor"]
+    assert float(np.load(tmp_path / "latents.npz")["scaling_factor"]) == pytest.approx(shipped, rel=1e-6)
     stage_sd3(cfg, SD3Arch(layers=1), init_from=str(EMBEDDED_DIR))
     first = torch.load(tmp_path / "sd3-ckpt.pt", weights_only=True)
     assert first["step"] == 2 and first["config"]["sd3_arch"]["layers"] == 1

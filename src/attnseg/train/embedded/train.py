@@ -174,7 +174,7 @@ def stage_vae(cfg: TrainConfig, init_from: str | None = None) -> None:
 
         vae = AutoencoderKL.from_pretrained(Path(init_from) / "vae", torch_dtype=torch.float32)
         atomic_torch_save(vae.state_dict(), work / "vae.pt")
-        _log(work, {"stage": "vae", "init_from": str(init_from)})
+        _log(work, {"stage": "vae", "init_from": str(Path(init_from).resolve())})
         return
     torch.manual_seed(cfg.seed)
     scenes = _load_scenes(work)
@@ -216,6 +216,17 @@ def _load_vae(work: Path):
 # ----------------------------------------------------------------------------- encode
 
 
+def _vae_source(work: Path) -> str | None:
+    """The pipeline folder the VAE stage took its VAE from (``--init-from``), None for a VAE trained here."""
+    log = work / "log.jsonl"
+    recs = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+    return next((r["init_from"] for r in recs if r.get("stage") == "vae" and "init_from" in r), None)
+
+
+def _pipeline_scaling(folder: str | Path) -> float:
+    return float(json.loads((Path(folder) / "vae" / "config.json").read_text())["scaling_factor"])
+
+
 def stage_encode(cfg: TrainConfig) -> None:
     import torch
 
@@ -235,7 +246,11 @@ def stage_encode(cfg: TrainConfig) -> None:
             if i % 10240 == 0:
                 _log(work, {"stage": "encode", "i": i, "elapsed": time.time() - t0})
     lat = np.concatenate(means)
-    scale = float(1.0 / lat.astype(np.float32).std())
+    # A VAE taken from a pipeline keeps that pipeline's scaling factor, so that a denoiser continued from it sees its
+    # latents at the scale it was trained on (other data, e.g. with looks, would give another); a trained one gets
+    # 1 / std of these latents.
+    source = _vae_source(work)
+    scale = _pipeline_scaling(source) if source else float(1.0 / lat.astype(np.float32).std())
     # Object weight map at latent resolution: fraction of object pixels per latent cell.
     sem = scenes["semantic"]
     f = sem.shape[1] // lat.shape[2]
