@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,3 +366,38 @@ def test_attnseg_generate_method_grounding_writes_the_modules_masks(tiny_pipe_di
     r = CliRunner().invoke(app, [*gen[:2], str(tmp_path / "g3"), *gen[3:], "--method", "grounding"])  # the shipped module
     assert r.exit_code == 2 and "train a module for this model" in r.output
     assert not (tmp_path / "g3" / "run.json").exists()  # refused before the run started
+
+
+def test_attnseg_segment_method_grounding_writes_the_modules_label_map(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from attnseg.cli import app
+    from attnseg.diffusion.loading import load_backbone
+    from attnseg.grounder import Grounder
+    from attnseg.io.images import load_image
+
+    scenes = tmp_path / "scenes"
+    assert CliRunner().invoke(app, ["shapes", "export", str(scenes), "--n", "2", "--seed", "1"]).exit_code == 0
+    args = ["segment", str(scenes / "JPEGImages"), "--labels-file", str(scenes / "labels.json"), "--device", "cpu"]
+    r = CliRunner().invoke(app, [*args, "--method", "grounding", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "2 segmented" in r.output
+    # The shipped module's label map of each image (probability above one half, the most probable label), as the
+    # Python API gives it.
+    g = Grounder.from_folder(load_backbone(None, device="cpu", dtype="float32"))
+    table = json.loads((scenes / "labels.json").read_text())
+    for name, labels in table.items():
+        stem = Path(name).stem
+        item = g.segment(load_image(scenes / "JPEGImages" / name), labels)
+        want = np.where(item.probs.max(0) > 0.5, item.probs.argmax(0) + 1, 0)
+        assert want.any()  # the module finds something in every scene
+        assert np.array_equal(np.array(Image.open(tmp_path / "out" / f"{stem}.png")), want)
+        meta = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
+        assert meta["method"] == "grounding" and meta["labels"] == labels and meta["settings"]["module"].endswith("grounding")
+    r = CliRunner().invoke(app, [*args, "--method", "grounding", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "0 segmented, 2 already done" in r.output
+    r = CliRunner().invoke(app, [*args, "--method", "grounding", "--preset", "voc", "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "no presets" in r.output
+    r = CliRunner().invoke(app, [*args, "--module", str(tmp_path / "m"), "--out", str(tmp_path / "o3")])
+    assert r.exit_code == 2 and "--method grounding" in r.output

@@ -104,7 +104,10 @@ def segment(
     labels_file: Annotated[Path | None, typer.Option(help="JSON object: image file name -> list of labels.")] = None,
     method: Annotated[
         str | None,
-        typer.Option(help="cross | t2m | iseg (default t2m), diffseg (unsupervised: no labels), interactive (with --point/--box/--scribble)"),
+        typer.Option(
+            help="cross | t2m | iseg (default t2m), diffseg (unsupervised: no labels), interactive (with --point/--box/"
+            "--scribble), grounding (a trained grounding module, see --module)"
+        ),
     ] = None,
     preset: Annotated[
         str | None, typer.Option(help="Named settings of the method (e.g. t2m: voc, single-pass; iseg: wsss-voc).")
@@ -122,25 +125,38 @@ def segment(
     point: Annotated[
         list[str] | None, typer.Option(help="X,Y in image pixels: one object at this point (repeat for more objects).")
     ] = None,
-    box: Annotated[list[str] | None, typer.Option(help="X0,Y0,X1,Y1 in image pixels: one object in this box (repeatable).")] = None,
+    box: Annotated[
+        list[str] | None, typer.Option(help="X0,Y0,X1,Y1 in image pixels: one object in this box (repeatable).")
+    ] = None,
     scribble: Annotated[
-        list[Path] | None, typer.Option(help="A mask image of the input's size; its non-zero pixels mark one object (repeatable).")
+        list[Path] | None,
+        typer.Option(help="A mask image of the input's size; its non-zero pixels mark one object (repeatable)."),
     ] = None,
     name: Annotated[
         list[str] | None, typer.Option(help="Names of the prompted objects, in the order points, boxes, scribbles.")
     ] = None,
     vocabulary: Annotated[
         list[str] | None,
-        typer.Option(help="Candidate labels instead of --labels: each image is tagged first (as `attnseg tag`); a,b,c or repeat."),
+        typer.Option(
+            help="Candidate labels instead of --labels: each image is tagged first (as `attnseg tag`); a,b,c or repeat."
+        ),
     ] = None,
     vocabulary_file: Annotated[Path | None, typer.Option(help="Candidate labels, one a line (or comma-separated).")] = None,
     concept: Annotated[
         list[Path] | None,
-        typer.Option(help="A personal concept of `attnseg personalize` (repeatable): labels are then referring queries, "
-        "e.g. --labels 'a <my-mug> mug with cola'."),
+        typer.Option(
+            help="A personal concept of `attnseg personalize` (repeatable): labels are then referring queries, "
+            "e.g. --labels 'a <my-mug> mug with cola'."
+        ),
     ] = None,
     class_word: Annotated[
         str | None, typer.Option("--class", help="With --concept: the class of the queried objects (default: the concepts').")
+    ] = None,
+    module: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --method grounding: a trained grounding module (default: the one shipped with the embedded model)."
+        ),
     ] = None,
 ) -> None:
     """Segment INPUT images for the given labels (or for the labels tagged from --vocabulary; or one image for
@@ -150,6 +166,12 @@ def segment(
     if concept or class_word:
         _segment_personal(inputs, labels, concept or [], class_word, model, out, seed, device, dtype, method, crf, preset)
         return
+    if method == "grounding":
+        _segment_grounding(inputs, labels, labels_file, module, model, out, seed, crf, device, dtype, preset)
+        return
+    if module is not None:
+        _err("--module is the grounding module of --method grounding; drop it or add --method grounding")
+        raise typer.Exit(2)
     from attnseg.jobs.engine import ENGINES
     from attnseg.jobs.segment import segment_paths
     from attnseg.methods.registry import REAL, REGISTRY, VISUAL
@@ -162,7 +184,9 @@ def segment(
         _err("--point, --box and --scribble show the objects themselves: drop --vocabulary (use --name)")
         raise typer.Exit(2)
     if point or box or scribble:
-        _segment_prompted(inputs, labels, labels_file, method, preset, model, out, crf, seed, device, dtype, point, box, scribble, name)
+        _segment_prompted(
+            inputs, labels, labels_file, method, preset, model, out, crf, seed, device, dtype, point, box, scribble, name
+        )
         return
     if name:
         _err("--name names --point / --box / --scribble prompts; none was given")
@@ -355,7 +379,9 @@ def _numbers(text: str, n: int, what: str) -> tuple[float, ...]:
     return vals
 
 
-def _segment_prompted(inputs, labels, labels_file, method, preset, model, out, crf, seed, device, dtype, point, box, scribble, name):
+def _segment_prompted(
+    inputs, labels, labels_file, method, preset, model, out, crf, seed, device, dtype, point, box, scribble, name
+):
     """``segment IMAGE --point/--box/--scribble``: one image, each prompt one object."""
     import numpy as np
     from PIL import Image
@@ -435,6 +461,39 @@ def _segment_personal(inputs, labels, concepts, class_word, model, out, seed, de
         raise typer.Exit(1)
 
 
+def _segment_grounding(inputs, labels, labels_file, module, model, out, seed, crf, device, dtype, preset) -> None:
+    """``segment --method grounding``: a trained grounding module's masks of each input (its real image noised to
+    the last generation step's noise level and read in one denoiser forward)."""
+    from attnseg.grounder import Grounder, GroundingError
+    from attnseg.jobs.grounding import segment_grounding_paths
+
+    if preset is not None:
+        _err("--method grounding has no presets: its settings are the trained module's (--module)")
+        raise typer.Exit(2)
+    labels = split_labels(labels)
+    if not labels and labels_file is None:
+        _err("no labels given: pass --labels L1,L2 (or repeat --labels) or --labels-file F")
+        raise typer.Exit(2)
+    if labels_file is not None and not labels_file.is_file():
+        _err(f"labels file {labels_file} does not exist")
+        raise typer.Exit(2)
+    _check_inputs(inputs, bool(labels))
+    _out_folder(out)
+    predictor = _load_predictor(model, device, dtype)
+    try:
+        grounder = Grounder.from_folder(predictor.backbone, module)
+        grounder.check()  # a module of another model is refused before any image
+        done, skipped, failed = segment_grounding_paths(
+            grounder, inputs, out, labels, labels_file, seed, crf, on_error=lambda src, msg: _err(f"{src}: {msg}")
+        )
+    except (GroundingError, ValueError, ImportError) as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    typer.echo(f"{len(done)} segmented, {len(skipped)} already done, {len(failed)} failed -> {out}")
+    if failed:
+        raise typer.Exit(1)
+
+
 def _check_inputs(inputs: list[Path], labels_given: bool) -> None:
     """Exit 2 before any work when an input does not exist (a second label after ``--labels`` lands here)."""
     missing = [p for p in inputs if not p.exists()]
@@ -477,7 +536,9 @@ def eval_cmd(
         list[str] | None,
         typer.Option(help="Class names each image is tagged from (as `attnseg tag`) instead of the ground truth's labels."),
     ] = None,
-    vocabulary_file: Annotated[Path | None, typer.Option(help="Class names to tag from, one a line (or comma-separated).")] = None,
+    vocabulary_file: Annotated[
+        Path | None, typer.Option(help="Class names to tag from, one a line (or comma-separated).")
+    ] = None,
     crf: Annotated[bool, typer.Option(help="Also evaluate every method after dense CRF.")] = False,
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only.")] = None,
     draws: Annotated[int | None, typer.Option(help="Noise draws (default: each method's).")] = None,
@@ -614,7 +675,14 @@ def _progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
     tasks: dict[str, int] = {}
 
     def advance(what: str, i: int, n: int) -> None:
@@ -657,7 +725,9 @@ def personalize(
     token: Annotated[str, typer.Option(help="The new word, lower case in angle brackets, e.g. '<my-mug>'.")],
     class_word: Annotated[str, typer.Option("--class", help="What the object is, a word the model knows (e.g. mug).")],
     out: Annotated[Path, typer.Option(help="The concept file to write (safetensors); a sample grid goes beside it.")],
-    method: Annotated[str, typer.Option(help="textual-inversion (the token alone) or custom-diffusion (+ cross-attention k/v).")] = "textual-inversion",
+    method: Annotated[
+        str, typer.Option(help="textual-inversion (the token alone) or custom-diffusion (+ cross-attention k/v).")
+    ] = "textual-inversion",
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 400,
     seed: Annotated[int, typer.Option(help="Seed of batches, noise, regularisation images and samples.")] = 0,
     model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
@@ -715,7 +785,9 @@ def generate(
     preset: Annotated[str | None, typer.Option(help="Named settings of the method.")] = None,
     module: Annotated[
         Path | None,
-        typer.Option(help="A trained grounding module for --method grounding (default: the one shipped with the embedded model)."),
+        typer.Option(
+            help="A trained grounding module for --method grounding (default: the one shipped with the embedded model)."
+        ),
     ] = None,
     template: Annotated[str, typer.Option(help="Prompt of one class.")] = "a photo of a {}",
     model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
@@ -926,9 +998,7 @@ def score_generated_cmd(
     typer.echo(markdown(results))
 
 
-@app.command(
-    "train-toy", add_help_option=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-)
+@app.command("train-toy", add_help_option=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_toy(ctx: typer.Context) -> None:
     """Train the embedded model (stages data, vae, encode, unet, export, all); see --help of the module."""
     from attnseg.train.embedded.command import main

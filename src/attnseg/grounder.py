@@ -27,6 +27,8 @@ from attnseg.diffusion.loading import EMBEDDED_DIR
 from attnseg.diffusion.prompts import PromptTemplate
 from attnseg.io.files import atomic_write_bytes
 from attnseg.methods.grounding import GroundingConfig, GroundingModule
+from attnseg.ops.refine import CRFConfig
+from attnseg.results import SegmentationResult, crf_config, make_result
 
 PAPER_TEMPLATE = PromptTemplate("grounded-diffusion", "a photograph of a ", " and a ", " and a ", "")
 """The authors' code (train.py): "a photograph of a " + class, " and a " + second class."""
@@ -201,6 +203,20 @@ class Grounder:
                 self.backbone.add_noise(latents, noise, timestep), timestep, self.backbone.encode_prompts([text])
             )
         return self._items([text], [list(labels)], image[None], feats.by_side())[0]
+
+    def segment_result(
+        self, image: np.ndarray, labels: Sequence[str], seed: int = 0, crf: bool | CRFConfig = False, timestep: int = 1
+    ) -> SegmentationResult:
+        """:meth:`segment` as ``attnseg segment`` writes it: the scores are a constant background of 0.5 followed by
+        the labels' probabilities, so that their argmax is the paper's rule (a pixel belongs to a label whose
+        probability passes 0.5, to the most probable of several), with a dense CRF over them when asked."""
+        item = self.segment(image, labels, timestep=timestep, seed=seed)
+        probs = torch.from_numpy(item.probs)
+        up = torch.cat([torch.full((1, *probs.shape[1:]), 0.5), probs])
+        settings = {"seed": seed, "crf": bool(crf), "timestep": timestep, "module": self.record.get("folder")}
+        return make_result(
+            image, up, crf_config(crf), labels=list(labels), method="grounding", prompt=item.prompt, settings=settings
+        )
 
 
 def _resize(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
