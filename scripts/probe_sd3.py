@@ -4,11 +4,15 @@
   right tokens and pooled vectors, with another scene's pooled vector, with another scene's tokens, with both
   another scene's, and with a zero pooled vector, at s = 0.4 and 0.7;
 - ``timesteps``: the cross baseline's mIoU on validation scenes read at several noise levels;
-- ``blocks``: the cross baseline's mIoU reading one joint block at a time.
+- ``blocks``: the cross baseline's mIoU reading one joint block at a time;
+- ``pattern``: do the cross maps follow the objects or a fixed pattern? Per label of each validation scene, the AUC
+  of its cross score map against its object's pixels, and the correlation of its (standardised) map with the same
+  label's mean map over the other scenes (any model: ``embedded`` for the UNet).
 
     python scripts/probe_sd3.py EXPORT text
     python scripts/probe_sd3.py EXPORT timesteps --n 50 --t 150,400,700 -m cross -m concept-attention
     python scripts/probe_sd3.py EXPORT blocks --n 30 --t 400
+    python scripts/probe_sd3.py EXPORT pattern --n 24
 """
 
 from __future__ import annotations
@@ -35,6 +39,29 @@ def miou(pred: AttnSegPredictor, scenes, method: str, **overrides) -> float:
             ids = np.array([0, *[SHAPES.index(x) + 1 for x in labs]])
             conf += confusion(s.semantic, ids[r.mask], len(SHAPES) + 1)
     return 100 * summarize(conf, ["background", *SHAPES])["miou"]
+
+
+def fixed_pattern(pred: AttnSegPredictor, scenes) -> tuple[float, float]:
+    """(mean AUC of each label's cross map against its object, mean correlation of a label's map with its mean map
+    over the other scenes that hold it)."""
+    maps: dict[str, list[np.ndarray]] = {}
+    aucs = []
+    for s in scenes:
+        labs = sorted(set(s.labels))
+        r = pred.segment_batch([s.image], [labs], method="cross", draws=1)[0]
+        for k, lab in enumerate(labs):
+            m = r.scores[k + 1]
+            gt = s.semantic == SHAPES.index(lab) + 1
+            pos, neg = m[gt], m[~gt][::7]  # every 7th background pixel: the AUC's pairs stay few
+            aucs.append(float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()))
+            maps.setdefault(lab, []).append((m - m.mean()) / (m.std() + 1e-6))
+    corr = [
+        float(np.corrcoef(m.ravel(), np.mean([x for j, x in enumerate(ms) if j != i], 0).ravel())[0, 1])
+        for ms in maps.values()
+        if len(ms) > 1
+        for i, m in enumerate(ms)
+    ]
+    return float(np.mean(aucs)), float(np.mean(corr))
 
 
 def text_paths(pred: AttnSegPredictor, n: int) -> None:
@@ -67,18 +94,22 @@ def text_paths(pred: AttnSegPredictor, n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("probe", choices=["text", "timesteps", "blocks"])
+    ap.add_argument("probe", choices=["text", "timesteps", "blocks", "pattern"])
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--t", default="150,400,700")
     ap.add_argument("-m", "--method", action="append", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    pred = AttnSegPredictor.from_pretrained(a.model)
+    pred = AttnSegPredictor.from_pretrained(None if a.model == "embedded" else a.model)
     if a.probe == "text":
         text_paths(pred, a.n)
         return
     scenes = [make_scene(3, i) for i in range(a.n)]
     ts = [int(t) for t in a.t.split(",")]
+    if a.probe == "pattern":
+        auc, corr = fixed_pattern(pred, scenes)
+        print(f"{a.model}: label AUC {auc:.3f}, correlation with the label's map in other scenes {corr:.3f}")
+        return
     if a.probe == "timesteps":
         for m in a.method or ["cross"]:
             print(m, " ".join(f"t={t}: {miou(pred, scenes, m, timestep=t):.1f}" for t in ts))
