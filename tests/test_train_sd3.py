@@ -115,6 +115,25 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
     kept = [k for k in t1["transformer"] if "to_add_out" not in k and "ff_context.net.2" not in k]
     moved = max((t2["transformer"][k] - t1["transformer"][k]).abs().max() for k in kept)
     assert 0 < moved < 0.05  # two steps from T1's weights, not a fresh start
+    # A scaled position table: the source's (SD3's) table times the factor, kept through training and in the export.
+    fourth = tmp_path / "t4"
+    fourth.mkdir()
+    for name in ("latents.npz", "scenes.npz", "vae.pt"):
+        (fourth / name).symlink_to(first / name)
+    cfg4 = TrainConfig(work=str(fourth), n_scenes=8, unet_steps=1, batch=2, ckpt_every=1, diag_every=1000, threads=1)
+    stage_sd3(cfg4, SD3Arch(pos_scale=0.25), init_ckpt=str(first / "sd3-ckpt.pt"))
+    t4 = torch.load(fourth / "sd3-ckpt.pt", weights_only=True)
+    table = t1["transformer"]["pos_embed.pos_embed"]
+    assert t4["config"]["sd3_arch"]["pos_scale"] == 0.25 and torch.allclose(
+        t4["transformer"]["pos_embed.pos_embed"], 0.25 * table
+    )
+    from diffusers import SD3Transformer2DModel
+
+    from attnseg.train.embedded.sd3 import stage_export_sd3
+
+    out = stage_export_sd3(cfg4, tmp_path / "pipe4")
+    loaded = SD3Transformer2DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32)
+    assert torch.allclose(loaded.pos_embed.pos_embed, 0.25 * table, atol=1e-3)  # fp16 weights
     # From the command line a new run takes its caption mix from the run it starts from, not the default.
     from attnseg.train.embedded.command import main
 

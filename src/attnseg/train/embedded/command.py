@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> None:
         help="data stage: share of objects that wear an unnamed look (striped, dotted, ...; default 0; the later "
         "stages read it from the data)",
     )
+    p.add_argument(
+        "--pos-scale",
+        type=float,
+        default=SD3Arch.pos_scale,
+        help="sd3 stage, new runs (also from --init-ckpt): factor on the image tokens' position embedding (default 1, SD3's)",
+    )
     p.add_argument("--unet-channels", default=None, help="new runs: UNet width per level, e.g. 64,128 (default 64,128,128)")
     p.add_argument(
         "--cross-every-level",
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage == "export":
         stage_export(cfg, a.out or Path(cfg.work) / "pipeline")
     if a.stage == "sd3":
-        stage_sd3(cfg, SD3Arch(), a.max_minutes, a.init_from, a.init_ckpt)
+        stage_sd3(cfg, SD3Arch(pos_scale=a.pos_scale), a.max_minutes, a.init_from, a.init_ckpt)
     if a.stage == "export-sd3":
         stage_export_sd3(cfg, a.out or Path(cfg.work) / "pipeline-sd3")
 

@@ -83,6 +83,12 @@ class SD3Arch:
     the cross maps did not localise (T2 at 2,000 steps: cross baseline 8.2 mIoU); the UNet model's maps localised only
     once its padding tokens carried nothing (docs/EMBEDDED-MODEL-TRAINING.md)."""
 
+    pos_scale: float = 1.0
+    """Factor on the image tokens' sine-cosine position embedding (a saved buffer of the transformer, so the exported
+    pipeline runs unchanged). 1 is SD3's. With patch 1 a token's content is one latent pixel, 4 numbers, whose
+    projection is smaller than the position embedding (norms about 6 and 8 at T3's step 500), and the label maps of
+    runs T2 and T3 were the same pattern in every image (docs/EMBEDDED-MODEL-TRAINING.md)."""
+
     @property
     def width(self) -> int:
         return self.heads * self.head_dim
@@ -162,8 +168,8 @@ def stage_sd3(
 ) -> None:
     """Train (or resume) the transformer and its text encoders on ``WORK/latents.npz``; a new run starts from the
     embedded UNet model's text embeddings (``init_from``, a pipeline folder) or from another run's weights
-    (``init_ckpt``, its ``sd3-ckpt.pt``: its trained weights, not their EMA, and sizes from it, ``arch.pooled`` and
-    ``arch.mix_text`` from ``arch``; optimiser, EMA and step anew)."""
+    (``init_ckpt``, its ``sd3-ckpt.pt``: its trained weights, not their EMA, and sizes from it, ``arch.pooled``,
+    ``arch.mix_text`` and ``arch.pos_scale`` from ``arch``; optimiser, EMA and step anew)."""
     work = Path(cfg.work)
     torch.set_num_threads(cfg.threads)
     lat_d = np.load(work / "latents.npz")
@@ -177,8 +183,10 @@ def stage_sd3(
         arch = _arch_of(state["config"])
     elif init_ckpt:
         source = torch.load(init_ckpt, weights_only=True)
-        arch = replace(_arch_of(source["config"]), pooled=arch.pooled, mix_text=arch.mix_text)
+        arch = replace(_arch_of(source["config"]), pooled=arch.pooled, mix_text=arch.mix_text, pos_scale=arch.pos_scale)
     model = build_transformer(arch, latents.shape[-1], latents.shape[1])
+    positions = model.pos_embed.pos_embed.clone()  # SD3's sine-cosine table
+    model.pos_embed.pos_embed.mul_(arch.pos_scale)  # a run's own checkpoint, loaded below, holds the same
     if not arch.mix_text:
         freeze_text_stream(model)
     te1, te2 = build_text_encoders(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
@@ -206,6 +214,7 @@ def stage_sd3(
             disable_pooled(te2)
         if not arch.mix_text:
             freeze_text_stream(model)
+        model.pos_embed.pos_embed.copy_(positions * arch.pos_scale)
         for e, p in zip(ema, params, strict=True):
             e.copy_(p.detach())
         _log(work, {"stage": "sd3", "init_ckpt": str(init_ckpt), "from_step": int(source["step"]), "arch": asdict(arch)})
