@@ -65,3 +65,27 @@ def test_model_card_states_the_looks_and_from_which_step():
     line = looks_text(0.3, [{"stage": "data", "i": 0}, {"stage": "unet", "init_from": "shipped", "step": 18500}])
     assert "from step 18,500" in line and "30% of the objects" in line and "no caption names" in line
     assert "from step" not in looks_text(0.3, [])  # a run trained on looks from the start
+
+
+def test_shapes_personal_writes_photos_scenes_and_the_instances_pixels(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from attnseg.cli import app
+
+    r = CliRunner().invoke(
+        app, ["shapes", "personal", str(tmp_path), "--look", "striped", "--photos", "3", "--scenes", "2", "--colour", "red"]
+    )
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["photo_00.png", "photo_01.png", "photo_02.png"]
+    for k in range(2):
+        scene = np.array(Image.open(tmp_path / "scenes" / f"scene_{k:02d}.png")).astype(int)
+        truth = np.array(Image.open(tmp_path / "truth" / f"scene_{k:02d}.png")) == 1
+        assert truth.sum() > 20
+        # the instance is red with grey stripes: both colours among its pixels
+        pixels = scene[truth]
+        share = [(np.abs(pixels - c).max(-1) < 40).mean() for c in (PATTERN_COLOUR, np.array([220, 30, 35]))]
+        assert share[0] > 0.1 and share[1] > 0.2, share
+    assert "scene_01.png: the striped circle is red" in r.output
+    r = CliRunner().invoke(app, ["shapes", "personal", str(tmp_path / "x"), "--look", "plaid"])
+    assert r.exit_code == 2 and "unknown look" in r.output

@@ -924,6 +924,33 @@ def shapes_export(
     typer.echo(f"wrote {n} scenes to {out}")
 
 
+@shapes_app.command("personal")
+def shapes_personal(
+    out: Annotated[Path, typer.Argument(help="Output folder: photos/ to learn from, scenes/ to find it in, truth/ its masks.")],
+    look: Annotated[str, typer.Option(help="striped, dotted, two-tone, checkered or rimmed.")] = "striped",
+    shape: Annotated[str, typer.Option(help="The instance's shape (its class word).")] = "circle",
+    colour: Annotated[str | None, typer.Option(help="Always this colour (default: a different colour per photo).")] = None,
+    photos: Annotated[int, typer.Option(help="Training photos.")] = 8,
+    scenes: Annotated[int, typer.Option(help="Test scenes, each with the instance among other looks.")] = 4,
+    seed: Annotated[int, typer.Option(help="World seed of the scenes.")] = 7,
+) -> None:
+    """Write a personal instance (a shape with a look no word names) for `attnseg personalize` and `segment --concept`."""
+    from attnseg.shapes.personal import export_personal
+    from attnseg.shapes.world import COLOURS, SHAPES
+
+    if shape not in SHAPES or (colour is not None and colour not in COLOURS) or photos < 1 or scenes < 1:
+        _err(f"--shape is one of {', '.join(SHAPES)}, --colour one of {', '.join(COLOURS)}; --photos and --scenes >= 1")
+        raise typer.Exit(2)
+    try:
+        colours = export_personal(out, look, shape, photos, scenes, seed, colour)
+    except ValueError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {photos} photos to {out / 'photos'} and {scenes} scenes to {out / 'scenes'}")
+    for k, c in enumerate(colours):
+        typer.echo(f"  scene_{k:02d}.png: the {look} {shape} is {c}")
+
+
 @shapes_app.command("prompts")
 def shapes_prompts(
     out: Annotated[Path, typer.Argument(help="Prompts file to write (.jsonl: prompt and labels per line).")],

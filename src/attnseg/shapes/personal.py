@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -139,3 +140,34 @@ def test_scene(index: int, seed: int, shape: str, looks: tuple[str, ...] = LOOKS
         for k, (cx, cy, r) in zip(order, places, strict=True)
     ]
     return render(objs, rng, size)
+
+
+def export_personal(
+    out: Path, look: str, shape: str = "circle", photos: int = 8, scenes: int = 4, seed: int = 7, colour: str | None = None
+) -> list[str]:
+    """Write a personal instance's training photos (``out/photos/photo_NN.png``) and ``scenes`` test scenes that hold
+    exactly one object of it among other looks of ``shape`` (``out/scenes/scene_NN.png``; its pixels in
+    ``out/truth/scene_NN.png``: palette PNG, 1 = the instance), for ``attnseg personalize`` and ``segment --concept``.
+    With ``colour`` the instance always has that colour. Returns the scenes' colour words of the instance."""
+    from PIL import Image
+
+    from attnseg.io.images import palette_png
+
+    if look not in LOOKS:
+        raise ValueError(f"unknown look {look!r}; known looks: {', '.join(LOOKS)}")
+    for sub in ("photos", "scenes", "truth"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(training_photos(look, shape, photos, 0, colour=colour)):
+        Image.fromarray(im).save(out / "photos" / f"photo_{i:02d}.png")
+    colours, index = [], 0
+    while len(colours) < scenes:
+        sc = test_scene(index, seed, shape)
+        index += 1
+        mine = [q for q, o in enumerate(sc.objects) if o.look == look and colour in (None, o.obj.colour)]
+        if len(mine) != 1:
+            continue
+        k = len(colours)
+        Image.fromarray(sc.image).save(out / "scenes" / f"scene_{k:02d}.png")
+        palette_png((sc.instance == mine[0] + 1).astype(np.uint8)).save(out / "truth" / f"scene_{k:02d}.png")
+        colours.append(sc.objects[mine[0]].obj.colour)
+    return colours
