@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,20 @@ def read_meta(meta_path: Path) -> dict | None:
         return json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def records(meta_path: Path, method: str, labels: Sequence[str], model: str, settings: Mapping) -> bool:
+    """True when ``meta_path`` records ``method`` run on ``labels`` with ``model`` and every one of ``settings``."""
+    meta = read_meta(meta_path)
+    if meta is None:
+        return False
+    st = meta.get("settings", {})
+    return (
+        meta.get("method") == method
+        and meta.get("labels") == list(labels)
+        and meta.get("model") == model
+        and all(st.get(k) == v for k, v in settings.items())
+    )
 
 
 def is_done(meta_path: Path, labels: Sequence[str] | None, method: str, preset, model: str, seed: int, crf: bool, draws) -> bool:

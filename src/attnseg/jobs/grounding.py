@@ -14,7 +14,7 @@ from pathlib import Path
 from attnseg.grounder import Grounder
 from attnseg.io.images import ImageError, list_images, load_image
 from attnseg.io.labels import labels_for, load_labels_file
-from attnseg.io.outputs import read_meta, write_outputs
+from attnseg.io.outputs import records, write_outputs
 
 
 def segment_grounding_paths(
@@ -48,7 +48,7 @@ def segment_grounding_paths(
         seen[path.stem] = path
         try:
             labs = labels_for(path, labels, table)
-            if _is_done(out / f"{path.stem}.json", labs, model, request):
+            if records(out / f"{path.stem}.json", "grounding", labs, model, request):
                 skipped.append(str(path))
                 continue
             image = load_image(path)
@@ -59,17 +59,3 @@ def segment_grounding_paths(
         write_outputs(out, path.stem, image, res, model, str(path))
         done.append(str(path))
     return done, skipped, failed
-
-
-def _is_done(meta_path: Path, labels: Sequence[str], model: str, request: dict) -> bool:
-    """True when ``meta_path`` records this very request: labels, model, and every setting of ``request``."""
-    meta = read_meta(meta_path)
-    if meta is None:
-        return False
-    st = meta.get("settings", {})
-    return (
-        meta.get("method") == "grounding"
-        and meta.get("labels") == list(labels)
-        and meta.get("model") == model
-        and all(st.get(k) == v for k, v in request.items())
-    )

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from attnseg.io.images import ImageError, list_images, load_image
-from attnseg.io.outputs import read_meta, write_outputs
+from attnseg.io.outputs import records, write_outputs
 from attnseg.methods.personal import PersonalConfig
 
 
@@ -46,7 +46,7 @@ def segment_personal_paths(
                 on_error(str(path), f"same file name stem as {seen[path.stem]}; outputs would collide, rename one of them")
             continue
         seen[path.stem] = path
-        if _is_done(out / f"{path.stem}.json", queries, predictor.model_name, request):
+        if records(out / f"{path.stem}.json", "personal", queries, predictor.model_name, request):
             skipped.append(str(path))
             continue
         try:
@@ -61,17 +61,3 @@ def segment_personal_paths(
         write_outputs(out, path.stem, image, res, predictor.model_name, str(path))
         done.append(str(path))
     return done, skipped, failed
-
-
-def _is_done(meta_path: Path, queries: Sequence[str], model: str, request: dict) -> bool:
-    """True when ``meta_path`` records this very request: queries, model, and every setting of ``request``."""
-    meta = read_meta(meta_path)
-    if meta is None:
-        return False
-    st = meta.get("settings", {})
-    return (
-        meta.get("method") == "personal"
-        and meta.get("labels") == list(queries)
-        and meta.get("model") == model
-        and all(st.get(k) == v for k, v in request.items())
-    )
