@@ -350,7 +350,9 @@ def _family_backbone(family: str, dtype: torch.dtype):
 
         tr = SD3Transformer2DModel(**SD3_TRANSFORMER).to(dtype).eval()
         bb = SD3Backbone(SimpleNamespace(transformer=tr, vae_scale_factor=8, text_encoder_3=object()), "sd3-shaped")
-        text = TextStates(torch.randn((1, 77 + 256, 4096), dtype=dtype), {"pooled_projections": torch.randn((1, 2048), dtype=dtype)})
+        text = TextStates(
+            torch.randn((1, 77 + 256, 4096), dtype=dtype), {"pooled_projections": torch.randn((1, 2048), dtype=dtype)}
+        )
         return bb, torch.randn((1, 16, 128, 128), dtype=dtype), text
     if family == "flux":
         from diffusers import FluxPipeline, FluxTransformer2DModel
