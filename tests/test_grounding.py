@@ -401,3 +401,5 @@ def test_attnseg_segment_method_grounding_writes_the_modules_label_map(tmp_path)
     assert r.exit_code == 2 and "no presets" in r.output
     r = CliRunner().invoke(app, [*args, "--module", str(tmp_path / "m"), "--out", str(tmp_path / "o3")])
     assert r.exit_code == 2 and "--method grounding" in r.output
+    r = CliRunner().invoke(app, [*args, "--method", "grounding", "--draws", "2", "--out", str(tmp_path / "o4")])
+    assert r.exit_code == 2 and "drop --draws" in r.output and not (tmp_path / "o4").exists()

@@ -167,6 +167,16 @@ def segment(
         _segment_personal(inputs, labels, concept or [], class_word, model, out, seed, device, dtype, method, crf, preset)
         return
     if method == "grounding":
+        unused = {
+            "--vocabulary": vocabulary or vocabulary_file,
+            "--point / --box / --scribble / --name": point or box or scribble or name,
+            "--draws": draws is not None,
+            "--engine ray": engine != "local",
+        }
+        if any(unused.values()):
+            given = ", ".join(k for k, v in unused.items() if v)
+            _err(f"--method grounding reads its labels from --labels / --labels-file, one image at a time: drop {given}")
+            raise typer.Exit(2)
         _segment_grounding(inputs, labels, labels_file, module, model, out, seed, crf, device, dtype, preset)
         return
     if module is not None:
