@@ -143,3 +143,60 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
         (third / name).symlink_to(first / name)
     main(["sd3", "--work", str(third), "--init-ckpt", str(first / "sd3-ckpt.pt"), "--steps", "1", "--threads", "1"])
     assert torch.load(third / "sd3-ckpt.pt", weights_only=True)["config"]["colour_prob"] == 0.3
+    # --layers grows the source run's transformer, whose position scale it keeps; a run without a source cannot grow.
+    grown = tmp_path / "t5"
+    grown.mkdir()
+    for name in ("latents.npz", "scenes.npz", "vae.pt"):
+        (grown / name).symlink_to(first / name)
+    main(
+        [
+            "sd3",
+            "--work",
+            str(grown),
+            "--init-ckpt",
+            str(fourth / "sd3-ckpt.pt"),
+            "--layers",
+            "3",
+            "--steps",
+            "1",
+            "--threads",
+            "1",
+        ]
+    )
+    t5 = torch.load(grown / "sd3-ckpt.pt", weights_only=True)
+    assert t5["config"]["sd3_arch"]["layers"] == 3 and "transformer_blocks.2.norm1.linear.weight" in t5["transformer"]
+    assert t5["config"]["sd3_arch"]["pos_scale"] == 0.25
+    assert torch.allclose(t5["transformer"]["pos_embed.pos_embed"], 0.25 * table)
+    with pytest.raises(ValueError, match="--init-ckpt"):
+        main(["sd3", "--work", str(tmp_path / "t6"), "--layers", "3", "--steps", "1", "--threads", "1"])
+
+
+def test_a_grown_transformer_computes_what_its_source_did_until_it_trains():
+    from attnseg.train.embedded.sd3 import SD3Arch, build_transformer, freeze_text_stream, grow_blocks
+
+    torch.manual_seed(0)
+    small = build_transformer(SD3Arch(layers=2), 8, 4)
+    with torch.no_grad():  # a trained-looking source: non-zero gates everywhere
+        for p in small.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    freeze_text_stream(small)
+    big = build_transformer(SD3Arch(layers=5), 8, 4)
+    freeze_text_stream(big)
+    grow_blocks(big, small.state_dict(), 2)
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 8, 8),
+        encoder_hidden_states=torch.randn(2, 77, 256),
+        pooled_projections=torch.randn(2, 128),
+        timestep=torch.tensor([400.0, 700.0]),
+    )
+    with torch.no_grad():
+        want, got = small(**inputs).sample, big(**inputs).sample
+    assert want.abs().mean() > 0.01 and torch.allclose(want, got, atol=1e-5)
+    # The source's last block is the grown model's last; the first keeps its place.
+    for i, j in ((0, 0), (1, 4)):
+        assert torch.equal(small.transformer_blocks[i].attn.to_q.weight, big.transformer_blocks[j].attn.to_q.weight)
+    # The new blocks' gates can train: the loss reaches them.
+    big(**inputs).sample.pow(2).mean().backward()
+    assert big.transformer_blocks[2].norm1.linear.weight.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="more layers"):
+        grow_blocks(small, big.state_dict(), 5)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from attnseg.train.embedded import train
-from attnseg.train.embedded.sd3 import CKPT, SD3Arch, stage_export_sd3, stage_sd3
+from attnseg.train.embedded.sd3 import CKPT, SD3Arch, _arch_of, stage_export_sd3, stage_sd3
 from attnseg.train.embedded.train import (
     TrainConfig,
     _checkpoint_config,
@@ -68,8 +68,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--pos-scale",
         type=float,
-        default=SD3Arch.pos_scale,
-        help="sd3 stage, new runs (also from --init-ckpt): factor on the image tokens' position embedding (default 1, SD3's)",
+        default=None,
+        help="sd3 stage, new runs (also from --init-ckpt): factor on the image tokens' position embedding (default: "
+        "the --init-ckpt run's, else 1, SD3's)",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="sd3 stage with --init-ckpt: grow the source's transformer to this many blocks, the new ones inserted "
+        "before its last block as identities (default: the source's depth)",
     )
     p.add_argument("--unet-channels", default=None, help="new runs: UNet width per level, e.g. 64,128 (default 64,128,128)")
     p.add_argument(
@@ -107,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage == "export":
         stage_export(cfg, a.out or Path(cfg.work) / "pipeline")
     if a.stage == "sd3":
-        stage_sd3(cfg, SD3Arch(pos_scale=a.pos_scale), a.max_minutes, a.init_from, a.init_ckpt)
+        pos_scale = a.pos_scale if a.pos_scale is not None else _arch_of(source or {}).pos_scale
+        stage_sd3(cfg, SD3Arch(pos_scale=pos_scale), a.max_minutes, a.init_from, a.init_ckpt, grow_to=a.layers)
     if a.stage == "export-sd3":
         stage_export_sd3(cfg, a.out or Path(cfg.work) / "pipeline-sd3")
 

@@ -138,6 +138,34 @@ def freeze_text_stream(model) -> None:
             layer.bias.requires_grad_(False)
 
 
+def grow_blocks(model, source: dict[str, torch.Tensor], source_layers: int) -> None:
+    """Load a transformer of ``source_layers`` blocks (its state dict ``source``) into ``model``, which has more: the
+    source's last block stays the last (it alone computes no text output), the others keep their places, and the
+    blocks in between are new and start as identities for the image tokens (AdaLN-zero: their attention and
+    feed-forward gates, rows 3 and 6 of ``norm1.linear``, are zero, as DiT initialises every block). The text tokens
+    pass through them unchanged once :func:`freeze_text_stream` has run."""
+    layers = len(model.transformer_blocks)
+    if source_layers >= layers:
+        raise ValueError(f"cannot grow {source_layers} blocks into {layers}: ask for more layers than the source has")
+    moved = {}
+    for key, value in source.items():
+        if key.startswith(f"transformer_blocks.{source_layers - 1}."):
+            key = key.replace(f"transformer_blocks.{source_layers - 1}.", f"transformer_blocks.{layers - 1}.", 1)
+        moved[key] = value
+    new_blocks = [f"transformer_blocks.{i}." for i in range(source_layers - 1, layers - 1)]
+    missing = [k for k in model.state_dict() if k not in moved]
+    if any(not k.startswith(tuple(new_blocks)) for k in missing):
+        raise ValueError(f"the source transformer differs in more than its depth (missing: {missing[:3]})")
+    model.load_state_dict(moved, strict=False)
+    width = model.transformer_blocks[0].norm1.linear.out_features // 6
+    with torch.no_grad():
+        for i in range(source_layers - 1, layers - 1):
+            linear = model.transformer_blocks[i].norm1.linear
+            for row in (2, 5):  # gate_msa, gate_mlp in AdaLayerNormZero's order
+                linear.weight[row * width : (row + 1) * width] = 0
+                linear.bias[row * width : (row + 1) * width] = 0
+
+
 def disable_pooled(te) -> None:
     """Zero and freeze ``te``'s pooled projection (see :attr:`SD3Arch.pooled`)."""
     with torch.no_grad():
@@ -164,12 +192,20 @@ def _arch_of(config: dict) -> SD3Arch:
 
 
 def stage_sd3(
-    cfg: TrainConfig, arch: SD3Arch, max_minutes: float | None = None, init_from: str | None = None, init_ckpt: str | None = None
+    cfg: TrainConfig,
+    arch: SD3Arch,
+    max_minutes: float | None = None,
+    init_from: str | None = None,
+    init_ckpt: str | None = None,
+    grow_to: int | None = None,
 ) -> None:
     """Train (or resume) the transformer and its text encoders on ``WORK/latents.npz``; a new run starts from the
     embedded UNet model's text embeddings (``init_from``, a pipeline folder) or from another run's weights
     (``init_ckpt``, its ``sd3-ckpt.pt``: its trained weights, not their EMA, and sizes from it, ``arch.pooled``,
-    ``arch.mix_text`` and ``arch.pos_scale`` from ``arch``; optimiser, EMA and step anew)."""
+    ``arch.mix_text`` and ``arch.pos_scale`` from ``arch``; optimiser, EMA and step anew). ``grow_to``: with
+    ``init_ckpt``, that many blocks, the new ones inserted before the last as identities (:func:`grow_blocks`)."""
+    if grow_to is not None and not init_ckpt:
+        raise ValueError("growing the transformer (--layers) needs a run that starts from another one's --init-ckpt")
     work = Path(cfg.work)
     torch.set_num_threads(cfg.threads)
     lat_d = np.load(work / "latents.npz")
@@ -184,6 +220,9 @@ def stage_sd3(
     elif init_ckpt:
         source = torch.load(init_ckpt, weights_only=True)
         arch = replace(_arch_of(source["config"]), pooled=arch.pooled, mix_text=arch.mix_text, pos_scale=arch.pos_scale)
+        source_layers = arch.layers
+        if grow_to is not None:
+            arch = replace(arch, layers=grow_to)
     model = build_transformer(arch, latents.shape[-1], latents.shape[1])
     positions = model.pos_embed.pos_embed.clone()  # SD3's sine-cosine table
     model.pos_embed.pos_embed.mul_(arch.pos_scale)  # a run's own checkpoint, loaded below, holds the same
@@ -204,9 +243,13 @@ def stage_sd3(
         step, warm_from, decay_from = int(state["step"]), int(state["warm_from"]), state["decay_from"]
         _log(work, {"stage": "sd3", "resumed_at": step, "colour_prob": cfg.colour_prob, "lr_decay_steps": cfg.lr_decay_steps})
         if init_ckpt or init_from:  # a run resumes from its own checkpoint; say so rather than start anew
-            _log(work, {"stage": "sd3", "ignored": {"init_ckpt": init_ckpt, "init_from": init_from}, "why": "resuming"})
+            ignored = {"init_ckpt": init_ckpt, "init_from": init_from, "grow_to": grow_to}
+            _log(work, {"stage": "sd3", "ignored": ignored, "why": "resuming"})
     elif init_ckpt:
-        model.load_state_dict(source["transformer"])
+        if arch.layers > source_layers:
+            grow_blocks(model, source["transformer"], source_layers)
+        else:
+            model.load_state_dict(source["transformer"])
         te1.load_state_dict(source["text_encoder"])
         te2.load_state_dict(source["text_encoder_2"])
         if not arch.pooled:
@@ -217,7 +260,16 @@ def stage_sd3(
         model.pos_embed.pos_embed.copy_(positions * arch.pos_scale)
         for e, p in zip(ema, params, strict=True):
             e.copy_(p.detach())
-        _log(work, {"stage": "sd3", "init_ckpt": str(init_ckpt), "from_step": int(source["step"]), "arch": asdict(arch)})
+        _log(
+            work,
+            {
+                "stage": "sd3",
+                "init_ckpt": str(init_ckpt),
+                "from_step": int(source["step"]),
+                "arch": asdict(arch),
+                "source_layers": source_layers,
+            },
+        )
     elif init_from:
         # The embedded UNet model's trained token and position embeddings (its encoder has no layers to copy).
         from transformers import CLIPTextModel
