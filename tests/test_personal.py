@@ -302,6 +302,15 @@ def test_benchmark_scenes_hold_their_distractors():
     assert set(np.unique(a.instance)) == set(range(len(a.objects) + 1))
     o = a.objects[0]
     assert o.query("context_only") .count("<") == 0 and o.query("subject_only").count(o.obj.colour) == 0
+    assert o.query("look_words").split()[-3:] == [o.obj.colour, o.look, o.obj.shape] and "<" not in o.query("look_words")
+
+
+def test_the_table_shows_the_look_words_row_once():
+    from attnseg.train.personal_bench import ROWS, markdown
+
+    split = {s: {"miou": 10.0, "bf_acc": 20.0, "af_acc": 30.0, "n": 4} for s in ("all", "semantic", "visual")}
+    table = markdown({"textual-inversion": {row: split for row in ROWS}, "look_words": split})
+    assert table.count("| none | look_words | 10.0 | 20.0 | 30.0 |") == 1 and table.count("| textual-inversion |") == 3
 
 
 def test_summarise_by_hand():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from attnseg.shapes.world import LOOKS, PATTERN_COLOUR, SceneObject, ShapesWorldConfig, make_scene, render_coverage
 
@@ -58,6 +59,46 @@ def test_training_data_records_its_look_share_and_refuses_another(tmp_path):
     stage_data(TrainConfig(work=str(tmp_path), n_scenes=6, look_prob=0.5))  # the same data: nothing to do
 
 
+def test_training_data_keeps_each_objects_look_and_older_data_gets_them_replayed(tmp_path):
+    from attnseg.train.embedded.train import TRAIN_SEED, TrainConfig, _load_scenes, make_scene, stage_data
+
+    cfg = TrainConfig(work=str(tmp_path), n_scenes=8, look_prob=0.5)
+    stage_data(cfg)
+    made = _load_scenes(tmp_path)
+    world = ShapesWorldConfig(look_prob=0.5)
+    want = [[o.look for o in make_scene(TRAIN_SEED, i, world).objects] for i in range(8)]
+    got = [
+        [LOOKS[k] if k >= 0 else None for k, (c, _) in zip(made["looks"][i], made["objects"][i], strict=True) if c >= 0]
+        for i in range(8)
+    ]
+    assert got == want and any(look is not None for row in want for look in row)
+    # Data made before the looks were stored: the data stage adds them, the rest unchanged.
+    np.savez(tmp_path / "scenes.npz", **{k: v for k, v in made.items() if k != "looks"})
+    stage_data(cfg)
+    again = _load_scenes(tmp_path)
+    assert np.array_equal(again["looks"], made["looks"]) and np.array_equal(again["images"], made["images"])
+
+
+def test_captions_name_looks_only_when_asked_and_otherwise_draw_what_they_drew():
+    from attnseg.shapes.world import caption
+    from attnseg.train.embedded.train import _caption_batch
+
+    objs = [SceneObject("red", "circle", 0, 0, 1, 0, look="striped"), SceneObject("blue", "star", 0, 0, 1, 0)]
+    plain = [SceneObject("red", "circle", 0, 0, 1, 0), SceneObject("blue", "star", 0, 0, 1, 0)]
+    for seed in range(20):
+        assert caption(objs, np.random.default_rng(seed)) == caption(plain, np.random.default_rng(seed))
+    named = [caption(objs, np.random.default_rng(seed), colour_prob=1.0, look_word_prob=1.0) for seed in range(5)]
+    assert all("red striped circle" in c and "blue star" in c for c in named), named
+    half = [caption(objs, np.random.default_rng(seed), colour_prob=0.0, look_word_prob=0.5) for seed in range(40)]
+    assert 5 < sum("striped circle" in c for c in half) < 35 and all("star" in c for c in half)
+    rows = np.array([[[0, 0], [1, 1], [-1, -1]]], np.int16)
+    with pytest.raises(ValueError, match="train-toy data"):
+        _caption_batch(rows, np.random.default_rng(0), 0.0, 1.0, None, 0.5)
+    looks = np.array([[LOOKS.index("dotted"), -1, -1]], np.int8)
+    (cap,) = _caption_batch(rows, np.random.default_rng(0), 0.0, 1.0, looks, 1.0)
+    assert "dotted" in cap and cap.count("dotted") == 1
+
+
 def test_model_card_states_the_looks_and_from_which_step():
     from attnseg.train.embedded.release import looks_text
 
@@ -65,6 +106,7 @@ def test_model_card_states_the_looks_and_from_which_step():
     line = looks_text(0.3, [{"stage": "data", "i": 0}, {"stage": "unet", "init_from": "shipped", "step": 18500}])
     assert "from step 18,500" in line and "30% of the objects" in line and "no caption names" in line
     assert "from step" not in looks_text(0.3, [])  # a run trained on looks from the start
+    assert "50% of the captions name" in looks_text(0.3, [], look_word_prob=0.5)
 
 
 def test_shapes_personal_writes_photos_scenes_and_the_instances_pixels(tmp_path):

@@ -41,7 +41,11 @@ class PersonalObject:
 
     def query(self, kind: str = "attnseg") -> str:
         """Its referring phrase: ``attnseg`` "a red <striped> circle" (context and subject), ``subject_only``
-        "a <striped> circle", ``context_only`` "a red circle" (T2M section 5.3's baselines)."""
+        "a <striped> circle", ``context_only`` "a red circle" (T2M section 5.3's baselines); ``look_words`` "a red
+        striped circle" (the look said in words, no learned token: what a model whose captions named the looks can
+        do when told)."""
+        if kind == "look_words":
+            return f"a {self.obj.colour} {self.look} {self.obj.shape}".replace("a orange", "an orange")
         subject = {"attnseg": True, "subject_only": True, "context_only": False}[kind]
         context = kind != "subject_only"
         words = ["a"] + ([self.obj.colour] if context else []) + ([token_of(self.look)] if subject else []) + [self.obj.shape]

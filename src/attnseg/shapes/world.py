@@ -2,8 +2,10 @@
 
 Scenes hold 1-3 coloured shapes on a calm background. Every scene is a pure function of
 ``(seed, index)``, so a split is reproducible and held-out scenes are simply other seeds. An object may wear a
-*look* (:data:`LOOKS`, a grey pattern over its body) that no caption names: the personalized segmentation
-benchmark's instances are such objects, and a world with ``look_prob`` > 0 shows them to the model in training.
+*look* (:data:`LOOKS`, a grey pattern over its body) that scene captions do not name: the personalized segmentation
+benchmark's instances are such objects, and a world with ``look_prob`` > 0 shows them to the model in training, where
+a caption may name a look by its word (``caption(..., look_word_prob=...)``) so that the model's text pathway has a
+direction for each look, as Stable Diffusion has for "striped" or "dotted".
 
 Classes of the semantic mask: 0 = background, ``SHAPES.index(shape) + 1`` for each shape.
 """
@@ -90,7 +92,7 @@ class SceneObject:
     radius: float
     angle: float
     look: str | None = None
-    """One of :data:`LOOKS`, or plain; never named by captions."""
+    """One of :data:`LOOKS`, or plain; named by a caption only when it asks (``look_word_prob``)."""
 
     @property
     def phrase(self) -> str:
@@ -346,13 +348,22 @@ def caption(
     rng: np.random.Generator,
     colour_prob: float = 0.8,
     templates: tuple[tuple[str, str, str], ...] = CAPTION_TEMPLATES,
+    look_word_prob: float = 0.0,
 ) -> str:
     """A caption naming every object, in random order, from a random template.
 
-    Each object is named "colour shape" with probability ``colour_prob``, else by its shape alone.
+    Each object is named "colour shape" with probability ``colour_prob``, else by its shape alone. An object that wears
+    a look has its look's name put before its shape ("red striped circle") with probability ``look_word_prob``; at 0
+    (the default) nothing more is drawn from ``rng``, so captions are those of a world without look words.
     """
     order = rng.permutation(len(objects))
-    phrases = [objects[i].phrase if rng.random() < colour_prob else objects[i].shape for i in order]
+    phrases = []
+    for i in order:
+        o = objects[i]
+        words = [o.colour] if rng.random() < colour_prob else []
+        if o.look is not None and look_word_prob > 0 and rng.random() < look_word_prob:
+            words.append(o.look)
+        phrases.append(" ".join([*words, o.shape]))
     prefix, joiner, suffix = templates[int(rng.integers(len(templates)))]
     if len(phrases) <= 2:
         body = joiner.join(phrases)

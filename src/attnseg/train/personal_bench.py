@@ -4,8 +4,10 @@ Builds the benchmark of :mod:`attnseg.shapes.personal` (deterministic by seed), 
 learning method (:mod:`attnseg.train.personalize`; a concept already in the folder is kept, so a killed run resumes),
 then segments every test scene three ways, as T2M's Table 7 does: ``attnseg`` ("a red <striped> circle": the learned
 token and the context), ``subject_only`` ("a <striped> circle") and ``context_only`` ("a red circle"), all with the
-same region, segments and assignment. Writes ``personal.json``
-``{learning method: {row: {split: {"miou", "bf_acc", "af_acc"}}}, "settings": {...}}`` (percent) and ``personal.md``.
+same region, segments and assignment; and, learning nothing, ``look_words`` ("a red striped circle": the look said in
+the words that training captions may use for it, an upper baseline for a model that learned them). Writes
+``personal.json`` ``{learning method: {row: {split: {"miou", "bf_acc", "af_acc"}}}, "look_words": {split: {...}},
+"settings": {...}}`` (percent) and ``personal.md``.
 
 Layout of ``out``: ``photos/<look>/NN.png`` (the training photos), ``scenes/NNNN.png`` (the test images),
 ``concepts/<method>/<look>.safetensors`` (with their sample grids), ``personal.json``, ``personal.md``.
@@ -143,6 +145,9 @@ def markdown(results: dict) -> str:
         for row in ROWS:
             cells = [results[method][row][s][k] for s in SPLITS for k in ("miou", "bf_acc", "af_acc")]
             lines.append(f"| {method} | {row} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+    if "look_words" in results:
+        cells = [results["look_words"][s][k] for s in SPLITS for k in ("miou", "bf_acc", "af_acc")]
+        lines.append("| none | look_words | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     n = next(iter(v for k, v in results.items() if k in METHODS))["attnseg"]
     lines.append("")
     lines.append(f"Instances: all {n['all']['n']}, semantic {n['semantic']['n']}, visual {n['visual']['n']}.")
@@ -168,6 +173,15 @@ def run_personal_bench(
     scenes = build_benchmark(out, cfg)
     results: dict = {}
     timing: dict = {}
+    t0 = time.time()
+    predictor = make()
+    records_words: list[dict] = []
+    for i, sc in enumerate(scenes):
+        records_words.extend(score_scene(predictor, sc, "look_words", cfg, cfg.seed + i))
+        if progress:
+            progress("segmenting (look words)", i + 1, len(scenes))
+    results["look_words"] = summarise(records_words)
+    timing["look_words"] = {"segment_s": round(time.time() - t0, 1)}
     for method in cfg.methods:
         t0 = time.time()
         files = []

@@ -66,6 +66,13 @@ def main(argv: list[str] | None = None) -> None:
         "stages read it from the data)",
     )
     p.add_argument(
+        "--look-word-prob",
+        type=float,
+        default=None,
+        help="unet / sd3 stages: probability that a caption names the look of an object that wears one ('red striped "
+        "circle'; default: as resumed, else as in the --init-ckpt run, else 0)",
+    )
+    p.add_argument(
         "--pos-scale",
         type=float,
         default=None,
@@ -99,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     source = _ckpt_config(a.init_ckpt) if resumed is None and a.init_ckpt else None
     cfg.colour_prob = (
         a.colour_prob if a.colour_prob is not None else (resumed or source or {}).get("colour_prob", cfg.colour_prob)
+    )
+    cfg.look_word_prob = (
+        a.look_word_prob if a.look_word_prob is not None else (resumed or source or {}).get("look_word_prob", 0.0)
     )
     cfg.lr_decay_steps = _lr_decay_steps(resumed, a.lr_decay_steps)
     continued = resumed if resumed is not None else _source_layout(a.init_from, a.init_ckpt)

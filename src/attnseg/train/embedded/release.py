@@ -157,9 +157,9 @@ def caption_history(runs: list[tuple[int, float]]) -> str:
     return "- Caption mix by phase (share of objects named by colour and shape): " + "; ".join(parts) + ".\n"
 
 
-def looks_text(look_prob: float, run_log: list[dict]) -> str:
-    """The card's line on the training data's unnamed looks (empty without them); ``run_log`` is the log of the run
-    whose data had them, which says at which step it started."""
+def looks_text(look_prob: float, run_log: list[dict], look_word_prob: float = 0.0) -> str:
+    """The card's line on the training data's looks (empty without them); ``run_log`` is the log of the run whose
+    data had them, which says at which step it started; ``look_word_prob``, how often its captions named them."""
     if look_prob <= 0:
         return ""
     start = next((r["step"] for r in run_log if r.get("stage") == "unet" and ("init_from" in r or "init_ckpt" in r)), 0)
@@ -168,9 +168,14 @@ def looks_text(look_prob: float, run_log: list[dict]) -> str:
         if start
         else f"{100 * look_prob:.0f}%"
     )
+    named = (
+        f"that {100 * look_word_prob:.0f}% of the captions name (\"a red striped circle\")"
+        if look_word_prob > 0
+        else "that no caption names"
+    )
     return (
         f"- Looks: {when} of the objects wear one of ShapesWorld's five looks (a grey pattern: striped, dotted, "
-        "two-tone, checkered or rimmed)\n  that no caption names, so that a personal concept of such a look can be "
+        f"two-tone, checkered or rimmed)\n  {named}, so that a personal concept of such a look can be "
         "learned (`attnseg personalize`).\n"
     )
 
@@ -379,7 +384,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         )
     runs = _run_summaries(works[unet_origin(logs) :])
     history += caption_history([(r["step"], r["colour_prob"]) for r in runs])
-    history += looks_text(float(cfg.get("look_prob", 0.0)), logs[-1])
+    history += looks_text(float(cfg.get("look_prob", 0.0)), logs[-1], float(cfg.get("look_word_prob", 0.0)))
     vae_log = [r for r in log if r.get("stage") == "vae" and "psnr" in r]
     unet_log = [r for r in log if r.get("stage") == "unet" and "loss" in r]
     busy = busy_seconds(log)

@@ -43,6 +43,7 @@ from attnseg.train.embedded.train import (
     _load_scenes,
     _load_vae,
     _log,
+    _looks_of,
     _stop_requests,
     _tokenize,
     learning_rate,
@@ -211,7 +212,8 @@ def stage_sd3(
     lat_d = np.load(work / "latents.npz")
     latents, obj_frac = lat_d["latents"], lat_d["object_frac"]
     scale = float(lat_d["scaling_factor"])
-    objs = _load_scenes(work)["objects"]
+    scenes = {k: v for k, v in _load_scenes(work).items() if k in ("objects", "looks")}
+    objs = scenes["objects"]
     tok = build_tokenizer(ToyArch.max_length)
     ck = work / CKPT
     if ck.exists():
@@ -241,7 +243,16 @@ def stage_sd3(
         for e, s in zip(ema, state["ema"], strict=True):
             e.copy_(s)
         step, warm_from, decay_from = int(state["step"]), int(state["warm_from"]), state["decay_from"]
-        _log(work, {"stage": "sd3", "resumed_at": step, "colour_prob": cfg.colour_prob, "lr_decay_steps": cfg.lr_decay_steps})
+        _log(
+            work,
+            {
+                "stage": "sd3",
+                "resumed_at": step,
+                "colour_prob": cfg.colour_prob,
+                "look_word_prob": cfg.look_word_prob,
+                "lr_decay_steps": cfg.lr_decay_steps,
+            },
+        )
         if init_ckpt or init_from:  # a run resumes from its own checkpoint; say so rather than start anew
             ignored = {"init_ckpt": init_ckpt, "init_from": init_from, "grow_to": grow_to}
             _log(work, {"stage": "sd3", "ignored": ignored, "why": "resuming"})
@@ -310,7 +321,9 @@ def stage_sd3(
             idx = rng.integers(0, len(latents), cfg.batch)
             z0 = torch.from_numpy(latents[idx].astype(np.float32)) * scale
             of = torch.from_numpy(obj_frac[idx].astype(np.float32))[:, None]
-            caps = _caption_batch(objs[idx], rng, cfg.empty_caption_prob, cfg.colour_prob)
+            caps = _caption_batch(
+                objs[idx], rng, cfg.empty_caption_prob, cfg.colour_prob, _looks_of(scenes, idx), cfg.look_word_prob
+            )
             g = torch.Generator().manual_seed(int(rng.integers(2**62)))
             noise = torch.randn(z0.shape, generator=g)
             s = torch.sigmoid(torch.randn((cfg.batch,), generator=g))  # logit-normal (SD3's sampling of s)

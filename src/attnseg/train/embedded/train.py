@@ -38,7 +38,7 @@ import numpy as np
 from attnseg.diffusion.loading import PROFILE_FILE
 from attnseg.io.files import atomic_torch_save
 from attnseg.methods.registry import REGISTRY
-from attnseg.shapes.world import COLOURS, SHAPES, SceneObject, ShapesWorldConfig, caption, make_scene
+from attnseg.shapes.world import COLOURS, LOOKS, SHAPES, SceneObject, ShapesWorldConfig, caption, make_scene
 from attnseg.train.embedded.arch import ToyArch, build_scheduler, build_text_encoder, build_unet, build_vae
 from attnseg.train.embedded.tokenizer import build_tokenizer
 
@@ -72,6 +72,9 @@ class TrainConfig:
     look_prob: float = 0.0
     """Share of the data's objects that wear one of ShapesWorld's unnamed looks (``ShapesWorldConfig.look_prob``): a
     model that has drawn them can learn a personal concept of one."""
+    look_word_prob: float = 0.0
+    """Probability that a caption names the look of an object that wears one ("red striped circle"; see
+    ``attnseg.shapes.world.caption``); 0 never names looks."""
     lr_decay_steps: int = 0
     """If > 0: cosine decay of the learning rate to ``lr_floor`` x lr over this many steps, counted from the step
     at which the decay was first asked for (kept in the checkpoint as ``decay_from``); 0 keeps lr constant."""
@@ -119,13 +122,35 @@ def stage_data(cfg: TrainConfig) -> None:
     if made is not None:
         if made != cfg.look_prob:
             raise ValueError(f"{out} was made with --look-prob {made}, not {cfg.look_prob}: use another --work folder")
+        with np.load(out) as d:  # data of before the looks were stored: replay the scenes for them
+            data = {k: d[k] for k in d.files} if made > 0 and "looks" not in d.files else None
+        if data is not None:
+            data["looks"] = _replay(work, cfg, len(data["images"]))[4]
+            _save_scenes(work, data)
         return
+    images, semantic, instance, objs, looks = _replay(work, cfg, cfg.n_scenes)
+    _save_scenes(
+        work,
+        {
+            "images": images,
+            "semantic": semantic,
+            "instance": instance,
+            "objects": objs,
+            "looks": looks,
+            "look_prob": cfg.look_prob,
+        },
+    )
+
+
+def _replay(work: Path, cfg: TrainConfig, n: int) -> tuple[np.ndarray, ...]:
+    """Render the ``n`` training scenes: images, semantic and instance masks, objects (colour index, shape index; -1
+    pads) and looks (index into ``LOOKS``; -1 plain or pad)."""
     world = ShapesWorldConfig(look_prob=cfg.look_prob)
-    n = cfg.n_scenes
     images = np.zeros((n, world.size, world.size, 3), np.uint8)
     semantic = np.zeros((n, world.size, world.size), np.uint8)
     instance = np.zeros((n, world.size, world.size), np.uint8)
-    objs = np.full((n, world.max_objects, 2), -1, np.int16)  # (colour idx, shape idx)
+    objs = np.full((n, world.max_objects, 2), -1, np.int16)
+    looks = np.full((n, world.max_objects), -1, np.int8)
     colours = list(COLOURS)
     t0 = time.time()
     for i in range(n):
@@ -133,11 +158,16 @@ def stage_data(cfg: TrainConfig) -> None:
         images[i], semantic[i], instance[i] = sc.image, sc.semantic, sc.instance
         for j, o in enumerate(sc.objects):
             objs[i, j] = (colours.index(o.colour), SHAPES.index(o.shape))
+            looks[i, j] = LOOKS.index(o.look) if o.look is not None else -1
         if i % 5000 == 0:
             _log(work, {"stage": "data", "i": i, "elapsed": time.time() - t0})
+    return images, semantic, instance, objs, looks
+
+
+def _save_scenes(work: Path, data: dict[str, np.ndarray | float]) -> None:
     tmp = work / "scenes.tmp.npz"
-    np.savez(tmp, images=images, semantic=semantic, instance=instance, objects=objs, look_prob=cfg.look_prob)
-    os.replace(tmp, out)
+    np.savez(tmp, **data)
+    os.replace(tmp, work / "scenes.npz")
 
 
 def data_look_prob(work: str | Path) -> float | None:
@@ -154,9 +184,14 @@ def _load_scenes(work: Path) -> dict[str, np.ndarray]:
     return {k: d[k] for k in d.files}
 
 
-def _objects_of(row: np.ndarray) -> list[SceneObject]:
+def _objects_of(row: np.ndarray, looks: np.ndarray | None = None) -> list[SceneObject]:
     colours = list(COLOURS)
-    return [SceneObject(colour=colours[c], shape=SHAPES[s], cx=0, cy=0, radius=0, angle=0) for c, s in row if c >= 0]
+    looks = np.full(len(row), -1) if looks is None else looks
+    return [
+        SceneObject(colour=colours[c], shape=SHAPES[s], cx=0, cy=0, radius=0, angle=0, look=LOOKS[k] if k >= 0 else None)
+        for (c, s), k in zip(row, looks, strict=True)
+        if c >= 0
+    ]
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -264,13 +299,30 @@ def stage_encode(cfg: TrainConfig) -> None:
 # ----------------------------------------------------------------------------- UNet
 
 
-def _caption_batch(objs: np.ndarray, rng: np.random.Generator, empty_prob: float, colour_prob: float) -> list[str]:
+def _looks_of(scenes: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray | None:
+    """The looks of scenes ``idx`` (None for data made without looks)."""
+    return scenes["looks"][idx] if "looks" in scenes else None
+
+
+def _caption_batch(
+    objs: np.ndarray,
+    rng: np.random.Generator,
+    empty_prob: float,
+    colour_prob: float,
+    looks: np.ndarray | None = None,
+    look_word_prob: float = 0.0,
+) -> list[str]:
+    """Captions of the scenes whose objects are the rows of ``objs`` (and whose looks those of ``looks``, needed when
+    ``look_word_prob`` > 0)."""
+    if look_word_prob > 0 and looks is None:
+        raise ValueError("captions that name looks need the data's looks: run `attnseg train-toy data` on this --work")
     caps = []
-    for row in objs:
+    for i, row in enumerate(objs):
         if rng.random() < empty_prob:
             caps.append("")
         else:
-            caps.append(caption(_objects_of(row), rng, colour_prob=colour_prob))
+            obj = _objects_of(row, None if looks is None else looks[i])
+            caps.append(caption(obj, rng, colour_prob=colour_prob, look_word_prob=look_word_prob))
     return caps
 
 
@@ -288,7 +340,8 @@ def stage_unet(
     lat_d = np.load(work / "latents.npz")
     latents, obj_frac = lat_d["latents"], lat_d["object_frac"]
     scale = float(lat_d["scaling_factor"])
-    objs = _load_scenes(work)["objects"]
+    scenes = {k: v for k, v in _load_scenes(work).items() if k in ("objects", "looks")}
+    objs = scenes["objects"]
     arch = train_arch(asdict(cfg))
     tok = build_tokenizer(arch.max_length)
     unet = build_unet(arch)
@@ -317,6 +370,7 @@ def stage_unet(
                 "stage": "unet",
                 "resumed_at": step,
                 "colour_prob": cfg.colour_prob,
+                "look_word_prob": cfg.look_word_prob,
                 "lr_decay_steps": cfg.lr_decay_steps,
                 "decay_from": decay_from,
             },
@@ -377,7 +431,9 @@ def stage_unet(
             idx = rng.integers(0, len(latents), cfg.batch)
             z0 = torch.from_numpy(latents[idx].astype(np.float32)) * scale
             of = torch.from_numpy(obj_frac[idx].astype(np.float32))[:, None]
-            caps = _caption_batch(objs[idx], rng, cfg.empty_caption_prob, cfg.colour_prob)
+            caps = _caption_batch(
+                objs[idx], rng, cfg.empty_caption_prob, cfg.colour_prob, _looks_of(scenes, idx), cfg.look_word_prob
+            )
             g = torch.Generator().manual_seed(int(rng.integers(2**62)))
             noise = torch.randn(z0.shape, generator=g)
             t = torch.randint(0, 1000, (cfg.batch,), generator=g)
