@@ -7,12 +7,16 @@
 - ``blocks``: the cross baseline's mIoU reading one joint block at a time;
 - ``pattern``: do the cross maps follow the objects or a fixed pattern? Per label of each validation scene, the AUC
   of its cross score map against its object's pixels, and the correlation of its (standardised) map with the same
-  label's mean map over the other scenes (any model: ``embedded`` for the UNet).
+  label's mean map over the other scenes (any model: ``embedded`` for the UNet);
+- ``position``: do the maps follow the word or its place in the prompt? For one label of each validation scene, the
+  correlation of its map in "a photo of LABEL" with its map six tokens later in the prompt, and with the map of a
+  shape absent from the scene written where the label was.
 
     python scripts/probe_sd3.py EXPORT text
     python scripts/probe_sd3.py EXPORT timesteps --n 50 --t 150,400,700 -m cross -m concept-attention
     python scripts/probe_sd3.py EXPORT blocks --n 30 --t 400
     python scripts/probe_sd3.py EXPORT pattern --n 24
+    python scripts/probe_sd3.py EXPORT position --n 24
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 
 from attnseg.diffusion.layers import LayerSelect
+from attnseg.diffusion.prompts import TEMPLATES, PromptTemplate
 from attnseg.ops.metrics import confusion, summarize
 from attnseg.predictor import AttnSegPredictor
 from attnseg.shapes.world import SHAPES, caption, make_scene
@@ -64,6 +69,25 @@ def fixed_pattern(pred: AttnSegPredictor, scenes) -> tuple[float, float]:
     return float(np.mean(aucs)), float(np.mean(corr))
 
 
+def word_or_place(pred: AttnSegPredictor, scenes) -> tuple[float, float]:
+    """(mean correlation of a label's map with its map six tokens later, mean correlation with the map of an absent
+    shape at the label's place)."""
+    TEMPLATES["shifted"] = PromptTemplate("shifted", "a photo of a photo of a photo of ", " and ", " and ", "")
+    same_word, same_place = [], []
+    for s in scenes:
+        lab = sorted(set(s.labels))[0]
+        absent = next(x for x in SHAPES if x not in s.labels)
+
+        def cross_map(label: str, template: str, image: np.ndarray = s.image) -> np.ndarray:
+            m = pred.segment_batch([image], [[label]], method="cross", draws=1, template=template)[0].scores[1]
+            return ((m - m.mean()) / (m.std() + 1e-6)).ravel()
+
+        here = cross_map(lab, "photo")
+        same_word.append(float(np.corrcoef(here, cross_map(lab, "shifted"))[0, 1]))
+        same_place.append(float(np.corrcoef(here, cross_map(absent, "photo"))[0, 1]))
+    return float(np.mean(same_word)), float(np.mean(same_place))
+
+
 def text_paths(pred: AttnSegPredictor, n: int) -> None:
     bb, tr = pred.backbone, pred.backbone.pipe.transformer
     rng = np.random.default_rng(0)
@@ -94,7 +118,7 @@ def text_paths(pred: AttnSegPredictor, n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("probe", choices=["text", "timesteps", "blocks", "pattern"])
+    ap.add_argument("probe", choices=["text", "timesteps", "blocks", "pattern", "position"])
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--t", default="150,400,700")
     ap.add_argument("-m", "--method", action="append", default=None)
@@ -109,6 +133,12 @@ def main() -> None:
     if a.probe == "pattern":
         auc, corr = fixed_pattern(pred, scenes)
         print(f"{a.model}: label AUC {auc:.3f}, correlation with the label's map in other scenes {corr:.3f}")
+        return
+    if a.probe == "position":
+        word, place = word_or_place(pred, scenes)
+        print(
+            f"{a.model}: correlation of a label's map with itself six tokens later {word:.3f}, with an absent shape's map at its place {place:.3f}"
+        )
         return
     if a.probe == "timesteps":
         for m in a.method or ["cross"]:

@@ -1,0 +1,5 @@
+"""``python -m attnseg.cli``."""
+
+from attnseg.cli import main
+
+main()
