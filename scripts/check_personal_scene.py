@@ -3,7 +3,8 @@
 One look (default: striped circles) is learned from its training photos as the CLI learns it (``learn_concept``, the
 default settings), then every test scene of another world seed that holds exactly one object of that look is
 queried for it alone, three ways: colour and token ("a red <my-striped> circle"), the token alone, and the colour
-alone. A hit: the object gets the most mask pixels of all the scene's objects. Prints hits / scenes and the mean IoU
+alone; and, learning nothing, the look in words ("a red striped circle"), which a model whose captions named the
+looks (``train-toy --look-word-prob``) may know. A hit: the object gets the most mask pixels of all the scene's objects. Prints hits / scenes and the mean IoU
 of the mask with the object, per query; chance is about one in the scene's object count. With ``--colour`` the
 photos show one object always in that colour (a user's own object, its colour part of its look) and the scenes
 counted are those with exactly one object of that colour and look.
@@ -47,7 +48,12 @@ def main() -> None:
         learn_concept(learner.pipe, photos, token, a.shape, concept, PersonalizeConfig(method=a.method))
     pred = AttnSegPredictor.from_pretrained(a.model)
     pred.load_concept(concept)
-    queries = {"colour and token": "a {c} {t} {s}", "token alone": "a {t} {s}", "colour alone": "a {c} {s}"}
+    queries = {
+        "colour and token": "a {c} {t} {s}",
+        "token alone": "a {t} {s}",
+        "colour alone": "a {c} {s}",
+        "colour and look word": "a {c} {look} {s}",
+    }
     hits = dict.fromkeys(queries, 0)
     ious: dict[str, list[float]] = {k: [] for k in queries}
     scenes = 0
@@ -60,7 +66,7 @@ def main() -> None:
         q = mine[0]
         pred.set_image(sc.image)
         for name, tpl in queries.items():
-            query = tpl.format(c=sc.objects[q].obj.colour, t=token, s=a.shape)
+            query = tpl.format(c=sc.objects[q].obj.colour, t=token, s=a.shape, look=a.look)
             mask = pred.segment_personal([query], a.shape).mask == 1
             cover = [int((mask & (sc.instance == j + 1)).sum()) for j in range(len(sc.objects))]
             hits[name] += int(max(cover) > 0 and int(np.argmax(cover)) == q)
