@@ -8,6 +8,8 @@
 - ``pattern``: do the cross maps follow the objects or a fixed pattern? Per label of each validation scene, the AUC
   of its cross score map against its object's pixels, and the correlation of its (standardised) map with the same
   label's mean map over the other scenes (any model: ``embedded`` for the UNet);
+- ``mass``: per joint block, the share of the image queries' attention (before renormalisation) on the text tokens,
+  for object and background pixels, and how it splits over start token, words, end token and padding;
 - ``position``: do the maps follow the word or its place in the prompt? For one label of each validation scene, the
   correlation of its map in "a photo of LABEL" with its map six tokens later in the prompt, and with the map of a
   shape absent from the scene written where the label was.
@@ -17,6 +19,7 @@
     python scripts/probe_sd3.py EXPORT blocks --n 30 --t 400
     python scripts/probe_sd3.py EXPORT pattern --n 24
     python scripts/probe_sd3.py EXPORT position --n 24
+    python scripts/probe_sd3.py EXPORT mass --n 16 --t 400
 """
 
 from __future__ import annotations
@@ -88,6 +91,65 @@ def word_or_place(pred: AttnSegPredictor, scenes) -> tuple[float, float]:
     return float(np.mean(same_word)), float(np.mean(same_place))
 
 
+def attention_mass(pred: AttnSegPredictor, scenes, t: int) -> None:
+    """Per joint block, where the image queries' attention goes before any renormalisation: the share on text tokens
+    for object and background pixels, and how the text share splits over the start token, the caption's words, the
+    end token and the padding."""
+    bb, tr = pred.backbone, pred.backbone.pipe.transformer
+    tok = bb.pipe.tokenizer
+    rng = np.random.default_rng(0)
+    caps = [caption(s.objects, rng, colour_prob=1.0) for s in scenes]
+    ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    end = (ids == tok.eos_token_id).int().argmax(1)  # the first end token; the padding after it
+    pos = torch.arange(ids.shape[1])[None]
+    groups = {"start": pos == 0, "words": (pos > 0) & (pos < end[:, None]), "end": pos == end[:, None]}
+    groups["padding"] = pos > end[:, None]
+    z0 = bb.encode_images([s.image for s in scenes], pred.resolution).float()
+    s_ = t / 1000
+    zt = (1 - s_) * z0 + s_ * torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    enc = bb.encode_prompts(caps)
+    side = z0.shape[-1]
+    obj = torch.from_numpy(np.stack([s.semantic > 0 for s in scenes])).float()[:, None]
+    obj = (torch.nn.functional.adaptive_avg_pool2d(obj, side) > 0.5).flatten(1)  # (B, P)
+    seen: dict[int, dict] = {}
+    hooks = [
+        blk.attn.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, kw), with_kwargs=True)
+        for i, blk in enumerate(tr.transformer_blocks)
+    ]
+    with torch.inference_mode():
+        tr(
+            zt,
+            encoder_hidden_states=enc.hidden,
+            pooled_projections=enc.added["pooled_projections"],
+            timestep=torch.full((len(scenes),), float(t)),
+        )
+    for h in hooks:
+        h.remove()
+    print("| block | text share, object pixels | background pixels | of the text share: start / words / end / padding |")
+    print("|---|---|---|---|")
+    for i, kw in sorted(seen.items()):
+        attn = tr.transformer_blocks[i].attn
+        heads = attn.heads
+
+        def split(x: torch.Tensor, heads: int = heads) -> torch.Tensor:
+            return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+        with torch.inference_mode():
+            q, k = split(attn.to_q(kw["hidden_states"])), split(attn.to_k(kw["hidden_states"]))
+            kc = split(attn.add_k_proj(kw["encoder_hidden_states"]))
+            if attn.norm_q is not None:
+                q, k = attn.norm_q(q), attn.norm_k(k)
+            if attn.norm_added_k is not None:
+                kc = attn.norm_added_k(kc)
+            logits = q @ torch.cat([k, kc], dim=2).transpose(-1, -2) * attn.scale
+            probs = logits.softmax(-1).mean(1)  # (B, P, P + T), heads averaged
+        text = probs[..., side * side :]
+        share = text.sum(-1)  # (B, P)
+        on_obj, on_bg = float(share[obj].mean()), float(share[~obj].mean())
+        parts = [float((text * g[:, None, :]).sum(-1).sum() / text.sum()) for g in groups.values()]
+        print(f"| {i} | {on_obj:.3f} | {on_bg:.3f} | " + " / ".join(f"{x:.2f}" for x in parts) + " |")
+
+
 def text_paths(pred: AttnSegPredictor, n: int) -> None:
     bb, tr = pred.backbone, pred.backbone.pipe.transformer
     rng = np.random.default_rng(0)
@@ -118,7 +180,7 @@ def text_paths(pred: AttnSegPredictor, n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("probe", choices=["text", "timesteps", "blocks", "pattern", "position"])
+    ap.add_argument("probe", choices=["text", "timesteps", "blocks", "pattern", "position", "mass"])
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--t", default="150,400,700")
     ap.add_argument("-m", "--method", action="append", default=None)
@@ -133,6 +195,9 @@ def main() -> None:
     if a.probe == "pattern":
         auc, corr = fixed_pattern(pred, scenes)
         print(f"{a.model}: label AUC {auc:.3f}, correlation with the label's map in other scenes {corr:.3f}")
+        return
+    if a.probe == "mass":
+        attention_mass(pred, scenes, ts[0] if a.t != "150,400,700" else 400)
         return
     if a.probe == "position":
         word, place = word_or_place(pred, scenes)
