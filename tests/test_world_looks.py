@@ -77,6 +77,10 @@ def test_training_data_keeps_each_objects_look_and_older_data_gets_them_replayed
     stage_data(cfg)
     again = _load_scenes(tmp_path)
     assert np.array_equal(again["looks"], made["looks"]) and np.array_equal(again["images"], made["images"])
+    # Scenes that ShapesWorld no longer draws: their looks cannot be replayed.
+    np.savez(tmp_path / "scenes.npz", **{k: (v[::-1] if k == "images" else v) for k, v in made.items() if k != "looks"})
+    with pytest.raises(ValueError, match="not what ShapesWorld draws"):
+        stage_data(cfg)
 
 
 def test_captions_name_looks_only_when_asked_and_otherwise_draw_what_they_drew():

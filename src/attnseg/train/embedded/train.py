@@ -125,7 +125,10 @@ def stage_data(cfg: TrainConfig) -> None:
         with np.load(out) as d:  # data of before the looks were stored: replay the scenes for them
             data = {k: d[k] for k in d.files} if made > 0 and "looks" not in d.files else None
         if data is not None:
-            data["looks"] = _replay(work, cfg, len(data["images"]))[4]
+            images, *_, looks = _replay(work, cfg, len(data["images"]))
+            if not np.array_equal(images, data["images"]):
+                raise ValueError(f"{out}: its scenes are not what ShapesWorld draws now, so their looks cannot be recovered")
+            data["looks"] = looks
             _save_scenes(work, data)
         return
     images, semantic, instance, objs, looks = _replay(work, cfg, cfg.n_scenes)
