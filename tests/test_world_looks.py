@@ -106,11 +106,16 @@ def test_captions_name_looks_only_when_asked_and_otherwise_draw_what_they_drew()
 def test_model_card_states_the_looks_and_from_which_step():
     from attnseg.train.embedded.release import looks_text
 
-    assert looks_text(0.0, []) == ""
-    line = looks_text(0.3, [{"stage": "data", "i": 0}, {"stage": "unet", "init_from": "shipped", "step": 18500}])
+    def run(step, look, word=0.0):
+        return {"step": step, "look_prob": look, "look_word_prob": word}
+
+    assert looks_text([run(18500, 0.0)]) == ""
+    line = looks_text([run(18500, 0.0), run(20000, 0.3)])
     assert "from step 18,500" in line and "30% of the objects" in line and "no caption names" in line
-    assert "from step" not in looks_text(0.3, [])  # a run trained on looks from the start
-    assert "50% of the captions name" in looks_text(0.3, [], look_word_prob=0.5)
+    assert "from step" not in looks_text([run(500, 0.3)])  # a run trained on looks from the start
+    chain = looks_text([run(18500, 0.0), run(20051, 0.3), run(22051, 0.3, 0.6), run(30051, 0.3, 0.8)])
+    assert "from step 18,500" in chain
+    assert "0% over steps 18,500-20,051; 60% over steps 20,051-22,051; 80% over steps 22,051-30,051" in chain
 
 
 def test_shapes_personal_writes_photos_scenes_and_the_instances_pixels(tmp_path):

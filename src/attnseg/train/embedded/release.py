@@ -25,7 +25,7 @@ from attnseg.shapes.world import export_voc
 from attnseg.train.embedded.diagnose import localisation_report, self_attention_report
 from attnseg.train.embedded.pairs import same_shape_report
 from attnseg.train.embedded.report import GRID_PROMPTS, grid, oracle_rate, sample
-from attnseg.train.embedded.train import TrainConfig, stage_export
+from attnseg.train.embedded.train import TrainConfig, data_look_prob, stage_export
 
 CARD = """# attnseg embedded model (ShapesWorld, Stable Diffusion architecture)
 
@@ -157,21 +157,26 @@ def caption_history(runs: list[tuple[int, float]]) -> str:
     return "- Caption mix by phase (share of objects named by colour and shape): " + "; ".join(parts) + ".\n"
 
 
-def looks_text(look_prob: float, run_log: list[dict], look_word_prob: float = 0.0) -> str:
-    """The card's line on the training data's looks (empty without them); ``run_log`` is the log of the run whose
-    data had them, which says at which step it started; ``look_word_prob``, how often its captions named them."""
-    if look_prob <= 0:
+def looks_text(runs: list[dict]) -> str:
+    """The card's line on the training data's looks (empty without them). ``runs``: each run of the lineage, oldest
+    first, as {"step": its last step, "look_prob": its data's share of objects with a look, "look_word_prob": how often
+    its captions named a look}; the looks start with the first run whose data had them."""
+    first = next((i for i, r in enumerate(runs) if r["look_prob"] > 0), None)
+    if first is None:
         return ""
-    start = next((r["step"] for r in run_log if r.get("stage") == "unet" and ("init_from" in r or "init_ckpt" in r)), 0)
-    when = (
-        f"from step {start:,} (a run continued from there on new data), {100 * look_prob:.0f}%"
-        if start
-        else f"{100 * look_prob:.0f}%"
-    )
+    start = runs[first - 1]["step"] if first > 0 else 0
+    share = f"{100 * runs[-1]['look_prob']:.0f}%"
+    when = f"from step {start:,} (a run continued from there on new data), {share}" if start else share
+    parts, begin = [], start
+    for i, r in enumerate(runs[first:], first):
+        if i + 1 < len(runs) and runs[i + 1]["look_word_prob"] == r["look_word_prob"]:
+            continue
+        parts.append(f"{100 * r['look_word_prob']:.0f}% over steps {begin:,}-{r['step']:,}")
+        begin = r["step"]
     named = (
-        f"that {100 * look_word_prob:.0f}% of the captions name (\"a red striped circle\")"
-        if look_word_prob > 0
-        else "that no caption names"
+        "that no caption names"
+        if all(r["look_word_prob"] == 0 for r in runs[first:])
+        else 'that captions name ("a red striped circle") for a share of such objects: ' + "; ".join(parts)
     )
     return (
         f"- Looks: {when} of the objects wear one of ShapesWorld's five looks (a grey pattern: striped, dotted, "
@@ -181,8 +186,8 @@ def looks_text(look_prob: float, run_log: list[dict], look_word_prob: float = 0.
 
 
 def _run_summaries(works: list[str]) -> list[dict]:
-    """Step, caption mix and learning-rate decay of the checkpoint of each work folder that has one, oldest first
-    (one memory-mapped read each)."""
+    """Step, caption mix, looks (the data's share, how often captions named them) and learning-rate decay of the
+    checkpoint of each work folder that has one, oldest first (one memory-mapped read each)."""
     import torch
 
     runs = []
@@ -195,6 +200,8 @@ def _run_summaries(works: list[str]) -> list[dict]:
                 {
                     "step": int(state["step"]),
                     "colour_prob": float(cfg.get("colour_prob", TrainConfig.colour_prob)),
+                    "look_prob": data_look_prob(w) or 0.0,
+                    "look_word_prob": float(cfg.get("look_word_prob", 0.0)),
                     "decay": (state.get("decay_from"), int(cfg.get("lr_decay_steps", 0))),
                 }
             )
@@ -384,7 +391,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         )
     runs = _run_summaries(works[unet_origin(logs) :])
     history += caption_history([(r["step"], r["colour_prob"]) for r in runs])
-    history += looks_text(float(cfg.get("look_prob", 0.0)), logs[-1], float(cfg.get("look_word_prob", 0.0)))
+    history += looks_text(runs)
     vae_log = [r for r in log if r.get("stage") == "vae" and "psnr" in r]
     unet_log = [r for r in log if r.get("stage") == "unet" and "loss" in r]
     busy = busy_seconds(log)
