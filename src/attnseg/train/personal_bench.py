@@ -115,6 +115,18 @@ def score_scene(predictor, scene: PersonalScene, row: str, cfg: PersonalBenchCon
     return recs
 
 
+def segment_rows(
+    predictor, scenes: Sequence[PersonalScene], rows: Sequence[str], cfg: PersonalBenchConfig, report: Callable[[int, int], None]
+) -> dict:
+    """{row: summary} of every scene queried each of the ``rows`` ways; ``report(i, n)`` after each scene."""
+    records: dict[str, list[dict]] = {row: [] for row in rows}
+    for i, sc in enumerate(scenes):
+        for row in rows:
+            records[row].extend(score_scene(predictor, sc, row, cfg, cfg.seed + i))
+        report(i + 1, len(scenes))
+    return {row: summarise(records[row]) for row in rows}
+
+
 def summarise(records: Sequence[dict]) -> dict:
     """{split: {"miou", "bf_acc", "af_acc", "n"}} in percent over the records of each split."""
     out = {}
@@ -132,6 +144,11 @@ def summarise(records: Sequence[dict]) -> dict:
     return out
 
 
+def _table_row(learning: str, query: str, summary: dict) -> str:
+    cells = [summary[s][k] for s in SPLITS for k in ("miou", "bf_acc", "af_acc")]
+    return f"| {learning} | {query} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |"
+
+
 def markdown(results: dict) -> str:
     """The table of ``personal.json`` (T2M's Table 7 layout), one block per learning method."""
     lines = [
@@ -142,12 +159,9 @@ def markdown(results: dict) -> str:
     for method in METHODS:
         if method not in results:
             continue
-        for row in ROWS:
-            cells = [results[method][row][s][k] for s in SPLITS for k in ("miou", "bf_acc", "af_acc")]
-            lines.append(f"| {method} | {row} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+        lines += [_table_row(method, row, results[method][row]) for row in ROWS]
     if "look_words" in results:
-        cells = [results["look_words"][s][k] for s in SPLITS for k in ("miou", "bf_acc", "af_acc")]
-        lines.append("| none | look_words | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+        lines.append(_table_row("none", "look_words", results["look_words"]))
     n = next(iter(v for k, v in results.items() if k in METHODS))["attnseg"]
     lines.append("")
     lines.append(f"Instances: all {n['all']['n']}, semantic {n['semantic']['n']}, visual {n['visual']['n']}.")
@@ -173,14 +187,12 @@ def run_personal_bench(
     scenes = build_benchmark(out, cfg)
     results: dict = {}
     timing: dict = {}
+
+    def report(what: str) -> Callable[[int, int], None]:
+        return (lambda i, n: progress(what, i, n)) if progress else (lambda i, n: None)
+
     t0 = time.time()
-    predictor = make()
-    records_words: list[dict] = []
-    for i, sc in enumerate(scenes):
-        records_words.extend(score_scene(predictor, sc, "look_words", cfg, cfg.seed + i))
-        if progress:
-            progress("segmenting (look words)", i + 1, len(scenes))
-    results["look_words"] = summarise(records_words)
+    results["look_words"] = segment_rows(make(), scenes, ("look_words",), cfg, report("segmenting (look words)"))["look_words"]
     timing["look_words"] = {"segment_s": round(time.time() - t0, 1)}
     for method in cfg.methods:
         t0 = time.time()
@@ -203,13 +215,7 @@ def run_personal_bench(
         predictor = make()
         for path in files:
             predictor.load_concept(path)
-        records: dict[str, list[dict]] = {row: [] for row in ROWS}
-        for i, sc in enumerate(scenes):
-            for row in ROWS:
-                records[row].extend(score_scene(predictor, sc, row, cfg, cfg.seed + i))
-            if progress:
-                progress(f"segmenting ({method})", i + 1, len(scenes))
-        results[method] = {row: summarise(records[row]) for row in ROWS}
+        results[method] = segment_rows(predictor, scenes, ROWS, cfg, report(f"segmenting ({method})"))
         timing[method] = {"learn_s": round(t1 - t0, 1), "segment_s": round(time.time() - t1, 1)}
     settings = asdict(cfg)
     del settings["learn"]["method"]

@@ -148,13 +148,19 @@ def caption_history(runs: list[tuple[int, float]]) -> str:
     of each run, oldest first; empty when it never changed."""
     if len({p for _, p in runs}) <= 1:
         return ""
-    parts, start = [], 0
+    return "- Caption mix by phase (share of objects named by colour and shape): " + _phases(runs, 0) + ".\n"
+
+
+def _phases(runs: list[tuple[int, float]], start: int) -> str:
+    """The phases "P% over steps A-B; ..." of runs (last step, share), oldest first, from step ``start``; consecutive
+    runs of one share merged."""
+    parts = []
     for i, (end, p) in enumerate(runs):
         if i + 1 < len(runs) and runs[i + 1][1] == p:
             continue
         parts.append(f"{100 * p:.0f}% over steps {start:,}-{end:,}")
         start = end
-    return "- Caption mix by phase (share of objects named by colour and shape): " + "; ".join(parts) + ".\n"
+    return "; ".join(parts)
 
 
 def looks_text(runs: list[dict]) -> str:
@@ -167,16 +173,11 @@ def looks_text(runs: list[dict]) -> str:
     start = runs[first - 1]["step"] if first > 0 else 0
     share = f"{100 * runs[-1]['look_prob']:.0f}%"
     when = f"from step {start:,} (a run continued from there on new data), {share}" if start else share
-    parts, begin = [], start
-    for i, r in enumerate(runs[first:], first):
-        if i + 1 < len(runs) and runs[i + 1]["look_word_prob"] == r["look_word_prob"]:
-            continue
-        parts.append(f"{100 * r['look_word_prob']:.0f}% over steps {begin:,}-{r['step']:,}")
-        begin = r["step"]
+    words = [(r["step"], r["look_word_prob"]) for r in runs[first:]]
     named = (
         "that no caption names"
-        if all(r["look_word_prob"] == 0 for r in runs[first:])
-        else 'that captions name ("a red striped circle") for a share of such objects: ' + "; ".join(parts)
+        if all(p == 0 for _, p in words)
+        else 'that captions name ("a red striped circle") for a share of such objects: ' + _phases(words, start)
     )
     return (
         f"- Looks: {when} of the objects wear one of ShapesWorld's five looks (a grey pattern: striped, dotted, "

@@ -212,7 +212,7 @@ def stage_sd3(
     lat_d = np.load(work / "latents.npz")
     latents, obj_frac = lat_d["latents"], lat_d["object_frac"]
     scale = float(lat_d["scaling_factor"])
-    scenes = {k: v for k, v in _load_scenes(work).items() if k in ("objects", "looks")}
+    scenes = _load_scenes(work, ("objects", "looks"))
     objs = scenes["objects"]
     tok = build_tokenizer(ToyArch.max_length)
     ck = work / CKPT

@@ -182,9 +182,11 @@ def data_look_prob(work: str | Path) -> float | None:
         return float(d["look_prob"]) if "look_prob" in d.files else 0.0
 
 
-def _load_scenes(work: Path) -> dict[str, np.ndarray]:
-    d = np.load(work / "scenes.npz")
-    return {k: d[k] for k in d.files}
+def _load_scenes(work: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of ``WORK/scenes.npz`` (only ``keys`` among them, when given: the others, the images and masks, are
+    not read)."""
+    with np.load(work / "scenes.npz") as d:
+        return {k: d[k] for k in d.files if keys is None or k in keys}
 
 
 def _objects_of(row: np.ndarray, looks: np.ndarray | None = None) -> list[SceneObject]:
@@ -343,7 +345,7 @@ def stage_unet(
     lat_d = np.load(work / "latents.npz")
     latents, obj_frac = lat_d["latents"], lat_d["object_frac"]
     scale = float(lat_d["scaling_factor"])
-    scenes = {k: v for k, v in _load_scenes(work).items() if k in ("objects", "looks")}
+    scenes = _load_scenes(work, ("objects", "looks"))
     objs = scenes["objects"]
     arch = train_arch(asdict(cfg))
     tok = build_tokenizer(arch.max_length)
