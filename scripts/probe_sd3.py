@@ -12,7 +12,10 @@
   for object and background pixels, and how it splits over start token, words, end token and padding;
 - ``position``: do the maps follow the word or its place in the prompt? For one label of each validation scene, the
   correlation of its map in "a photo of LABEL" with its map six tokens later in the prompt, and with the map of a
-  shape absent from the scene written where the label was.
+  shape absent from the scene written where the label was;
+- ``sweep``: the cross baseline's mIoU on validation scenes for every block set (the last block, the last two, every
+  block) x noise level (``--t``) x background threshold (the paper's rule and 0.6 / 0.7 / 0.8), to choose a model's
+  preset on scenes the test never uses.
 
     python scripts/probe_sd3.py EXPORT text
     python scripts/probe_sd3.py EXPORT timesteps --n 50 --t 150,400,700 -m cross -m concept-attention
@@ -20,6 +23,7 @@
     python scripts/probe_sd3.py EXPORT pattern --n 24
     python scripts/probe_sd3.py EXPORT position --n 24
     python scripts/probe_sd3.py EXPORT mass --n 16 --t 400
+    python scripts/probe_sd3.py EXPORT sweep --n 40 --t 150,400
 """
 
 from __future__ import annotations
@@ -180,7 +184,7 @@ def text_paths(pred: AttnSegPredictor, n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("probe", choices=["text", "timesteps", "blocks", "pattern", "position", "mass"])
+    ap.add_argument("probe", choices=["text", "timesteps", "blocks", "pattern", "position", "mass", "sweep"])
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--t", default="150,400,700")
     ap.add_argument("-m", "--method", action="append", default=None)
@@ -210,6 +214,16 @@ def main() -> None:
             print(m, " ".join(f"t={t}: {miou(pred, scenes, m, timestep=t):.1f}" for t in ts))
         return
     modules = sorted({lay.module for lay in pred.inventory if lay.kind == "cross"}, key=lambda s: int(s.split(".")[1]))
+    if a.probe == "sweep":
+        sets = {"last": (len(modules) - 1, len(modules)), "last two": (len(modules) - 2, len(modules)), "all": None}
+        for t in ts:
+            for name, take in sets.items():
+                sel = LayerSelect(kind="cross", blocks=("joint",), take=take) if take else LayerSelect(kind="cross")
+                row = [
+                    f"{miou(pred, scenes, 'cross', timestep=t, cross=sel, bg_threshold=thr):.1f}" for thr in (None, 0.6, 0.7, 0.8)
+                ]
+                print(f"t={t} {name}: bg paper / 0.6 / 0.7 / 0.8: {' / '.join(row)}", flush=True)
+        return
     for mod in modules:
         sel = LayerSelect(kind="cross", names=(f"{mod}:cross",))
         print(mod, f"{miou(pred, scenes, 'cross', timestep=ts[0], cross=sel):.1f}")

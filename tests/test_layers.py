@@ -70,3 +70,17 @@ def test_select_by_side_and_names(sd15_inventory):
     assert [x.name for x in by_name] == ["mid_block.attentions.0.transformer_blocks.0.attn2"]
     with pytest.raises(ValueError, match="no cross-attention layer matches"):
         LayerSelect(kind="cross", names=("nothing*",)).resolve(sd15_inventory)
+
+
+def test_take_slices_from_the_end_and_clips(sd15_inventory):
+    up = [x.name for x in LayerSelect(kind="cross", blocks=("up",)).resolve(sd15_inventory)]
+    assert len(up) == 9
+
+    def take(a, b):
+        return [x.name for x in LayerSelect(kind="cross", blocks=("up",), take=(a, b)).resolve(sd15_inventory)]
+
+    assert take(-1, None) == up[-1:]
+    assert take(-3, -1) == up[-3:-1]
+    assert take(2, None) == up[2:]
+    assert take(20, 21) == up[-1:]  # beyond the end: clipped to the last one
+    assert take(-20, 1) == up[:1]  # before the start: from the first

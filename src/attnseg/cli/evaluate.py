@@ -47,7 +47,7 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only.")] = None,
     draws: Annotated[int | None, typer.Option(help="Noise draws (default: each method's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the noise draws.")] = 0,
-    model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
+    model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or auto.")] = "auto",
 ) -> None:
@@ -116,7 +116,7 @@ def bench(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for bench.json and bench.md (personal: personal.json, .md).")] = None,
     method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Methods (default: cross, t2m, iseg).")] = None,
-    model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
+    model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 5,
     batch: Annotated[int, typer.Option(help="Images per batch for the throughput figure.")] = 8,
     real_size: Annotated[bool, typer.Option(help="Also measure an SD 1.5-shaped UNet at 512 px (about 4 GB of RAM).")] = False,

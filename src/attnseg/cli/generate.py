@@ -40,7 +40,7 @@ def generate(
         ),
     ] = None,
     template: Annotated[str, typer.Option(help="Prompt of one class.")] = "a photo of a {}",
-    model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
+    model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the method's, 50; grounding 20).")] = None,
     guidance: Annotated[
         float | None, typer.Option(help="Classifier-free guidance scale (default: the method's, 7.5; grounding 5).")

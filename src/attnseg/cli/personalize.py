@@ -27,7 +27,7 @@ def personalize(
     ] = "textual-inversion",
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 400,
     seed: Annotated[int, typer.Option(help="Seed of batches, noise, regularisation images and samples.")] = 0,
-    model: Annotated[str | None, typer.Option(help="Stable Diffusion folder or hub id (default: the embedded model).")] = None,
+    model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads of torch (default: torch's).")] = None,
 ) -> None:

@@ -139,7 +139,8 @@ class LayerSelect:
     resolution ranks (see the module docstring; a rank beyond the finest level means the finest).
     ``take`` = (start, stop) keeps that slice of the matches in UNet order, for the papers' choices
     such as T2M's self-attention of ``up_blocks.2.attentions.1`` (take (1, 2) of the 32-px decoder
-    layers); on a smaller UNet the slice is clipped so that at least one layer stays.
+    layers); on a smaller UNet the slice is clipped so that at least one layer stays. Negative bounds count from
+    the end and a stop of None runs to it, as in a Python slice: (-1, None) is the last matching layer.
     """
 
     kind: str = "cross"
@@ -147,7 +148,7 @@ class LayerSelect:
     sides: tuple[int, ...] = ()
     ranks: tuple[int, ...] = ()
     blocks: tuple[str, ...] = ()
-    take: tuple[int, int] | None = None
+    take: tuple[int, int | None] | None = None
 
     def resolve(self, layers: Sequence[LayerInfo], latent: Latent | None = None) -> list[LayerInfo]:
         cands = [lay for lay in layers if lay.kind == self.kind]
@@ -164,8 +165,10 @@ class LayerSelect:
                 raise ValueError("selecting layers by grid side needs the latent size")
             cands = [lay for lay in cands if lay.side(latent) in self.sides]
         if self.take is not None and cands:
-            start = min(self.take[0], len(cands) - 1)
-            cands = cands[start : max(self.take[1], start + 1)]
+            n = len(cands)
+            start, stop = (n if b is None else n + b if b < 0 else b for b in self.take)
+            start = min(max(start, 0), n - 1)
+            cands = cands[start : max(stop, start + 1)]
         if not cands:
             raise ValueError(
                 f"no {self.kind}-attention layer matches {self}; available: "

@@ -1,7 +1,8 @@
 """Loading text-to-image pipelines, and the backbone that reads each.
 
-``load_pipeline(None)`` loads the embedded default model shipped inside the package;
-``load_pipeline("path/to/folder")`` a local diffusers folder (no network call);
+``load_pipeline(None)`` (or ``"embedded"``) loads the embedded default model shipped inside the package (a Stable
+Diffusion UNet pipeline) and ``load_pipeline("embedded-sd3")`` the embedded transformer model (a Stable Diffusion 3
+pipeline), both trained by the project on ShapesWorld; ``load_pipeline("path/to/folder")`` a local diffusers folder (no network call);
 ``load_pipeline("org/name")`` a hub id through ``from_pretrained``. Weights load from
 safetensors only: pickled checkpoints (.bin, .ckpt, .pt, .pth) can run code when loaded and
 are refused. ``load_backbone`` wraps the pipeline in the backbone of its family
@@ -22,6 +23,9 @@ from attnseg.diffusion.sd3 import SD3Backbone
 from attnseg.diffusion.unet import SDXLBackbone, UNetBackbone
 
 EMBEDDED_DIR = Path(__file__).parent.parent / "assets" / "embedded"
+EMBEDDED_MODELS = {"embedded": EMBEDDED_DIR, "embedded-sd3": EMBEDDED_DIR.parent / "embedded-sd3"}
+"""The models shipped inside the package, by the name that ``--model`` takes (a folder of that name in the working
+directory is reached as ``./embedded``)."""
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DTYPES = {
     "float32": torch.float32,
@@ -62,14 +66,15 @@ class ModelError(RuntimeError):
     """A model cannot be loaded; the message says why and what to do."""
 
 
-def embedded_model_path() -> Path:
-    """Folder of the embedded default model (a Stable Diffusion pipeline trained on ShapesWorld)."""
-    if not (EMBEDDED_DIR / "model_index.json").exists():
+def embedded_model_path(name: str = "embedded") -> Path:
+    """Folder of a model shipped inside the package (:data:`EMBEDDED_MODELS`)."""
+    folder = EMBEDDED_MODELS[name]
+    if not (folder / "model_index.json").exists():
         raise ModelError(
-            f"the embedded default model is missing from {EMBEDDED_DIR}; reinstall attnseg, "
+            f"the embedded model {name!r} is missing from {folder}; reinstall attnseg, "
             "or pass --model with a Stable Diffusion folder or hub id"
         )
-    return EMBEDDED_DIR
+    return folder
 
 
 PROFILE_FILE = "attnseg.json"
@@ -196,7 +201,8 @@ def load_pipeline(
     """Load a Stable Diffusion 1.x / 2.x, XL, 3 / 3.5 or Flux.1 pipeline for attention reading (recognised by its
     model_index.json).
 
-    model: None for the embedded default model, a local folder, or a hub id. quiet: hide the libraries' advice and
+    model: None or "embedded" for the embedded default model, "embedded-sd3" for the embedded transformer model, a
+    local folder, or a hub id. quiet: hide the libraries' advice and
     progress bars while loading (:func:`quiet_libraries`).
     """
     with quiet_libraries(quiet):
@@ -209,8 +215,8 @@ def _load_pipeline(model, device, dtype):
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     local = None
-    if model is None:
-        local = embedded_model_path()
+    if model is None or str(model) in EMBEDDED_MODELS:
+        local = embedded_model_path(str(model or "embedded"))
     else:
         p = Path(str(model)).expanduser()
         if p.is_file():
@@ -247,7 +253,7 @@ def _load_pipeline(model, device, dtype):
     except (RuntimeError, ValueError, AssertionError) as e:
         raise ModelError(f"cannot move the model to device {device!r} ({e}); use --device cpu or an existing GPU") from e
     pipe.set_progress_bar_config(disable=True)
-    pipe.attnseg_model_name = str(model) if model is not None else "embedded"
+    pipe.attnseg_model_name = str(model or "embedded")
     return pipe
 
 

@@ -48,6 +48,12 @@ CROSS_PRESETS: dict[str, CrossConfig] = {
     # (its image-to-text attention); on a smaller transformer the slice is clipped to its last block. The scoring
     # stays the baseline's, so this preset differs from `default` in its layer only.
     "seg4diff": CrossConfig(cross=LayerSelect(kind="cross", blocks=("joint",), take=(9, 10))),
+    # The embedded SD3 model (its attnseg.json makes this its default): of its joint blocks only the last reads words
+    # where their objects are; that block alone, the noise level and the background threshold chosen on validation
+    # scenes (`python scripts/probe_sd3.py MODEL sweep`; docs/EMBEDDED-MODEL-TRAINING.md).
+    "embedded-sd3": CrossConfig(
+        timestep=400, cross=LayerSelect(kind="cross", blocks=("joint",), take=(-1, None)), bg_threshold=0.6
+    ),
 }
 
 

@@ -43,9 +43,12 @@ def _objects(prompt: str) -> list[tuple[str, str]]:
 
 
 @torch.inference_mode()
-def sample(pipe, prompts, seed: int = 0, steps: int = 50, guidance: float = 5.0) -> list[np.ndarray]:
+def sample(pipe, prompts, seed: int = 0, steps: int = 50, guidance: float = 5.0, **call) -> list[np.ndarray]:
+    """Images of ``prompts`` at the model's native size; ``call``: more keyword arguments of the pipeline call (the
+    embedded SD3 model's empty T5 slot needs ``max_sequence_length=0``)."""
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-    res = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    res = int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
     out = []
     for i in range(0, len(prompts), 8):
         ims = pipe(
@@ -56,6 +59,7 @@ def sample(pipe, prompts, seed: int = 0, steps: int = 50, guidance: float = 5.0)
             height=res,
             width=res,
             output_type="np",
+            **call,
         ).images
         out += [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in ims]
     return out
@@ -81,7 +85,7 @@ def grid(images, captions, cols: int = 4, cell: int = 160) -> Image.Image:
     return im
 
 
-def oracle_rate(pipe, n_per_count: int = 32, seed: int = 7, steps: int = 50, guidance: float = 5.0) -> dict:
+def oracle_rate(pipe, n_per_count: int = 32, seed: int = 7, steps: int = 50, guidance: float = 5.0, **call) -> dict:
     """How often the prompt's objects are present in generated images (1, 2 and 3 objects)."""
     rng = np.random.default_rng(seed)
     oracle = ShapesOracle()
@@ -92,7 +96,7 @@ def oracle_rate(pipe, n_per_count: int = 32, seed: int = 7, steps: int = 50, gui
             cols = rng.choice(list(COLOURS), n_obj, replace=False)
             shp = rng.choice(SHAPES, n_obj)
             prompts.append("a " + " and a ".join(f"{c} {s}" for c, s in zip(cols, shp, strict=True)))
-        ims = sample(pipe, prompts, seed=seed * 1000 + n_obj * 100, steps=steps, guidance=guidance)
+        ims = sample(pipe, prompts, seed=seed * 1000 + n_obj * 100, steps=steps, guidance=guidance, **call)
         colour_hits = shape_hits = all_hits = total = 0
         for p, im in zip(prompts, ims, strict=True):
             ok_all = True

@@ -1,0 +1,286 @@
+"""Export a transformer run as the shipped embedded SD3 model, measure it beside the UNet model and write its card.
+
+    python -m attnseg.train.embedded.release_sd3 --work /work/sd3-train5 \\
+        --prior /work/sd3-train /work/sd3-train2 /work/sd3-train3 /work/sd3-train4 \\
+        --out src/attnseg/assets/embedded-sd3 --eval-n 100
+
+Steps: export the EMA weights (fp16 safetensors) with the model's profile (``attnseg.json``) -> ``attnseg eval`` of
+every method that reads a transformer, and of the UNet model's methods on the same held-out ShapesWorld scenes (world
+seed 1, never used in training) -> oracle rate of generated images -> sample grid -> model card (README.md beside the
+weights). ``--prior``: the work folders of the runs this one continued from, oldest first (their checkpoints and logs
+give the card's history).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from attnseg.diffusion.loading import EMBEDDED_MODELS, load_pipeline
+from attnseg.io.datasets import VOCDataset
+from attnseg.jobs.evaluate import evaluate
+from attnseg.methods.registry import REGISTRY
+from attnseg.predictor import AttnSegPredictor
+from attnseg.shapes.world import export_voc
+from attnseg.train.embedded.release import _params, busy_seconds
+from attnseg.train.embedded.report import GRID_PROMPTS, grid, oracle_rate, sample
+from attnseg.train.embedded.sd3 import CKPT, SD3_CALL, SD3Arch, _arch_of, stage_export_sd3
+from attnseg.train.embedded.train import TrainConfig
+
+PROFILE = {
+    "presets": {"cross": "embedded-sd3", "t2m": "mmdit", "diffseg": "embedded"},
+    "why": (
+        "Only the last joint block of this model reads words where their objects are (one block at a time on "
+        "validation scenes: python scripts/probe_sd3.py MODEL blocks); the cross baseline's 'embedded-sd3' preset "
+        "reads it alone, with a noise level and background threshold chosen on validation scenes (python "
+        "scripts/probe_sd3.py MODEL sweep). T2M reads every joint block ('mmdit': the paper's layers have no "
+        "counterpart in a transformer); DiffSeg merges with the UNet model's KL threshold (0.1). Pass a preset to "
+        "override."
+    ),
+}
+"""The model's ``attnseg.json``; its words are the UNet model's (the same tokenizer and captions)."""
+
+METHODS = ["cross", "cross:default", "cross:seg4diff", "t2m", "diffseg", "concept-attention", "concept-attention:flux"]
+"""What the release measures on the transformer: the model's presets, the papers' layer choices beside them."""
+UNET_METHODS = ["cross", "t2m", "iseg", "diffseg"]
+"""What it measures on the UNet model on the same scenes (its own presets)."""
+
+ARCH_CHANGES = {
+    "pooled": {False: "pooled conditioning off"},
+    "mix_text": {False: "text stream frozen"},
+}
+"""How a run's change of a boolean architecture setting reads in the card's history."""
+
+CARD = """# attnseg embedded transformer model (ShapesWorld, Stable Diffusion 3 architecture)
+
+A small text-to-image model with Stable Diffusion 3's components (MMDiT: joint attention over text and image
+tokens), trained by this project on ShapesWorld so that attnseg's transformer backbone runs and is measured with no
+download: `--model embedded-sd3` in every command. It loads with
+`StableDiffusion3Pipeline.from_pretrained(this_folder, text_encoder_3=None, tokenizer_3=None)` and is called with
+`max_sequence_length=0` (it has no T5 encoder).
+
+**Its attention does not yet localise words as the UNet model's does**: on held-out scenes its best cross-attention
+reading scores {best_cross:.1f} mIoU against the UNet model's {unet_cross:.1f} (below). It ships so that every method runs
+on a real SD3 pipeline offline and can be compared there; for segmentation on ShapesWorld use `embedded`, the UNet
+model; for real images, real weights (`--model`).
+
+## Architecture ({total_params:.2f} M parameters, {size_mb:.1f} MB in fp16)
+- SD3Transformer2DModel ({transformer_params:.2f} M): {layers} joint blocks, width {width} ({heads} heads of {head_dim}),
+  patch {patch}: {tokens} x {tokens} image tokens on the {latent}x{latent}x{latent_channels} latents. Three settings differ from SD3's, each
+  held by the saved weights, so the folder is a stock pipeline:
+  the text encoders' projections are zero (pooled projections 0{pooled_note}), every block but the last has a zero
+  context output projection and context feed-forward output (the text tokens that every block reads are the encoders'
+  unmixed embeddings{mix_note}), and the image tokens' sine-cosine position table is scaled by {pos_scale}
+  (docs/EMBEDDED-MODEL-TRAINING.md says why).
+- Two CLIPTextModelWithProjection ({text_params:.2f} M each), {text_layers} layer, width {text_hidden}, in SD3's CLIP-L / CLIP-G
+  slots (the pipeline reads their penultimate hidden states: the token and position embeddings); one CLIPTokenizer
+  with the project's vocabulary ({vocab} tokens) in both; no T5.
+- The UNet model's AutoencoderKL (64x64 RGB -> 16x16x4 latents; scaling factor {scaling:.4f}, no shift).
+- FlowMatchEulerDiscreteScheduler, shift {shift}.
+
+## Data
+The UNet model's: ShapesWorld, world seed 0, {n_scenes} scenes of 64x64 px, 1-3 objects of 8 shapes in 8 colours;
+captions drawn anew at every step, {colour_pct:.0f}% of the objects named by colour and shape, the others by shape
+alone; 10% empty captions. Evaluation scenes use world seed 1 and are never seen in training.
+
+## Training (`attnseg train-toy sd3`)
+- Rectified flow as SD3 trains it: x_s = (1 - s) x_0 + s e, s logit-normal (mean 0, std 1), target e - x_0; batch
+  {batch}, AdamW lr {lr} with {warmup} warm-up steps, EMA {ema} (the shipped weights are the EMA), gradient clipping at 1.
+- **Use of the masks**: the denoising loss of a latent cell is weighted by 1 + {obj_w} x its object fraction. Nothing else
+  uses them: the attention is never trained on masks.
+- Runs, each continuing the one before from its weights (a fresh optimiser and EMA); {total_steps:,} steps of
+  {batch} in all ({samples:,} samples), last training loss {loss:.3f}:
+
+{runs}
+
+- Machine: {machine}; {hours:.1f} h of compute wall time for the transformer runs.
+
+## Measured ({date})
+{measurements}
+
+## What it can and cannot do
+- It draws coloured shapes for prompts of the ShapesWorld vocabulary (samples: `samples.png` beside this card) and
+  knows no other word.
+- `attnseg.json` beside this card makes `cross:embedded-sd3` (the last joint block alone, read at t = {cross_t}, background
+  threshold {cross_bg}, chosen on validation scenes), `t2m:mmdit` and `diffseg:embedded` its default presets. iSeg's
+  presets name UNet layers and are refused on it with the list of its layers.
+- Resolution is fixed at 64x64; other sizes are resized.
+"""
+
+
+def run_history(works: list[str]) -> tuple[list[dict], str]:
+    """Each run of the lineage (oldest first: its checkpoint's step and settings) and the card's table of them."""
+    import torch
+
+    runs = []
+    for w in works:
+        state = torch.load(Path(w) / CKPT, weights_only=True, mmap=True)
+        runs.append(
+            {"work": w, "steps": int(state["step"]), "config": state["config"], "arch": asdict(_arch_of(state["config"]))}
+        )
+    rows = ["| run | steps | what changed |", "|---|---|---|"]
+    start = 0
+    for i, r in enumerate(runs):
+        if i == 0:
+            change = "from scratch (text embeddings from the UNet model's encoder)"
+        else:
+            prev = runs[i - 1]
+            change = _and([_change(k, prev["arch"][k], v) for k, v in r["arch"].items() if prev["arch"][k] != v]) or "continued"
+        colour = f"; {100 * float(r['config'].get('colour_prob', 0.8)):.0f}% colour captions"
+        rows.append(f"| T{i + 1} | {start:,}-{start + r['steps']:,} | {change}{colour} |")
+        start += r["steps"]
+    return runs, "\n".join(rows)
+
+
+def _change(key: str, old, new) -> str:
+    if key in ARCH_CHANGES and new in ARCH_CHANGES[key]:
+        return ARCH_CHANGES[key][new]
+    if key == "layers":
+        return f"grown from {old} to {new} joint blocks (new blocks inserted before the last as identities)"
+    if key == "pos_scale":
+        return f"position table x {new} (was x {old})"
+    return f"{key} {old} -> {new}"
+
+
+def _and(items: list[str]) -> str:
+    return "" if not items else items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def release_sd3(work: str, out: str, eval_n: int = 100, oracle_n: int = 16, prior: tuple[str, ...] = ()) -> dict:
+    t0 = time.time()
+    out_p = Path(out)
+    stage_export_sd3(TrainConfig(work=work), out_p)
+    words = json.loads((EMBEDDED_MODELS["embedded"] / "attnseg.json").read_text())["words"]
+    (out_p / "attnseg.json").write_text(
+        json.dumps({"presets": PROFILE["presets"], "words": words, "why": PROFILE["why"]}, indent=1) + "\n"
+    )
+    pipe = load_pipeline(out_p, device="cpu", dtype="float32")
+    scenes = Path(work) / "eval-scenes"
+    if not (scenes / "classes.txt").exists():
+        export_voc(scenes, n=max(eval_n, 200), seed=1)
+    meas: dict = {"eval_n": eval_n}
+    for key, pred, methods in (
+        ("eval", AttnSegPredictor(pipe), METHODS),
+        ("unet", AttnSegPredictor.from_pretrained("embedded", device="cpu"), UNET_METHODS),
+    ):
+        report = evaluate(pred, VOCDataset(scenes), methods, Path(work) / f"eval-{key}-{int(t0)}", limit=eval_n, progress=False)
+        # keyed by the method as asked ("cross"), each with the name it ran as ("cross-embedded-sd3": the preset)
+        meas[key] = {
+            asked: {"as": k, "miou": v["miou"], "pixel_acc": v["pixel_acc"]}
+            for asked, (k, v) in zip(methods, report["methods"].items(), strict=True)
+        }
+    meas["oracle"] = oracle_rate(pipe, oracle_n, **SD3_CALL)
+    grid(sample(pipe, GRID_PROMPTS, **SD3_CALL), GRID_PROMPTS).save(out_p / "samples.png")
+    (out_p / "measurements.json").write_text(json.dumps(meas, indent=1) + "\n")
+    write_card(work, out_p, meas, prior)
+    meas["seconds"] = time.time() - t0
+    return meas
+
+
+def measurements_md(meas: dict) -> str:
+    """The card's measurement section: each method on the transformer beside the UNet model, and the oracle rate."""
+    lines = [
+        f"- Pseudo-mask mIoU on {meas['eval_n']} held-out scenes (`attnseg eval`, image-level labels from the ground truth,",
+        "  background + 8 shapes; DiffSeg's segments are matched to the classes per image by the Hungarian algorithm), each",
+        "  model with its own default presets (`attnseg.json`) and the papers' layer choices beside them:",
+        "",
+        "| method | this model: as | mIoU | pixel acc | UNet model (`embedded`): as | mIoU | pixel acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    unet = meas["unet"]
+    for k in dict.fromkeys([*meas["eval"], *unet]):
+        cells = [
+            f"{r['as']} | {100 * r['miou']:.1f} | {100 * r['pixel_acc']:.1f}" if r else "- | - | -"
+            for r in (meas["eval"].get(k), unet.get(k))
+        ]
+        lines.append(f"| {k} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "- Generated images checked by the ShapesWorld oracle (colour found / object with the right shape / all objects",
+        "  of the prompt), 50 flow steps at guidance 5:",
+        "",
+        "| objects in prompt | colour present | object present | all present |",
+        "|---|---|---|---|",
+    ]
+    for k, v in meas["oracle"].items():
+        lines.append(f"| {k} | {v['colour_present']:.2f} | {v['object_present']:.2f} | {v['all_objects_present']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) -> None:
+    pipe = load_pipeline(out, device="cpu", dtype="float32")
+    meta = json.loads((out / "training.json").read_text())
+    cfg = meta["train_config"]
+    arch = SD3Arch(**meta["arch"])
+    works = [*prior, work]
+    runs, table = run_history(works)
+    logs = [[json.loads(x) for x in (Path(w) / "log.jsonl").read_text().splitlines() if x.strip()] for w in works]
+    sd3_log = [r for recs in logs for r in recs if r.get("stage") == "sd3"]
+    losses = [r["loss"] for r in sd3_log if "loss" in r]
+    tr = pipe.transformer.config
+    cross = REGISTRY["cross"].presets[PROFILE["presets"]["cross"]]
+    total_steps = sum(r["steps"] for r in runs)
+    best_cross = max(v["miou"] for k, v in meas["eval"].items() if k.startswith("cross"))
+    text = CARD.format(
+        best_cross=100 * best_cross,
+        unet_cross=100 * meas["unet"]["cross"]["miou"],
+        total_params=_params(pipe.transformer) + _params(pipe.vae) + _params(pipe.text_encoder) + _params(pipe.text_encoder_2),
+        size_mb=sum(p.stat().st_size for p in out.rglob("*.safetensors")) / 2**20,
+        transformer_params=_params(pipe.transformer),
+        layers=tr.num_layers,
+        width=tr.num_attention_heads * tr.attention_head_dim,
+        heads=tr.num_attention_heads,
+        head_dim=tr.attention_head_dim,
+        patch=tr.patch_size,
+        tokens=tr.sample_size // tr.patch_size,
+        latent=tr.sample_size,
+        latent_channels=tr.in_channels,
+        pooled_note="" if not arch.pooled else "; not in this model, whose pooled conditioning is on",
+        mix_note="" if not arch.mix_text else "; not in this model, whose text stream is trained",
+        pos_scale=arch.pos_scale,
+        text_params=_params(pipe.text_encoder),
+        text_layers=arch.text_layers,
+        text_hidden=arch.text_hidden,
+        vocab=len(pipe.tokenizer),
+        scaling=pipe.vae.config.scaling_factor,
+        shift=pipe.scheduler.config.shift,
+        n_scenes=cfg["n_scenes"],
+        colour_pct=100 * float(cfg.get("colour_prob", 0.8)),
+        batch=cfg["batch"],
+        lr=cfg["lr"],
+        warmup=cfg["warmup"],
+        ema=cfg["ema_decay"],
+        obj_w=cfg["object_weight"],
+        total_steps=total_steps,
+        samples=total_steps * cfg["batch"],
+        loss=losses[-1] if losses else float("nan"),
+        runs=table,
+        machine=f"{platform.machine()}, 2 cores, fp32, CPU only",
+        hours=sum(busy_seconds(recs) for recs in ([r for r in log if r.get("stage") == "sd3"] for log in logs)) / 3600,
+        date=time.strftime("%Y-%m-%d"),
+        measurements=measurements_md(meas),
+        cross_t=cross.timestep,
+        cross_bg=cross.bg_threshold if cross.bg_threshold is not None else "of the paper's rule",
+    )
+    (out / "README.md").write_text(text)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", default=str(EMBEDDED_MODELS["embedded-sd3"]))
+    p.add_argument("--eval-n", type=int, default=100)
+    p.add_argument("--oracle-n", type=int, default=16)
+    p.add_argument("--prior", nargs="*", default=[], help="work folders of the runs this one continued from, oldest first")
+    a = p.parse_args(argv)
+    meas = release_sd3(a.work, a.out, a.eval_n, a.oracle_n, prior=tuple(a.prior))
+    print(json.dumps(meas, indent=1))
+
+
+if __name__ == "__main__":
+    main()

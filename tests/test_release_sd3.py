@@ -1,0 +1,30 @@
+"""The embedded SD3 model's card: the history of its runs is read from their checkpoints."""
+
+from __future__ import annotations
+
+import torch
+
+from attnseg.train.embedded.release_sd3 import run_history
+
+
+def _ckpt(folder, step, colour_prob, **arch):
+    folder.mkdir()
+    torch.save({"step": step, "config": {"colour_prob": colour_prob, "sd3_arch": {"layers": 4, **arch}}}, folder / "sd3-ckpt.pt")
+    return str(folder)
+
+
+def test_run_history_names_each_runs_change_and_counts_steps_across_runs(tmp_path):
+    works = [
+        _ckpt(tmp_path / "t1", 100, 0.8),  # written before pooled / mix_text existed: both on
+        _ckpt(tmp_path / "t2", 40, 0.5, pooled=False, mix_text=True),
+        _ckpt(tmp_path / "t3", 10, 0.5, pooled=False, mix_text=False, pos_scale=0.25, layers=8),
+        _ckpt(tmp_path / "t4", 5, 0.5, pooled=False, mix_text=False, pos_scale=0.25, layers=8),
+    ]
+    runs, table = run_history(works)
+    assert [r["steps"] for r in runs] == [100, 40, 10, 5]
+    rows = table.splitlines()[2:]
+    assert rows[0].startswith("| T1 | 0-100 | from scratch") and rows[0].endswith("80% colour captions |")
+    assert rows[1] == "| T2 | 100-140 | pooled conditioning off; 50% colour captions |"
+    assert rows[2].startswith("| T3 | 140-150 | grown from 4 to 8 joint blocks")
+    assert "text stream frozen" in rows[2] and "position table x 0.25 (was x 1.0)" in rows[2]
+    assert rows[3] == "| T4 | 150-155 | continued; 50% colour captions |"
