@@ -15,7 +15,10 @@
   shape absent from the scene written where the label was;
 - ``sweep``: the cross baseline's mIoU on validation scenes for every block set (the last block, the last two, every
   block) x noise level (``--t``) x background threshold (the paper's rule and 0.6 / 0.7 / 0.8), to choose a model's
-  preset on scenes the test never uses.
+  preset on scenes the test never uses;
+- ``t2m-sweep``: T2M reading the last block's cross maps, with the self maps of each block (and of all) at the first
+  noise level of ``--t`` and background threshold 0.6, then the best of them at every noise level x background
+  threshold (the paper's rule, 0.6, 0.7, 0.8), then the best of those with Self to the power 1-4: the same use.
 
     python scripts/probe_sd3.py EXPORT text
     python scripts/probe_sd3.py EXPORT timesteps --n 50 --t 150,400,700 -m cross -m concept-attention
@@ -24,6 +27,7 @@
     python scripts/probe_sd3.py EXPORT position --n 24
     python scripts/probe_sd3.py EXPORT mass --n 16 --t 400
     python scripts/probe_sd3.py EXPORT sweep --n 40 --t 150,400
+    python scripts/probe_sd3.py EXPORT t2m-sweep --n 40 --t 400,150
 """
 
 from __future__ import annotations
@@ -184,7 +188,7 @@ def text_paths(pred: AttnSegPredictor, n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("probe", choices=["text", "timesteps", "blocks", "pattern", "position", "mass", "sweep"])
+    ap.add_argument("probe", choices=["text", "timesteps", "blocks", "pattern", "position", "mass", "sweep", "t2m-sweep"])
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--t", default="150,400,700")
     ap.add_argument("-m", "--method", action="append", default=None)
@@ -214,6 +218,31 @@ def main() -> None:
             print(m, " ".join(f"t={t}: {miou(pred, scenes, m, timestep=t):.1f}" for t in ts))
         return
     modules = sorted({lay.module for lay in pred.inventory if lay.kind == "cross"}, key=lambda s: int(s.split(".")[1]))
+    if a.probe == "t2m-sweep":
+        last = (LayerSelect(kind="cross", blocks=("joint",), take=(-1, None)),)
+        plain = {"synonyms": False, "background_words": (), "posterior": "mean", "cross": last}
+        selfs = {f"self of block {b}": LayerSelect(kind="self", blocks=("joint",), take=(b, b + 1)) for b in range(len(modules))}
+        selfs["self of every block"] = LayerSelect(kind="self")
+        best, best_v = "", -1.0
+        for name, sel in selfs.items():
+            v = miou(pred, scenes, "t2m", timestep=ts[0], self_layer=sel, bg_threshold=0.6, **plain)
+            print(f"t={ts[0]} bg 0.6 {name}: {v:.1f}", flush=True)
+            best, best_v = (name, v) if v > best_v else (best, best_v)
+        top, top_v = (ts[0], 0.6), best_v
+        for t in ts:
+            row = []
+            for thr in (None, 0.6, 0.7, 0.8):
+                v = miou(pred, scenes, "t2m", timestep=t, self_layer=selfs[best], bg_threshold=thr, **plain)
+                row.append(f"{v:.1f}")
+                top, top_v = ((t, thr), v) if v > top_v else (top, top_v)
+            print(f"t={t} {best}: bg paper / 0.6 / 0.7 / 0.8: {' / '.join(row)}", flush=True)
+        t, thr = top
+        row = [
+            f"{miou(pred, scenes, 't2m', timestep=t, self_layer=selfs[best], bg_threshold=thr, iters=k, **plain):.1f}"
+            for k in (1, 2, 3, 4)
+        ]
+        print(f"t={t} bg {thr} {best}: Self^1 / ^2 / ^3 / ^4: {' / '.join(row)}", flush=True)
+        return
     if a.probe == "sweep":
         sets = {"last": (len(modules) - 1, len(modules)), "last two": (len(modules) - 2, len(modules)), "all": None}
         for t in ts:

@@ -90,9 +90,7 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     # COCO as the authors' code runs it: its background rule (2 thr - max)^2 with thr 0.35, Self boxed at 0.5.
     # Both code presets keep the image's aspect, long side 704-1024 px (``resize="code"``); COCO's with the code's
     # COCO names.
-    "coco-code": T2MConfig(
-        template="t2m-code", synonyms="coco", draws=1, bg_threshold=0.35, caa_threshold=0.5, resize="code"
-    ),
+    "coco-code": T2MConfig(template="t2m-code", synonyms="coco", draws=1, bg_threshold=0.35, caa_threshold=0.5, resize="code"),
     # VOC as the authors' code runs it: Self boxed to each label's Cross regions at 0.2, the 10 draws combined with
     # the foreground averaged, the background rule applied once, its prompt (labels and background words one list,
     # its per-class background words).
@@ -120,6 +118,19 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     # Cross averages every joint layer's image-to-text block, Self every self map (the joint layers' image-to-image
     # blocks, and SD3.5's image-only layers), all on one grid.
     "mmdit": T2MConfig(cross=(LayerSelect(kind="cross"),), self_layer=LayerSelect(kind="self")),
+    # The embedded SD3 model (its attnseg.json makes this its default): Cross from the one joint block that reads
+    # words where their objects are (its last, as `cross:embedded-sd3`), Self from its second block, the noise level
+    # and background threshold all chosen on validation scenes (`python scripts/probe_sd3.py MODEL t2m-sweep`;
+    # docs/EMBEDDED-MODEL-TRAINING.md); the plain prompt of the UNet model's preset.
+    "embedded-sd3": T2MConfig(
+        timestep=400,
+        synonyms=False,
+        background_words=(),
+        cross=(LayerSelect(kind="cross", blocks=("joint",), take=(-1, None)),),
+        self_layer=LayerSelect(kind="self", blocks=("joint",), take=(1, 2)),
+        bg_threshold=0.7,
+        posterior="mean",
+    ),
 }
 
 # The embedded preset with the code's two choices of the `code` preset (boxed Self, draws averaged before the

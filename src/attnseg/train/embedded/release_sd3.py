@@ -31,19 +31,29 @@ from attnseg.train.embedded.sd3 import CKPT, SD3_CALL, SD3Arch, _arch_of, stage_
 from attnseg.train.embedded.train import TrainConfig
 
 PROFILE = {
-    "presets": {"cross": "embedded-sd3", "t2m": "mmdit", "diffseg": "embedded"},
+    "presets": {"cross": "embedded-sd3", "t2m": "embedded-sd3", "diffseg": "embedded"},
     "why": (
         "Only the last joint block of this model reads words where their objects are (one block at a time on "
         "validation scenes: python scripts/probe_sd3.py MODEL blocks); the cross baseline's 'embedded-sd3' preset "
         "reads it alone, with a noise level and background threshold chosen on validation scenes (python "
-        "scripts/probe_sd3.py MODEL sweep). T2M reads every joint block ('mmdit': the paper's layers have no "
-        "counterpart in a transformer); DiffSeg merges with the UNet model's KL threshold (0.1). Pass a preset to "
-        "override."
+        "scripts/probe_sd3.py MODEL sweep). T2M's 'embedded-sd3' preset reads Cross from that block and Self from "
+        "the block chosen with its noise level and background threshold on validation scenes (python "
+        "scripts/probe_sd3.py MODEL t2m-sweep); 't2m:mmdit', every joint block, is the paper's method mapped onto a "
+        "transformer. DiffSeg merges with the UNet model's KL threshold (0.1). Pass a preset to override."
     ),
 }
 """The model's ``attnseg.json``; its words are the UNet model's (the same tokenizer and captions)."""
 
-METHODS = ["cross", "cross:default", "cross:seg4diff", "t2m", "diffseg", "concept-attention", "concept-attention:flux"]
+METHODS = [
+    "cross",
+    "cross:default",
+    "cross:seg4diff",
+    "t2m",
+    "t2m:mmdit",
+    "diffseg",
+    "concept-attention",
+    "concept-attention:flux",
+]
 """What the release measures on the transformer: the model's presets, the papers' layer choices beside them."""
 UNET_METHODS = ["cross", "t2m", "iseg", "diffseg"]
 """What it measures on the UNet model on the same scenes (its own presets)."""
@@ -105,8 +115,10 @@ alone; 10% empty captions. Evaluation scenes use world seed 1 and are never seen
 - It draws coloured shapes for prompts of the ShapesWorld vocabulary (samples: `samples.png` beside this card) and
   knows no other word.
 - `attnseg.json` beside this card makes `cross:embedded-sd3` (the last joint block alone, read at t = {cross_t}, background
-  threshold {cross_bg}, chosen on validation scenes), `t2m:mmdit` and `diffseg:embedded` its default presets. iSeg's
-  presets name UNet layers and are refused on it with the list of its layers.
+  threshold {cross_bg}), `t2m:embedded-sd3` (Cross from the last joint block, Self from joint block {t2m_self} (counting from 0), t = {t2m_t}, background
+  threshold {t2m_bg}, Self^{t2m_iters}; all chosen on validation scenes, docs/EMBEDDED-MODEL-TRAINING.md) and `diffseg:embedded` its
+  default presets; `t2m:mmdit` (every joint block) is the paper's method mapped onto a transformer. iSeg's presets
+  name UNet layers and are refused on it with the list of its layers.
 - Resolution is fixed at 64x64; other sizes are resized.
 """
 
@@ -222,6 +234,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
     losses = [r["loss"] for r in sd3_log if "loss" in r]
     tr = pipe.transformer.config
     cross = REGISTRY["cross"].presets[PROFILE["presets"]["cross"]]
+    t2m = REGISTRY["t2m"].presets[PROFILE["presets"]["t2m"]]
     total_steps = sum(r["steps"] for r in runs)
     best_cross = max(v["miou"] for k, v in meas["eval"].items() if k.startswith("cross"))
     text = CARD.format(
@@ -264,6 +277,10 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         measurements=measurements_md(meas),
         cross_t=cross.timestep,
         cross_bg=cross.bg_threshold if cross.bg_threshold is not None else "of the paper's rule",
+        t2m_self=t2m.self_layer.take[0] if t2m.self_layer.take else "every",
+        t2m_t=t2m.timestep,
+        t2m_bg=t2m.bg_threshold if t2m.bg_threshold is not None else "of the paper's rule",
+        t2m_iters=t2m.iters,
     )
     (out / "README.md").write_text(text)
 
