@@ -403,3 +403,39 @@ def test_attnseg_segment_method_grounding_writes_the_modules_label_map(tmp_path)
     assert r.exit_code == 2 and "--method grounding" in r.output
     r = CliRunner().invoke(app, [*args, "--method", "grounding", "--draws", "2", "--out", str(tmp_path / "o4")])
     assert r.exit_code == 2 and "drop --draws" in r.output and not (tmp_path / "o4").exists()
+
+
+def test_attnseg_eval_scores_the_grounding_modules_label_maps(tmp_path):
+    from typer.testing import CliRunner
+
+    from attnseg.cli import app
+    from attnseg.diffusion.loading import load_backbone
+    from attnseg.grounder import Grounder
+    from attnseg.io.datasets import VOCDataset
+    from attnseg.io.images import load_image
+    from attnseg.ops.metrics import confusion, summarize
+
+    scenes = tmp_path / "scenes"
+    assert CliRunner().invoke(app, ["shapes", "export", str(scenes), "--n", "3", "--seed", "1"]).exit_code == 0
+    r = CliRunner().invoke(app, ["eval", str(scenes), "-m", "grounding", "--device", "cpu", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    # The report's mIoU is that of the module's label maps (as `segment --method grounding` writes them) in the
+    # dataset's class ids, over the ground truth's labels of each scene.
+    g = Grounder.from_folder(load_backbone(None, device="cpu", dtype="float32"))
+    ds = VOCDataset(scenes)
+    classes = list(ds.classes)
+    conf = np.zeros((len(classes),) * 2, np.int64)
+    for sid in ds.ids:
+        sample = ds.sample(sid)
+        labels = [classes[i] for i in sorted(set(np.unique(sample.gt)) - {0, 255})]
+        res = g.segment_result(load_image(sample.image_path), labels)
+        lut = np.array([0] + [classes.index(x) for x in labels], np.uint8)
+        conf += confusion(sample.gt, lut[res.mask], len(classes))
+    assert rep["methods"]["grounding"]["miou"] == pytest.approx(summarize(conf, classes)["miou"])
+    settings = json.loads((tmp_path / "r" / "cache" / "grounding" / "settings.json").read_text())
+    assert len(settings["module"]) == 16  # the digest of the module's weights: another module's cache is refused
+    r = CliRunner().invoke(app, ["eval", str(scenes), "-m", "grounding:paper", "--device", "cpu", "--out", str(tmp_path / "r2")])
+    assert r.exit_code == 2 and "no presets" in r.output
+    r = CliRunner().invoke(app, ["eval", str(scenes), "-m", "cross", "--module", str(tmp_path), "--out", str(tmp_path / "r3")])
+    assert r.exit_code == 2 and "-m grounding" in r.output

@@ -28,7 +28,15 @@ def eval_cmd(
     out: Annotated[Path, typer.Option(help="Report folder (report.json, report.md, per_class.png, qualitative.png).")],
     method: Annotated[
         list[str] | None,
-        typer.Option("--method", "-m", help="Methods to compare: cross, t2m, iseg, t2m:single-pass, iseg+crf ..."),
+        typer.Option(
+            "--method",
+            "-m",
+            help="Methods to compare: cross, t2m, iseg, t2m:single-pass, iseg+crf ...; grounding (a trained module, --module).",
+        ),
+    ] = None,
+    module: Annotated[
+        Path | None,
+        typer.Option(help="With -m grounding: a trained grounding module (default: the one shipped with the embedded model)."),
     ] = None,
     segmenter: Annotated[
         list[Path] | None, typer.Option(help="Folders of `attnseg train-segmenter` models to score too (Protocol II).")
@@ -47,7 +55,9 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only.")] = None,
     draws: Annotated[int | None, typer.Option(help="Noise draws (default: each method's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the noise draws.")] = 0,
-    model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or auto.")] = "auto",
 ) -> None:
@@ -74,12 +84,19 @@ def eval_cmd(
         raise typer.Exit(2) from None
     _check_labels_file(labels_file)
     predictor = _load_predictor(model, device, dtype) if method else None
-    from attnseg.jobs.evaluate import MethodSpec
+    from attnseg.jobs.evaluate import GROUNDING, MethodSpec
     from attnseg.methods.registry import REAL
 
     for m in method:
         spec = MethodSpec.parse(m)
-        _check_method(spec.method, spec.preset, REAL)
+        if spec.method == GROUNDING and spec.preset is not None:
+            _err(f"{m}: grounding has no presets, its settings are the trained module's (--module)")
+            raise typer.Exit(2)
+        if spec.method != GROUNDING:
+            _check_method(spec.method, spec.preset, REAL)
+    if module is not None and not any(MethodSpec.parse(m).method == GROUNDING for m in method):
+        _err("--module is the grounding module of -m grounding; drop it or add -m grounding")
+        raise typer.Exit(2)
     _out_folder(out)
     try:
         report = evaluate(
@@ -95,6 +112,7 @@ def eval_cmd(
             progress=sys.stderr.isatty(),
             segmenters=segmenter,
             vocabulary=vocab,
+            module=module,
         )
     except (ValueError, ImportError, RuntimeError, OSError) as e:
         _err(str(e))
@@ -116,7 +134,9 @@ def bench(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for bench.json and bench.md (personal: personal.json, .md).")] = None,
     method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Methods (default: cross, t2m, iseg).")] = None,
-    model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 5,
     batch: Annotated[int, typer.Option(help="Images per batch for the throughput figure.")] = 8,
     real_size: Annotated[bool, typer.Option(help="Also measure an SD 1.5-shaped UNet at 512 px (about 4 GB of RAM).")] = False,

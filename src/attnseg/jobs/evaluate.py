@@ -32,6 +32,9 @@ from attnseg.tagging import TagConfig, Tagger, TagResult
 
 UNSUPERVISED = tuple(names(guide=NOTHING))
 """Methods that segment without labels: scored after Hungarian matching of their segments to classes."""
+GROUNDING = "grounding"
+"""Grounded Diffusion's trained module (:class:`~attnseg.grounder.Grounder`), read on the real image as ``attnseg
+segment --method grounding`` reads it; its settings are the module's, so it takes no preset."""
 
 
 @dataclass(frozen=True)
@@ -79,16 +82,30 @@ def _check_cache_settings(folder: Path, settings: dict) -> None:
 
 
 def _predict_ids(
-    predictor, image: np.ndarray, labels: list[str], classes: Sequence[str], spec: MethodSpec, draws, seed
+    predictor, grounder, image: np.ndarray, labels: list[str], classes: Sequence[str], spec: MethodSpec, draws, seed
 ) -> np.ndarray:
-    res = predictor.segment_batch(
-        [image], [labels], method=spec.method, preset=spec.preset, draws=draws, seed=seed, crf=spec.crf
-    )[0]
+    if spec.method == GROUNDING:
+        res = grounder.segment_result(image, labels, seed=seed, crf=spec.crf)
+    else:
+        res = predictor.segment_batch(
+            [image], [labels], method=spec.method, preset=spec.preset, draws=draws, seed=seed, crf=spec.crf
+        )[0]
     unknown = [lab for lab in labels if lab not in classes]
     if unknown:
         raise ValueError(f"labels {unknown} are not classes of the dataset ({', '.join(classes[1:])})")
     lut = np.array([0] + [classes.index(lab) for lab in labels], dtype=np.uint8)
     return lut[res.mask]
+
+
+def _grounder(predictor, module: str | Path | None):
+    """The grounding module of ``module`` on the predictor's model (refused when trained on another model's features)
+    and the digest of its weights that the caches record."""
+    from attnseg.grounder import SHIPPED, Grounder
+
+    grounder = Grounder.from_folder(predictor.backbone, module)
+    grounder.check()
+    weights = Path(module if module is not None else SHIPPED) / "model.safetensors"
+    return grounder, hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
 
 def evaluate(
@@ -105,6 +122,7 @@ def evaluate(
     grid_rows: int = 6,
     segmenters: Sequence[str | Path] = (),
     vocabulary: Sequence[str] | None = None,
+    module: str | Path | None = None,
 ) -> dict:
     """Evaluate ``methods`` on ``dataset``; write report.json, report.md and PNG charts to ``out``.
 
@@ -112,6 +130,7 @@ def evaluate(
     not its labels; ``predictor`` may be None when only segmenters are evaluated.
     ``vocabulary``: class names the model tags each image from (:class:`~attnseg.tagging.Tagger`); the methods get the
     tags instead of the ground truth's labels, and the report's ``tagging`` holds their precision and recall.
+    ``module``: the grounding module that the method ``grounding`` reads (None: the one shipped with the embedded model).
     """
     out = Path(out)
     classes = list(dataset.classes)
@@ -127,7 +146,9 @@ def evaluate(
     specs: list[MethodSpec] = []
     for m in methods:
         s = MethodSpec.parse(m)
-        if s.preset is None:
+        if s.method == GROUNDING and s.preset is not None:
+            raise ValueError(f"{m}: grounding has no presets, its settings are the trained module's (--module)")
+        if s.preset is None and s.method != GROUNDING:
             # The model's recommended preset (its attnseg.json), named in the report's keys.
             s = MethodSpec(s.method, predictor.default_presets.get(s.method), s.crf)
         for spec in (s, MethodSpec(s.method, s.preset, True)) if crf and not s.crf else (s,):
@@ -144,8 +165,10 @@ def evaluate(
     if tagger is not None:  # recorded only then: caches of runs without a vocabulary stay as they were
         settings["vocabulary"] = tags_digest
         _check_cache_settings(out / "cache" / "tags", {"model": settings["model"], "vocabulary": tags_digest})
+    grounder, module_digest = _grounder(predictor, module) if any(s.method == GROUNDING for s in specs) else (None, None)
     for s in specs:
-        _check_cache_settings(out / "cache" / s.key, {**settings, "method": s.method, "preset": s.preset, "crf": s.crf})
+        which = {"module": module_digest} if s.method == GROUNDING else {}
+        _check_cache_settings(out / "cache" / s.key, {**settings, "method": s.method, "preset": s.preset, "crf": s.crf, **which})
     for key, (_, _, digest) in segs.items():
         _check_cache_settings(out / "cache" / key, {"segmenter": key, "weights": digest})
     confs = {s.key: np.zeros((len(classes), len(classes) + (1 if s.method in UNSUPERVISED else 0)), np.int64) for s in specs}
@@ -172,7 +195,7 @@ def evaluate(
             preds = {}
             for spec in specs:
                 make = functools.partial(
-                    _method_prediction, predictor, image, labels, classes, spec, draws, seed, sample.gt.shape
+                    _method_prediction, predictor, grounder, image, labels, classes, spec, draws, seed, sample.gt.shape
                 )
                 pred = _cached(out / "cache" / spec.key / f"{sample.id}.png", make)
                 score = hungarian_confusion if spec.method in UNSUPERVISED else confusion
@@ -256,14 +279,14 @@ def _cached(cache: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
 
 
 def _method_prediction(
-    predictor, image: Callable[[], np.ndarray], labels, classes, spec: MethodSpec, draws, seed: int, shape
+    predictor, grounder, image: Callable[[], np.ndarray], labels, classes, spec: MethodSpec, draws, seed: int, shape
 ) -> np.ndarray:
     """A method's label map in the dataset's class ids (segment ids for unsupervised methods)."""
     if spec.method in UNSUPERVISED:
         return _unsupervised(predictor, image(), spec, seed)
     if not labels:
         return np.zeros(shape, np.uint8)
-    return _predict_ids(predictor, image(), list(labels), classes, spec, draws, seed)
+    return _predict_ids(predictor, grounder, image(), list(labels), classes, spec, draws, seed)
 
 
 def _segmenter_prediction(segmenter, lut: np.ndarray, image: Callable[[], np.ndarray]) -> np.ndarray:
