@@ -19,6 +19,8 @@
 - ``t2m-sweep``: T2M reading the last block's cross maps, with the self maps of each block (and of all) at the first
   noise level of ``--t`` and background threshold 0.6, then the best of them at every noise level x background
   threshold (the paper's rule, 0.6, 0.7, 0.8), then the best of those with Self to the power 1-4: the same use.
+  Both sweeps set every setting they vary on top of the papers' presets (``cross:default``, ``t2m:paper``, one
+  noise draw), whatever the model's ``attnseg.json`` says.
 
     python scripts/probe_sd3.py EXPORT text
     python scripts/probe_sd3.py EXPORT timesteps --n 50 --t 150,400,700 -m cross -m concept-attention
@@ -194,7 +196,7 @@ def main() -> None:
     ap.add_argument("-m", "--method", action="append", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    pred = AttnSegPredictor.from_pretrained(None if a.model == "embedded" else a.model)
+    pred = AttnSegPredictor.from_pretrained(a.model)
     if a.probe == "text":
         text_paths(pred, a.n)
         return
@@ -225,20 +227,20 @@ def main() -> None:
         selfs["self of every block"] = LayerSelect(kind="self")
         best, best_v = "", -1.0
         for name, sel in selfs.items():
-            v = miou(pred, scenes, "t2m", timestep=ts[0], self_layer=sel, bg_threshold=0.6, **plain)
+            v = miou(pred, scenes, "t2m:paper", timestep=ts[0], self_layer=sel, bg_threshold=0.6, **plain)
             print(f"t={ts[0]} bg 0.6 {name}: {v:.1f}", flush=True)
             best, best_v = (name, v) if v > best_v else (best, best_v)
         top, top_v = (ts[0], 0.6), best_v
         for t in ts:
             row = []
             for thr in (None, 0.6, 0.7, 0.8):
-                v = miou(pred, scenes, "t2m", timestep=t, self_layer=selfs[best], bg_threshold=thr, **plain)
+                v = miou(pred, scenes, "t2m:paper", timestep=t, self_layer=selfs[best], bg_threshold=thr, **plain)
                 row.append(f"{v:.1f}")
                 top, top_v = ((t, thr), v) if v > top_v else (top, top_v)
             print(f"t={t} {best}: bg paper / 0.6 / 0.7 / 0.8: {' / '.join(row)}", flush=True)
         t, thr = top
         row = [
-            f"{miou(pred, scenes, 't2m', timestep=t, self_layer=selfs[best], bg_threshold=thr, iters=k, **plain):.1f}"
+            f"{miou(pred, scenes, 't2m:paper', timestep=t, self_layer=selfs[best], bg_threshold=thr, iters=k, **plain):.1f}"
             for k in (1, 2, 3, 4)
         ]
         print(f"t={t} bg {thr} {best}: Self^1 / ^2 / ^3 / ^4: {' / '.join(row)}", flush=True)
@@ -249,13 +251,14 @@ def main() -> None:
             for name, take in sets.items():
                 sel = LayerSelect(kind="cross", blocks=("joint",), take=take) if take else LayerSelect(kind="cross")
                 row = [
-                    f"{miou(pred, scenes, 'cross', timestep=t, cross=sel, bg_threshold=thr):.1f}" for thr in (None, 0.6, 0.7, 0.8)
+                    f"{miou(pred, scenes, 'cross:default', timestep=t, cross=sel, bg_threshold=thr):.1f}"
+                    for thr in (None, 0.6, 0.7, 0.8)
                 ]
                 print(f"t={t} {name}: bg paper / 0.6 / 0.7 / 0.8: {' / '.join(row)}", flush=True)
         return
     for mod in modules:
         sel = LayerSelect(kind="cross", names=(f"{mod}:cross",))
-        print(mod, f"{miou(pred, scenes, 'cross', timestep=ts[0], cross=sel):.1f}")
+        print(mod, f"{miou(pred, scenes, 'cross:default', timestep=ts[0], cross=sel):.1f}")
 
 
 if __name__ == "__main__":

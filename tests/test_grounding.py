@@ -433,8 +433,22 @@ def test_attnseg_eval_scores_the_grounding_modules_label_maps(tmp_path):
         lut = np.array([0] + [classes.index(x) for x in labels], np.uint8)
         conf += confusion(sample.gt, lut[res.mask], len(classes))
     assert rep["methods"]["grounding"]["miou"] == pytest.approx(summarize(conf, classes)["miou"])
-    settings = json.loads((tmp_path / "r" / "cache" / "grounding" / "settings.json").read_text())
-    assert len(settings["module"]) == 16  # the digest of the module's weights: another module's cache is refused
+    # The cache records the module's weights: another module's predictions are not mixed into it.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from attnseg.grounder import SHIPPED
+
+    other = tmp_path / "other-module"
+    shutil.copytree(SHIPPED, other)
+    weights = load_file(str(other / "model.safetensors"))
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 0.01
+    save_file(weights, str(other / "model.safetensors"))
+    args = ["eval", str(scenes), "-m", "grounding", "--device", "cpu", "--out", str(tmp_path / "r")]
+    r = CliRunner().invoke(app, [*args, "--module", str(other)])
+    assert r.exit_code == 2 and "other settings" in r.output
     r = CliRunner().invoke(app, ["eval", str(scenes), "-m", "grounding:paper", "--device", "cpu", "--out", str(tmp_path / "r2")])
     assert r.exit_code == 2 and "no presets" in r.output
     r = CliRunner().invoke(app, ["eval", str(scenes), "-m", "cross", "--module", str(tmp_path), "--out", str(tmp_path / "r3")])

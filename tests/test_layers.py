@@ -84,3 +84,4 @@ def test_take_slices_from_the_end_and_clips(sd15_inventory):
     assert take(2, None) == up[2:]
     assert take(20, 21) == up[-1:]  # beyond the end: clipped to the last one
     assert take(-20, 1) == up[:1]  # before the start: from the first
+    assert take(None, 2) == up[:2]

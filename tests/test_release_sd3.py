@@ -28,3 +28,17 @@ def test_run_history_names_each_runs_change_and_counts_steps_across_runs(tmp_pat
     assert rows[2].startswith("| T3 | 140-150 | grown from 4 to 8 joint blocks")
     assert "text stream frozen" in rows[2] and "position table x 0.25 (was x 1.0)" in rows[2]
     assert rows[3] == "| T4 | 150-155 | continued; 50% colour captions |"
+
+
+def test_the_history_ends_at_the_exported_step():
+    from attnseg.train.embedded.release_sd3 import _until
+
+    log = [{"stage": "sd3", "init_ckpt": "x"}, {"step": 50, "loss": 0.5}, {"step": 100, "loss": 0.4}, {"step": 150, "loss": 0.3}]
+    assert _until(log, 100) == log[:3]
+    assert _until(log, 1000) == log
+
+
+def test_run_history_takes_the_exported_step_for_the_last_run(tmp_path):
+    works = [_ckpt(tmp_path / "t1", 100, 0.5), _ckpt(tmp_path / "t2", 40, 0.5, layers=8)]
+    runs, table = run_history(works, last_step=30)
+    assert runs[-1]["steps"] == 30 and "| T2 | 100-130 |" in table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,6 +200,26 @@ def test_pickled_weights_refused(tiny_pipe_dir, tmp_path):
     (tmp_path / "model.ckpt").write_bytes(b"x")
     with pytest.raises(ModelError, match="pickled checkpoint"):
         load_pipeline(tmp_path / "model.ckpt")
+
+
+def test_embedded_model_names_a_folder_of_the_same_name_and_a_path(tiny_pipe_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from attnseg.diffusion.loading import ModelError, load_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    assert load_pipeline("embedded").attnseg_model_name == "embedded"  # the package's model, by its name
+    shutil.copytree(tiny_pipe_dir, tmp_path / "embedded")
+    with pytest.raises(ModelError, match=r"names both the package's embedded model and a folder here; pass ./embedded"):
+        load_pipeline("embedded")
+    # a folder of that name is reached by its path (the tiny pipeline, not the package's model)
+    for folder in ("./embedded", Path("embedded")):
+        assert Path(load_pipeline(folder).name_or_path).resolve() == tmp_path / "embedded"
+    assert Path(load_pipeline(None).name_or_path).resolve() != tmp_path / "embedded"
+    with pytest.raises(ModelError, match="no embedded model is named 'embedded-xl'; the package ships embedded"):
+        from attnseg.diffusion.loading import embedded_model_path
+
+        embedded_model_path("embedded-xl")
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,8 @@ class AttnSegPredictor(PersonalConcepts):
 
     @classmethod
     def from_pretrained(cls, model=None, device: str | None = "cpu", dtype="auto", quiet: bool = True, **kw) -> AttnSegPredictor:
-        """Load ``model`` (None: the embedded model; a folder; a hub id); ``quiet`` hides the libraries' loading noise."""
+        """Load ``model`` (None or "embedded": the embedded UNet model; "embedded-sd3": the embedded SD3 model; a folder;
+        a hub id); ``quiet`` hides the libraries' loading noise."""
         return cls(load_pipeline(model, device=device, dtype=dtype, quiet=quiet), **kw)
 
     @property

@@ -23,6 +23,10 @@ app.add_typer(shapes_app, name="shapes")
 app.add_typer(grounding_app, name="grounding")
 
 
+MODEL_HELP = "Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model)."
+"""The help of every command's --model."""
+
+
 def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 

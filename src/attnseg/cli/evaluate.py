@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from attnseg.cli.common import (
+    MODEL_HELP,
     _check_labels_file,
     _check_method,
     _err,
@@ -55,9 +56,7 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N images only.")] = None,
     draws: Annotated[int | None, typer.Option(help="Noise draws (default: each method's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the noise draws.")] = 0,
-    model: Annotated[
-        str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")
-    ] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or auto.")] = "auto",
 ) -> None:
@@ -83,7 +82,6 @@ def eval_cmd(
         _err(str(e))
         raise typer.Exit(2) from None
     _check_labels_file(labels_file)
-    predictor = _load_predictor(model, device, dtype) if method else None
     from attnseg.jobs.evaluate import GROUNDING, MethodSpec
     from attnseg.methods.registry import REAL
 
@@ -97,6 +95,7 @@ def eval_cmd(
     if module is not None and not any(MethodSpec.parse(m).method == GROUNDING for m in method):
         _err("--module is the grounding module of -m grounding; drop it or add -m grounding")
         raise typer.Exit(2)
+    predictor = _load_predictor(model, device, dtype) if method else None
     _out_folder(out)
     try:
         report = evaluate(
@@ -134,9 +133,7 @@ def bench(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for bench.json and bench.md (personal: personal.json, .md).")] = None,
     method: Annotated[list[str] | None, typer.Option("--method", "-m", help="Methods (default: cross, t2m, iseg).")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")
-    ] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 5,
     batch: Annotated[int, typer.Option(help="Images per batch for the throughput figure.")] = 8,
     real_size: Annotated[bool, typer.Option(help="Also measure an SD 1.5-shaped UNet at 512 px (about 4 GB of RAM).")] = False,

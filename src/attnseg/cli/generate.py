@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from attnseg.cli.common import (
+    MODEL_HELP,
     _check_method,
     _err,
     _load_predictor,
@@ -40,7 +41,7 @@ def generate(
         ),
     ] = None,
     template: Annotated[str, typer.Option(help="Prompt of one class.")] = "a photo of a {}",
-    model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the method's, 50; grounding 20).")] = None,
     guidance: Annotated[
         float | None, typer.Option(help="Classifier-free guidance scale (default: the method's, 7.5; grounding 5).")

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from attnseg.cli.common import (
+    MODEL_HELP,
     _err,
     _load_predictor,
     _progress_bar,
@@ -27,7 +28,7 @@ def personalize(
     ] = "textual-inversion",
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 400,
     seed: Annotated[int, typer.Option(help="Seed of batches, noise, regularisation images and samples.")] = 0,
-    model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads of torch (default: torch's).")] = None,
 ) -> None:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from attnseg.cli.common import (
+    MODEL_HELP,
     _check_inputs,
     _check_labels_file,
     _check_method,
@@ -42,7 +43,7 @@ def segment(
     preset: Annotated[
         str | None, typer.Option(help="Named settings of the method (e.g. t2m: voc, single-pass; iseg: wsss-voc).")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("attnseg-out"),
     crf: Annotated[bool, typer.Option(help="Refine with a dense CRF (needs the crf extra: pip install 'attnseg[crf]').")] = False,
     draws: Annotated[int | None, typer.Option(help="Noise draws averaged (default: the method's).")] = None,
@@ -250,7 +251,7 @@ def tag(
     json_lines: Annotated[
         bool, typer.Option("--json", help='One JSON object a line per image: {"image", "labels", "scores": {label: score}}.')
     ] = False,
-    model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float16, bfloat16 or auto.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images tagged together.")] = 4,
@@ -409,7 +410,7 @@ def _segment_grounding(inputs, labels, labels_file, module, model, out, seed, cr
 
 @app.command()
 def layers(
-    model: Annotated[str | None, typer.Option(help="Pipeline folder or hub id, or embedded-sd3 (default: embedded, the shipped UNet model).")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     size: Annotated[int | None, typer.Option(help="Image side (default: the model's native size).")] = None,
 ) -> None:
     """List the attention layers of a model with their grid side and resolution rank."""

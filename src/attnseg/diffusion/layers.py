@@ -140,7 +140,7 @@ class LayerSelect:
     ``take`` = (start, stop) keeps that slice of the matches in UNet order, for the papers' choices
     such as T2M's self-attention of ``up_blocks.2.attentions.1`` (take (1, 2) of the 32-px decoder
     layers); on a smaller UNet the slice is clipped so that at least one layer stays. Negative bounds count from
-    the end and a stop of None runs to it, as in a Python slice: (-1, None) is the last matching layer.
+    the end and None runs from the start or to the end, as in a Python slice: (-1, None) is the last matching layer.
     """
 
     kind: str = "cross"
@@ -166,7 +166,7 @@ class LayerSelect:
             cands = [lay for lay in cands if lay.side(latent) in self.sides]
         if self.take is not None and cands:
             n = len(cands)
-            start, stop = (n if b is None else n + b if b < 0 else b for b in self.take)
+            start, stop = (d if b is None else n + b if b < 0 else b for b, d in zip(self.take, (0, n), strict=True))
             start = min(max(start, 0), n - 1)
             cands = cands[start : max(stop, start + 1)]
         if not cands:

@@ -24,8 +24,8 @@ from attnseg.diffusion.unet import SDXLBackbone, UNetBackbone
 
 EMBEDDED_DIR = Path(__file__).parent.parent / "assets" / "embedded"
 EMBEDDED_MODELS = {"embedded": EMBEDDED_DIR, "embedded-sd3": EMBEDDED_DIR.parent / "embedded-sd3"}
-"""The models shipped inside the package, by the name that ``--model`` takes (a folder of that name in the working
-directory is reached as ``./embedded``)."""
+"""The models shipped inside the package, by the name that ``--model`` takes (a string; a folder of the same name in
+the working directory makes the name ambiguous and is refused: pass ``./embedded`` or a ``Path`` for the folder)."""
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DTYPES = {
     "float32": torch.float32,
@@ -68,6 +68,8 @@ class ModelError(RuntimeError):
 
 def embedded_model_path(name: str = "embedded") -> Path:
     """Folder of a model shipped inside the package (:data:`EMBEDDED_MODELS`)."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelError(f"no embedded model is named {name!r}; the package ships {', '.join(EMBEDDED_MODELS)}")
     folder = EMBEDDED_MODELS[name]
     if not (folder / "model_index.json").exists():
         raise ModelError(
@@ -215,8 +217,14 @@ def _load_pipeline(model, device, dtype):
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     local = None
-    if model is None or str(model) in EMBEDDED_MODELS:
-        local = embedded_model_path(str(model or "embedded"))
+    if model is None or (isinstance(model, str) and model in EMBEDDED_MODELS):
+        name = model or "embedded"
+        if model is not None and Path(model).is_dir():
+            raise ModelError(
+                f"{model!r} names both the package's embedded model and a folder here; pass ./{model} for the folder, "
+                "or run from another directory for the embedded model"
+            )
+        local = embedded_model_path(name)
     else:
         p = Path(str(model)).expanduser()
         if p.is_file():

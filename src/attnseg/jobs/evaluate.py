@@ -100,11 +100,11 @@ def _predict_ids(
 def _grounder(predictor, module: str | Path | None):
     """The grounding module of ``module`` on the predictor's model (refused when trained on another model's features)
     and the digest of its weights that the caches record."""
-    from attnseg.grounder import SHIPPED, Grounder
+    from attnseg.grounder import Grounder
 
     grounder = Grounder.from_folder(predictor.backbone, module)
     grounder.check()
-    weights = Path(module if module is not None else SHIPPED) / "model.safetensors"
+    weights = Path(grounder.record["folder"]) / "model.safetensors"
     return grounder, hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
 
@@ -167,7 +167,8 @@ def evaluate(
         _check_cache_settings(out / "cache" / "tags", {"model": settings["model"], "vocabulary": tags_digest})
     grounder, module_digest = _grounder(predictor, module) if any(s.method == GROUNDING for s in specs) else (None, None)
     for s in specs:
-        which = {"module": module_digest} if s.method == GROUNDING else {}
+        # the grounding module takes no noise draws: its cache records its weights instead
+        which = {"draws": None, "module": module_digest} if s.method == GROUNDING else {}
         _check_cache_settings(out / "cache" / s.key, {**settings, "method": s.method, "preset": s.preset, "crf": s.crf, **which})
     for key, (_, _, digest) in segs.items():
         _check_cache_settings(out / "cache" / key, {"segmenter": key, "weights": digest})
