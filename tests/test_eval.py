@@ -23,6 +23,7 @@ class FakePredictor:
     """Predicts label 1 (the first label) on the left half of the image, background elsewhere."""
 
     model_name = "fake"
+    weights = None
     default_presets = MappingProxyType({})
 
     def __init__(self):

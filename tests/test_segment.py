@@ -429,3 +429,50 @@ def test_t2m_posterior_sampling_is_seeded_and_a_zero_deviation_gives_the_mean(pr
     assert not torch.allclose(run(sample, std * 50), run(at_mean, None), atol=1e-3)  # the draws do read the deviation
     with pytest.raises(ValueError, match="standard deviation"):
         predictor.score_maps(mean, [["circle"]], sample, draws=1)
+
+
+def test_outputs_and_caches_of_replaced_weights_are_redone(tiny_pipe_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from attnseg.cli import app
+    from attnseg.diffusion.loading import load_pipeline, weights_fingerprint
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipe_dir, model)
+    before = weights_fingerprint(model)
+    assert before == weights_fingerprint(tiny_pipe_dir)  # a copy is the same weights
+    assert load_pipeline(model).attnseg_weights == before
+    _write_inputs(tmp_path / "in")
+    scenes = tmp_path / "scenes"
+    assert CliRunner().invoke(app, ["shapes", "export", str(scenes), "--n", "2", "--seed", "1"]).exit_code == 0
+    seg = [
+        "segment",
+        str(tmp_path / "in"),
+        "--labels",
+        "star",
+        "--model",
+        str(model),
+        "--method",
+        "cross",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    ev = ["eval", str(scenes), "-m", "cross", "--model", str(model), "--device", "cpu", "--out", str(tmp_path / "r")]
+    assert CliRunner().invoke(app, seg).exit_code == 0 and CliRunner().invoke(app, ev).exit_code == 0
+    assert json.loads((tmp_path / "o" / "rgb.json").read_text())["weights"] == before
+    assert "0 segmented, 5 already done" in CliRunner().invoke(app, seg).output
+    # The same folder retrained (here: one tensor changed): its fingerprint changes, segment redoes every image and
+    # eval refuses to mix the new predictions into the old cache.
+    f = next((model / "unet").glob("*.safetensors"))
+    w = load_file(str(f))
+    first = sorted(w)[0]
+    w[first] = w[first] + 0.01
+    save_file(w, str(f))
+    assert weights_fingerprint(model) != before
+    r = CliRunner().invoke(app, seg)
+    assert r.exit_code == 0 and "5 segmented, 0 already done" in r.output
+    r = CliRunner().invoke(app, ev)
+    assert r.exit_code == 2 and "other settings (weights)" in r.output

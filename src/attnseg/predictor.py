@@ -65,6 +65,7 @@ class AttnSegPredictor(PersonalConcepts):
         self.resolution = int(resolution or self.backbone.native_resolution)
         self.max_batch = max_batch
         self.model_name = self.backbone.model_name
+        self.weights = self.backbone.weights
         profile, self.vocabulary = read_profile(self.pipe)
         """``vocabulary``: the words the model was trained on, when its ``attnseg.json`` lists them."""
         problems = check_profile(profile)

@@ -103,6 +103,7 @@ def generate(
         method=method,
         preset=preset,
         model=predictor.model_name,
+        weights=predictor.weights,
         steps=steps,
         guidance=guidance,
         seed=seed,

@@ -90,6 +90,8 @@ class Backbone(Protocol):
 
     pipe: Any
     model_name: str
+    weights: str | None
+    """Fingerprint of a local folder's weights, recorded beside ``model_name`` by caches (None for a hub id)."""
     family: str
     layers: list[LayerInfo]
     native_resolution: int
@@ -182,6 +184,8 @@ class DiffusersBackbone:
         self.pipe = pipe
         self.denoiser = denoiser
         self.model_name = model_name or getattr(pipe, "attnseg_model_name", type(pipe).__name__)
+        self.weights = getattr(pipe, "attnseg_weights", None)
+        """Fingerprint of the weights of a local model folder (:func:`~attnseg.diffusion.loading.weights_fingerprint`)."""
         self.native_resolution = int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
         self._text_cache = TextCache(text_cache_size)
 

@@ -58,6 +58,7 @@ class FluxBackbone(DiffusersBackbone):
         self.pipe = pipe
         self.denoiser = pipe.transformer
         self.model_name = model_name or getattr(pipe, "attnseg_model_name", type(pipe).__name__)
+        self.weights = getattr(pipe, "attnseg_weights", None)
         vae_size = getattr(pipe.vae.config, "sample_size", None)
         self.native_resolution = int(vae_size or int(pipe.default_sample_size) * int(pipe.vae_scale_factor))
         self._text_cache = TextCache(TEXT_CACHE_SIZE)

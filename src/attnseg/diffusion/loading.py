@@ -80,6 +80,27 @@ def embedded_model_path(name: str = "embedded") -> Path:
 
 
 PROFILE_FILE = "attnseg.json"
+FINGERPRINT_BYTES = 1 << 20
+"""Bytes read from each end of a weights file for its fingerprint."""
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """16 hex digits that change when a pipeline folder's weights do: a hash of each safetensors file's path, size and
+    first and last MiB (its header and tensors: retrained weights differ there), cheap for files of gigabytes.
+
+    Caches and resumable outputs record it beside the model's name, so that predictions of replaced weights are not
+    taken for the new weights'."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(folder).as_posix()}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(FINGERPRINT_BYTES))
+            fh.seek(max(size - FINGERPRINT_BYTES, 0))
+            h.update(fh.read(FINGERPRINT_BYTES))
+    return h.hexdigest()[:16]
 
 
 def read_profile(pipe) -> tuple[dict[str, str], list[str] | None]:
@@ -262,6 +283,7 @@ def _load_pipeline(model, device, dtype):
         raise ModelError(f"cannot move the model to device {device!r} ({e}); use --device cpu or an existing GPU") from e
     pipe.set_progress_bar_config(disable=True)
     pipe.attnseg_model_name = str(model or "embedded")
+    pipe.attnseg_weights = weights_fingerprint(local) if local is not None else None  # hub ids: their revision
     return pipe
 
 

@@ -26,8 +26,18 @@ from attnseg.io.files import atomic_write_bytes
 from attnseg.io.images import encode_png, overlay, palette_png
 
 
-def write_outputs(out: Path, stem: str, image: np.ndarray, result, model_name: str, src: str, preset: str | None = None) -> None:
-    """Write the four files of one segmented image (``result``: an :class:`~attnseg.results.SegmentationResult`)."""
+def write_outputs(
+    out: Path,
+    stem: str,
+    image: np.ndarray,
+    result,
+    model_name: str,
+    src: str,
+    preset: str | None = None,
+    weights: str | None = None,
+) -> None:
+    """Write the four files of one segmented image (``result``: an :class:`~attnseg.results.SegmentationResult`);
+    ``weights``: the model's weights fingerprint, recorded beside its name."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / f"{stem}.png", encode_png(palette_png(result.mask)))
     atomic_write_bytes(out / f"{stem}_overlay.png", encode_png(Image.fromarray(overlay(image, result.mask))))
@@ -44,6 +54,7 @@ def write_outputs(out: Path, stem: str, image: np.ndarray, result, model_name: s
         "method": result.method,
         "preset": preset,
         "model": model_name,
+        "weights": weights,
         "prompt": result.prompt,
         "image": src,
         "size": list(image.shape[:2]),
@@ -63,8 +74,11 @@ def read_meta(meta_path: Path) -> dict | None:
         return None
 
 
-def records(meta_path: Path, method: str, labels: Sequence[str], model: str, settings: Mapping) -> bool:
-    """True when ``meta_path`` records ``method`` run on ``labels`` with ``model`` and every one of ``settings``."""
+def records(
+    meta_path: Path, method: str, labels: Sequence[str], model: str, settings: Mapping, weights: str | None = None
+) -> bool:
+    """True when ``meta_path`` records ``method`` run on ``labels`` with ``model`` (and its ``weights``) and every one of
+    ``settings``."""
     meta = read_meta(meta_path)
     if meta is None:
         return False
@@ -73,12 +87,30 @@ def records(meta_path: Path, method: str, labels: Sequence[str], model: str, set
         meta.get("method") == method
         and meta.get("labels") == list(labels)
         and meta.get("model") == model
+        and _same_weights(meta, weights)
         and all(st.get(k) == v for k, v in settings.items())
     )
 
 
-def is_done(meta_path: Path, labels: Sequence[str] | None, method: str, preset, model: str, seed: int, crf: bool, draws) -> bool:
-    """True when ``meta_path`` records this very request (labels, method, preset, model, seed, CRF, draws).
+def _same_weights(meta: dict, weights: str | None) -> bool:
+    """Whether outputs were made with these weights; outputs written before fingerprints were recorded have none and
+    are taken as made with them."""
+    return meta.get("weights", weights) == weights
+
+
+def is_done(
+    meta_path: Path,
+    labels: Sequence[str] | None,
+    method: str,
+    preset,
+    model: str,
+    seed: int,
+    crf: bool,
+    draws,
+    weights: str | None = None,
+) -> bool:
+    """True when ``meta_path`` records this very request (labels, method, preset, model and its weights, seed, CRF,
+    draws).
 
     ``labels`` None: any (an unsupervised method names its segments itself)."""
     meta = read_meta(meta_path)
@@ -90,6 +122,7 @@ def is_done(meta_path: Path, labels: Sequence[str] | None, method: str, preset, 
         and meta.get("method") == method
         and meta.get("preset") == preset
         and meta.get("model") == model
+        and _same_weights(meta, weights)
         and st.get("seed") == seed
         and st.get("crf") == bool(crf)
         and (draws is None or st.get("draws") == draws)

@@ -71,6 +71,8 @@ def _check_cache_settings(folder: Path, settings: dict) -> None:
     f = folder / "settings.json"
     if f.exists():
         old = json.loads(f.read_text())
+        if "weights" not in old:  # a cache written before weights fingerprints were recorded: taken as these weights'
+            old["weights"] = settings.get("weights")
         diff = settings_diff(old, settings)
         if diff:
             raise ValueError(
@@ -160,6 +162,7 @@ def evaluate(
         "draws": draws,
         "seed": seed,
         "model": predictor.model_name if predictor is not None else None,
+        "weights": predictor.weights if predictor is not None else None,
         "labels_file": hashlib.sha256(Path(labels_file).read_bytes()).hexdigest()[:16] if labels_file else None,
     }
     if tagger is not None:  # recorded only then: caches of runs without a vocabulary stay as they were

@@ -59,6 +59,8 @@ class RunSpec:
     device: str = "cpu"
     """Device type and dtype: results differ across them, so they are part of the run too."""
     dtype: str = "float32"
+    weights: str | None = None
+    """Fingerprint of the model folder's weights (:func:`~attnseg.diffusion.loading.weights_fingerprint`)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -143,6 +145,7 @@ def prepare_run(out: Path, spec: RunSpec, resume: bool) -> None:
     mine = asdict(spec)
     if run.exists():
         theirs = json.loads(run.read_text())
+        theirs.setdefault("weights", mine["weights"])  # a run written before weights fingerprints were recorded
         diff = settings_diff(mine, theirs)
         if diff:
             raise SynthError(

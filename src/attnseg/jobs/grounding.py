@@ -48,7 +48,7 @@ def segment_grounding_paths(
         seen[path.stem] = path
         try:
             labs = labels_for(path, labels, table)
-            if records(out / f"{path.stem}.json", "grounding", labs, model, request):
+            if records(out / f"{path.stem}.json", "grounding", labs, model, request, grounder.backbone.weights):
                 skipped.append(str(path))
                 continue
             image = load_image(path)
@@ -56,6 +56,6 @@ def segment_grounding_paths(
             fail(path, str(e))
             continue
         res = grounder.segment_result(image, labs, seed=seed, crf=crf, timestep=timestep)
-        write_outputs(out, path.stem, image, res, model, str(path))
+        write_outputs(out, path.stem, image, res, model, str(path), weights=grounder.backbone.weights)
         done.append(str(path))
     return done, skipped, failed

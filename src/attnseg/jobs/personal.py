@@ -46,7 +46,7 @@ def segment_personal_paths(
                 on_error(str(path), f"same file name stem as {seen[path.stem]}; outputs would collide, rename one of them")
             continue
         seen[path.stem] = path
-        if records(out / f"{path.stem}.json", "personal", queries, predictor.model_name, request):
+        if records(out / f"{path.stem}.json", "personal", queries, predictor.model_name, request, predictor.weights):
             skipped.append(str(path))
             continue
         try:
@@ -58,6 +58,6 @@ def segment_personal_paths(
             continue
         predictor.set_image(image)
         res = predictor.segment_personal(queries, class_word, cfg, seed)
-        write_outputs(out, path.stem, image, res, predictor.model_name, str(path))
+        write_outputs(out, path.stem, image, res, predictor.model_name, str(path), weights=predictor.weights)
         done.append(str(path))
     return done, skipped, failed

@@ -57,7 +57,8 @@ class SegmentWorker:
             return results + [r for job, _ in batch for r in self([job])]
         for (job, image), res in zip(batch, segs, strict=True):
             stem = Path(job["path"]).stem
-            write_outputs(self.out, stem, image, res, self.predictor.model_name, job["path"], self.options.get("preset"))
+            p = self.predictor
+            write_outputs(self.out, stem, image, res, p.model_name, job["path"], self.options.get("preset"), p.weights)
             results.append({"path": job["path"], "error": None, "weak": res.weak_labels})
         return results
 
@@ -116,7 +117,18 @@ def segment_paths(
         except ValueError as e:
             fail(str(p), str(e))
             continue
-        if is_done(out / f"{stem}.json", None if unlabelled else labs, method, preset, predictor.model_name, seed, crf, draws):
+        done = is_done(
+            out / f"{stem}.json",
+            None if unlabelled else labs,
+            method,
+            preset,
+            predictor.model_name,
+            seed,
+            crf,
+            draws,
+            predictor.weights,
+        )
+        if done:
             report.skipped.append(str(p))
             continue
         todo.append({"path": str(p), "labels": labs})
@@ -156,5 +168,5 @@ def segment_with_prompts(
     predictor.set_image(image)
     preset = preset or predictor.default_presets.get("interactive")
     res = predictor.segment_prompts(prompts, preset=preset, seed=seed, crf=crf)
-    write_outputs(Path(out), Path(src).stem, image, res, predictor.model_name, str(src), preset)
+    write_outputs(Path(out), Path(src).stem, image, res, predictor.model_name, str(src), preset, predictor.weights)
     return Path(out) / f"{Path(src).stem}.png"
