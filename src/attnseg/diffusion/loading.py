@@ -283,7 +283,7 @@ def _load_pipeline(model, device, dtype):
         raise ModelError(f"cannot move the model to device {device!r} ({e}); use --device cpu or an existing GPU") from e
     pipe.set_progress_bar_config(disable=True)
     pipe.attnseg_model_name = str(model or "embedded")
-    pipe.attnseg_weights = weights_fingerprint(local) if local is not None else None  # hub ids: their revision
+    pipe.attnseg_weights = weights_fingerprint(local) if local is not None else None  # hub ids: named by the id alone
     return pipe
 
 
