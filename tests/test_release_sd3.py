@@ -7,9 +7,10 @@ import torch
 from attnseg.train.embedded.release_sd3 import run_history
 
 
-def _ckpt(folder, step, colour_prob, **arch):
+def _ckpt(folder, step, colour_prob, decay=(None, 0), **arch):
     folder.mkdir()
-    torch.save({"step": step, "config": {"colour_prob": colour_prob, "sd3_arch": {"layers": 4, **arch}}}, folder / "sd3-ckpt.pt")
+    config = {"colour_prob": colour_prob, "lr_decay_steps": decay[1], "sd3_arch": {"layers": 4, **arch}}
+    torch.save({"step": step, "decay_from": decay[0], "config": config}, folder / "sd3-ckpt.pt")
     return str(folder)
 
 
@@ -23,11 +24,11 @@ def test_run_history_names_each_runs_change_and_counts_steps_across_runs(tmp_pat
     runs, table = run_history(works)
     assert [r["steps"] for r in runs] == [100, 40, 10, 5]
     rows = table.splitlines()[2:]
-    assert rows[0].startswith("| T1 | 0-100 | from scratch") and rows[0].endswith("80% colour captions |")
-    assert rows[1] == "| T2 | 100-140 | pooled conditioning off; 50% colour captions |"
+    assert rows[0].startswith("| T1 | 0-100 | from scratch") and rows[0].endswith(" | 80% |")
+    assert rows[1] == "| T2 | 100-140 | pooled conditioning off | 50% |"
     assert rows[2].startswith("| T3 | 140-150 | grown from 4 to 8 joint blocks")
     assert "text stream frozen" in rows[2] and "position table x 0.25 (was x 1.0)" in rows[2]
-    assert rows[3] == "| T4 | 150-155 | continued; 50% colour captions |"
+    assert rows[3] == "| T4 | 150-155 | continued | 50% |"
 
 
 def test_the_history_ends_at_the_exported_step():
@@ -39,6 +40,8 @@ def test_the_history_ends_at_the_exported_step():
 
 
 def test_run_history_takes_the_exported_step_for_the_last_run(tmp_path):
-    works = [_ckpt(tmp_path / "t1", 100, 0.5), _ckpt(tmp_path / "t2", 40, 0.5, layers=8)]
+    works = [_ckpt(tmp_path / "t1", 100, 0.5), _ckpt(tmp_path / "t2", 40, 0.5, decay=(10, 600), layers=8)]
     runs, table = run_history(works, last_step=30)
     assert runs[-1]["steps"] == 30 and "| T2 | 100-130 |" in table
+    # the finishing phase, in the lineage's steps, cut where the exported weights end
+    assert "learning rate cosine-decayed to 10% over steps 110-130 | 50% |" in table

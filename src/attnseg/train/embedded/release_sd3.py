@@ -130,12 +130,19 @@ def run_history(works: list[str], last_step: int | None = None) -> tuple[list[di
     runs = []
     for w in works:
         state = torch.load(Path(w) / CKPT, weights_only=True, mmap=True)
+        cfg = state["config"]
         runs.append(
-            {"work": w, "steps": int(state["step"]), "config": state["config"], "arch": asdict(_arch_of(state["config"]))}
+            {
+                "work": w,
+                "steps": int(state["step"]),
+                "config": cfg,
+                "arch": asdict(_arch_of(cfg)),
+                "decay": (state.get("decay_from"), int(cfg.get("lr_decay_steps", 0))),
+            }
         )
     if last_step is not None:
         runs[-1]["steps"] = last_step
-    rows = ["| run | steps | what changed |", "|---|---|---|"]
+    rows = ["| run | steps | what changed | colour captions at its end |", "|---|---|---|---|"]
     start = 0
     for i, r in enumerate(runs):
         if i == 0:
@@ -143,9 +150,12 @@ def run_history(works: list[str], last_step: int | None = None) -> tuple[list[di
         else:
             prev = runs[i - 1]
             change = _and([_change(k, prev["arch"][k], v) for k, v in r["arch"].items() if prev["arch"][k] != v]) or "continued"
-        colour = f"; {100 * float(r['config'].get('colour_prob', 0.8)):.0f}% colour captions"
-        rows.append(f"| T{i + 1} | {start:,}-{start + r['steps']:,} | {change}{colour} |")
-        start += r["steps"]
+        (a, n), end = r["decay"], start + r["steps"]
+        if a is not None and n > 0 and a < r["steps"]:
+            floor = 100 * float(r["config"].get("lr_floor", TrainConfig.lr_floor))
+            change += f"; learning rate cosine-decayed to {floor:.0f}% over steps {start + a:,}-{min(start + a + n, end):,}"
+        rows.append(f"| T{i + 1} | {start:,}-{end:,} | {change} | {100 * float(r['config'].get('colour_prob', 0.8)):.0f}% |")
+        start = end
     return runs, "\n".join(rows)
 
 
@@ -306,7 +316,12 @@ def main(argv=None) -> None:
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--oracle-n", type=int, default=16)
     p.add_argument("--prior", nargs="*", default=[], help="work folders of the runs this one continued from, oldest first")
+    p.add_argument("--card-only", action="store_true", help="rewrite the card of OUT from its measurements.json, nothing else")
     a = p.parse_args(argv)
+    if a.card_only:
+        out = Path(a.out)
+        write_card(a.work, out, json.loads((out / "measurements.json").read_text()), tuple(a.prior))
+        return
     meas = release_sd3(a.work, a.out, a.eval_n, a.oracle_n, prior=tuple(a.prior))
     print(json.dumps(meas, indent=1))
 
