@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("probe", choices=["text", "timesteps", "blocks", "pattern", "position", "mass", "sweep", "t2m-sweep"])
     ap.add_argument("--n", type=int, default=48)
-    ap.add_argument("--t", default="150,400,700")
+    ap.add_argument("--t", default=None, help="noise levels, comma-separated (default: 150,400,700; mass: 400)")
     ap.add_argument("-m", "--method", action="append", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -201,13 +201,13 @@ def main() -> None:
         text_paths(pred, a.n)
         return
     scenes = [make_scene(3, i) for i in range(a.n)]
-    ts = [int(t) for t in a.t.split(",")]
+    ts = [int(t) for t in (a.t or ("400" if a.probe == "mass" else "150,400,700")).split(",")]
     if a.probe == "pattern":
         auc, corr = fixed_pattern(pred, scenes)
         print(f"{a.model}: label AUC {auc:.3f}, correlation with the label's map in other scenes {corr:.3f}")
         return
     if a.probe == "mass":
-        attention_mass(pred, scenes, ts[0] if a.t != "150,400,700" else 400)
+        attention_mass(pred, scenes, ts[0])
         return
     if a.probe == "position":
         word, place = word_or_place(pred, scenes)
