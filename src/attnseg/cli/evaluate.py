@@ -85,14 +85,14 @@ def eval_cmd(
     from attnseg.jobs.evaluate import GROUNDING, MethodSpec
     from attnseg.methods.registry import REAL
 
-    for m in method:
-        spec = MethodSpec.parse(m)
+    specs = [MethodSpec.parse(m) for m in method]
+    for m, spec in zip(method, specs, strict=True):
         if spec.method == GROUNDING and spec.preset is not None:
             _err(f"{m}: grounding has no presets, its settings are the trained module's (--module)")
             raise typer.Exit(2)
         if spec.method != GROUNDING:
             _check_method(spec.method, spec.preset, REAL)
-    if module is not None and not any(MethodSpec.parse(m).method == GROUNDING for m in method):
+    if module is not None and not any(spec.method == GROUNDING for spec in specs):
         _err("--module is the grounding module of -m grounding; drop it or add -m grounding")
         raise typer.Exit(2)
     predictor = _load_predictor(model, device, dtype) if method else None

@@ -25,7 +25,7 @@ from attnseg.jobs.evaluate import MethodSpec, evaluate
 from attnseg.methods.registry import REGISTRY
 from attnseg.predictor import AttnSegPredictor
 from attnseg.shapes.world import export_voc
-from attnseg.train.embedded.release import _params, busy_seconds
+from attnseg.train.embedded.release import _and, _params, busy_seconds
 from attnseg.train.embedded.report import GRID_PROMPTS, grid, oracle_rate, sample
 from attnseg.train.embedded.sd3 import CKPT, SD3_CALL, SD3Arch, _arch_of, stage_export_sd3
 from attnseg.train.embedded.train import TrainConfig
@@ -149,7 +149,8 @@ def run_history(works: list[str], last_step: int | None = None) -> tuple[list[di
             change = "from scratch (text embeddings from the UNet model's encoder)"
         else:
             prev = runs[i - 1]
-            change = _and([_change(k, prev["arch"][k], v) for k, v in r["arch"].items() if prev["arch"][k] != v]) or "continued"
+            changes = [_change(k, prev["arch"][k], v) for k, v in r["arch"].items() if prev["arch"][k] != v]
+            change = _and(changes) if changes else "continued"
         (a, n), end = r["decay"], start + r["steps"]
         if a is not None and n > 0 and a < r["steps"]:
             floor = 100 * float(r["config"].get("lr_floor", TrainConfig.lr_floor))
@@ -173,10 +174,6 @@ def _change(key: str, old, new) -> str:
     if key == "pos_scale":
         return f"position table x {new} (was x {old})"
     return f"{key} {old} -> {new}"
-
-
-def _and(items: list[str]) -> str:
-    return "" if not items else items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def release_sd3(work: str, out: str, eval_n: int = 100, oracle_n: int = 16, prior: tuple[str, ...] = ()) -> dict:
