@@ -19,8 +19,11 @@
 - ``t2m-sweep``: T2M reading the last block's cross maps, with the self maps of each block (and of all) at the first
   noise level of ``--t`` and background threshold 0.6, then the best of them at every noise level x background
   threshold (the paper's rule, 0.6, 0.7, 0.8), then the best of those with Self to the power 1-4: the same use.
-  Both sweeps set every setting they vary on top of the papers' presets (``cross:default``, ``t2m:paper``, one
-  noise draw), whatever the model's ``attnseg.json`` says.
+- ``iseg-sweep``: iSeg (``iseg:mmdit``) reading every block's cross maps or the last block's, then with the self map
+  of each block, one iteration, at the first noise level of ``--t`` and background threshold 0.6; then the best at
+  every noise level x background threshold; then N = 1, 2, 4, 8 iterations, and the best without Cat-Cross.
+  The sweeps set every setting they vary on top of the papers' presets (``cross:default``, ``t2m:paper``,
+  ``iseg:mmdit``, one noise draw), whatever the model's ``attnseg.json`` says.
 
     python scripts/probe_sd3.py EXPORT text
     python scripts/probe_sd3.py EXPORT timesteps --n 50 --t 150,400,700 -m cross -m concept-attention
@@ -30,6 +33,7 @@
     python scripts/probe_sd3.py EXPORT mass --n 16 --t 400
     python scripts/probe_sd3.py EXPORT sweep --n 40 --t 150,400
     python scripts/probe_sd3.py EXPORT t2m-sweep --n 40 --t 400,150
+    python scripts/probe_sd3.py EXPORT iseg-sweep --n 40 --t 400,150
 """
 
 from __future__ import annotations
@@ -187,10 +191,34 @@ def text_paths(pred: AttnSegPredictor, n: int) -> None:
         print(f"| {s} | " + " | ".join(f"{e:.3f}" for e in errs) + " |")
 
 
+def iseg_sweep(pred: AttnSegPredictor, scenes, ts: list[int], n_blocks: int) -> None:
+    """The ``iseg-sweep`` probe: each stage keeps the best setting of the one before."""
+
+    def run(**kw) -> float:
+        return miou(pred, scenes, "iseg:mmdit", **{**best, **kw})
+
+    def pick(name: str, options: dict[str, dict]) -> None:
+        scores = {k: run(**kw) for k, kw in options.items()}
+        for k, v in scores.items():
+            print(f"{name}: {k}: {v:.1f}", flush=True)
+        best.update(options[max(scores, key=scores.get)])
+
+    best: dict = {"timestep": ts[0], "bg_threshold": 0.6, "iters": 1}
+    last = (LayerSelect(kind="cross", ranks=(0,), blocks=("joint",), take=(-1, None)),)
+    pick("cross", {"every block": {}, "last block": {"cross_layers": last}})
+    selfs = {f"block {b}": {"self_layer": LayerSelect(kind="self", blocks=("joint",), take=(b, b + 1))} for b in range(n_blocks)}
+    pick("self", selfs)
+    pick("t x bg", {f"t={t} bg {thr}": {"timestep": t, "bg_threshold": thr} for t in ts for thr in (None, 0.5, 0.6, 0.7)})
+    pick("iterations", {f"N={k}": {"iters": k} for k in (1, 2, 4, 8)})
+    print(f"without Cat-Cross (gamma 1): {run(gamma=1.0):.1f}; chosen: {best}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("probe", choices=["text", "timesteps", "blocks", "pattern", "position", "mass", "sweep", "t2m-sweep"])
+    ap.add_argument(
+        "probe", choices=["text", "timesteps", "blocks", "pattern", "position", "mass", "sweep", "t2m-sweep", "iseg-sweep"]
+    )
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--t", default=None, help="noise levels, comma-separated (default: 150,400,700; mass: 400)")
     ap.add_argument("-m", "--method", action="append", default=None)
@@ -244,6 +272,9 @@ def main() -> None:
             for k in (1, 2, 3, 4)
         ]
         print(f"t={t} bg {thr} {best}: Self^1 / ^2 / ^3 / ^4: {' / '.join(row)}", flush=True)
+        return
+    if a.probe == "iseg-sweep":
+        iseg_sweep(pred, scenes, ts, len(modules))
         return
     if a.probe == "sweep":
         sets = {"last": (len(modules) - 1, len(modules)), "last two": (len(modules) - 2, len(modules)), "all": None}

@@ -72,6 +72,8 @@ def test_card_and_profile_come_from_the_measurements_and_the_method_configs():
     assert f"read at t = {cross.timestep}" in card and f"threshold {cross.bg_threshold}" in card
     t2m = REGISTRY["t2m"].presets[profile["presets"]["t2m"]]
     assert f"Self from joint block {t2m.self_layer.take[0]} (counting from 0), t = {t2m.timestep}" in card
+    iseg = REGISTRY["iseg"].presets[profile["presets"]["iseg"]]
+    assert f"Self from the last, t = {iseg.timestep}" in card and f"N = {iseg.iters};" in card
 
 
 def _fg_iou(pred: np.ndarray, gt: np.ndarray) -> float:

@@ -80,7 +80,7 @@ def test_layers_of_a_flux_transformer(flux):
     bb = flux.backbone
     assert bb.family == "flux" and bb.native_resolution == 64 and bb.latent_side(64) == 16
     assert {lay.side(bb.latent_side(64)) for lay in layers} == {GRID}  # the packed grid
-    assert bb.default_presets == {"t2m": "mmdit"} and bb.t5_tokens == T5_TOKENS and bb.guided
+    assert bb.default_presets == {"t2m": "mmdit", "iseg": "mmdit"} and bb.t5_tokens == T5_TOKENS and bb.guided
 
 
 def test_packing_puts_image_tokens_in_row_major_order_of_the_patch_grid(flux):
@@ -236,15 +236,15 @@ def test_schnell_layout_has_no_guidance_and_fewer_t5_tokens():
         FluxBackbone(no_t5)
 
 
-def test_the_predictor_segments_with_cross_and_t2m(flux):
+def test_the_predictor_segments_with_cross_t2m_and_iseg(flux):
     img = np.random.default_rng(0).integers(0, 256, (80, 48, 3), dtype=np.uint8)  # not square, not 64 px
     flux.set_image(img)
-    for method in ("cross", "t2m"):
+    for method in ("iseg", "cross", "t2m"):
         res = flux.segment(["red circle", "blue star"], method=method)
         assert res.mask.shape == (80, 48) and res.scores.shape == (3, 80, 48) and res.confidence.shape == (80, 48)
         assert np.isfinite(res.scores).all() and res.scores.min() >= 0 and res.scores.max() <= 1 + 1e-5
         assert set(np.unique(res.mask)) <= {0, 1, 2} and len(res.presence) == 2 and max(res.presence) == 1
-    assert res.settings["preset"] == "mmdit"  # the flux family's default for t2m
+    assert res.settings["preset"] == "mmdit"  # the flux family's default for t2m and iseg
 
 
 def test_generate_reads_every_row_over_the_steps(flux):

@@ -99,6 +99,46 @@ def test_joint_maps_are_the_renormalised_blocks_of_the_joint_softmax(sd3):
     assert torch.allclose(want_cross.sum(-1), torch.ones(2, 256), atol=1e-5)
 
 
+def test_cat_cross_scales_the_class_tokens_keys_inside_the_joint_softmax(sd3):
+    """iSeg's eq. 8 on joint attention: the captured cross map is the renormalised image-to-text block of the softmax
+    computed with the chosen text keys multiplied by gamma, and nothing else changes."""
+    bb = sd3.backbone
+    z, text = _inputs(bb, seed=2)
+    name = "transformer_blocks.1.attn"
+    module = bb.pipe.transformer.get_submodule(name)
+    seen = {}
+    hook = module.register_forward_pre_hook(lambda m, args, kw: seen.update(kw), with_kwargs=True)
+    gamma = torch.ones(text.hidden.shape[1])
+    gamma[[3, 5]] = 1.6
+    try:
+        store = bb.forward(z, 300, text, [f"{name}:cross"], key_scale=gamma)
+    finally:
+        hook.remove()
+    h, e = seen["hidden_states"], seen["encoder_hidden_states"]
+    with torch.no_grad():
+        split = lambda x: x.view(2, -1, module.heads, x.shape[-1] // module.heads).transpose(1, 2)  # noqa: E731
+        q = split(module.to_q(h))
+        k = torch.cat([split(module.to_k(h)), split(module.add_k_proj(e)) * gamma.view(1, 1, -1, 1)], dim=2)
+        probs = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)[:, :, :, 256:]
+    want = (probs / probs.sum(-1, keepdim=True)).mean(1)
+    got = store.mean(f"{name}:cross")
+    assert torch.allclose(got, want, atol=1e-5)
+    plain = bb.forward(z, 300, text, [f"{name}:cross"]).mean(f"{name}:cross")
+    assert (got[..., [3, 5]].sum() > plain[..., [3, 5]].sum()) and not torch.allclose(got, plain, atol=1e-3)
+
+
+def test_iseg_reads_every_joint_cross_map_and_the_last_self_map(sd3):
+    from attnseg.methods.registry import get_method
+
+    plan = get_method("iseg", "mmdit").plan(sd3.inventory, 16)
+    assert plan.cross == {"transformer_blocks.0.attn:cross": 1.0, "transformer_blocks.1.attn:cross": 1.0}
+    assert plan.self_names == ["transformer_blocks.1.attn:self"] and plan.grid == (16, 16)
+    assert plan.key_scale_gamma == 1.6 and not plan.scale_values
+    sd3.set_image(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    res = sd3.segment(["red circle", "blue star"], method="iseg")
+    assert res.settings["preset"] == "mmdit" and res.scores.shape == (3, 64, 64) and np.isfinite(res.scores).all()
+
+
 def test_sd35_dual_attention_blocks_add_image_only_self_layers():
     from attnseg.diffusion.sd3 import SD3Backbone
     from attnseg.testing import build_tiny_sd3_pipeline
@@ -127,7 +167,9 @@ def test_segment_eval_generate_and_layers_from_the_command_line(sd3_dir, tmp_pat
     meta = json.loads((tmp_path / "seg" / "shapes_1_000000.json").read_text())
     assert meta["preset"] == "mmdit" and meta["method"] == "t2m"
     r = run.invoke(app, ["segment", *common, "--method", "iseg", "--out", "seg-iseg"])
-    assert r.exit_code == 2 and "iseg (the paper's preset) cannot read this sd3 model" in r.output
+    assert r.exit_code == 0 and "preset 'mmdit' from the sd3 family" in r.output
+    r = run.invoke(app, ["segment", *common, "--method", "iseg", "--preset", "paper", "--out", "seg-iseg-paper"])
+    assert r.exit_code == 2 and "iseg (paper) cannot read this sd3 model" in r.output
     assert "Traceback" not in r.output
     r = run.invoke(app, ["eval", "sc", "-m", "cross", "-m", "t2m", "-m", "diffseg", "--model", str(sd3_dir), "--out", "ev"])
     assert r.exit_code == 0, r.output

@@ -49,8 +49,9 @@ class FluxBackbone(DiffusersBackbone):
     """A loaded ``FluxPipeline`` as a backbone."""
 
     family = "flux"
-    default_presets: ClassVar[dict[str, str]] = {"t2m": "mmdit"}
-    """As SD3: T2M's paper layers name UNet blocks, so Cross averages every cross map, Self every self map."""
+    default_presets: ClassVar[dict[str, str]] = {"t2m": "mmdit", "iseg": "mmdit"}
+    """As SD3: T2M's and iSeg's paper layers name UNet blocks, so their ``mmdit`` presets read every cross map (and
+    T2M every self map, iSeg the last one)."""
 
     def __init__(self, pipe, model_name: str | None = None) -> None:
         # DiffusersBackbone's __init__ reads the denoiser's ``sample_size``, which Flux's transformer has not: the

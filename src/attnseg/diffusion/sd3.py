@@ -31,9 +31,9 @@ class SD3Backbone(DiffusersBackbone):
     """A loaded ``StableDiffusion3Pipeline`` as a backbone."""
 
     family = "sd3"
-    default_presets: ClassVar[dict[str, str]] = {"t2m": "mmdit"}
-    """Presets a call naming none takes on this family: T2M's paper layers name UNet blocks. iSeg reads decoder
-    layers, which a transformer does not have (a clear error names the layers there are)."""
+    default_presets: ClassVar[dict[str, str]] = {"t2m": "mmdit", "iseg": "mmdit"}
+    """Presets a call naming none takes on this family: T2M's and iSeg's paper layers name UNet blocks, so their
+    ``mmdit`` presets map them onto the joint blocks."""
 
     def __init__(self, pipe, model_name: str | None = None) -> None:
         super().__init__(pipe, pipe.transformer, model_name, TEXT_CACHE_SIZE)

@@ -156,6 +156,28 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
     "embedded-n8": ISegConfig(self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.5),
     "embedded-no-cat": ISegConfig(gamma=1.0, iters=1, self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.5),
     "embedded-paper-bg": ISegConfig(iters=1, self_layer=EMBEDDED_SELF_LAYER),
+    # Transformer (MMDiT) backbones: one grid, no decoder and no resolution ranks. Cross fuses every joint layer's
+    # image-to-text block with equal weights (the paper fuses the layers that build the output, the decoder's; here
+    # every block does); Self is the image-to-image block of the last attention layer, the one nearest the output,
+    # as up_blocks.3.attentions.1 is the UNet's last. Cat-Cross scales the class tokens' keys inside the joint
+    # attention; lambda, N, t and the background rule are the paper's.
+    "mmdit": ISegConfig(
+        cross={0: 1.0},
+        cross_layers=(LayerSelect(kind="cross", ranks=(0,)),),
+        self_layer=LayerSelect(kind="self", take=(-1, None)),
+    ),
+    # The embedded SD3 model (its attnseg.json makes this its default): `mmdit` with the noise level, background
+    # threshold and iterations chosen on validation scenes (`python scripts/probe_sd3.py MODEL iseg-sweep`:
+    # every block's cross maps beat the last block's alone, and the last block's Self every other block's;
+    # docs/EMBEDDED-MODEL-TRAINING.md).
+    "embedded-sd3": ISegConfig(
+        timestep=400,
+        cross={0: 1.0},
+        cross_layers=(LayerSelect(kind="cross", ranks=(0,)),),
+        self_layer=LayerSelect(kind="self", take=(-1, None)),
+        iters=2,
+        bg_threshold=0.6,
+    ),
     # The paper's lambda and N with what the authors' code computes on VOC: Cat-Cross on the text embedding (keys and
     # values), its encoder and decoder cross layers with their heads pooled per resolution and normalised once, at
     # their own resolution, before fusing, its VOC background words, self-attention heads 1-2 only, KL k-means

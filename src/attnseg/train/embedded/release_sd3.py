@@ -31,7 +31,7 @@ from attnseg.train.embedded.sd3 import CKPT, SD3_CALL, SD3Arch, _arch_of, stage_
 from attnseg.train.embedded.train import TrainConfig
 
 PROFILE = {
-    "presets": {"cross": "embedded-sd3", "t2m": "embedded-sd3", "diffseg": "embedded"},
+    "presets": {"cross": "embedded-sd3", "t2m": "embedded-sd3", "iseg": "embedded-sd3", "diffseg": "embedded"},
     "why": (
         "Only the last joint block of this model reads words where their objects are (one block at a time on "
         "validation scenes: python scripts/probe_sd3.py MODEL blocks); the cross baseline's 'embedded-sd3' preset "
@@ -39,7 +39,10 @@ PROFILE = {
         "scripts/probe_sd3.py MODEL sweep). T2M's 'embedded-sd3' preset reads Cross from that block and Self from "
         "the block chosen with its noise level and background threshold on validation scenes (python "
         "scripts/probe_sd3.py MODEL t2m-sweep); 't2m:mmdit', every joint block, is the paper's method mapped onto a "
-        "transformer. DiffSeg merges with the UNet model's KL threshold (0.1). Pass a preset to override."
+        "transformer. iSeg's 'embedded-sd3' preset is 'iseg:mmdit' (every joint block's Cross, the last block's Self) "
+        "with the noise level, background threshold and iterations chosen on validation scenes (python "
+        "scripts/probe_sd3.py MODEL iseg-sweep). DiffSeg merges with the UNet model's KL threshold (0.1). Pass a "
+        "preset to override."
     ),
 }
 """The model's ``attnseg.json``; its words are the UNet model's (the same tokenizer and captions)."""
@@ -50,6 +53,8 @@ METHODS = [
     "cross:seg4diff",
     "t2m",
     "t2m:mmdit",
+    "iseg",
+    "iseg:mmdit",
     "diffseg",
     "concept-attention",
     "concept-attention:flux",
@@ -115,9 +120,10 @@ shape alone; 10% empty captions. Evaluation scenes use world seed 1 and are neve
   knows no other word.
 - `attnseg.json` beside this card makes `cross:embedded-sd3` (the last joint block alone, read at t = {cross_t}, background
   threshold {cross_bg}), `t2m:embedded-sd3` (Cross from the last joint block, Self from joint block {t2m_self} (counting from 0), t = {t2m_t}, background
-  threshold {t2m_bg}, Self^{t2m_iters}; all chosen on validation scenes, docs/EMBEDDED-MODEL-TRAINING.md) and `diffseg:embedded` its
-  default presets; `t2m:mmdit` (every joint block) is the paper's method mapped onto a transformer. iSeg's presets
-  name UNet layers and are refused on it with the list of its layers.
+  threshold {t2m_bg}, Self^{t2m_iters}), `iseg:embedded-sd3` (Cross from every joint block, Self from the last, t = {iseg_t},
+  background threshold {iseg_bg}, N = {iseg_iters}; all chosen on validation scenes, docs/EMBEDDED-MODEL-TRAINING.md) and
+  `diffseg:embedded` its default presets; `t2m:mmdit` and `iseg:mmdit` are the papers' methods mapped onto a transformer
+  (every joint block's Cross; T2M every block's Self, iSeg the last block's), with the papers' other settings.
 - Resolution is fixed at 64x64; other sizes are resized.
 """
 
@@ -254,6 +260,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
     tr = pipe.transformer.config
     cross = REGISTRY["cross"].presets[PROFILE["presets"]["cross"]]
     t2m = REGISTRY["t2m"].presets[PROFILE["presets"]["t2m"]]
+    iseg = REGISTRY["iseg"].presets[PROFILE["presets"]["iseg"]]
     total_steps = sum(r["steps"] for r in runs)
     text = CARD.format(
         sd3_cross=100 * meas["eval"]["cross"]["miou"],
@@ -300,6 +307,9 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         t2m_t=t2m.timestep,
         t2m_bg=t2m.bg_threshold if t2m.bg_threshold is not None else "of the paper's rule",
         t2m_iters=t2m.iters,
+        iseg_t=iseg.timestep,
+        iseg_bg=iseg.bg_threshold if iseg.bg_threshold is not None else "of the paper's rule",
+        iseg_iters=iseg.iters,
     )
     (out / "README.md").write_text(text)
 
