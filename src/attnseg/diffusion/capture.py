@@ -321,45 +321,38 @@ class JointCaptureProcessor:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if "concept" in self.parts and not n_con:
             raise ValueError("the concept part is read from concept tokens, and none were given")
+        # The output as the default processor computes it (the fused kernel). A recorded part, a block of the joint
+        # softmax renormalised over its own keys, is the softmax of that block's logits alone (the normaliser over the
+        # other keys cancels), so only the image rows' logits against those keys are formed, never the whole
+        # (image + text) x (image + text) matrix. No part's block holds a masked entry: the concept mask only keeps
+        # the image and prompt tokens from attending to the concept tokens.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         c0 = self._cond_start(q.shape[0])
-        parts = [F.scaled_dot_product_attention(q[:c0], k[:c0], v[:c0], attn_mask=mask)] if c0 > 0 else []
-        qc, kc, vc = q[c0:], k[c0:], v[c0:]
-        b, h, n, _ = qc.shape
+        qc, kc = q[c0:], k[c0:]
+        b, h = qc.shape[:2]
         scale = attn.scale if getattr(attn, "scale", None) is not None else 1 / math.sqrt(qc.shape[-1])
         img = slice(0, n_img) if self.image_first else slice(n_txt, n_txt + n_img)
         t0 = n_img if self.image_first else 0
         txt = slice(t0, t0 + n_txt - n_con)  # the prompt's tokens
         con = slice(t0 + n_txt - n_con, t0 + n_txt)
         wanted = {part: (img if part == "self" else txt) for part in self.parts if part == "self" or (part == "cross" and n_txt)}
-        per_head = {part: self.parts[part] in self.store.per_head for part in wanted}
-        acc = {
-            part: torch.zeros(
-                (b, h, n_img, cols.stop - cols.start) if per_head[part] else (b, n_img, cols.stop - cols.start),
-                dtype=torch.float32,
-                device=qc.device,
-            )
-            for part, cols in wanted.items()
-        }
-        out = torch.empty_like(qc)
-        chunk = max(1, min(h, _SCORE_BUDGET // max(1, b * n * n)))
-        for h0 in range(0, h, chunk):
-            hs = slice(h0, h0 + chunk)
-            probs = CaptureProcessor._probs(qc[:, hs], kc[:, hs], mask, scale)
-            out[:, hs] = torch.matmul(probs.to(vc.dtype), vc[:, hs])
-            for part, cols in wanted.items():
-                block = probs[:, :, img, cols]
-                block = block / block.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-                if per_head[part]:
-                    acc[part][:, hs] = block
+        for part, cols in wanted.items():
+            per_head = self.parts[part] in self.store.per_head
+            n_cols = cols.stop - cols.start
+            acc = torch.zeros((b, h, n_img, n_cols) if per_head else (b, n_img, n_cols), dtype=torch.float32, device=qc.device)
+            chunk = max(1, min(h, _SCORE_BUDGET // max(1, b * n_img * n_cols)))
+            for h0 in range(0, h, chunk):
+                hs = slice(h0, h0 + chunk)
+                block = CaptureProcessor._probs(qc[:, hs, img], kc[:, hs, cols], None, scale)
+                if per_head:
+                    acc[:, hs] = block
                 else:
-                    acc[part] += block.sum(dim=1)
-        for part, a in acc.items():
-            self.store.add(self.parts[part], a if per_head[part] else a / h)
+                    acc += block.sum(dim=1)
+            self.store.add(self.parts[part], acc if per_head else acc / h)
         if "concept" in self.parts:
-            heads = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, H d): the attention's output, heads concatenated
+            heads = out[c0:].transpose(1, 2).reshape(b, q.shape[2], -1)  # (B, N, H d): the output, heads concatenated
             self.store.add(self.parts["concept"], concept_maps(heads[:, img], heads[:, con]))
-        parts.append(out)
-        return torch.cat(parts, dim=0) if len(parts) > 1 else out
+        return out
 
 
 class FluxCaptureProcessor(JointCaptureProcessor):
