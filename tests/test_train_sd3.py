@@ -134,6 +134,22 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
     out = stage_export_sd3(cfg4, tmp_path / "pipe4")
     loaded = SD3Transformer2DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32)
     assert torch.allclose(loaded.pos_embed.pos_embed, 0.25 * table, atol=1e-3)  # fp16 weights
+    # Scaled text position embeddings: the source's times the factor, frozen through training and resuming.
+    texty = tmp_path / "t4-text"
+    texty.mkdir()
+    for name in ("latents.npz", "scenes.npz", "vae.pt"):
+        (texty / name).symlink_to(first / name)
+    cfg_t = TrainConfig(work=str(texty), n_scenes=8, unet_steps=1, batch=2, ckpt_every=1, diag_every=1000, threads=1)
+    stage_sd3(cfg_t, SD3Arch(pos_scale=0.25, text_pos_scale=0.5), init_ckpt=str(first / "sd3-ckpt.pt"))
+    cfg_t.unet_steps = 2
+    stage_sd3(cfg_t, SD3Arch())  # resumes: its own checkpoint's settings
+    tt = torch.load(texty / "sd3-ckpt.pt", weights_only=True)
+    key = "text_model.embeddings.position_embedding.weight"
+    assert tt["step"] == 2 and tt["config"]["sd3_arch"]["text_pos_scale"] == 0.5
+    for enc in ("text_encoder", "text_encoder_2"):
+        assert torch.equal(tt[enc][key], 0.5 * t1[enc][key])
+    tok = "text_model.embeddings.token_embedding.weight"
+    assert not torch.equal(tt["text_encoder"][tok], t1["text_encoder"][tok])  # the rest still trains
     # From the command line a new run takes its caption mix from the run it starts from, not the default.
     from attnseg.train.embedded.command import main
 

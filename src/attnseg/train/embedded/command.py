@@ -80,6 +80,13 @@ def main(argv: list[str] | None = None) -> None:
         "the --init-ckpt run's, else 1, SD3's)",
     )
     p.add_argument(
+        "--text-pos-scale",
+        type=float,
+        default=None,
+        help="sd3 stage, new runs (also from --init-ckpt): factor on the text encoders' position embeddings, frozen "
+        "when not 1 (default: the --init-ckpt run's, else 1)",
+    )
+    p.add_argument(
         "--layers",
         type=int,
         default=None,
@@ -125,8 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage == "export":
         stage_export(cfg, a.out or Path(cfg.work) / "pipeline")
     if a.stage == "sd3":
-        pos_scale = a.pos_scale if a.pos_scale is not None else _arch_of(source or {}).pos_scale
-        stage_sd3(cfg, SD3Arch(pos_scale=pos_scale), a.max_minutes, a.init_from, a.init_ckpt, grow_to=a.layers)
+        src_arch = _arch_of(source or {})
+        pos_scale = a.pos_scale if a.pos_scale is not None else src_arch.pos_scale
+        text_pos_scale = a.text_pos_scale if a.text_pos_scale is not None else src_arch.text_pos_scale
+        arch = SD3Arch(pos_scale=pos_scale, text_pos_scale=text_pos_scale)
+        stage_sd3(cfg, arch, a.max_minutes, a.init_from, a.init_ckpt, grow_to=a.layers)
     if a.stage == "export-sd3":
         stage_export_sd3(cfg, a.out or Path(cfg.work) / "pipeline-sd3")
 

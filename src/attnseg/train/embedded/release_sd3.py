@@ -87,7 +87,7 @@ runs on a real SD3 pipeline offline and can be compared there; for real images, 
   held by the saved weights, so the folder is a stock pipeline:
   the text encoders' projections are zero (pooled projections 0{pooled_note}), every block but the last has a zero
   context output projection and context feed-forward output (the text tokens that every block reads are the encoders'
-  unmixed embeddings{mix_note}), and the image tokens' sine-cosine position table is scaled by {pos_scale}
+  unmixed embeddings{mix_note}), and the image tokens' sine-cosine position table is scaled by {pos_scale}{text_pos_note}
   (docs/EMBEDDED-MODEL-TRAINING.md says why).
 - Two CLIPTextModelWithProjection ({text_params:.2f} M each), {text_layers} layer, width {text_hidden}, in SD3's CLIP-L / CLIP-G
   slots (the pipeline reads their penultimate hidden states: the token and position embeddings); one CLIPTokenizer
@@ -179,6 +179,8 @@ def _change(key: str, old, new) -> str:
         return f"grown from {old} to {new} joint blocks (new blocks inserted before the last as identities)"
     if key == "pos_scale":
         return f"position table x {new} (was x {old})"
+    if key == "text_pos_scale":
+        return f"text position embeddings x {new} (was x {old}), frozen"
     return f"{key} {old} -> {new}"
 
 
@@ -281,6 +283,9 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         pooled_note="" if not arch.pooled else "; not in this model, whose pooled conditioning is on",
         mix_note="" if not arch.mix_text else "; not in this model, whose text stream is trained",
         pos_scale=arch.pos_scale,
+        text_pos_note=""
+        if arch.text_pos_scale == 1
+        else f", the text encoders' learned position embeddings by {arch.text_pos_scale} (frozen)",
         text_params=_params(pipe.text_encoder),
         text_layers=arch.text_layers,
         text_hidden=arch.text_hidden,

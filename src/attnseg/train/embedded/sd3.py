@@ -89,6 +89,14 @@ class SD3Arch:
     pipeline runs unchanged). 1 is SD3's. With patch 1 a token's content is one latent pixel, 4 numbers, whose
     projection is smaller than the position embedding (norms about 6 and 8 at T3's step 500), and the label maps of
     runs T2 and T3 were the same pattern in every image (docs/EMBEDDED-MODEL-TRAINING.md)."""
+    text_pos_scale: float = 1.0
+    """Factor on the text encoders' learned position embeddings, relative to where the lineage started (1: as
+    learned). Other than 1 the scaled table is frozen, as the image side's is a fixed buffer, so that training does
+    not grow it back; a run from ``--init-ckpt`` with another value multiplies the source's table by the ratio. The
+    exported encoders hold it, so the pipeline runs unchanged. The transformer's label maps follow a word's place in
+    the prompt more than the word (docs/EMBEDDED-MODEL-TRAINING.md, the ``position`` probe): with the text stream
+    frozen, every block's text keys are the token plus position embedding, and at run T6's step 500 the position
+    embeddings' mean norm was 0.50 against 0.22 for the token embeddings."""
 
     @property
     def width(self) -> int:
@@ -123,7 +131,17 @@ def build_text_encoders(arch: SD3Arch, vocab_size: int, bos_id: int, eos_id: int
     if not arch.pooled:
         for te in encoders:
             disable_pooled(te)
+    if arch.text_pos_scale != 1:
+        for te in encoders:
+            te.text_model.embeddings.position_embedding.weight.requires_grad_(False)
     return encoders
+
+
+def scale_text_positions(encoders, factor: float) -> None:
+    """Multiply the encoders' position embeddings by ``factor`` (see :attr:`SD3Arch.text_pos_scale`)."""
+    with torch.no_grad():
+        for te in encoders:
+            te.text_model.embeddings.position_embedding.weight.mul_(factor)
 
 
 def freeze_text_stream(model) -> None:
@@ -204,7 +222,8 @@ def stage_sd3(
     embedded UNet model's text embeddings (``init_from``, a pipeline folder) or from another run's weights
     (``init_ckpt``, its ``sd3-ckpt.pt``: its trained weights, not their EMA, and sizes from it, ``arch.pooled``,
     ``arch.mix_text`` and ``arch.pos_scale`` from ``arch``; optimiser, EMA and step anew). ``grow_to``: with
-    ``init_ckpt``, that many blocks, the new ones inserted before the last as identities (:func:`grow_blocks`)."""
+    ``init_ckpt``, that many blocks, the new ones inserted before the last as identities (:func:`grow_blocks`);
+    ``arch.text_pos_scale`` too comes from ``arch``."""
     if grow_to is not None and not init_ckpt:
         raise ValueError("growing the transformer (--layers) needs a run that starts from another one's --init-ckpt")
     work = Path(cfg.work)
@@ -221,7 +240,14 @@ def stage_sd3(
         arch = _arch_of(state["config"])
     elif init_ckpt:
         source = torch.load(init_ckpt, weights_only=True)
-        arch = replace(_arch_of(source["config"]), pooled=arch.pooled, mix_text=arch.mix_text, pos_scale=arch.pos_scale)
+        source_arch = _arch_of(source["config"])
+        arch = replace(
+            source_arch,
+            pooled=arch.pooled,
+            mix_text=arch.mix_text,
+            pos_scale=arch.pos_scale,
+            text_pos_scale=arch.text_pos_scale,
+        )
         source_layers = arch.layers
         if grow_to is not None:
             arch = replace(arch, layers=grow_to)
@@ -263,6 +289,7 @@ def stage_sd3(
             model.load_state_dict(source["transformer"])
         te1.load_state_dict(source["text_encoder"])
         te2.load_state_dict(source["text_encoder_2"])
+        scale_text_positions((te1, te2), arch.text_pos_scale / source_arch.text_pos_scale)
         if not arch.pooled:
             disable_pooled(te1)
             disable_pooled(te2)
@@ -290,6 +317,7 @@ def stage_sd3(
         for te in (te1, te2):
             te.text_model.embeddings.load_state_dict(src.embeddings.state_dict())
             te.text_model.final_layer_norm.load_state_dict(src.final_layer_norm.state_dict())
+        scale_text_positions((te1, te2), arch.text_pos_scale)
         for e, p in zip(ema, params, strict=True):
             e.copy_(p.detach())
         _log(work, {"stage": "sd3", "init_from": str(init_from), "arch": asdict(arch)})
