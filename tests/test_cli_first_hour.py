@@ -136,12 +136,21 @@ def test_bench_families_writes_the_table_of_bench_families(tmp_path, monkeypatch
     row = {"layers": 24, "seconds": 3.0, "time_ratio": 2.0, "peak_rss_mb": 1100, "peak_ratio_total": 1.1}
     res = {"sd3": {"plain": {"seconds": 1.5, "peak_rss_mb": 1000}, "weights_rss_mb": 900}}
     res["sd3"]["cross:default"] = {**row, "peak_ratio_above_weights": 2.0, "captured_mb": 12}
-    monkeypatch.setattr("attnseg.jobs.bench.bench_families", lambda: res)
+    asked = []
+    monkeypatch.setattr("attnseg.jobs.bench.bench_families", lambda *families: asked.append(families) or res)
     r = CliRunner().invoke(app, ["bench", "families", "--out", str(tmp_path / "b")])
     assert r.exit_code == 0, r.output
+    assert asked == [()]  # every family, bench_families' default
     line = "| sd3 | cross:default | 24 | 3.0 | 2.00 | 1100 | 1.10 | 2.00 | 12 |"
     assert line in r.output and line in (tmp_path / "b" / "families.md").read_text()
     assert json.loads((tmp_path / "b" / "families.json").read_text()) == res
+    r = CliRunner().invoke(app, ["bench", "families", "--family", "sd3", "--family", "flux"])
+    assert r.exit_code == 0 and asked[-1] == (["sd3", "flux"],)
+    r = CliRunner().invoke(app, ["bench", "families", "--family", "sd4", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "unknown family sd4: choose from sdxl, sd3, flux" in r.output
+    assert not (tmp_path / "c").exists() and len(asked) == 2  # refused before any folder or model
+    r = CliRunner().invoke(app, ["bench", "--family", "sd3"])
+    assert r.exit_code == 2 and "give the 'families' suite" in r.output
     r = CliRunner().invoke(app, ["bench", "nope"])
     assert r.exit_code == 2 and "give none (speed), 'families' or 'personal'" in r.output
 

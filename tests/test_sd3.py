@@ -246,3 +246,23 @@ def test_an_image_larger_than_the_position_table_is_a_clear_error(sd3):
     bb.forward(torch.zeros((1, 4, most * patch, most * patch)), 150, text)  # the largest it reads
     with pytest.raises(ValueError, match=f"at most {most} x {most} patches"):
         bb.forward(torch.zeros((1, 4, most * patch, (most + 1) * patch)), 150, text)
+
+
+def test_the_families_bench_runs_a_plan_with_its_cat_cross(sd3):
+    """`attnseg bench families` times iSeg as it runs: the class token's keys scaled in every joint block."""
+    from dataclasses import replace
+
+    from attnseg.jobs.bench import _forward_at
+    from attnseg.methods.registry import get_method
+
+    bb = sd3.backbone
+    z, text = _inputs(bb, seed=3)
+    plan = get_method("iseg", "mmdit").plan(bb.layers, 16)
+    name = "transformer_blocks.0.attn:cross"
+    got = _forward_at(bb, z, text, plan).mean(name)
+    ks = torch.ones(text.hidden.shape[1])
+    ks[1] = 1.6
+    want = bb.forward(z, 150, text, plan.names, key_scale=ks).mean(name)
+    plain = _forward_at(bb, z, text, replace(plan, key_scale_gamma=None)).mean(name)
+    assert torch.allclose(got, want) and not torch.allclose(got, plain, atol=1e-4)
+    assert _forward_at(bb, z, text, None).sums == {}  # None: the plain forward, nothing captured

@@ -143,6 +143,9 @@ def bench(
     steps: Annotated[int, typer.Option(help="personal: learning steps per concept.")] = 400,
     seed: Annotated[int, typer.Option(help="personal: seed of photos, scenes, learning and noise.")] = 1,
     threads: Annotated[int | None, typer.Option(help="CPU threads of torch (default: torch's).")] = None,
+    family: Annotated[
+        list[str] | None, typer.Option("--family", help="families: the families measured (sdxl, sd3, flux; default: all three).")
+    ] = None,
 ) -> None:
     """Seconds per image, throughput, peak memory and the ratio to the bare model cost, per method; with `families`,
     the same for capture on the newer families' denoisers; with `personal`, personalized referring segmentation on
@@ -152,8 +155,11 @@ def bench(
         _bench_personal(out, model, scenes, steps, seed, threads)
         return
     if suite == "families":
-        _bench_families(out)
+        _bench_families(out, family or None)
         return
+    if family:
+        _err("--family chooses what `bench families` measures: give the 'families' suite")
+        raise typer.Exit(2)
     if suite is not None:
         _err(f"unknown benchmark {suite!r}: give none (speed), 'families' or 'personal'")
         raise typer.Exit(2)
@@ -173,14 +179,18 @@ def bench(
     typer.echo(bench_markdown(res))
 
 
-def _bench_families(out: Path | None) -> None:
+def _bench_families(out: Path | None, families: list[str] | None) -> None:
     """Capture on SDXL-, SD3- and Flux-shaped denoisers at 1024 px: a table, and ``OUT/families.json`` / ``.md``."""
     from attnseg.io.files import atomic_write_bytes
-    from attnseg.jobs.bench import bench_families, families_markdown
+    from attnseg.jobs.bench import FAMILY_METHODS, bench_families, families_markdown
 
+    unknown = [f for f in families or () if f not in FAMILY_METHODS]
+    if unknown:
+        _err(f"unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}: choose from {', '.join(FAMILY_METHODS)}")
+        raise typer.Exit(2)
     if out is not None:
         _out_folder(out)
-    res = bench_families()
+    res = bench_families(*([families] if families else []))
     table = families_markdown(res)
     if out is not None:
         atomic_write_bytes(out / "families.json", json.dumps(res, indent=1).encode())

@@ -23,6 +23,7 @@ import torch
 from attnseg.diffusion.capture import capture_attention
 from attnseg.diffusion.layers import layer_inventory
 from attnseg.generator import generate_with_masks
+from attnseg.methods.base import CapturePlan
 from attnseg.methods.registry import get_method
 from attnseg.ops.maps import propagate
 from attnseg.predictor import AttnSegPredictor
@@ -236,10 +237,11 @@ def bench_real_size(methods: Sequence[str] = ("t2m", "iseg"), dtype: torch.dtype
     emb = torch.randn((1, 77, 768), dtype=dtype)
     t = torch.tensor([150])
 
-    def forward(names: Sequence[str], per_head: Sequence[str]):
-        if not names:
+    def forward(plan: CapturePlan | None):
+        if plan is None:
             return unet(z, t, encoder_hidden_states=emb)
-        with capture_attention(unet, names, per_head=per_head) as store:
+        ks = _cat_cross(plan, emb.shape[1])
+        with capture_attention(unet, plan.names, per_head=plan.per_head, key_scale=ks, scale_values=plan.scale_values) as store:
             unet(z, t, encoder_hidden_states=emb)
         return store
 
@@ -247,22 +249,32 @@ def bench_real_size(methods: Sequence[str] = ("t2m", "iseg"), dtype: torch.dtype
     return _capture_costs(forward, {m: get_method(m).plan(inv, 64) for m in methods})
 
 
+def _cat_cross(plan: CapturePlan, n_tokens: int) -> torch.Tensor | None:
+    """A bench forward's Cat-Cross factors (iSeg): the plan's gamma on one token, the first after the start token,
+    as a one-word label has; None when the plan scales no keys."""
+    if plan.key_scale_gamma is None:
+        return None
+    ks = torch.ones(n_tokens)
+    ks[1] = plan.key_scale_gamma
+    return ks
+
+
 def _capture_costs(forward: Callable, plans: dict) -> dict:
     """One plain forward, then one per plan with its layers captured: seconds, peak memory, captured MB and their
-    ratios to the plain forward. ``forward(names, per_head)`` runs the model (capturing ``names``; none: plain) and
-    returns the store."""
+    ratios to the plain forward. ``forward(plan)`` runs the model as the plan says (its layers captured, its Cat-Cross
+    applied; None: plain) and returns the store."""
     gc.collect()
     base = rss_mb()
     _reset_peak_rss()
     t0 = time.perf_counter()
-    forward((), ())
+    forward(None)
     plain_s, plain_peak = time.perf_counter() - t0, peak_rss_mb()
     out = {"weights_rss_mb": base, "plain": {"peak_rss_mb": plain_peak, "seconds": plain_s}}
     for key, plan in plans.items():
         gc.collect()
         _reset_peak_rss()
         t0 = time.perf_counter()
-        store = forward(plan.names, plan.per_head)
+        store = forward(plan)
         s, peak = time.perf_counter() - t0, peak_rss_mb()
         kept = sum(v.numel() * v.element_size() for v in store.sums.values()) / 2**20
         del store
@@ -377,7 +389,11 @@ def _family_backbone(family: str, dtype: torch.dtype):
     raise ValueError(f"unknown family {family!r}: sdxl, sd3 or flux")
 
 
-FAMILY_METHODS = {"sdxl": ("cross", "t2m", "iseg"), "sd3": ("cross:default", "t2m:mmdit"), "flux": ("cross:default", "t2m:mmdit")}
+FAMILY_METHODS = {
+    "sdxl": ("cross", "t2m", "iseg"),
+    "sd3": ("cross:default", "t2m:mmdit", "iseg:mmdit"),
+    "flux": ("cross:default", "t2m:mmdit", "iseg:mmdit"),
+}
 """What each family's row captures: the methods whose layers it has, with their presets for it."""
 
 
@@ -402,9 +418,12 @@ def bench_families(families: Sequence[str] = ("sdxl", "sd3", "flux"), dtype: tor
     return out
 
 
-def _forward_at(bb, z: torch.Tensor, text, names: Sequence[str], per_head: Sequence[str]):
-    """One forward of backbone ``bb`` at t = 150, capturing ``names``."""
-    return bb.forward(z, 150, text, names, per_head=per_head)
+def _forward_at(bb, z: torch.Tensor, text, plan: CapturePlan | None):
+    """One forward of backbone ``bb`` at t = 150 as ``plan`` says (None: plain)."""
+    if plan is None:
+        return bb.forward(z, 150, text)
+    ks = _cat_cross(plan, text.hidden.shape[1])
+    return bb.forward(z, 150, text, plan.names, per_head=plan.per_head, key_scale=ks, scale_values=plan.scale_values)
 
 
 def families_markdown(res: dict) -> str:
