@@ -152,6 +152,49 @@ def test_sd35_dual_attention_blocks_add_image_only_self_layers():
         again = _plain(bb, z, text)
     assert torch.equal(ref, again)
     assert store.mean("transformer_blocks.0.attn2").shape == (2, 256, 256)
+    # iSeg's Self is the last joint attention's image-to-image block, not a dual block's image-only attn2.
+    from attnseg.methods.registry import get_method
+
+    last_dual = SD3Backbone(build_tiny_sd3_pipeline(dual_attention_layers=(0, 1)))
+    assert get_method("iseg", "mmdit").plan(last_dual.layers, 16).self_names == ["transformer_blocks.1.attn:self"]
+
+
+def test_joint_maps_under_guidance_and_head_chunks_are_the_conditional_rows_blocks(sd3, monkeypatch):
+    """With classifier-free guidance only the second half of the rows (the conditional ones) is read, and scoring a
+    few heads at a time (a small budget) gives the same maps as all at once."""
+    from attnseg.diffusion import capture
+    from attnseg.diffusion.capture import AttentionStore, JointCaptureProcessor, installed
+
+    bb = sd3.backbone
+    z, text = _inputs(bb, seed=4)  # rows: [unconditional-like, conditional]
+    name = "transformer_blocks.1.attn"
+    module = bb.pipe.transformer.get_submodule(name)
+    seen = {}
+    hook = module.register_forward_pre_hook(lambda m, args, kw: seen.update(kw), with_kwargs=True)
+    monkeypatch.setattr(capture, "_SCORE_BUDGET", 1)  # one head at a time
+    stores = {}
+    try:
+        for per_head in (False, True):
+            store = AttentionStore(per_head=frozenset({f"{name}:cross"} if per_head else ()), cond_rows="second_half")
+            proc = JointCaptureProcessor(store, {"cross": f"{name}:cross", "self": f"{name}:self"})
+            with torch.no_grad(), installed(bb.pipe.transformer, {name: proc}):
+                out = _plain(bb, z, text)
+            stores[per_head] = store
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        assert torch.allclose(out, _plain(bb, z, text), atol=1e-5, rtol=1e-4)
+    h, e = seen["hidden_states"][1:], seen["encoder_hidden_states"][1:]
+    with torch.no_grad():
+        split = lambda x: x.view(1, -1, module.heads, x.shape[-1] // module.heads).transpose(1, 2)  # noqa: E731
+        q = torch.cat([split(module.to_q(h)), split(module.add_q_proj(e))], dim=2)
+        k = torch.cat([split(module.to_k(h)), split(module.add_k_proj(e))], dim=2)
+        probs = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)[:, :, :256]
+    cross, own = probs[..., 256:], probs[..., :256]
+    cross, own = cross / cross.sum(-1, keepdim=True), own / own.sum(-1, keepdim=True)
+    assert torch.allclose(stores[False].mean(f"{name}:cross"), cross.mean(1), atol=1e-5)
+    assert torch.allclose(stores[False].mean(f"{name}:self"), own.mean(1), atol=1e-5)
+    assert torch.allclose(stores[True].mean(f"{name}:cross"), cross, atol=1e-5)  # (1, heads, 256, T)
 
 
 def test_segment_eval_generate_and_layers_from_the_command_line(sd3_dir, tmp_path, monkeypatch):

@@ -150,6 +150,15 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
         assert torch.equal(tt[enc][key], 0.5 * t1[enc][key])
     tok = "text_model.embeddings.token_embedding.weight"
     assert not torch.equal(tt["text_encoder"][tok], t1["text_encoder"][tok])  # the rest still trains
+    # From a run whose table is already scaled, the factor counts from the lineage's start: 0.25 is half of 0.5.
+    quarter = tmp_path / "t4-text-quarter"
+    quarter.mkdir()
+    for name in ("latents.npz", "scenes.npz", "vae.pt"):
+        (quarter / name).symlink_to(first / name)
+    cfg_q = TrainConfig(work=str(quarter), n_scenes=8, unet_steps=1, batch=2, ckpt_every=1, diag_every=1000, threads=1)
+    stage_sd3(cfg_q, SD3Arch(pos_scale=0.25, text_pos_scale=0.25), init_ckpt=str(texty / "sd3-ckpt.pt"))
+    tq = torch.load(quarter / "sd3-ckpt.pt", weights_only=True)
+    assert torch.equal(tq["text_encoder"][key], 0.5 * tt["text_encoder"][key])
     # From the command line a new run takes its caption mix from the run it starts from, not the default.
     from attnseg.train.embedded.command import main
 
@@ -185,6 +194,9 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
     assert torch.allclose(t5["transformer"]["pos_embed.pos_embed"], 0.25 * table)
     with pytest.raises(ValueError, match="--init-ckpt"):
         main(["sd3", "--work", str(tmp_path / "t6"), "--layers", "3", "--steps", "1", "--threads", "1"])
+    with pytest.raises(SystemExit):  # a factor of 0 would freeze an empty table for good
+        main(["sd3", "--work", str(tmp_path / "t7"), "--text-pos-scale", "0", "--steps", "1", "--threads", "1"])
+    assert not (tmp_path / "t7").exists()
 
 
 def test_a_grown_transformer_computes_what_its_source_did_until_it_trains():

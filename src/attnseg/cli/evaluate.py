@@ -151,15 +151,15 @@ def bench(
     the same for capture on the newer families' denoisers; with `personal`, personalized referring segmentation on
     ShapesWorld (concepts learned, then T2M's Table 7)."""
     _quiet_libraries()
+    if family and suite != "families":
+        _err("--family chooses what `bench families` measures: give the 'families' suite")
+        raise typer.Exit(2)
     if suite == "personal":
         _bench_personal(out, model, scenes, steps, seed, threads)
         return
     if suite == "families":
         _bench_families(out, family or None)
         return
-    if family:
-        _err("--family chooses what `bench families` measures: give the 'families' suite")
-        raise typer.Exit(2)
     if suite is not None:
         _err(f"unknown benchmark {suite!r}: give none (speed), 'families' or 'personal'")
         raise typer.Exit(2)

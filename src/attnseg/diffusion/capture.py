@@ -234,11 +234,11 @@ def concept_maps(image_out: torch.Tensor, concept_out: torch.Tensor) -> torch.Te
 class JointCaptureProcessor:
     """Processor for joint (MMDiT) attention modules that records the image-to-text and image-to-image blocks.
 
-    Numerically the default ``JointAttnProcessor2_0`` (SD3; ``image_first``) for its outputs. For the conditional
-    rows, probabilities are computed explicitly over all tokens; the block of image queries to text keys is
-    renormalised over the text tokens and recorded as ``cross`` (B, P, T), the block of image queries to image
-    keys renormalised over the image tokens as ``self`` (B, P, P): the conditional distributions of an image
-    token's attention over the prompt and over the image. ``parts`` maps ``"cross"`` / ``"self"`` / ``"concept"``
+    Numerically the default ``JointAttnProcessor2_0`` (SD3; ``image_first``) for its outputs, which come from the same
+    fused kernel. For the conditional rows, the block of image queries to text keys of the joint softmax, renormalised
+    over the text tokens, is recorded as ``cross`` (B, P, T), the block of image queries to image keys renormalised
+    over the image tokens as ``self`` (B, P, P): the conditional distributions of an image token's attention over the
+    prompt and over the image, each computed as the softmax of that block's logits alone (the same numbers). ``parts`` maps ``"cross"`` / ``"self"`` / ``"concept"``
     to the store key each is recorded under. ``key_scale`` (iSeg's Cat-Cross) multiplies the text keys of the
     conditional rows, or, with ``scale_values``, their text states before the projections (the scaled embedding).
 

@@ -250,8 +250,9 @@ def bench_real_size(methods: Sequence[str] = ("t2m", "iseg"), dtype: torch.dtype
 
 
 def _cat_cross(plan: CapturePlan, n_tokens: int) -> torch.Tensor | None:
-    """A bench forward's Cat-Cross factors (iSeg): the plan's gamma on one token, the first after the start token,
-    as a one-word label has; None when the plan scales no keys."""
+    """A bench forward's Cat-Cross factors (iSeg): the plan's gamma on one token, the second of the text (the first
+    word after CLIP's start token; on Flux's T5 stream, which has none, the second word), as a one-word label has;
+    None when the plan scales no keys."""
     if plan.key_scale_gamma is None:
         return None
     ks = torch.ones(n_tokens)

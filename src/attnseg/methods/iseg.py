@@ -41,6 +41,10 @@ EMBEDDED_SELF_LAYER = LayerSelect(kind="self", ranks=(99,), blocks=("down",), ta
 model's down_blocks.0.attentions.0, 16 px), chosen on validation scenes like T2M's (the decoder layer that T2M reads
 scored within 0.5 of it for iSeg, so it was kept)."""
 
+MMDIT_SELF_LAYER = LayerSelect(kind="self", names=("*.attn:self",), take=(-1, None))
+"""The image-to-image block of a transformer's last attention over text and image (SD3's last joint block, Flux's
+last single-stream block), iSeg's Self on transformers."""
+
 CODE_CROSS_LAYERS: tuple[LayerSelect, ...] = (
     LayerSelect(kind="cross", ranks=(1,), blocks=("down",)),
     LayerSelect(kind="cross", ranks=(1,), blocks=("up",)),
@@ -156,15 +160,16 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
     "embedded-n8": ISegConfig(self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.5),
     "embedded-no-cat": ISegConfig(gamma=1.0, iters=1, self_layer=EMBEDDED_SELF_LAYER, bg_threshold=0.5),
     "embedded-paper-bg": ISegConfig(iters=1, self_layer=EMBEDDED_SELF_LAYER),
-    # Transformer (MMDiT) backbones: one grid, no decoder and no resolution ranks. Cross fuses every joint layer's
-    # image-to-text block with equal weights (the paper fuses the layers that build the output, the decoder's; here
-    # every block does); Self is the image-to-image block of the last attention layer, the one nearest the output,
-    # as up_blocks.3.attentions.1 is the UNet's last. Cat-Cross scales the class tokens' keys inside the joint
-    # attention; lambda, N, t and the background rule are the paper's.
+    # Transformer (MMDiT) backbones: one grid, no decoder and no resolution ranks. Cross fuses the image-to-text block
+    # of every attention over text and image (SD3's joint blocks; Flux's double- and single-stream blocks) with equal
+    # weights (the paper fuses the layers that build the output, the decoder's; here every block does); Self is the
+    # image-to-image block of the last of them, the one nearest the output, as up_blocks.3.attentions.1 is the UNet's
+    # last (never SD3.5's image-only attn2). Cat-Cross scales the class tokens' keys inside that attention; lambda, N,
+    # t and the background rule are the paper's.
     "mmdit": ISegConfig(
         cross={0: 1.0},
         cross_layers=(LayerSelect(kind="cross", ranks=(0,)),),
-        self_layer=LayerSelect(kind="self", take=(-1, None)),
+        self_layer=MMDIT_SELF_LAYER,
     ),
     # The embedded SD3 model (its attnseg.json makes this its default): `mmdit` with the noise level, background
     # threshold and iterations chosen on validation scenes (`python scripts/probe_sd3.py MODEL iseg-sweep`:
@@ -174,7 +179,7 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
         timestep=400,
         cross={0: 1.0},
         cross_layers=(LayerSelect(kind="cross", ranks=(0,)),),
-        self_layer=LayerSelect(kind="self", take=(-1, None)),
+        self_layer=MMDIT_SELF_LAYER,
         iters=2,
         bg_threshold=0.6,
     ),

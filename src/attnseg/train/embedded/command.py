@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         "the lowest level's resolution, has cross-attention either way)",
     )
     a = p.parse_args(argv)
+    for flag, v in (("--pos-scale", a.pos_scale), ("--text-pos-scale", a.text_pos_scale)):
+        if v is not None and not v > 0:
+            p.error(f"{flag} must be a factor above 0, got {v}")
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
     made = train.data_look_prob(cfg.work)
     cfg.look_prob = a.look_prob if a.look_prob is not None else (made or 0.0)

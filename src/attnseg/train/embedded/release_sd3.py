@@ -180,7 +180,7 @@ def _change(key: str, old, new) -> str:
     if key == "pos_scale":
         return f"position table x {new} (was x {old})"
     if key == "text_pos_scale":
-        return f"text position embeddings x {new} (was x {old}), frozen"
+        return f"text position embeddings x {new} (was x {old})" + (", frozen" if new != 1 else ", trained")
     return f"{key} {old} -> {new}"
 
 

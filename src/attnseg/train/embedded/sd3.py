@@ -321,6 +321,10 @@ def stage_sd3(
         for e, p in zip(ema, params, strict=True):
             e.copy_(p.detach())
         _log(work, {"stage": "sd3", "init_from": str(init_from), "arch": asdict(arch)})
+    elif arch.text_pos_scale != 1:  # a run from random weights: its random table, scaled as for any other start
+        scale_text_positions((te1, te2), arch.text_pos_scale)
+        for e, p in zip(ema, params, strict=True):
+            e.copy_(p.detach())
     if cfg.lr_decay_steps > 0 and decay_from is None:
         decay_from = step
         _log(work, {"stage": "sd3", "lr_decay_from": step, "lr_decay_steps": cfg.lr_decay_steps})
