@@ -13,6 +13,8 @@
 - ``position``: do the maps follow the word or its place in the prompt? For one label of each validation scene, the
   correlation of its map in "a photo of LABEL" with its map six tokens later in the prompt, and with the map of a
   shape absent from the scene written where the label was;
+- ``presets``: the mIoU of ``cross``, ``t2m`` and ``iseg`` with the presets of the shipped SD3 model
+  (``embedded-sd3``) on validation scenes, to follow a run with the settings the release uses;
 - ``sweep``: the cross baseline's mIoU on validation scenes for every block set (the last block, the last two, every
   block) x noise level (``--t``) x background threshold (the paper's rule and 0.6 / 0.7 / 0.8), to choose a model's
   preset on scenes the test never uses;
@@ -31,6 +33,7 @@
     python scripts/probe_sd3.py EXPORT pattern --n 24
     python scripts/probe_sd3.py EXPORT position --n 24
     python scripts/probe_sd3.py EXPORT mass --n 16 --t 400
+    python scripts/probe_sd3.py EXPORT presets --n 40
     python scripts/probe_sd3.py EXPORT sweep --n 40 --t 150,400
     python scripts/probe_sd3.py EXPORT t2m-sweep --n 40 --t 400,150
     python scripts/probe_sd3.py EXPORT iseg-sweep --n 40 --t 400,150
@@ -217,7 +220,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument(
-        "probe", choices=["text", "timesteps", "blocks", "pattern", "position", "mass", "sweep", "t2m-sweep", "iseg-sweep"]
+        "probe",
+        choices=["text", "timesteps", "blocks", "pattern", "position", "mass", "presets", "sweep", "t2m-sweep", "iseg-sweep"],
     )
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--t", default=None, help="noise levels, comma-separated (default: 150,400,700; mass: 400)")
@@ -242,6 +246,10 @@ def main() -> None:
         print(
             f"{a.model}: correlation of a label's map with itself six tokens later {word:.3f}, with an absent shape's map at its place {place:.3f}"
         )
+        return
+    if a.probe == "presets":
+        methods = ("cross:embedded-sd3", "t2m:embedded-sd3", "iseg:embedded-sd3")
+        print(f"{a.model}: " + ", ".join(f"{m} {miou(pred, scenes, m):.1f}" for m in methods))
         return
     if a.probe == "timesteps":
         for m in a.method or ["cross"]:
