@@ -194,6 +194,9 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
     assert torch.allclose(t5["transformer"]["pos_embed.pos_embed"], 0.25 * table)
     with pytest.raises(ValueError, match="--init-ckpt"):
         main(["sd3", "--work", str(tmp_path / "t6"), "--layers", "3", "--steps", "1", "--threads", "1"])
+    with pytest.raises(SystemExit):  # resuming keeps the run's scales: another one is refused, not ignored
+        main(["sd3", "--work", str(texty), "--text-pos-scale", "0.1", "--steps", "3", "--threads", "1"])
+    assert torch.load(texty / "sd3-ckpt.pt", weights_only=True)["step"] == 2
     with pytest.raises(SystemExit):  # a factor of 0 would freeze an empty table for good
         main(["sd3", "--work", str(tmp_path / "t7"), "--text-pos-scale", "0", "--steps", "1", "--threads", "1"])
     assert not (tmp_path / "t7").exists()

@@ -135,6 +135,17 @@ def main(argv: list[str] | None = None) -> None:
     if a.stage == "export":
         stage_export(cfg, a.out or Path(cfg.work) / "pipeline")
     if a.stage == "sd3":
+        if resumed is not None:  # a run's architecture is fixed when it starts
+            kept = _arch_of(resumed)
+            for flag, asked, has in (
+                ("--pos-scale", a.pos_scale, kept.pos_scale),
+                ("--text-pos-scale", a.text_pos_scale, kept.text_pos_scale),
+            ):
+                if asked is not None and asked != has:
+                    p.error(
+                        f"{flag} {asked}: the run in {cfg.work} was started with {has} and resumes with it; start a "
+                        f"new run from its checkpoint (--init-ckpt) to change it"
+                    )
         src_arch = _arch_of(source or {})
         pos_scale = a.pos_scale if a.pos_scale is not None else src_arch.pos_scale
         text_pos_scale = a.text_pos_scale if a.text_pos_scale is not None else src_arch.text_pos_scale
