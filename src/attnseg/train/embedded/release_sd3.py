@@ -213,7 +213,7 @@ def release_sd3(work: str, out: str, eval_n: int = 100, oracle_n: int = 16, prio
     meas["oracle"] = oracle_rate(pipe, oracle_n, **SD3_CALL)
     grid(sample(pipe, GRID_PROMPTS, **SD3_CALL), GRID_PROMPTS).save(out_p / "samples.png")
     (out_p / "measurements.json").write_text(json.dumps(meas, indent=1) + "\n")
-    write_card(work, out_p, meas, prior)
+    write_card(work, out_p, meas, prior, pipe)
     meas["seconds"] = time.time() - t0
     return meas
 
@@ -248,8 +248,9 @@ def measurements_md(meas: dict) -> str:
     return "\n".join(lines)
 
 
-def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) -> None:
-    pipe = load_pipeline(out, device="cpu", dtype="float32")
+def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = (), pipe=None) -> None:
+    """The model card (README.md) of the exported model in ``out``; ``pipe``: that model, when already loaded."""
+    pipe = pipe if pipe is not None else load_pipeline(out, device="cpu", dtype="float32")
     meta = json.loads((out / "training.json").read_text())
     cfg = meta["train_config"]
     arch = SD3Arch(**meta["arch"])
