@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
-from attnseg.diffusion.layers import LayerInfo, layer_inventory
+from attnseg.diffusion.layers import LayerInfo, LayerSelect, layer_inventory
 from attnseg.diffusion.prompts import ISEG_VOC_BACKGROUND_WORDS, TokenSpans
 from attnseg.jobs.bench import SD15_UNET
 from attnseg.methods.base import CapturePlan, fused_cross
@@ -205,10 +205,13 @@ def test_code_presets():
     assert changed == {"cat_cross", "cross_layers", "cross_norm", "normalise_first", "cluster"}
     assert (emb.cat_cross, emb.cross_layers, emb.cross_norm) == ("embedding", CODE_CROSS_LAYERS, "resolution")
     assert emb.heads is None and emb.background_words == () and emb.cross_heads is None
+    every_joint_block = (LayerSelect(kind="cross", ranks=(0,)),)  # the transformer presets' one grid, every block
     for name, cfg in ISEG_PRESETS.items():
         if name not in ("code", "code-voc-heads", "embedded-code"):
             assert not cfg.cluster and cfg.heads is None, name
-            assert (cfg.cross_layers, cfg.cross_norm, cfg.cross_heads, cfg.background_words) == ((), "layer", None, ()), name
+            layers = every_joint_block if name in ("mmdit", "embedded-sd3") else ()
+            assert (cfg.cross_layers, cfg.cross_norm, cfg.cross_heads, cfg.background_words) == (layers, "layer", None, ()), name
+    assert ISEG_PRESETS["mmdit"].cross == {0: 1.0} and ISEG_PRESETS["mmdit"].cat_cross == "keys"
 
 
 def test_voc_background_words_are_the_nine_the_code_assigns():
