@@ -10,6 +10,14 @@ import torch
 
 
 @pytest.mark.filterwarnings("ignore")
+def _beside(first, work):
+    """A new work folder that shares ``first``'s data (scenes, latents, VAE), as a run started from it does."""
+    work.mkdir()
+    for name in ("latents.npz", "scenes.npz", "vae.pt"):
+        (work / name).symlink_to(first / name)
+    return work
+
+
 def test_sd3_stage_trains_resumes_and_exports(tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
@@ -85,10 +93,7 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
     legacy = {k: v for k, v in t1["config"]["sd3_arch"].items() if k not in ("pooled", "mix_text")}
     assert _arch_of({"sd3_arch": legacy}).pooled and _arch_of({"sd3_arch": legacy}).mix_text
 
-    second = tmp_path / "t2"
-    second.mkdir()
-    for name in ("latents.npz", "scenes.npz", "vae.pt"):
-        (second / name).symlink_to(first / name)
+    second = _beside(first, tmp_path / "t2")
     cfg2 = TrainConfig(work=str(second), n_scenes=8, unet_steps=2, batch=2, ckpt_every=1, diag_every=1000, threads=1)
     stage_sd3(cfg2, SD3Arch(layers=4), init_ckpt=str(first / "sd3-ckpt.pt"))  # sizes from the checkpoint
     t2 = torch.load(second / "sd3-ckpt.pt", weights_only=True)
@@ -116,10 +121,7 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
     moved = max((t2["transformer"][k] - t1["transformer"][k]).abs().max() for k in kept)
     assert 0 < moved < 0.05  # two steps from T1's weights, not a fresh start
     # A scaled position table: the source's (SD3's) table times the factor, kept through training and in the export.
-    fourth = tmp_path / "t4"
-    fourth.mkdir()
-    for name in ("latents.npz", "scenes.npz", "vae.pt"):
-        (fourth / name).symlink_to(first / name)
+    fourth = _beside(first, tmp_path / "t4")
     cfg4 = TrainConfig(work=str(fourth), n_scenes=8, unet_steps=1, batch=2, ckpt_every=1, diag_every=1000, threads=1)
     stage_sd3(cfg4, SD3Arch(pos_scale=0.25), init_ckpt=str(first / "sd3-ckpt.pt"))
     t4 = torch.load(fourth / "sd3-ckpt.pt", weights_only=True)
@@ -135,10 +137,7 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
     loaded = SD3Transformer2DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32)
     assert torch.allclose(loaded.pos_embed.pos_embed, 0.25 * table, atol=1e-3)  # fp16 weights
     # Scaled text position embeddings: the source's times the factor, frozen through training and resuming.
-    texty = tmp_path / "t4-text"
-    texty.mkdir()
-    for name in ("latents.npz", "scenes.npz", "vae.pt"):
-        (texty / name).symlink_to(first / name)
+    texty = _beside(first, tmp_path / "t4-text")
     cfg_t = TrainConfig(work=str(texty), n_scenes=8, unet_steps=1, batch=2, ckpt_every=1, diag_every=1000, threads=1)
     stage_sd3(cfg_t, SD3Arch(pos_scale=0.25, text_pos_scale=0.5), init_ckpt=str(first / "sd3-ckpt.pt"))
     cfg_t.unet_steps = 2
@@ -151,10 +150,7 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
     tok = "text_model.embeddings.token_embedding.weight"
     assert not torch.equal(tt["text_encoder"][tok], t1["text_encoder"][tok])  # the rest still trains
     # From a run whose table is already scaled, the factor counts from the lineage's start: 0.25 is half of 0.5.
-    quarter = tmp_path / "t4-text-quarter"
-    quarter.mkdir()
-    for name in ("latents.npz", "scenes.npz", "vae.pt"):
-        (quarter / name).symlink_to(first / name)
+    quarter = _beside(first, tmp_path / "t4-text-quarter")
     cfg_q = TrainConfig(work=str(quarter), n_scenes=8, unet_steps=1, batch=2, ckpt_every=1, diag_every=1000, threads=1)
     stage_sd3(cfg_q, SD3Arch(pos_scale=0.25, text_pos_scale=0.25), init_ckpt=str(texty / "sd3-ckpt.pt"))
     tq = torch.load(quarter / "sd3-ckpt.pt", weights_only=True)
@@ -162,17 +158,11 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
     # From the command line a new run takes its caption mix from the run it starts from, not the default.
     from attnseg.train.embedded.command import main
 
-    third = tmp_path / "t3"
-    third.mkdir()
-    for name in ("latents.npz", "scenes.npz", "vae.pt"):
-        (third / name).symlink_to(first / name)
+    third = _beside(first, tmp_path / "t3")
     main(["sd3", "--work", str(third), "--init-ckpt", str(first / "sd3-ckpt.pt"), "--steps", "1", "--threads", "1"])
     assert torch.load(third / "sd3-ckpt.pt", weights_only=True)["config"]["colour_prob"] == 0.3
     # --layers grows the source run's transformer, whose position scale it keeps; a run without a source cannot grow.
-    grown = tmp_path / "t5"
-    grown.mkdir()
-    for name in ("latents.npz", "scenes.npz", "vae.pt"):
-        (grown / name).symlink_to(first / name)
+    grown = _beside(first, tmp_path / "t5")
     main(
         [
             "sd3",
