@@ -171,18 +171,6 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
         cross_layers=(LayerSelect(kind="cross", ranks=(0,)),),
         self_layer=MMDIT_SELF_LAYER,
     ),
-    # The embedded SD3 model (its attnseg.json makes this its default): `mmdit` with the noise level, background
-    # threshold and iterations chosen on validation scenes (`python scripts/probe_sd3.py MODEL iseg-sweep`:
-    # every block's cross maps beat the last block's alone, and the last block's Self every other block's;
-    # docs/EMBEDDED-MODEL-TRAINING.md).
-    "embedded-sd3": ISegConfig(
-        timestep=400,
-        cross={0: 1.0},
-        cross_layers=(LayerSelect(kind="cross", ranks=(0,)),),
-        self_layer=MMDIT_SELF_LAYER,
-        iters=2,
-        bg_threshold=0.6,
-    ),
     # The paper's lambda and N with what the authors' code computes on VOC: Cat-Cross on the text embedding (keys and
     # values), its encoder and decoder cross layers with their heads pooled per resolution and normalised once, at
     # their own resolution, before fusing, its VOC background words, self-attention heads 1-2 only, KL k-means
@@ -198,6 +186,10 @@ ISEG_PRESETS: dict[str, ISegConfig] = {
         background_words=ISEG_VOC_BACKGROUND_WORDS,
     ),
 }
+# The embedded SD3 model (its attnseg.json makes this its default): `mmdit` with the noise level, background threshold
+# and iterations chosen on validation scenes (`python scripts/probe_sd3.py MODEL iseg-sweep`: every block's cross maps
+# beat the last block's alone, and the last block's Self every other block's; docs/EMBEDDED-MODEL-TRAINING.md).
+ISEG_PRESETS["embedded-sd3"] = replace(ISEG_PRESETS["mmdit"], timestep=400, iters=2, bg_threshold=0.6)
 # "code" with the code's VOC cross heads: for SD 2.x only (on other UNets the positions name other heads or none).
 ISEG_PRESETS["code-voc-heads"] = replace(ISEG_PRESETS["code"], cross_heads=VOC_CROSS_HEADS)
 

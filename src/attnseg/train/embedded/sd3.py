@@ -235,12 +235,15 @@ def stage_sd3(
     objs = scenes["objects"]
     tok = build_tokenizer(ToyArch.max_length)
     ck = work / CKPT
-    if ck.exists():
+    resuming = ck.exists()
+    text_pos_from = 1.0  # the text position factor the starting weights hold (a new lineage's: 1)
+    if resuming:
         state = torch.load(ck, weights_only=True)
         arch = _arch_of(state["config"])
     elif init_ckpt:
         source = torch.load(init_ckpt, weights_only=True)
         source_arch = _arch_of(source["config"])
+        text_pos_from = source_arch.text_pos_scale
         arch = replace(
             source_arch,
             pooled=arch.pooled,
@@ -261,7 +264,7 @@ def stage_sd3(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
     step, warm_from, decay_from = 0, 0, None
-    if ck.exists():
+    if resuming:
         model.load_state_dict(state["transformer"])
         te1.load_state_dict(state["text_encoder"])
         te2.load_state_dict(state["text_encoder_2"])
@@ -289,15 +292,12 @@ def stage_sd3(
             model.load_state_dict(source["transformer"])
         te1.load_state_dict(source["text_encoder"])
         te2.load_state_dict(source["text_encoder_2"])
-        scale_text_positions((te1, te2), arch.text_pos_scale / source_arch.text_pos_scale)
         if not arch.pooled:
             disable_pooled(te1)
             disable_pooled(te2)
         if not arch.mix_text:
             freeze_text_stream(model)
         model.pos_embed.pos_embed.copy_(positions * arch.pos_scale)
-        for e, p in zip(ema, params, strict=True):
-            e.copy_(p.detach())
         _log(
             work,
             {
@@ -317,12 +317,9 @@ def stage_sd3(
         for te in (te1, te2):
             te.text_model.embeddings.load_state_dict(src.embeddings.state_dict())
             te.text_model.final_layer_norm.load_state_dict(src.final_layer_norm.state_dict())
-        scale_text_positions((te1, te2), arch.text_pos_scale)
-        for e, p in zip(ema, params, strict=True):
-            e.copy_(p.detach())
         _log(work, {"stage": "sd3", "init_from": str(init_from), "arch": asdict(arch)})
-    elif arch.text_pos_scale != 1:  # a run from random weights: its random table, scaled as for any other start
-        scale_text_positions((te1, te2), arch.text_pos_scale)
+    if not resuming:  # a new run, whatever its starting weights: its text table scaled, its EMA starting there
+        scale_text_positions((te1, te2), arch.text_pos_scale / text_pos_from)
         for e, p in zip(ema, params, strict=True):
             e.copy_(p.detach())
     if cfg.lr_decay_steps > 0 and decay_from is None:
