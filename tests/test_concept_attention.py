@@ -47,7 +47,9 @@ def test_scores_take_the_labels_concepts_and_sum_the_background_ones():
 
     store = AttentionStore()
     # 4 pixels (2 x 2), concepts: label a, label b, background word 1, background word 2
-    store.add("m:concept", torch.tensor([[[0.7, 0.1, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.1, 0.1, 0.4, 0.4], [0.2, 0.2, 0.3, 0.3]]]))
+    store.add(
+        "m:concept", torch.tensor([[[0.7, 0.1, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.1, 0.1, 0.4, 0.4], [0.2, 0.2, 0.3, 0.3]]])
+    )
     plan = CapturePlan(cross={}, self_names=[], grid=(2, 2), concepts={"m:concept": 1.0}, concept_background=("x", "y"))
     spans = TokenSpans(spans=[[1], [2]], labels=["a", "b"], input_ids=[0, 1, 2])
     sc = ConceptAttention(ConceptAttentionConfig(background_words=("x", "y"))).scores(store, spans, plan)

@@ -74,7 +74,9 @@ def test_profile_points_t2m_and_iseg_at_an_object_coherent_self_attention_layer(
     from attnseg.methods import get_method, resolve
     from attnseg.train.embedded.diagnose import self_attention_report
 
-    assert embedded.default_presets == dict.fromkeys(("cross", "t2m", "iseg", "diffseg", "diffseg-iseg", "interactive"), "embedded")
+    assert embedded.default_presets == dict.fromkeys(
+        ("cross", "t2m", "iseg", "diffseg", "diffseg-iseg", "interactive"), "embedded"
+    )
     chosen = {"t2m": "up_blocks.2.attentions.0", "iseg": "down_blocks.0.attentions.0"}  # on validation scenes
     interactive = resolve("interactive", "embedded")[2].self_layer.resolve(embedded.inventory)
     assert [lay.name for lay in interactive] == [chosen["t2m"] + ".transformer_blocks.0.attn1"]

@@ -165,7 +165,9 @@ def test_a_label_without_seed_is_recorded_in_the_manifest_and_reported(tiny_pipe
     # The star never reaches alpha: its mask is empty, which the manifest and the command's last line must say.
     monkeypatch.setattr(SeeDiff, "unseeded", lambda self, c, s, spans: [{1: "its cross map peaks at 0.40 < alpha 0.5"}])
     base = ["generate", "--model", str(tiny_pipe_dir), "--steps", "2", "--per-class", "1", "--device", "cpu"]
-    r = CliRunner().invoke(app, [*base, "--prompts", str(_prompts(tmp_path)), "-c", "circle", "-c", "star", "--out", str(tmp_path / "g")])
+    r = CliRunner().invoke(
+        app, [*base, "--prompts", str(_prompts(tmp_path)), "-c", "circle", "-c", "star", "--out", str(tmp_path / "g")]
+    )
     assert r.exit_code == 0, r.output
     recs = [json.loads(line) for line in (tmp_path / "g" / "manifest.jsonl").read_text().splitlines()]
     assert [rec["empty_labels"] for rec in recs] == [["star"]]

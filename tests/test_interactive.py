@@ -39,7 +39,10 @@ def test_prompts_are_checked_against_the_image():
         VisualPrompt(scribble=np.zeros((40, 80), bool)).check((40, 80))
     with pytest.raises(ValueError, match="one of points, a box or a scribble"):
         _ = VisualPrompt(points=((1.0, 1.0),), box=(0.0, 0.0, 1.0, 1.0)).kind
-    assert [VisualPrompt(points=((1.0, 1.0),)).label(1), VisualPrompt(box=(0, 0, 1, 1), name="cup").label(2)] == ["point 1", "cup"]
+    assert [VisualPrompt(points=((1.0, 1.0),)).label(1), VisualPrompt(box=(0, 0, 1, 1), name="cup").label(2)] == [
+        "point 1",
+        "cup",
+    ]
 
 
 def test_a_point_in_one_block_of_a_block_diagonal_self_map_selects_that_block():
@@ -142,7 +145,9 @@ def test_diffseg_iseg_segments_from_segment_and_eval(tmp_path):
 
     img = make_scene(1, 0).image
     Image.fromarray(img).save(tmp_path / "a.png")
-    r = CliRunner().invoke(app, ["segment", str(tmp_path / "a.png"), "--method", "diffseg-iseg", "--out", str(tmp_path / "o"), "--device", "cpu"])
+    r = CliRunner().invoke(
+        app, ["segment", str(tmp_path / "a.png"), "--method", "diffseg-iseg", "--out", str(tmp_path / "o"), "--device", "cpu"]
+    )
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "o" / "a.json").read_text())
     assert meta["method"] == "diffseg-iseg" and meta["preset"] == "embedded" and meta["labels"][0] == "segment 1"

@@ -263,7 +263,9 @@ def test_per_resolution_normalises_each_token_before_a_label_averages_them():
     # (0.5 0.5 0 0) and (0 0 0.5 0.5) averaged; averaging first, then normalising, gives (1 1 3 3) / 8.
     got = resolution_fused_cross(store, {"a": 1.0}, two, (2, 2))[0, :, 0]
     assert torch.allclose(got, torch.tensor([0.25, 0.25, 0.25, 0.25]))
-    assert torch.allclose(fused_cross(store, {"a": 1.0}, two, (2, 2), normalise=sum_normalise)[0, :, 0], torch.tensor([1, 1, 3, 3]) / 8)
+    assert torch.allclose(
+        fused_cross(store, {"a": 1.0}, two, (2, 2), normalise=sum_normalise)[0, :, 0], torch.tensor([1, 1, 3, 3]) / 8
+    )
 
 
 def test_resolutions_are_fused_with_their_weights():

@@ -248,7 +248,9 @@ def test_learning_is_seeded_and_resumes_to_the_same_concept(tiny_pipe_dir, tmp_p
     from attnseg.train.personalize import PersonalizeConfig, learn_concept
 
     cfg = PersonalizeConfig(method=method, steps=4, batch=2, ckpt_every=2, samples=0, prior_images=1)
-    whole = learn_concept(load_pipeline(tiny_pipe_dir, dtype="float32"), _photos(), "<my-x>", "circle", tmp_path / "a.safetensors", cfg)
+    whole = learn_concept(
+        load_pipeline(tiny_pipe_dir, dtype="float32"), _photos(), "<my-x>", "circle", tmp_path / "a.safetensors", cfg
+    )
 
     class Killed(Exception):
         pass
@@ -301,7 +303,7 @@ def test_benchmark_scenes_hold_their_distractors():
     assert len(set(pairs)) == len(pairs)
     assert set(np.unique(a.instance)) == set(range(len(a.objects) + 1))
     o = a.objects[0]
-    assert o.query("context_only") .count("<") == 0 and o.query("subject_only").count(o.obj.colour) == 0
+    assert o.query("context_only").count("<") == 0 and o.query("subject_only").count(o.obj.colour) == 0
     assert o.query("look_words").split()[-3:] == [o.obj.colour, o.look, o.obj.shape] and "<" not in o.query("look_words")
 
 

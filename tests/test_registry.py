@@ -34,7 +34,10 @@ def test_resolve_defaults_to_the_papers_preset_and_names_the_choices():
     assert info.name == "t2m" and info.images == REAL and info.needs_labels
     assert (preset, cfg.timestep, cfg.iters, cfg.draws) == ("voc", 150, 2, 10)
     assert resolve("iseg", "wsss-coco")[2].bg_threshold == 0.45
-    with pytest.raises(MethodError, match="unknown method 'seediff'; choose one of cross, t2m, iseg, concept-attention, diffseg, diffseg-iseg, interactive"):
+    with pytest.raises(
+        MethodError,
+        match="unknown method 'seediff'; choose one of cross, t2m, iseg, concept-attention, diffseg, diffseg-iseg, interactive",
+    ):
         resolve("seediff", images=REAL)
     with pytest.raises(MethodError, match="unknown preset 'nope' for ca-sa; choose one of default, seediff-comparison"):
         resolve("ca-sa", "nope", images=GENERATED)

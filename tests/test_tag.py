@@ -79,9 +79,13 @@ def test_words_are_added_while_they_help_and_scores_are_the_share_of_error_remov
     res = Tagger(FakeBackbone(), NO_PRUNING).tag(_latents(0, 1), WORDS)
     assert res[0].labels == ["circle", "star"]
     # circle: 1 - 0.7; star added to "circle": (0.7 - 0.6) / 0.7; the others tried on "circle and star": -0.05 / 0.6
-    assert res[0].scores == pytest.approx({"circle": 0.3, "star": 0.1 / 0.7, "square": -PENALTY / 0.6, "heart": -PENALTY / 0.6}, abs=1e-5)
+    assert res[0].scores == pytest.approx(
+        {"circle": 0.3, "star": 0.1 / 0.7, "square": -PENALTY / 0.6, "heart": -PENALTY / 0.6}, abs=1e-5
+    )
     assert res[1].labels == ["square"]
-    assert res[1].scores == pytest.approx({"circle": -PENALTY / 0.8, "star": -PENALTY / 0.8, "square": 0.2, "heart": -PENALTY / 0.8}, abs=1e-5)
+    assert res[1].scores == pytest.approx(
+        {"circle": -PENALTY / 0.8, "star": -PENALTY / 0.8, "square": 0.2, "heart": -PENALTY / 0.8}, abs=1e-5
+    )
 
 
 def test_at_most_max_labels_and_a_word_below_min_gain_is_not_added():

@@ -146,8 +146,7 @@ def generate_grounded(
     cfg = method.config
     items = grounder.generate(prompts, labels, generators, cfg.steps, cfg.guidance)
     return [
-        GeneratedItem(it.prompt, it.labels, it.image, it.probs, method.labels(torch.from_numpy(it.probs)).numpy())
-        for it in items
+        GeneratedItem(it.prompt, it.labels, it.image, it.probs, method.labels(torch.from_numpy(it.probs)).numpy()) for it in items
     ]
 
 

@@ -40,6 +40,8 @@ PROMPT_CACHE_SIZE = 256
 CAPTURE_BUDGET = 2 << 30
 """Bytes of captured maps one forward may hold: with many large self maps (every joint layer of SD3 at 1024 px is
 64 MiB a row) a forward takes fewer rows than ``max_batch``."""
+
+
 def _prompt_record(p: VisualPrompt) -> dict:
     """A visual prompt as the result's settings record it (a scribble by its pixel count, not its pixels)."""
     if p.kind == "scribble":
@@ -449,7 +451,14 @@ class AttnSegPredictor(PersonalConcepts):
         if resize not in ("square", "code"):
             raise ValueError(f"unknown resize {resize!r}: use 'square' or 'code'")
         if resize == "square":
-            return [(list(range(len(images))), self.resolution, posterior() if callable(posterior) else posterior, [None] * len(images))]
+            return [
+                (
+                    list(range(len(images))),
+                    self.resolution,
+                    posterior() if callable(posterior) else posterior,
+                    [None] * len(images),
+                )
+            ]
         scale = self.resolution / 512
         sizes = [code_size(*im.shape[:2], scale, self.size_multiple) for im in images]
         groups: dict[tuple[int, int], list[int]] = {}

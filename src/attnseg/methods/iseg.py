@@ -59,8 +59,47 @@ UNet they name the same places (a position beyond a level's layers clips to its 
 
 VOC_CROSS_HEADS: dict[int, tuple[int, ...]] = {
     1: (
-        0, 1, 2, 3, 6, 8, 12, 13, 14, 16, 17, 19, 20, 22, 24, 27, 28, 30, 32, 33, 34,
-        41, 43, 44, 46, 47, 51, 52, 58, 59, 60, 76, 77, 78, 81, 83, 87, 88, 93, 94, 96,
+        0,
+        1,
+        2,
+        3,
+        6,
+        8,
+        12,
+        13,
+        14,
+        16,
+        17,
+        19,
+        20,
+        22,
+        24,
+        27,
+        28,
+        30,
+        32,
+        33,
+        34,
+        41,
+        43,
+        44,
+        46,
+        47,
+        51,
+        52,
+        58,
+        59,
+        60,
+        76,
+        77,
+        78,
+        81,
+        83,
+        87,
+        88,
+        93,
+        94,
+        96,
     ),
     2: (5, 6, 8, 13, 21, 22, 25, 27, 28),
 }
@@ -321,8 +360,7 @@ class ISeg:
             lays = by_rank.setdefault(sel.ranks[0], [])
             lays.extend(lay for lay in sel.resolve(inventory, latent) if lay not in lays)
         return {
-            r: sorted(lays, key=lambda lay: (_FORWARD_ORDER.get(lay.block, 0), position[lay.name]))
-            for r, lays in by_rank.items()
+            r: sorted(lays, key=lambda lay: (_FORWARD_ORDER.get(lay.block, 0), position[lay.name])) for r, lays in by_rank.items()
         }
 
     def _cross_norm(self) -> str:
@@ -346,7 +384,9 @@ class ISeg:
             start = 0
             for lay in lays:
                 if lay.name in out:
-                    raise ValueError(f"iSeg cross_heads: {lay.name} is read at two ranks of this UNet, so its heads are ambiguous")
+                    raise ValueError(
+                        f"iSeg cross_heads: {lay.name} is read at two ranks of this UNet, so its heads are ambiguous"
+                    )
                 out[lay.name] = tuple(h - start for h in sorted(wanted) if start <= h < start + lay.heads)
                 start += lay.heads
         return out

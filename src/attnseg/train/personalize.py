@@ -80,9 +80,7 @@ class PersonalizeConfig:
     """Images of the sample grid (0: none)."""
 
 
-def config_key(
-    cfg: PersonalizeConfig, token: str, class_word: str, photos: Sequence[np.ndarray], model: str = ""
-) -> str:
+def config_key(cfg: PersonalizeConfig, token: str, class_word: str, photos: Sequence[np.ndarray], model: str = "") -> str:
     """Digest of what a checkpoint belongs to: the settings (but the checkpoint interval), token, class, photos and the
     model's fingerprint (a checkpoint of another model is not resumed)."""
     record = {**asdict(cfg), "ckpt_every": 0, "token": token, "class": class_word, "model": model}
