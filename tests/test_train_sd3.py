@@ -184,6 +184,15 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
     assert torch.allclose(t5["transformer"]["pos_embed.pos_embed"], 0.25 * table)
     with pytest.raises(ValueError, match="--init-ckpt"):
         main(["sd3", "--work", str(tmp_path / "t6"), "--layers", "3", "--steps", "1", "--threads", "1"])
+    # --patch re-patches the source's transformer: a coarser token grid, its own position table at the source's scale.
+    coarse = _beside(first, tmp_path / "t5-patch2")
+    main(["sd3", "--work", str(coarse), "--init-ckpt", str(fourth / "sd3-ckpt.pt"), "--patch", "2", "--steps", "1"])
+    tp = torch.load(coarse / "sd3-ckpt.pt", weights_only=True)
+    assert tp["step"] == 1 and tp["config"]["sd3_arch"]["patch"] == 2
+    fresh = build_transformer(_arch_of(tp["config"]), 16, 4).pos_embed.pos_embed
+    assert fresh.shape[1] == 64 and torch.allclose(tp["transformer"]["pos_embed.pos_embed"], 0.25 * fresh)
+    with pytest.raises(ValueError, match="--init-ckpt"):
+        main(["sd3", "--work", str(tmp_path / "t6"), "--patch", "2", "--steps", "1", "--threads", "1"])
     with pytest.raises(SystemExit):  # resuming keeps the run's scales: another one is refused, not ignored
         main(["sd3", "--work", str(texty), "--text-pos-scale", "0.1", "--steps", "3", "--threads", "1"])
     assert torch.load(texty / "sd3-ckpt.pt", weights_only=True)["step"] == 2
@@ -221,3 +230,31 @@ def test_a_grown_transformer_computes_what_its_source_did_until_it_trains():
     assert big.transformer_blocks[2].norm1.linear.weight.grad.abs().max() > 0
     with pytest.raises(ValueError, match="more layers"):
         grow_blocks(small, big.state_dict(), 5)
+
+
+def test_a_repatched_transformer_embeds_and_writes_each_patch_as_its_source_did():
+    from attnseg.train.embedded.sd3 import SD3Arch, build_transformer, repatched
+
+    torch.manual_seed(0)
+    fine = build_transformer(SD3Arch(layers=1, patch=1), 8, 4)
+    with torch.no_grad():
+        for p in fine.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    coarse = build_transformer(SD3Arch(layers=1, patch=2), 8, 4)
+    coarse.load_state_dict(repatched(fine.state_dict(), coarse, 1))
+    # The blocks are the source's; the position table is the coarse grid's own (4 x 4 tokens).
+    assert torch.equal(coarse.transformer_blocks[0].attn.to_q.weight, fine.transformer_blocks[0].attn.to_q.weight)
+    assert coarse.pos_embed.pos_embed.shape[1] == 16
+    # A latent that is constant over each 2 x 2 patch: the coarse token is the fine tokens' embedding (no positions).
+    x = torch.randn(1, 4, 4, 4).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    with torch.no_grad():
+        want = fine.pos_embed.proj(x)[:, :, ::2, ::2]
+        got = coarse.pos_embed.proj(x)
+    assert torch.allclose(want, got, atol=1e-5)
+    # Each latent pixel of a patch gets what the source's output projection wrote for one token.
+    h = torch.randn(3, 128)
+    with torch.no_grad():
+        want, got = fine.proj_out(h), coarse.proj_out(h).view(3, 2, 2, 4)
+    assert torch.allclose(got, want[:, None, None, :].expand(3, 2, 2, 4), atol=1e-6)
+    with pytest.raises(ValueError, match="not a multiple"):
+        repatched(coarse.state_dict(), build_transformer(SD3Arch(layers=1, patch=3), 9, 4), 2)

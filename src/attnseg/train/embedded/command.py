@@ -93,6 +93,13 @@ def main(argv: list[str] | None = None) -> None:
         help="sd3 stage with --init-ckpt: grow the source's transformer to this many blocks, the new ones inserted "
         "before its last block as identities (default: the source's depth)",
     )
+    p.add_argument(
+        "--patch",
+        type=int,
+        default=None,
+        help="sd3 stage with --init-ckpt: the transformer's patch side, a multiple of the source's (a coarser token "
+        "grid; default: the source's)",
+    )
     p.add_argument("--unet-channels", default=None, help="new runs: UNet width per level, e.g. 64,128 (default 64,128,128)")
     p.add_argument(
         "--cross-every-level",
@@ -105,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag, v in (("--pos-scale", a.pos_scale), ("--text-pos-scale", a.text_pos_scale)):
         if v is not None and not v > 0:
             p.error(f"{flag} must be a factor above 0, got {v}")
+    if a.patch is not None and a.patch < 1:
+        p.error(f"--patch must be a side of at least 1 latent pixel, got {a.patch}")
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
     made = train.data_look_prob(cfg.work)
     cfg.look_prob = a.look_prob if a.look_prob is not None else (made or 0.0)
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         pos_scale = a.pos_scale if a.pos_scale is not None else src_arch.pos_scale
         text_pos_scale = a.text_pos_scale if a.text_pos_scale is not None else src_arch.text_pos_scale
         arch = SD3Arch(pos_scale=pos_scale, text_pos_scale=text_pos_scale)
-        stage_sd3(cfg, arch, a.max_minutes, a.init_from, a.init_ckpt, grow_to=a.layers)
+        stage_sd3(cfg, arch, a.max_minutes, a.init_from, a.init_ckpt, grow_to=a.layers, patch=a.patch)
     if a.stage == "export-sd3":
         stage_export_sd3(cfg, a.out or Path(cfg.work) / "pipeline-sd3")
 

@@ -185,6 +185,28 @@ def grow_blocks(model, source: dict[str, torch.Tensor], source_layers: int) -> N
                 linear.bias[row * width : (row + 1) * width] = 0
 
 
+def repatched(source: dict[str, torch.Tensor], model, source_patch: int) -> dict[str, torch.Tensor]:
+    """A transformer's state dict ``source``, trained with patches of ``source_patch`` latent pixels, for ``model``,
+    whose patch side is a multiple of it: every block is the same; the patch embedding of a larger patch averages
+    the latent over each source patch and projects it as the source did, and the output projection writes each of
+    them what the source wrote for the source patch it lies in; the position table is the model's own (its grid).
+    The model starts as the source run at the coarser grid's resolution."""
+    patch = model.config.patch_size
+    if patch % source_patch:
+        raise ValueError(f"cannot re-patch a transformer of patch {source_patch} to patch {patch}: not a multiple")
+    f = patch // source_patch
+    out = dict(source)
+    w = source["pos_embed.proj.weight"]  # (D, C, sp, sp)
+    out["pos_embed.proj.weight"] = w.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3) / (f * f)
+    out["pos_embed.pos_embed"] = model.state_dict()["pos_embed.pos_embed"]
+    c = model.config.out_channels
+    for key in ("proj_out.weight", "proj_out.bias"):  # rows ordered (row in patch, column in patch, channel)
+        v = source[key]
+        v = v.view(source_patch, source_patch, c, *v.shape[1:])
+        out[key] = v.repeat_interleave(f, dim=0).repeat_interleave(f, dim=1).reshape(patch * patch * c, *v.shape[3:])
+    return out
+
+
 def disable_pooled(te) -> None:
     """Zero and freeze ``te``'s pooled projection (see :attr:`SD3Arch.pooled`)."""
     with torch.no_grad():
@@ -217,15 +239,19 @@ def stage_sd3(
     init_from: str | None = None,
     init_ckpt: str | None = None,
     grow_to: int | None = None,
+    patch: int | None = None,
 ) -> None:
     """Train (or resume) the transformer and its text encoders on ``WORK/latents.npz``; a new run starts from the
     embedded UNet model's text embeddings (``init_from``, a pipeline folder) or from another run's weights
     (``init_ckpt``, its ``sd3-ckpt.pt``: its trained weights, not their EMA, and sizes from it, ``arch.pooled``,
     ``arch.mix_text`` and ``arch.pos_scale`` from ``arch``; optimiser, EMA and step anew). ``grow_to``: with
     ``init_ckpt``, that many blocks, the new ones inserted before the last as identities (:func:`grow_blocks`);
-    ``arch.text_pos_scale`` too comes from ``arch``."""
+    ``arch.text_pos_scale`` too comes from ``arch``. ``patch``: with ``init_ckpt``, that patch side, a multiple of the
+    source's (:func:`repatched`)."""
     if grow_to is not None and not init_ckpt:
         raise ValueError("growing the transformer (--layers) needs a run that starts from another one's --init-ckpt")
+    if patch is not None and not init_ckpt:
+        raise ValueError("re-patching the transformer (--patch) needs a run that starts from another one's --init-ckpt")
     work = Path(cfg.work)
     torch.set_num_threads(cfg.threads)
     lat_d = np.load(work / "latents.npz")
@@ -251,9 +277,11 @@ def stage_sd3(
             pos_scale=arch.pos_scale,
             text_pos_scale=arch.text_pos_scale,
         )
-        source_layers = arch.layers
+        source_layers, source_patch = arch.layers, arch.patch
         if grow_to is not None:
             arch = replace(arch, layers=grow_to)
+        if patch is not None:
+            arch = replace(arch, patch=patch)
     model = build_transformer(arch, latents.shape[-1], latents.shape[1])
     positions = model.pos_embed.pos_embed.clone()  # SD3's sine-cosine table
     model.pos_embed.pos_embed.mul_(arch.pos_scale)  # a run's own checkpoint, loaded below, holds the same
@@ -283,13 +311,16 @@ def stage_sd3(
             },
         )
         if init_ckpt or init_from:  # a run resumes from its own checkpoint; say so rather than start anew
-            ignored = {"init_ckpt": init_ckpt, "init_from": init_from, "grow_to": grow_to}
+            ignored = {"init_ckpt": init_ckpt, "init_from": init_from, "grow_to": grow_to, "patch": patch}
             _log(work, {"stage": "sd3", "ignored": ignored, "why": "resuming"})
     elif init_ckpt:
+        weights = source["transformer"]
+        if arch.patch != source_patch:
+            weights = repatched(weights, model, source_patch)
         if arch.layers > source_layers:
-            grow_blocks(model, source["transformer"], source_layers)
+            grow_blocks(model, weights, source_layers)
         else:
-            model.load_state_dict(source["transformer"])
+            model.load_state_dict(weights)
         te1.load_state_dict(source["text_encoder"])
         te2.load_state_dict(source["text_encoder_2"])
         if not arch.pooled:
@@ -306,6 +337,7 @@ def stage_sd3(
                 "from_step": int(source["step"]),
                 "arch": asdict(arch),
                 "source_layers": source_layers,
+                "source_patch": source_patch,
             },
         )
     elif init_from:
