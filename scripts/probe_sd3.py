@@ -8,6 +8,12 @@
 - ``pattern``: do the cross maps follow the objects or a fixed pattern? Per label of each validation scene, the AUC
   of its cross score map against its object's pixels, and the correlation of its (standardised) map with the same
   label's mean map over the other scenes (any model: ``embedded`` for the UNet);
+- ``profile``: where in and around its object a label's map is high: the mean of its min-max cross score map (the
+  model's ``cross`` preset) over the object's interior (more than 4 px from its edge), the 4 px inside the edge, the
+  4 px outside it and the rest of the background (any model: filled maps fall from the interior outwards; a map
+  that peaks on the edges, inside and out, rings the object);
+- ``bound``: the mIoU that perfect maps on the model's attention grid would score on validation scenes (each class's
+  mask averaged over the grid's cells, resized to the image bilinearly as the methods resize their maps, argmax);
 - ``mass``: per joint block, the share of the image queries' attention (before renormalisation) on the text tokens,
   for object and background pixels, and how it splits over start token, words, end token and padding;
 - ``position``: do the maps follow the word or its place in the prompt? For one label of each validation scene, the
@@ -32,6 +38,8 @@
     python scripts/probe_sd3.py EXPORT blocks --n 30 --t 400
     python scripts/probe_sd3.py EXPORT pattern --n 24
     python scripts/probe_sd3.py EXPORT position --n 24
+    python scripts/probe_sd3.py EXPORT profile --n 40
+    python scripts/probe_sd3.py EXPORT bound --n 100
     python scripts/probe_sd3.py EXPORT mass --n 16 --t 400
     python scripts/probe_sd3.py EXPORT presets --n 40
     python scripts/probe_sd3.py EXPORT sweep --n 40 --t 150,400
@@ -46,7 +54,7 @@ import argparse
 import numpy as np
 import torch
 
-from attnseg.diffusion.layers import LayerSelect
+from attnseg.diffusion.layers import LayerSelect, finest_grid
 from attnseg.diffusion.prompts import TEMPLATES, PromptTemplate
 from attnseg.ops.metrics import confusion, summarize
 from attnseg.predictor import AttnSegPredictor
@@ -87,6 +95,41 @@ def fixed_pattern(pred: AttnSegPredictor, scenes) -> tuple[float, float]:
         for i, m in enumerate(ms)
     ]
     return float(np.mean(aucs)), float(np.mean(corr))
+
+
+def edge_profile(pred: AttnSegPredictor, scenes, width: int = 4) -> dict[str, float]:
+    """Mean min-max cross map of each label over its object's interior, the ``width`` px inside and outside its edge,
+    and the rest of the background."""
+    from scipy import ndimage
+
+    acc: dict[str, list[float]] = {"interior": [], "edge inside": [], "edge outside": [], "background": []}
+    for s in scenes:
+        labs = sorted(set(s.labels))
+        r = pred.segment_batch([s.image], [labs], method="cross", draws=1)[0]
+        for k, lab in enumerate(labs):
+            m = r.scores[k + 1]
+            m = (m - m.min()) / (m.max() - m.min() + 1e-6)
+            obj = s.semantic == SHAPES.index(lab) + 1
+            inner = ndimage.binary_erosion(obj, iterations=width)
+            outer = ndimage.binary_dilation(obj, iterations=width)
+            regions = zip(acc, (inner, obj & ~inner, outer & ~obj, ~outer), strict=True)
+            for name, region in regions:
+                if region.any():
+                    acc[name].append(float(m[region].mean()))
+    return {name: float(np.mean(v)) for name, v in acc.items()}
+
+
+def grid_bound(pred: AttnSegPredictor, scenes) -> float:
+    """mIoU of each class's true mask averaged over the cells of the model's attention grid and resized back."""
+    latent = tuple(pred.backbone.encode_images([scenes[0].image], pred.resolution).shape[-2:])
+    grid = finest_grid([lay for lay in pred.inventory if lay.kind == "cross"], latent)
+    conf = np.zeros((len(SHAPES) + 1,) * 2, dtype=np.int64)
+    for s in scenes:
+        onehot = torch.stack([torch.from_numpy(s.semantic == c).float() for c in range(len(SHAPES) + 1)])[None]
+        low = torch.nn.functional.adaptive_avg_pool2d(onehot, grid)
+        up = torch.nn.functional.interpolate(low, size=s.semantic.shape, mode="bilinear", align_corners=False)[0]
+        conf += confusion(s.semantic, up.argmax(0).numpy(), len(SHAPES) + 1)
+    return 100 * summarize(conf, ["background", *SHAPES])["miou"]
 
 
 def word_or_place(pred: AttnSegPredictor, scenes) -> tuple[float, float]:
@@ -221,7 +264,20 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument(
         "probe",
-        choices=["text", "timesteps", "blocks", "pattern", "position", "mass", "presets", "sweep", "t2m-sweep", "iseg-sweep"],
+        choices=[
+            "text",
+            "timesteps",
+            "blocks",
+            "pattern",
+            "profile",
+            "bound",
+            "position",
+            "mass",
+            "presets",
+            "sweep",
+            "t2m-sweep",
+            "iseg-sweep",
+        ],
     )
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--t", default=None, help="noise levels, comma-separated (default: 150,400,700; mass: 400)")
@@ -237,6 +293,13 @@ def main() -> None:
     if a.probe == "pattern":
         auc, corr = fixed_pattern(pred, scenes)
         print(f"{a.model}: label AUC {auc:.3f}, correlation with the label's map in other scenes {corr:.3f}")
+        return
+    if a.probe == "bound":
+        print(f"{a.model}: perfect maps on its attention grid would score {grid_bound(pred, scenes):.1f} mIoU")
+        return
+    if a.probe == "profile":
+        prof = edge_profile(pred, scenes)
+        print(f"{a.model}: mean cross map over " + ", ".join(f"{k} {v:.3f}" for k, v in prof.items()))
         return
     if a.probe == "mass":
         attention_mass(pred, scenes, ts[0])
