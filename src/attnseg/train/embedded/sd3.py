@@ -190,7 +190,8 @@ def repatched(source: dict[str, torch.Tensor], model, source_patch: int) -> dict
     whose patch side is a multiple of it: every block is the same; the patch embedding of a larger patch averages
     the latent over each source patch and projects it as the source did, and the output projection writes each of
     them what the source wrote for the source patch it lies in; the position table is the model's own (its grid).
-    The model starts as the source run at the coarser grid's resolution."""
+    A starting point for training, not the source's function: the average loses each latent pixel's own noise, which
+    the velocity target holds."""
     patch = model.config.patch_size
     if patch % source_patch:
         raise ValueError(f"cannot re-patch a transformer of patch {source_patch} to patch {patch}: not a multiple")
