@@ -45,3 +45,15 @@ def test_run_history_takes_the_exported_step_for_the_last_run(tmp_path):
     assert runs[-1]["steps"] == 30 and "| T2 | 100-130 |" in table
     # the finishing phase, in the lineage's steps, cut where the exported weights end
     assert "learning rate cosine-decayed to 10% over steps 110-130 | 50% |" in table
+
+
+def test_a_run_counts_up_to_the_step_the_next_one_started_from(tmp_path):
+    import json
+
+    works = [_ckpt(tmp_path / "t1", 100, 0.5), _ckpt(tmp_path / "t2", 40, 0.5, layers=8), _ckpt(tmp_path / "t3", 5, 0.5)]
+    # t2 started from t1's step 60 and t3 from t2's step 25: both sources went on beside their branches
+    (tmp_path / "t2" / "log.jsonl").write_text(json.dumps({"stage": "sd3", "init_ckpt": "x", "from_step": 60}) + "\n")
+    (tmp_path / "t3" / "log.jsonl").write_text(json.dumps({"stage": "sd3", "from_step": 25}) + "\n")
+    runs, table = run_history(works)
+    assert [r["steps"] for r in runs] == [60, 25, 5]
+    assert "| T2 | 60-85 |" in table and "| T3 | 85-90 |" in table

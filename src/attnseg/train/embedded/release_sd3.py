@@ -129,7 +129,8 @@ shape alone; 10% empty captions. Evaluation scenes use world seed 1 and are neve
 
 
 def run_history(works: list[str], last_step: int | None = None) -> tuple[list[dict], str]:
-    """Each run of the lineage (oldest first: its checkpoint's step and settings) and the card's table of them.
+    """Each run of the lineage (oldest first: its checkpoint's step and settings) and the card's table of them. A run
+    counts up to the step the next one started from (its log's ``from_step``; the run may have gone on beside it).
     ``last_step``: the step of the exported weights, where the last run's history ends (its checkpoint may be later)."""
     import torch
 
@@ -146,6 +147,10 @@ def run_history(works: list[str], last_step: int | None = None) -> tuple[list[di
                 "decay": (state.get("decay_from"), int(cfg.get("lr_decay_steps", 0))),
             }
         )
+    for prev, w in zip(runs, works[1:], strict=False):  # a run ends where the next one branched from it
+        branched = _branch_step(Path(w) / "log.jsonl")
+        if branched is not None:
+            prev["steps"] = branched
     if last_step is not None:
         runs[-1]["steps"] = last_step
     rows = ["| run | steps | what changed | colour captions at its end |", "|---|---|---|---|"]
@@ -164,6 +169,17 @@ def run_history(works: list[str], last_step: int | None = None) -> tuple[list[di
         rows.append(f"| T{i + 1} | {start:,}-{end:,} | {change} | {100 * float(r['config'].get('colour_prob', 0.8)):.0f}% |")
         start = end
     return runs, "\n".join(rows)
+
+
+def _branch_step(log_path: Path) -> int | None:
+    """The step of the checkpoint a run started from (its log's ``from_step``), None without a log or one."""
+    if not log_path.is_file():
+        return None
+    for line in log_path.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if "from_step" in rec:
+            return int(rec["from_step"])
+    return None
 
 
 def _until(log: list[dict], step: int) -> list[dict]:
