@@ -8,8 +8,8 @@
 - ``pattern``: do the cross maps follow the objects or a fixed pattern? Per label of each validation scene, the AUC
   of its cross score map against its object's pixels, and the correlation of its (standardised) map with the same
   label's mean map over the other scenes (any model: ``embedded`` for the UNet);
-- ``profile``: where in and around its object a label's map is high: the mean of its min-max cross score map (the
-  model's ``cross`` preset) over the object's interior (more than 4 px from its edge), the 4 px inside the edge, the
+- ``profile``: where in and around its object a word's map is high (``--words shape``, the labels, or ``colour``): the
+  mean of its min-max cross score map (the model's ``cross`` preset) over the object's interior (more than 4 px from its edge), the 4 px inside the edge, the
   4 px outside it and the rest of the background (any model: filled maps fall from the interior outwards; a map
   that peaks on the edges, inside and out, rings the object);
 - ``bound``: the mIoU that perfect maps on the model's attention grid would score on validation scenes (each class's
@@ -38,7 +38,7 @@
     python scripts/probe_sd3.py EXPORT blocks --n 30 --t 400
     python scripts/probe_sd3.py EXPORT pattern --n 24
     python scripts/probe_sd3.py EXPORT position --n 24
-    python scripts/probe_sd3.py EXPORT profile --n 40
+    python scripts/probe_sd3.py EXPORT profile --n 40 [--words colour]
     python scripts/probe_sd3.py EXPORT bound --n 100
     python scripts/probe_sd3.py EXPORT mass --n 16 --t 400
     python scripts/probe_sd3.py EXPORT presets --n 40
@@ -97,25 +97,27 @@ def fixed_pattern(pred: AttnSegPredictor, scenes) -> tuple[float, float]:
     return float(np.mean(aucs)), float(np.mean(corr))
 
 
-def edge_profile(pred: AttnSegPredictor, scenes, width: int = 4) -> dict[str, float]:
-    """Mean min-max cross map of each label over its object's interior, the ``width`` px inside and outside its edge,
-    and the rest of the background."""
+def edge_profile(pred: AttnSegPredictor, scenes, words: str = "shape", width: int = 4) -> dict[str, float]:
+    """Mean min-max cross map of each object's word (``words``: its shape, the evaluation's labels, or its colour) over
+    the object's interior, the ``width`` px inside and outside its edge, and the rest of the background; scenes whose
+    objects share a word are skipped."""
     from scipy import ndimage
 
     acc: dict[str, list[float]] = {"interior": [], "edge inside": [], "edge outside": [], "background": []}
     for s in scenes:
-        labs = sorted(set(s.labels))
-        r = pred.segment_batch([s.image], [labs], method="cross", draws=1)[0]
-        for k, lab in enumerate(labs):
-            m = r.scores[k + 1]
+        names = [getattr(o, words) for o in s.objects]
+        if len(set(names)) < len(names):
+            continue
+        r = pred.segment_batch([s.image], [names], method="cross", draws=1)[0]
+        for k, name in enumerate(names):
+            m = r.scores[r.labels.index(name) + 1]
             m = (m - m.min()) / (m.max() - m.min() + 1e-6)
-            obj = s.semantic == SHAPES.index(lab) + 1
+            obj = s.instance == k + 1
             inner = ndimage.binary_erosion(obj, iterations=width)
             outer = ndimage.binary_dilation(obj, iterations=width)
-            regions = zip(acc, (inner, obj & ~inner, outer & ~obj, ~outer), strict=True)
-            for name, region in regions:
+            for region_name, region in zip(acc, (inner, obj & ~inner, outer & ~obj, ~outer), strict=True):
                 if region.any():
-                    acc[name].append(float(m[region].mean()))
+                    acc[region_name].append(float(m[region].mean()))
     return {name: float(np.mean(v)) for name, v in acc.items()}
 
 
@@ -282,6 +284,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--t", default=None, help="noise levels, comma-separated (default: 150,400,700; mass: 400)")
     ap.add_argument("-m", "--method", action="append", default=None)
+    ap.add_argument("--words", choices=["shape", "colour"], default="shape", help="profile: the objects' words read")
     a = ap.parse_args()
     torch.set_num_threads(1)
     pred = AttnSegPredictor.from_pretrained(a.model)
@@ -298,8 +301,8 @@ def main() -> None:
         print(f"{a.model}: perfect maps on its attention grid would score {grid_bound(pred, scenes):.1f} mIoU")
         return
     if a.probe == "profile":
-        prof = edge_profile(pred, scenes)
-        print(f"{a.model}: mean cross map over " + ", ".join(f"{k} {v:.3f}" for k, v in prof.items()))
+        prof = edge_profile(pred, scenes, a.words)
+        print(f"{a.model}, {a.words} words: mean cross map over " + ", ".join(f"{k} {v:.3f}" for k, v in prof.items()))
         return
     if a.probe == "mass":
         attention_mass(pred, scenes, ts[0])
