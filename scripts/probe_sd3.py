@@ -22,9 +22,9 @@
 - ``presets``: the mIoU of ``cross``, ``t2m`` and ``iseg`` with the presets of the shipped SD3 model
   (``embedded-sd3``) on validation scenes, to follow a run with the settings the release uses;
 - ``sweep``: the cross baseline's mIoU on validation scenes for every block set (the last block, the last two, every
-  block) x noise level (``--t``) x background threshold (the paper's rule and 0.6 / 0.7 / 0.8), to choose a model's
-  preset on scenes the test never uses;
-- ``t2m-sweep``: T2M reading the last block's cross maps, with the self maps of each block (and of all) at the first
+  block, or the sets of ``--blocks``) x noise level (``--t``) x background threshold (the paper's rule and 0.6 / 0.7 /
+  0.8), to choose a model's preset on scenes the test never uses;
+- ``t2m-sweep``: T2M reading the last block's cross maps (or the first set of ``--blocks``), with the self maps of each block (and of all) at the first
   noise level of ``--t`` and background threshold 0.6, then the best of them at every noise level x background
   threshold (the paper's rule, 0.6, 0.7, 0.8), then the best of those with Self to the power 1-4: the same use.
 - ``iseg-sweep``: iSeg (``iseg:mmdit``) reading every block's cross maps or the last block's, then with the self map
@@ -42,7 +42,7 @@
     python scripts/probe_sd3.py EXPORT bound --n 100
     python scripts/probe_sd3.py EXPORT mass --n 16 --t 400
     python scripts/probe_sd3.py EXPORT presets --n 40
-    python scripts/probe_sd3.py EXPORT sweep --n 40 --t 150,400
+    python scripts/probe_sd3.py EXPORT sweep --n 40 --t 150,400 [--blocks 1+3 --blocks 3]
     python scripts/probe_sd3.py EXPORT t2m-sweep --n 40 --t 400,150
     python scripts/probe_sd3.py EXPORT iseg-sweep --n 40 --t 400,150
 """
@@ -261,6 +261,14 @@ def iseg_sweep(pred: AttnSegPredictor, scenes, ts: list[int], n_blocks: int) -> 
     print(f"without Cat-Cross (gamma 1): {run(gamma=1.0):.1f}; chosen: {best}", flush=True)
 
 
+def block_set(modules: list[str], spec: str) -> LayerSelect:
+    """The cross maps of the joint blocks named by ``spec``, '+'-separated indices from 0 ("1+3")."""
+    picked = [int(x) for x in spec.split("+")]
+    if any(not 0 <= b < len(modules) for b in picked):
+        raise SystemExit(f"--blocks {spec}: this model has joint blocks 0-{len(modules) - 1}")
+    return LayerSelect(kind="cross", names=tuple(f"{modules[b]}:cross" for b in picked))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -284,6 +292,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--t", default=None, help="noise levels, comma-separated (default: 150,400,700; mass: 400)")
     ap.add_argument("-m", "--method", action="append", default=None)
+    ap.add_argument(
+        "--blocks",
+        action="append",
+        default=None,
+        help="sweep, t2m-sweep: a set of joint blocks read for the Cross, '+'-separated from 0 (e.g. 1+3); repeatable",
+    )
     ap.add_argument("--words", choices=["shape", "colour"], default="shape", help="profile: the objects' words read")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -322,9 +336,10 @@ def main() -> None:
             print(m, " ".join(f"t={t}: {miou(pred, scenes, m, timestep=t):.1f}" for t in ts))
         return
     modules = sorted({lay.module for lay in pred.inventory if lay.kind == "cross"}, key=lambda s: int(s.split(".")[1]))
+    chosen = {b: block_set(modules, b) for b in a.blocks or ()}
     if a.probe == "t2m-sweep":
-        last = (LayerSelect(kind="cross", blocks=("joint",), take=(-1, None)),)
-        plain = {"synonyms": False, "background_words": (), "posterior": "mean", "cross": last}
+        last = next(iter(chosen.values()), LayerSelect(kind="cross", blocks=("joint",), take=(-1, None)))
+        plain = {"synonyms": False, "background_words": (), "posterior": "mean", "cross": (last,)}
         selfs = {f"self of block {b}": LayerSelect(kind="self", blocks=("joint",), take=(b, b + 1)) for b in range(len(modules))}
         selfs["self of every block"] = LayerSelect(kind="self")
         best, best_v = "", -1.0
@@ -351,10 +366,13 @@ def main() -> None:
         iseg_sweep(pred, scenes, ts, len(modules))
         return
     if a.probe == "sweep":
-        sets = {"last": (len(modules) - 1, len(modules)), "last two": (len(modules) - 2, len(modules)), "all": None}
+        sets = chosen or {
+            "last": LayerSelect(kind="cross", blocks=("joint",), take=(-1, None)),
+            "last two": LayerSelect(kind="cross", blocks=("joint",), take=(-2, None)),
+            "all": LayerSelect(kind="cross"),
+        }
         for t in ts:
-            for name, take in sets.items():
-                sel = LayerSelect(kind="cross", blocks=("joint",), take=take) if take else LayerSelect(kind="cross")
+            for name, sel in sets.items():
                 row = [
                     f"{miou(pred, scenes, 'cross:default', timestep=t, cross=sel, bg_threshold=thr):.1f}"
                     for thr in (None, 0.6, 0.7, 0.8)
