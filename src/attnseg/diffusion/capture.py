@@ -239,8 +239,9 @@ class JointCaptureProcessor:
     over the text tokens, is recorded as ``cross`` (B, P, T), the block of image queries to image keys renormalised
     over the image tokens as ``self`` (B, P, P): the conditional distributions of an image token's attention over the
     prompt and over the image, each computed as the softmax of that block's logits alone (the same numbers).
-    ``parts`` maps ``"cross"`` / ``"self"`` / ``"concept"`` to the store key each is recorded under. ``key_scale`` (iSeg's Cat-Cross) multiplies the text keys of the
-    conditional rows, or, with ``scale_values``, their text states before the projections (the scaled embedding).
+    ``parts`` maps ``"cross"`` / ``"self"`` / ``"concept"`` to the store key each is recorded under. ``key_scale``
+    (iSeg's Cat-Cross) multiplies the text keys of the conditional rows, or, with ``scale_values``, their text states
+    before the projections (the scaled embedding).
 
     ``concepts``: the last ``concepts`` tokens of the text stream are ConceptAttention's concept tokens, masked as
     :func:`concept_mask` says (every joint module of the model needs the processor then, recording or not); the

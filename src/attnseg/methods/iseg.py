@@ -57,49 +57,11 @@ up_blocks.1.attentions.0-2) and, at 32 px, the second encoder layer and the firs
 (down_blocks.1.attentions.1, up_blocks.2.attentions.0-1). Selected by rank, block and position, so that on a smaller
 UNet they name the same places (a position beyond a level's layers clips to its last)."""
 
+# fmt: off
 VOC_CROSS_HEADS: dict[int, tuple[int, ...]] = {
     1: (
-        0,
-        1,
-        2,
-        3,
-        6,
-        8,
-        12,
-        13,
-        14,
-        16,
-        17,
-        19,
-        20,
-        22,
-        24,
-        27,
-        28,
-        30,
-        32,
-        33,
-        34,
-        41,
-        43,
-        44,
-        46,
-        47,
-        51,
-        52,
-        58,
-        59,
-        60,
-        76,
-        77,
-        78,
-        81,
-        83,
-        87,
-        88,
-        93,
-        94,
-        96,
+        0, 1, 2, 3, 6, 8, 12, 13, 14, 16, 17, 19, 20, 22, 24, 27, 28, 30, 32, 33, 34,
+        41, 43, 44, 46, 47, 51, 52, 58, 59, 60, 76, 77, 78, 81, 83, 87, 88, 93, 94, 96,
     ),
     2: (5, 6, 8, 13, 21, 22, 25, 27, 28),
 }
@@ -107,6 +69,7 @@ VOC_CROSS_HEADS: dict[int, tuple[int, ...]] = {
 arguments leave off and its COCO and Context arguments turn on), by rank, in ascending order: 41 of SD 2.1's 100 heads at 16 px
 (5 layers x 20) and 9 of its 30 at 32 px (3 layers x 10), as positions in the concatenation of the code's layers'
 heads in forward order. Positions among SD 2.x's heads: other UNets have other head counts (SD 1.x: 40 and 24)."""
+# fmt: on
 
 _FORWARD_ORDER = {"down": 0, "mid": 1, "up": 2}
 """A UNet's blocks in the order its forward runs them (its module listing puts the mid block last)."""
