@@ -258,3 +258,43 @@ def test_a_repatched_transformer_embeds_and_writes_each_patch_as_its_source_did(
     assert torch.allclose(got, want[:, None, None, :].expand(3, 2, 2, 4), atol=1e-6)
     with pytest.raises(ValueError, match="not a multiple"):
         repatched(coarse.state_dict(), build_transformer(SD3Arch(layers=1, patch=3), 9, 4), 2)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_run_starts_from_a_released_pipeline_folder(tmp_path):
+    """The released model's folder holds what a run needs to continue it: its weights (fp16, read as fp32), the step
+    they were exported at, and its run config and architecture."""
+    from attnseg.diffusion.loading import EMBEDDED_DIR
+    from attnseg.train.embedded.command import main
+    from attnseg.train.embedded.sd3 import SD3Arch, _arch_of, build_transformer, load_source, stage_export_sd3, stage_sd3
+    from attnseg.train.embedded.train import TrainConfig, stage_data, stage_encode, stage_vae
+
+    first = tmp_path / "t1"
+    cfg = TrainConfig(work=str(first), n_scenes=16, unet_steps=2, batch=2, ckpt_every=1, diag_every=1000, threads=1)
+    cfg.colour_prob = 0.3
+    stage_data(cfg)
+    stage_vae(cfg, str(EMBEDDED_DIR))
+    stage_encode(cfg)
+    stage_sd3(cfg, SD3Arch(layers=2, pos_scale=0.25), init_from=str(EMBEDDED_DIR))
+    released = stage_export_sd3(cfg, tmp_path / "released")
+    state = torch.load(first / "sd3-ckpt.pt", weights_only=True)
+    source = load_source(released)
+    assert source["step"] == 2 and source["config"]["colour_prob"] == 0.3
+    assert source["config"]["sd3_arch"]["layers"] == 2 and source["config"]["sd3_arch"]["pos_scale"] == 0.25
+    key = "transformer_blocks.1.attn.to_q.weight"
+    names = [n for n, _ in build_transformer(_arch_of(state["config"]), 16, 4).named_parameters()]
+    ema = dict(zip(names, state["ema"], strict=False))[key]  # the export holds the EMA, in fp16
+    assert source["transformer"][key].dtype == torch.float32
+    assert torch.equal(source["transformer"][key], ema.half().float())
+
+    second = _beside(first, tmp_path / "t2")
+    main(["sd3", "--work", str(second), "--init-ckpt", str(released), "--patch", "2", "--steps", "1", "--threads", "1"])
+    t2 = torch.load(second / "sd3-ckpt.pt", weights_only=True)
+    assert t2["step"] == 1 and t2["config"]["sd3_arch"]["patch"] == 2 and t2["config"]["colour_prob"] == 0.3
+    log = [json.loads(x) for x in (second / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("from_step") == 2 and r.get("init_ckpt") == str(released) for r in log)
+    with pytest.raises(SystemExit):  # a folder that export-sd3 did not write: said, not a stack trace
+        main(["sd3", "--work", str(tmp_path / "t3"), "--init-ckpt", str(first), "--steps", "1", "--threads", "1"])
+    with pytest.raises(SystemExit):  # the UNet stage starts from a run's ckpt.pt (or --init-from a folder)
+        main(["unet", "--work", str(tmp_path / "t4"), "--init-ckpt", str(released), "--steps", "1", "--threads", "1"])
+    assert not (tmp_path / "t3" / "sd3-ckpt.pt").exists() and not (tmp_path / "t4").exists()

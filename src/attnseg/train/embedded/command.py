@@ -38,7 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="export: pipeline folder to write")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", default=None, help="warm start from a pipeline folder (e.g. the shipped embedded model)")
-    p.add_argument("--init-ckpt", default=None, help="unet / sd3 stage: start from another work folder's ckpt.pt / sd3-ckpt.pt")
+    p.add_argument(
+        "--init-ckpt",
+        default=None,
+        help="unet / sd3 stage: start from another work folder's ckpt.pt / sd3-ckpt.pt; sd3 stage: or from a "
+        "transformer pipeline folder that export-sd3 wrote, such as the embedded SD3 model's",
+    )
     p.add_argument(
         "--text-layers",
         type=int,
@@ -114,6 +119,11 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"{flag} must be a factor above 0, got {v}")
     if a.patch is not None and a.patch < 1:
         p.error(f"--patch must be a side of at least 1 latent pixel, got {a.patch}")
+    if a.init_ckpt and Path(a.init_ckpt).is_dir() and a.stage != "sd3":
+        p.error(
+            f"--init-ckpt {a.init_ckpt} is a folder: only the sd3 stage starts from a pipeline folder; the unet stage "
+            "starts from a run's ckpt.pt, or warm-starts from a pipeline folder with --init-from"
+        )
     cfg = TrainConfig(work=a.work, unet_steps=a.steps, n_scenes=a.n_scenes, vae_steps=a.vae_steps, threads=a.threads)
     made = train.data_look_prob(cfg.work)
     cfg.look_prob = a.look_prob if a.look_prob is not None else (made or 0.0)

@@ -40,6 +40,7 @@ from attnseg.train.embedded.train import (
     HOLDOUT_SEED,
     TrainConfig,
     _caption_batch,
+    _ckpt_config,
     _load_scenes,
     _load_vae,
     _log,
@@ -47,6 +48,7 @@ from attnseg.train.embedded.train import (
     _stop_requests,
     _tokenize,
     learning_rate,
+    released_training,
     write_clip_vocab_files,
 )
 
@@ -228,6 +230,29 @@ def encode_text(te1, te2, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1), torch.cat([o1[0], o2[0]], dim=-1)
 
 
+def load_source(path: str | Path) -> dict:
+    """What a run starts from with ``--init-ckpt``: another run's ``sd3-ckpt.pt``, or a transformer pipeline folder
+    that ``export-sd3`` wrote (the embedded SD3 model among them), read into the checkpoint's shape: its weights in
+    fp32, the step they were exported at, and its run config and architecture."""
+    if not Path(path).is_dir():
+        return torch.load(path, weights_only=True)
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    meta = released_training(folder)
+
+    def weights(sub: str, name: str) -> dict[str, torch.Tensor]:
+        return {k: v.float() for k, v in load_file(folder / sub / name).items()}
+
+    return {
+        "transformer": weights("transformer", "diffusion_pytorch_model.safetensors"),
+        "text_encoder": weights("text_encoder", "model.safetensors"),
+        "text_encoder_2": weights("text_encoder_2", "model.safetensors"),
+        "step": int(meta["step"]),
+        "config": _ckpt_config(folder),
+    }
+
+
 def _arch_of(config: dict) -> SD3Arch:
     # Checkpoints written before ``pooled`` / ``mix_text`` existed were trained with both on.
     return SD3Arch(**{"pooled": True, "mix_text": True, **config.get("sd3_arch", {})})
@@ -268,7 +293,7 @@ def stage_sd3(
         state = torch.load(ck, weights_only=True)
         arch = _arch_of(state["config"])
     elif init_ckpt:
-        source = torch.load(init_ckpt, weights_only=True)
+        source = load_source(init_ckpt)
         source_arch = _arch_of(source["config"])
         text_pos_from = source_arch.text_pos_scale
         arch = replace(

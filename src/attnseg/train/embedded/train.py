@@ -617,10 +617,27 @@ def _checkpoint_config(work: str, name: str = "ckpt.pt") -> dict | None:
 
 
 def _ckpt_config(ckpt: str | Path) -> dict:
-    """The TrainConfig (as a dict) saved in the checkpoint file ``ckpt`` (memory-mapped: the weights are not read)."""
+    """The TrainConfig (as a dict) saved in the checkpoint file ``ckpt`` (memory-mapped: the weights are not read), or
+    in a released transformer pipeline folder's ``training.json`` (with its ``arch`` as ``sd3_arch``)."""
     import torch
 
+    if Path(ckpt).is_dir():
+        meta = released_training(ckpt)
+        return {**meta["train_config"], "sd3_arch": meta["arch"]}
     return torch.load(ckpt, weights_only=True, mmap=True)["config"]
+
+
+def released_training(folder: str | Path) -> dict:
+    """The ``training.json`` of a transformer pipeline folder written by ``export-sd3`` (the step, EMA flag, run
+    config and architecture of the weights it holds)."""
+    folder = Path(folder)
+    meta = folder / "training.json"
+    if not (folder / "transformer").is_dir() or not meta.exists():
+        raise SystemExit(
+            f"{folder} is not a transformer pipeline folder written by attnseg (it needs transformer/ and "
+            "training.json): start from a run's sd3-ckpt.pt or from the embedded SD3 model's folder"
+        )
+    return json.loads(meta.read_text())
 
 
 def _text_layers(cfg: TrainConfig, asked: int | None, init_from: str | None, init_ckpt: str | None = None) -> int:
