@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from attnseg.train.embedded.release_sd3 import run_history
+from attnseg.train.embedded.release_sd3 import history_table, run_history
 
 
 def _ckpt(folder, step, colour_prob, decay=(None, 0), **arch):
@@ -21,7 +21,8 @@ def test_run_history_names_each_runs_change_and_counts_steps_across_runs(tmp_pat
         _ckpt(tmp_path / "t3", 10, 0.5, pooled=False, mix_text=False, pos_scale=0.25, layers=8),
         _ckpt(tmp_path / "t4", 5, 0.5, pooled=False, mix_text=False, pos_scale=0.25, layers=8),
     ]
-    runs, table = run_history(works)
+    runs, rows = run_history(works)
+    table = history_table(rows)
     assert [r["steps"] for r in runs] == [100, 40, 10, 5]
     rows = table.splitlines()[2:]
     assert rows[0].startswith("| T1 | 0-100 | from scratch") and rows[0].endswith(" | 80% |")
@@ -41,7 +42,8 @@ def test_the_history_ends_at_the_exported_step():
 
 def test_run_history_takes_the_exported_step_for_the_last_run(tmp_path):
     works = [_ckpt(tmp_path / "t1", 100, 0.5), _ckpt(tmp_path / "t2", 40, 0.5, decay=(10, 600), layers=8)]
-    runs, table = run_history(works, last_step=30)
+    runs, rows = run_history(works, last_step=30)
+    table = history_table(rows)
     assert runs[-1]["steps"] == 30 and "| T2 | 100-130 |" in table
     # the finishing phase, in the lineage's steps, cut where the exported weights end
     assert "learning rate cosine-decayed to 10% over steps 110-130 | 50% |" in table
@@ -54,6 +56,38 @@ def test_a_run_counts_up_to_the_step_the_next_one_started_from(tmp_path):
     # t2 started from t1's step 60 and t3 from t2's step 25: both sources went on beside their branches
     (tmp_path / "t2" / "log.jsonl").write_text(json.dumps({"stage": "sd3", "init_ckpt": "x", "from_step": 60}) + "\n")
     (tmp_path / "t3" / "log.jsonl").write_text(json.dumps({"stage": "sd3", "from_step": 25}) + "\n")
-    runs, table = run_history(works)
+    runs, rows = run_history(works)
+    table = history_table(rows)
     assert [r["steps"] for r in runs] == [60, 25, 5]
     assert "| T2 | 60-85 |" in table and "| T3 | 85-90 |" in table
+
+
+def test_a_run_from_a_released_model_carries_the_release_history_on(tmp_path):
+    import json
+
+    released = {
+        "runs": [
+            {"run": "T1", "from": 0, "to": 100, "change": "from scratch", "colour": 50},
+            {"run": "T2", "from": 100, "to": 160, "change": "pooled conditioning off", "colour": 50},
+        ],
+        "hours": 2.5,
+        "arch": {"layers": 4, "pooled": False, "mix_text": True},
+    }
+    works = [
+        _ckpt(tmp_path / "t3", 40, 0.3, pooled=False, mix_text=True, patch=2),
+        _ckpt(tmp_path / "t4", 5, 0.3, pooled=False, mix_text=True, patch=2),
+    ]
+    # the run's log holds the history it started from (stage_sd3 copies it from the folder's training.json)
+    start = {"stage": "sd3", "init_ckpt": "released", "from_step": 160, "released_history": released}
+    (tmp_path / "t3" / "log.jsonl").write_text(json.dumps(start) + "\n")
+    _, rows = run_history(works)
+    assert [r["run"] for r in rows] == ["T1", "T2", "T3", "T4"] and rows[:2] == released["runs"]
+    assert rows[2] == {
+        "run": "T3",
+        "from": 160,
+        "to": 200,
+        "change": "from the released weights of T2 (its EMA); re-patched to tokens of 2 x 2 latent pixels (was 1 x 1)",
+        "colour": 30,
+    }
+    assert rows[3] == {"run": "T4", "from": 200, "to": 205, "change": "continued", "colour": 30}
+    assert "| T3 | 160-200 | from the released weights of T2" in history_table(rows)

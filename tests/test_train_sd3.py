@@ -287,12 +287,28 @@ def test_a_run_starts_from_a_released_pipeline_folder(tmp_path):
     assert source["transformer"][key].dtype == torch.float32
     assert torch.equal(source["transformer"][key], ema.half().float())
 
+    meta = json.loads((released / "training.json").read_text())  # a release's card writes its lineage there
+    history = {
+        "runs": [{"run": "T1", "from": 0, "to": 2, "change": "from scratch", "colour": 30}],
+        "hours": 0.1,
+        "arch": meta["arch"],
+    }
+    (released / "training.json").write_text(json.dumps({**meta, "history": history}))
+    meta = json.loads((released / "training.json").read_text())  # a release's card writes its lineage there
+    history = {
+        "runs": [{"run": "T1", "from": 0, "to": 2, "change": "from scratch", "colour": 30}],
+        "hours": 0.1,
+        "arch": meta["arch"],
+    }
+    (released / "training.json").write_text(json.dumps({**meta, "history": history}))
     second = _beside(first, tmp_path / "t2")
     main(["sd3", "--work", str(second), "--init-ckpt", str(released), "--patch", "2", "--steps", "1", "--threads", "1"])
     t2 = torch.load(second / "sd3-ckpt.pt", weights_only=True)
     assert t2["step"] == 1 and t2["config"]["sd3_arch"]["patch"] == 2 and t2["config"]["colour_prob"] == 0.3
     log = [json.loads(x) for x in (second / "log.jsonl").read_text().splitlines()]
-    assert any(r.get("from_step") == 2 and r.get("init_ckpt") == str(released) for r in log)
+    start = [r for r in log if r.get("init_ckpt")]
+    assert start[0]["from_step"] == 2 and start[0]["init_ckpt"] == str(released.resolve())
+    assert start[0]["released_history"] == history  # carried on, for the next release's card
     with pytest.raises(SystemExit):  # a folder that export-sd3 did not write: said, not a stack trace
         main(["sd3", "--work", str(tmp_path / "t3"), "--init-ckpt", str(first), "--steps", "1", "--threads", "1"])
     with pytest.raises(SystemExit):  # the UNet stage starts from a run's ckpt.pt (or --init-from a folder)

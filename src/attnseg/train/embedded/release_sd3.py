@@ -128,10 +128,12 @@ shape alone; 10% empty captions. Evaluation scenes use world seed 1 and are neve
 """
 
 
-def run_history(works: list[str], last_step: int | None = None) -> tuple[list[dict], str]:
-    """Each run of the lineage (oldest first: its checkpoint's step and settings) and the card's table of them. A run
-    counts up to the step the next one started from (its log's ``from_step``; the run may have gone on beside it).
-    ``last_step``: the step of the exported weights, where the last run's history ends (its checkpoint may be later)."""
+def run_history(works: list[str], last_step: int | None = None) -> tuple[list[dict], list[dict]]:
+    """Each run of the lineage (oldest first: its checkpoint's step and settings) and the rows of the card's history.
+    A run counts up to the step the next one started from (its log's ``from_step``; the run may have gone on beside
+    it). ``last_step``: the step of the exported weights, where the last run's history ends (its checkpoint may be
+    later). When the first run started from a released model's folder, the rows begin with that release's history
+    (its ``training.json``, copied into the run's log when it started)."""
     import torch
 
     runs = []
@@ -153,22 +155,44 @@ def run_history(works: list[str], last_step: int | None = None) -> tuple[list[di
             prev["steps"] = branched
     if last_step is not None:
         runs[-1]["steps"] = last_step
-    rows = ["| run | steps | what changed | colour captions at its end |", "|---|---|---|---|"]
-    start = 0
+    released = _released_history(Path(works[0]) / "log.jsonl")
+    rows = list(released["runs"]) if released else []
+    start = rows[-1]["to"] if rows else 0
     for i, r in enumerate(runs):
-        if i == 0:
+        prev_arch = runs[i - 1]["arch"] if i else (asdict(_arch_of({"sd3_arch": released["arch"]})) if released else None)
+        if prev_arch is None:
             change = "from scratch (text embeddings from the UNet model's encoder)"
         else:
-            prev = runs[i - 1]
-            changes = [_change(k, prev["arch"][k], v) for k, v in r["arch"].items() if prev["arch"][k] != v]
+            changes = [_change(k, prev_arch[k], v) for k, v in r["arch"].items() if prev_arch[k] != v]
             change = _and(changes) if changes else "continued"
+            if i == 0:
+                change = f"from the released weights of {rows[-1]['run']} (its EMA); {change}"
         (a, n), end = r["decay"], start + r["steps"]
         if a is not None and n > 0 and a < r["steps"]:
             floor = 100 * float(r["config"].get("lr_floor", TrainConfig.lr_floor))
             change += f"; learning rate cosine-decayed to {floor:.0f}% over steps {start + a:,}-{min(start + a + n, end):,}"
-        rows.append(f"| T{i + 1} | {start:,}-{end:,} | {change} | {100 * float(r['config'].get('colour_prob', 0.8)):.0f}% |")
+        colour = round(100 * float(r["config"].get("colour_prob", 0.8)))
+        rows.append({"run": f"T{len(rows) + 1}", "from": start, "to": end, "change": change, "colour": colour})
         start = end
-    return runs, "\n".join(rows)
+    return runs, rows
+
+
+def history_table(rows: list[dict]) -> str:
+    """The card's table of the lineage's runs (rows of :func:`run_history`)."""
+    lines = ["| run | steps | what changed | colour captions at its end |", "|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['from']:,}-{r['to']:,} | {r['change']} | {r['colour']}% |" for r in rows]
+    return "\n".join(lines)
+
+
+def _released_history(log_path: Path) -> dict | None:
+    """The history of the released model a run started from (its log's ``released_history``), None otherwise."""
+    if not log_path.is_file():
+        return None
+    for line in log_path.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if rec.get("released_history"):
+            return rec["released_history"]
+    return None
 
 
 def _branch_step(log_path: Path) -> int | None:
@@ -193,6 +217,8 @@ def _change(key: str, old, new) -> str:
         return ARCH_CHANGES[key][new]
     if key == "layers":
         return f"grown from {old} to {new} joint blocks (new blocks inserted before the last as identities)"
+    if key == "patch":
+        return f"re-patched to tokens of {new} x {new} latent pixels (was {old} x {old})"
     if key == "pos_scale":
         return f"position table x {new} (was x {old})"
     if key == "text_pos_scale":
@@ -271,16 +297,21 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = (), pi
     cfg = meta["train_config"]
     arch = SD3Arch(**meta["arch"])
     works = [*prior, work]
-    runs, table = run_history(works, last_step=meta["step"])
+    _, rows = run_history(works, last_step=meta["step"])
     logs = [[json.loads(x) for x in (Path(w) / "log.jsonl").read_text().splitlines() if x.strip()] for w in works]
     logs[-1] = _until(logs[-1], meta["step"])
     sd3_log = [r for recs in logs for r in recs if r.get("stage") == "sd3"]
     losses = [r["loss"] for r in sd3_log if "loss" in r]
+    released = _released_history(Path(works[0]) / "log.jsonl") or {"hours": 0.0}
+    hours = released["hours"] + sum(busy_seconds([r for r in log if r.get("stage") == "sd3"]) for log in logs) / 3600
+    # The lineage goes into training.json too, so that a run started from this folder carries it on.
+    meta["history"] = {"runs": rows, "hours": hours, "arch": meta["arch"]}
+    (out / "training.json").write_text(json.dumps(meta, indent=1))
     tr = pipe.transformer.config
     cross = REGISTRY["cross"].presets[PROFILE["presets"]["cross"]]
     t2m = REGISTRY["t2m"].presets[PROFILE["presets"]["t2m"]]
     iseg = REGISTRY["iseg"].presets[PROFILE["presets"]["iseg"]]
-    total_steps = sum(r["steps"] for r in runs)
+    total_steps = rows[-1]["to"]
     text = CARD.format(
         sd3_cross=100 * meas["eval"]["cross"]["miou"],
         sd3_t2m=100 * meas["eval"]["t2m"]["miou"],
@@ -318,9 +349,9 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = (), pi
         total_steps=total_steps,
         samples=total_steps * cfg["batch"],
         loss=losses[-1] if losses else float("nan"),
-        runs=table,
+        runs=history_table(rows),
         machine=f"{platform.machine()}, 2 cores, fp32, CPU only",
-        hours=sum(busy_seconds(recs) for recs in ([r for r in log if r.get("stage") == "sd3"] for log in logs)) / 3600,
+        hours=hours,
         date=time.strftime("%Y-%m-%d"),
         measurements=measurements_md(meas),
         cross_t=cross.timestep,

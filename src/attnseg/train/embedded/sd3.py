@@ -250,6 +250,7 @@ def load_source(path: str | Path) -> dict:
         "text_encoder_2": weights("text_encoder_2", "model.safetensors"),
         "step": int(meta["step"]),
         "config": _ckpt_config(folder),
+        "history": meta.get("history"),  # the lineage's runs (the release's card), carried into the new run's log
     }
 
 
@@ -359,8 +360,9 @@ def stage_sd3(
             work,
             {
                 "stage": "sd3",
-                "init_ckpt": str(init_ckpt),
+                "init_ckpt": str(Path(init_ckpt).resolve()),
                 "from_step": int(source["step"]),
+                "released_history": source.get("history"),
                 "arch": asdict(arch),
                 "source_layers": source_layers,
                 "source_patch": source_patch,
