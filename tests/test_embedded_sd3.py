@@ -59,21 +59,25 @@ def test_a_missing_embedded_model_is_a_clear_error(monkeypatch, tmp_path):
         load_pipeline("embedded-sd3")
 
 
-def test_card_and_profile_come_from_the_measurements_and_the_method_configs():
+def test_card_and_profile_come_from_the_measurements_and_the_method_configs(sd3):
+    from attnseg.diffusion.layers import joint_inventory
     from attnseg.methods.registry import REGISTRY
-    from attnseg.train.embedded.release_sd3 import PROFILE, measurements_md
+    from attnseg.train.embedded.release_sd3 import PROFILE, blocks_read, measurements_md
 
     card = (ROOT / "README.md").read_text()
     assert measurements_md(json.loads((ROOT / "measurements.json").read_text())) in card
     profile = json.loads((ROOT / "attnseg.json").read_text())
     assert profile["presets"] == PROFILE["presets"] and profile["why"] == PROFILE["why"]
     assert all(p in REGISTRY[m].presets for m, p in profile["presets"].items())
+    blocks = joint_inventory(sd3.pipe.transformer)
     cross = REGISTRY["cross"].presets[profile["presets"]["cross"]]
-    assert f"read at t = {cross.timestep}" in card and f"threshold {cross.bg_threshold}" in card
+    assert f"`cross:embedded-sd3` ({blocks_read(cross.cross, blocks)}, read at t = {cross.timestep}" in card
+    assert f"threshold {cross.bg_threshold}" in card
     t2m = REGISTRY["t2m"].presets[profile["presets"]["t2m"]]
-    assert f"Self from joint block {t2m.self_layer.take[0]} (counting from 0), t = {t2m.timestep}" in card
+    read = f"Cross from {blocks_read(t2m.cross, blocks)}, Self from {blocks_read(t2m.self_layer, blocks)}, t = {t2m.timestep}"
+    assert read in card
     iseg = REGISTRY["iseg"].presets[profile["presets"]["iseg"]]
-    assert f"Self from the last, t = {iseg.timestep}" in card and f"N = {iseg.iters};" in card
+    assert f"Self from {blocks_read(iseg.self_layer, blocks)}, t = {iseg.timestep}" in card and f"N = {iseg.iters};" in card
 
 
 def _fg_iou(pred: np.ndarray, gt: np.ndarray) -> float:

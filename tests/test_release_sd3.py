@@ -91,3 +91,19 @@ def test_a_run_from_a_released_model_carries_the_release_history_on(tmp_path):
     }
     assert rows[3] == {"run": "T4", "from": 200, "to": 205, "change": "continued", "colour": 30}
     assert "| T3 | 160-200 | from the released weights of T2" in history_table(rows)
+
+
+def test_the_card_names_the_joint_blocks_a_preset_reads():
+    from attnseg.diffusion.layers import LayerInfo, LayerSelect
+    from attnseg.train.embedded.release_sd3 import blocks_read
+
+    blocks = [
+        LayerInfo(f"transformer_blocks.{b}.attn:{kind}", kind, "joint", 0, 0, 4, source="joint")
+        for b in range(4)
+        for kind in ("cross", "self")
+    ]
+    assert blocks_read(LayerSelect(kind="cross"), blocks) == "every joint block"
+    assert blocks_read((LayerSelect(kind="cross", take=(-1, None)),), blocks) == "the last joint block"
+    assert blocks_read(LayerSelect(kind="self", take=(1, 2)), blocks) == "joint block 1"
+    names = ("transformer_blocks.0.attn:cross", "transformer_blocks.2.attn:cross")
+    assert blocks_read(LayerSelect(kind="cross", names=names), blocks) == "joint blocks 0 and 2"

@@ -36,6 +36,9 @@ class CrossConfig:
     """None: T2M's paper rule (1 - max)^2; a value: its code's (2 thr - max)^2 (0.5 is the paper's rule)."""
 
 
+EMBEDDED_SD3_CROSS = LayerSelect(kind="cross", names=tuple(f"transformer_blocks.{b}.attn:cross" for b in (0, 1, 3, 6)))
+"""The embedded SD3 model's joint blocks whose cross maps its presets average (``cross`` and ``t2m``)."""
+
 CROSS_PRESETS: dict[str, CrossConfig] = {
     "default": CrossConfig(),
     # The embedded ShapesWorld model (its attnseg.json makes this its default), both settings chosen on validation
@@ -48,12 +51,10 @@ CROSS_PRESETS: dict[str, CrossConfig] = {
     # (its image-to-text attention); on a smaller transformer the slice is clipped to its last block. The scoring
     # stays the baseline's, so this preset differs from `default` in its layer only.
     "seg4diff": CrossConfig(cross=LayerSelect(kind="cross", blocks=("joint",), take=(9, 10))),
-    # The embedded SD3 model (its attnseg.json makes this its default): of its joint blocks only the last reads words
-    # where their objects are; that block alone, the noise level and the background threshold chosen on validation
-    # scenes (`python scripts/probe_sd3.py MODEL sweep`; docs/EMBEDDED-MODEL-TRAINING.md).
-    "embedded-sd3": CrossConfig(
-        timestep=400, cross=LayerSelect(kind="cross", blocks=("joint",), take=(-1, None)), bg_threshold=0.6
-    ),
+    # The embedded SD3 model (its attnseg.json makes this its default): the set of its joint blocks, the noise level and
+    # the background threshold chosen on 100 validation scenes (`python scripts/probe_sd3.py MODEL blocks` one block
+    # at a time, then `sweep --blocks 0+1+3+6 ...`; docs/EMBEDDED-MODEL-TRAINING.md).
+    "embedded-sd3": CrossConfig(timestep=150, cross=EMBEDDED_SD3_CROSS, bg_threshold=0.6),
 }
 
 

@@ -17,6 +17,7 @@ from attnseg.diffusion.capture import AttentionStore
 from attnseg.diffusion.layers import Latent, LayerInfo, LayerSelect, resolve_all
 from attnseg.diffusion.prompts import T2M_BACKGROUND_WORDS, T2M_VOC_CLASS_BACKGROUND_WORDS, TokenSpans
 from attnseg.methods.base import CapturePlan, fused_cross, mean_self
+from attnseg.methods.cross import EMBEDDED_SD3_CROSS
 from attnseg.ops.maps import background_score, box_mask, minmax, propagate, with_background
 
 EMBEDDED_SELF_LAYER = LayerSelect(kind="self", ranks=(99,), blocks=("up",), take=(0, 1))
@@ -118,16 +119,16 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     # Cross averages every joint layer's image-to-text block, Self every self map (the joint layers' image-to-image
     # blocks, and SD3.5's image-only layers), all on one grid.
     "mmdit": T2MConfig(cross=(LayerSelect(kind="cross"),), self_layer=LayerSelect(kind="self")),
-    # The embedded SD3 model (its attnseg.json makes this its default): Cross from the one joint block that reads
-    # words where their objects are (its last, as `cross:embedded-sd3`), Self from its second block, the noise level
-    # and background threshold all chosen on validation scenes (`python scripts/probe_sd3.py MODEL t2m-sweep`;
+    # The embedded SD3 model (its attnseg.json makes this its default): Cross from the joint blocks of
+    # `cross:embedded-sd3`, Self from its block 6, the noise level and background threshold all chosen on 100
+    # validation scenes (`python scripts/probe_sd3.py MODEL t2m-sweep --blocks 0+1+3+6`;
     # docs/EMBEDDED-MODEL-TRAINING.md); the plain prompt of the UNet model's preset.
     "embedded-sd3": T2MConfig(
-        timestep=400,
+        timestep=150,
         synonyms=False,
         background_words=(),
-        cross=(LayerSelect(kind="cross", blocks=("joint",), take=(-1, None)),),
-        self_layer=LayerSelect(kind="self", blocks=("joint",), take=(1, 2)),
+        cross=(EMBEDDED_SD3_CROSS,),
+        self_layer=LayerSelect(kind="self", blocks=("joint",), take=(6, 7)),
         bg_threshold=0.7,
         posterior="mean",
     ),

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from attnseg.diffusion.layers import LayerInfo, LayerSelect, joint_inventory, resolve_all
 from attnseg.diffusion.loading import EMBEDDED_MODELS, load_pipeline
 from attnseg.io.datasets import VOCDataset
 from attnseg.jobs.evaluate import MethodSpec, evaluate
@@ -33,16 +34,11 @@ from attnseg.train.embedded.train import TrainConfig
 PROFILE = {
     "presets": {"cross": "embedded-sd3", "t2m": "embedded-sd3", "iseg": "embedded-sd3", "diffseg": "embedded"},
     "why": (
-        "Only the last joint block of this model reads words where their objects are (one block at a time on "
-        "validation scenes: python scripts/probe_sd3.py MODEL blocks); the cross baseline's 'embedded-sd3' preset "
-        "reads it alone, with a noise level and background threshold chosen on validation scenes (python "
-        "scripts/probe_sd3.py MODEL sweep). T2M's 'embedded-sd3' preset reads Cross from that block and Self from "
-        "the block chosen with its noise level and background threshold on validation scenes (python "
-        "scripts/probe_sd3.py MODEL t2m-sweep); 't2m:mmdit', every joint block, is the paper's method mapped onto a "
-        "transformer. iSeg's 'embedded-sd3' preset is 'iseg:mmdit' (every joint block's Cross, the last block's Self) "
-        "with the noise level, background threshold and iterations chosen on validation scenes (python "
-        "scripts/probe_sd3.py MODEL iseg-sweep). DiffSeg merges with the UNet model's KL threshold (0.1). Pass a "
-        "preset to override."
+        "The joint blocks of this model differ in how well their maps find the objects their words name, so each "
+        "method's 'embedded-sd3' preset reads the blocks, noise level and background threshold chosen on validation "
+        "scenes (python scripts/probe_sd3.py MODEL blocks / sweep / t2m-sweep / iseg-sweep); the model card beside "
+        "the weights names them. 't2m:mmdit' and 'iseg:mmdit', every joint block's Cross, are the papers' methods "
+        "mapped onto a transformer. DiffSeg merges with the UNet model's KL threshold (0.1). Pass a preset to override."
     ),
 }
 """The model's ``attnseg.json``; its words are the UNet model's (the same tokenizer and captions)."""
@@ -118,10 +114,11 @@ shape alone; 10% empty captions. Evaluation scenes use world seed 1 and are neve
 ## What it can and cannot do
 - It draws coloured shapes for prompts of the ShapesWorld vocabulary (samples: `samples.png` beside this card) and
   knows no other word.
-- `attnseg.json` beside this card makes `cross:embedded-sd3` (the last joint block alone, read at t = {cross_t}, background
-  threshold {cross_bg}), `t2m:embedded-sd3` (Cross from the last joint block, Self from joint block {t2m_self} (counting from 0), t = {t2m_t}, background
-  threshold {t2m_bg}, Self^{t2m_iters}), `iseg:embedded-sd3` (Cross from every joint block, Self from the last, t = {iseg_t},
-  background threshold {iseg_bg}, N = {iseg_iters}; all chosen on validation scenes, docs/EMBEDDED-MODEL-TRAINING.md) and
+- `attnseg.json` beside this card makes `cross:embedded-sd3` ({cross_layers}, read at t = {cross_t}, background
+  threshold {cross_bg}), `t2m:embedded-sd3` (Cross from {t2m_cross}, Self from {t2m_self}, t = {t2m_t}, background
+  threshold {t2m_bg}, Self^{t2m_iters}), `iseg:embedded-sd3` (Cross from {iseg_cross}, Self from {iseg_self}, t = {iseg_t},
+  background threshold {iseg_bg}, N = {iseg_iters}; joint blocks counted from 0; all chosen on validation scenes,
+  docs/EMBEDDED-MODEL-TRAINING.md) and
   `diffseg:embedded` its default presets; `t2m:mmdit` and `iseg:mmdit` are the papers' methods mapped onto a transformer
   (every joint block's Cross; T2M every block's Self, iSeg the last block's), with the papers' other settings.
 - Resolution is fixed at 64x64; other sizes are resized.
@@ -260,6 +257,18 @@ def release_sd3(work: str, out: str, eval_n: int = 100, oracle_n: int = 16, prio
     return meas
 
 
+def blocks_read(select: LayerSelect | tuple[LayerSelect, ...], inventory: list[LayerInfo]) -> str:
+    """Which joint blocks a preset's layer choice reads on this model, in words ("joint blocks 1 and 3")."""
+    layers = resolve_all(select if isinstance(select, tuple) else (select,), inventory)
+    every = sorted({int(lay.name.split(".")[1]) for lay in inventory})
+    read = sorted({int(lay.name.split(".")[1]) for lay in layers})
+    if read == every:
+        return "every joint block"
+    if read == every[-1:]:
+        return "the last joint block"
+    return f"joint block{'s' if len(read) > 1 else ''} " + _and([str(b) for b in read])
+
+
 def measurements_md(meas: dict) -> str:
     """The card's measurement section: each method on the transformer beside the UNet model, and the oracle rate."""
     lines = [
@@ -312,6 +321,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = (), pi
     t2m = REGISTRY["t2m"].presets[PROFILE["presets"]["t2m"]]
     iseg = REGISTRY["iseg"].presets[PROFILE["presets"]["iseg"]]
     total_steps = rows[-1]["to"]
+    inventory = joint_inventory(pipe.transformer)
     text = CARD.format(
         sd3_cross=100 * meas["eval"]["cross"]["miou"],
         sd3_t2m=100 * meas["eval"]["t2m"]["miou"],
@@ -354,12 +364,16 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = (), pi
         hours=hours,
         date=time.strftime("%Y-%m-%d"),
         measurements=measurements_md(meas),
+        cross_layers=blocks_read(cross.cross, inventory),
         cross_t=cross.timestep,
         cross_bg=cross.bg_threshold if cross.bg_threshold is not None else "of the paper's rule",
-        t2m_self=t2m.self_layer.take[0] if t2m.self_layer.take else "every",
+        t2m_cross=blocks_read(t2m.cross, inventory),
+        t2m_self=blocks_read(t2m.self_layer, inventory),
         t2m_t=t2m.timestep,
         t2m_bg=t2m.bg_threshold if t2m.bg_threshold is not None else "of the paper's rule",
         t2m_iters=t2m.iters,
+        iseg_cross=blocks_read(iseg.cross_layers, inventory),
+        iseg_self=blocks_read(iseg.self_layer, inventory),
         iseg_t=iseg.timestep,
         iseg_bg=iseg.bg_threshold if iseg.bg_threshold is not None else "of the paper's rule",
         iseg_iters=iseg.iters,
