@@ -18,6 +18,21 @@ def _beside(first, work):
     return work
 
 
+def _first_run(work, n_scenes: int, steps: int, arch):
+    """A tiny run's data (its VAE the embedded model's) and its first steps, captions at 30% colour; its config."""
+    from attnseg.diffusion.loading import EMBEDDED_DIR
+    from attnseg.train.embedded.sd3 import stage_sd3
+    from attnseg.train.embedded.train import TrainConfig, stage_data, stage_encode, stage_vae
+
+    cfg = TrainConfig(work=str(work), n_scenes=n_scenes, unet_steps=steps, batch=2, ckpt_every=1, diag_every=1000, threads=1)
+    cfg.colour_prob = 0.3
+    stage_data(cfg)
+    stage_vae(cfg, str(EMBEDDED_DIR))
+    stage_encode(cfg)
+    stage_sd3(cfg, arch, init_from=str(EMBEDDED_DIR))
+    return cfg
+
+
 def test_sd3_stage_trains_resumes_and_exports(tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
@@ -72,17 +87,11 @@ def test_sd3_stage_trains_resumes_and_exports(tmp_path):
 
 @pytest.mark.filterwarnings("ignore")
 def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and_text_mixing_turned_off(tmp_path):
-    from attnseg.diffusion.loading import EMBEDDED_DIR
     from attnseg.train.embedded.sd3 import SD3Arch, stage_sd3
-    from attnseg.train.embedded.train import TrainConfig, stage_data, stage_encode, stage_vae
+    from attnseg.train.embedded.train import TrainConfig
 
     first = tmp_path / "t1"
-    cfg = TrainConfig(work=str(first), n_scenes=8, unet_steps=1, batch=2, ckpt_every=1, diag_every=1000, threads=1)
-    cfg.colour_prob = 0.3
-    stage_data(cfg)
-    stage_vae(cfg, str(EMBEDDED_DIR))
-    stage_encode(cfg)
-    stage_sd3(cfg, SD3Arch(layers=2, pooled=True, mix_text=True), init_from=str(EMBEDDED_DIR))
+    _first_run(first, 8, 1, SD3Arch(layers=2, pooled=True, mix_text=True))
     t1 = torch.load(first / "sd3-ckpt.pt", weights_only=True)
     assert t1["text_encoder"]["text_projection.weight"].abs().max() > 0  # pooled on: a trained projection
     # A checkpoint of the time before the setting existed reads as pooled on.
@@ -264,18 +273,11 @@ def test_a_repatched_transformer_embeds_and_writes_each_patch_as_its_source_did(
 def test_a_run_starts_from_a_released_pipeline_folder(tmp_path):
     """The released model's folder holds what a run needs to continue it: its weights (fp16, read as fp32), the step
     they were exported at, and its run config and architecture."""
-    from attnseg.diffusion.loading import EMBEDDED_DIR
     from attnseg.train.embedded.command import main
-    from attnseg.train.embedded.sd3 import SD3Arch, _arch_of, build_transformer, load_source, stage_export_sd3, stage_sd3
-    from attnseg.train.embedded.train import TrainConfig, stage_data, stage_encode, stage_vae
+    from attnseg.train.embedded.sd3 import SD3Arch, _arch_of, build_transformer, load_source, stage_export_sd3
 
     first = tmp_path / "t1"
-    cfg = TrainConfig(work=str(first), n_scenes=16, unet_steps=2, batch=2, ckpt_every=1, diag_every=1000, threads=1)
-    cfg.colour_prob = 0.3
-    stage_data(cfg)
-    stage_vae(cfg, str(EMBEDDED_DIR))
-    stage_encode(cfg)
-    stage_sd3(cfg, SD3Arch(layers=2, pos_scale=0.25), init_from=str(EMBEDDED_DIR))
+    cfg = _first_run(first, 16, 2, SD3Arch(layers=2, pos_scale=0.25))
     released = stage_export_sd3(cfg, tmp_path / "released")
     state = torch.load(first / "sd3-ckpt.pt", weights_only=True)
     source = load_source(released)
@@ -287,13 +289,6 @@ def test_a_run_starts_from_a_released_pipeline_folder(tmp_path):
     assert source["transformer"][key].dtype == torch.float32
     assert torch.equal(source["transformer"][key], ema.half().float())
 
-    meta = json.loads((released / "training.json").read_text())  # a release's card writes its lineage there
-    history = {
-        "runs": [{"run": "T1", "from": 0, "to": 2, "change": "from scratch", "colour": 30}],
-        "hours": 0.1,
-        "arch": meta["arch"],
-    }
-    (released / "training.json").write_text(json.dumps({**meta, "history": history}))
     meta = json.loads((released / "training.json").read_text())  # a release's card writes its lineage there
     history = {
         "runs": [{"run": "T1", "from": 0, "to": 2, "change": "from scratch", "colour": 30}],
