@@ -79,11 +79,11 @@ runs on a real SD3 pipeline offline and can be compared there; for real images, 
 
 ## Architecture ({total_params:.2f} M parameters, {size_mb:.1f} MB in fp16)
 - SD3Transformer2DModel ({transformer_params:.2f} M): {layers} joint blocks, width {width} ({heads} heads of {head_dim}),
-  patch {patch}: {tokens} x {tokens} image tokens on the {latent}x{latent}x{latent_channels} latents. Three settings differ from SD3's, each
+  patch {patch}: {tokens} x {tokens} image tokens on the {latent}x{latent}x{latent_channels} latents. These settings differ from SD3's, each
   held by the saved weights, so the folder is a stock pipeline:
   the text encoders' projections are zero (pooled projections 0{pooled_note}), every block but the last has a zero
   context output projection and context feed-forward output (the text tokens that every block reads are the encoders'
-  unmixed embeddings{mix_note}), and the image tokens' sine-cosine position table is scaled by {pos_scale}{text_pos_note}
+  unmixed embeddings{mix_note}); the image tokens' sine-cosine position table is scaled by {pos_scale}{text_pos_note}
   (docs/EMBEDDED-MODEL-TRAINING.md says why).
 - Two CLIPTextModelWithProjection ({text_params:.2f} M each), {text_layers} layer, width {text_hidden}, in SD3's CLIP-L / CLIP-G
   slots (the pipeline reads their penultimate hidden states: the token and position embeddings); one CLIPTokenizer
@@ -343,7 +343,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = (), pi
         pos_scale=arch.pos_scale,
         text_pos_note=""
         if arch.text_pos_scale == 1
-        else f", the text encoders' learned position embeddings by {arch.text_pos_scale} (frozen)",
+        else f"; the text encoders' learned\n  position embeddings are scaled by {arch.text_pos_scale} and frozen",
         text_params=_params(pipe.text_encoder),
         text_layers=arch.text_layers,
         text_hidden=arch.text_hidden,
