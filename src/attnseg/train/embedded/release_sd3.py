@@ -147,12 +147,12 @@ def run_history(works: list[str], last_step: int | None = None) -> tuple[list[di
             }
         )
     for prev, w in zip(runs, works[1:], strict=False):  # a run ends where the next one branched from it
-        branched = _branch_step(Path(w) / "log.jsonl")
+        branched = _first_logged(Path(w) / "log.jsonl", "from_step")
         if branched is not None:
-            prev["steps"] = branched
+            prev["steps"] = int(branched)
     if last_step is not None:
         runs[-1]["steps"] = last_step
-    released = _released_history(Path(works[0]) / "log.jsonl")
+    released = _first_logged(Path(works[0]) / "log.jsonl", "released_history")
     rows = list(released["runs"]) if released else []
     start = rows[-1]["to"] if rows else 0
     for i, r in enumerate(runs):
@@ -181,25 +181,15 @@ def history_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _released_history(log_path: Path) -> dict | None:
-    """The history of the released model a run started from (its log's ``released_history``), None otherwise."""
+def _first_logged(log_path: Path, key: str):
+    """The first value (not None) of ``key`` in a run's log: its ``from_step`` (the step of the checkpoint it started
+    from) or its ``released_history`` (the history of the released model it started from); None without one."""
     if not log_path.is_file():
         return None
     for line in log_path.read_text().splitlines():
         rec = json.loads(line) if line.strip() else {}
-        if rec.get("released_history"):
-            return rec["released_history"]
-    return None
-
-
-def _branch_step(log_path: Path) -> int | None:
-    """The step of the checkpoint a run started from (its log's ``from_step``), None without a log or one."""
-    if not log_path.is_file():
-        return None
-    for line in log_path.read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
-        if "from_step" in rec:
-            return int(rec["from_step"])
+        if rec.get(key) is not None:
+            return rec[key]
     return None
 
 
@@ -311,7 +301,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = (), pi
     logs[-1] = _until(logs[-1], meta["step"])
     sd3_log = [r for recs in logs for r in recs if r.get("stage") == "sd3"]
     losses = [r["loss"] for r in sd3_log if "loss" in r]
-    released = _released_history(Path(works[0]) / "log.jsonl") or {"hours": 0.0}
+    released = _first_logged(Path(works[0]) / "log.jsonl", "released_history") or {"hours": 0.0}
     hours = released["hours"] + sum(busy_seconds([r for r in log if r.get("stage") == "sd3"]) for log in logs) / 3600
     # The lineage goes into training.json too, so that a run started from this folder carries it on.
     meta["history"] = {"runs": rows, "hours": hours, "arch": meta["arch"]}
