@@ -21,6 +21,10 @@
   shape absent from the scene written where the label was;
 - ``presets``: the mIoU of ``cross``, ``t2m`` and ``iseg`` with the presets of the shipped SD3 model
   (``embedded-sd3``) on validation scenes, to follow a run with the settings the release uses;
+- ``heads``: the cross baseline reading single heads: every joint block's heads one at a time, then a greedy choice
+  on the validation scenes (the head whose map, averaged with those chosen, raises the mIoU most, until none does;
+  the first noise level of ``--t``, background threshold ``--thr``), each step also scored on 200 other validation
+  scenes (scenes 100-299, or from ``--n`` on), printed as a ``--blocks`` set (``1h1+4h1+0h0``) for the sweeps;
 - ``sweep``: the cross baseline's mIoU on validation scenes for every block set (the last block, the last two, every
   block, or the sets of ``--blocks``) x noise level (``--t``) x background threshold (the paper's rule and 0.6 / 0.7 /
   0.8), to choose a model's preset on scenes the test never uses;
@@ -42,7 +46,8 @@
     python scripts/probe_sd3.py EXPORT bound --n 100
     python scripts/probe_sd3.py EXPORT mass --n 16 --t 400
     python scripts/probe_sd3.py EXPORT presets --n 40
-    python scripts/probe_sd3.py EXPORT sweep --n 40 --t 150,400 [--blocks 1+3 --blocks 3]
+    python scripts/probe_sd3.py EXPORT heads --n 100 --t 150 --thr 0.6
+    python scripts/probe_sd3.py EXPORT sweep --n 40 --t 150,400 [--blocks 1+3 --blocks 3 --blocks 1h1+0h0]
     python scripts/probe_sd3.py EXPORT t2m-sweep --n 40 --t 400,150
     python scripts/probe_sd3.py EXPORT iseg-sweep --n 40 --t 400,150
 """
@@ -56,6 +61,8 @@ import torch
 
 from attnseg.diffusion.layers import LayerSelect, finest_grid
 from attnseg.diffusion.prompts import TEMPLATES, PromptTemplate
+from attnseg.methods.cross import CrossAttentionBaseline, CrossConfig
+from attnseg.ops.maps import background_score, minmax, token_maps, with_background
 from attnseg.ops.metrics import confusion, summarize
 from attnseg.predictor import AttnSegPredictor
 from attnseg.shapes.world import SHAPES, caption, make_scene
@@ -261,12 +268,85 @@ def iseg_sweep(pred: AttnSegPredictor, scenes, ts: list[int], n_blocks: int) -> 
     print(f"without Cat-Cross (gamma 1): {run(gamma=1.0):.1f}; chosen: {best}", flush=True)
 
 
-def block_set(modules: list[str], spec: str) -> LayerSelect:
-    """The cross maps of the joint blocks named by ``spec``, '+'-separated indices from 0 ("1+3")."""
-    picked = [int(x) for x in spec.split("+")]
-    if any(not 0 <= b < len(modules) for b in picked):
+class EveryHead(CrossAttentionBaseline):
+    """The cross baseline over every head of every joint block that keeps, for the one image of each call, each
+    head's label maps: ``maps`` (blocks x heads, P, K) in block order."""
+
+    def plan(self, inventory, latent):
+        plan = super().plan(inventory, latent)
+        plan.per_head = list(plan.cross)
+        return plan
+
+    def scores(self, store, spans, plan):
+        self.maps = torch.cat([token_maps(store.mean(n)[0], spans.spans) for n in plan.cross])
+        return super().scores(store, spans, plan)
+
+
+def head_maps(pred: AttnSegPredictor, scenes, t: int) -> list[tuple[torch.Tensor, object, list[str]]]:
+    """(every head's label maps, scene, labels) of each scene, one forward each."""
+    method = EveryHead(CrossConfig(timestep=t))
+    out = []
+    for s in scenes:
+        labs = sorted(set(s.labels))
+        pred.segment_batch([s.image], [labs], method=method, draws=1)
+        out.append((method.maps, s, labs))
+    return out
+
+
+def heads_miou(data, chosen: list[int], thr: float) -> float:
+    """The cross baseline's mIoU averaging the maps of heads ``chosen`` (rows of :func:`head_maps`' maps), scored as
+    the method scores: min-max per label, the background rule at ``thr``, resized to the image, argmax."""
+    conf = np.zeros((len(SHAPES) + 1,) * 2, dtype=np.int64)
+    for maps, s, labs in data:
+        fg = minmax(maps[chosen].mean(dim=0, keepdim=True))
+        sc = with_background(fg, background_score(fg, 2.0, thr))[0]
+        g = round(sc.shape[0] ** 0.5)  # the transformer's square grid
+        img = torch.nn.functional.interpolate(
+            sc.T.reshape(1, -1, g, g), size=s.semantic.shape, mode="bilinear", align_corners=False
+        )
+        ids = np.array([0, *[SHAPES.index(x) + 1 for x in labs]])
+        conf += confusion(s.semantic, ids[img[0].argmax(0).numpy()], len(SHAPES) + 1)
+    return 100 * summarize(conf, ["background", *SHAPES])["miou"]
+
+
+def heads_probe(pred: AttnSegPredictor, n: int, t: int, thr: float, heads: int) -> None:
+    """The ``heads`` probe."""
+    sel = head_maps(pred, [make_scene(3, i) for i in range(n)], t)
+    start = max(n, 100)
+    check = head_maps(pred, [make_scene(3, i) for i in range(start, start + 200)], t)
+    name = [f"{i // heads}h{i % heads}" for i in range(len(sel[0][0]))]
+    every = list(range(len(name)))
+    print(
+        f"t={t} bg {thr}: every head {heads_miou(sel, every, thr):.1f} (scenes {start}-{start + 199}: {heads_miou(check, every, thr):.1f})"
+    )
+    print("one head: " + ", ".join(f"{name[i]} {heads_miou(sel, [i], thr):.1f}" for i in every), flush=True)
+    chosen: list[int] = []
+    best = -1.0
+    while len(chosen) < len(every):
+        v, c = max((heads_miou(sel, [*chosen, c], thr), c) for c in every if c not in chosen)
+        if v <= best:
+            break
+        chosen.append(c)
+        best = v
+        spec = "+".join(name[i] for i in chosen)
+        print(f"{spec}: {v:.1f} (scenes {start}-{start + 199}: {heads_miou(check, chosen, thr):.1f})", flush=True)
+
+
+def block_set(modules: list[str], spec: str) -> tuple[LayerSelect, ...]:
+    """The cross maps of the joint blocks named by ``spec``, '+'-separated indices from 0 ("1+3"), every head of
+    each, or single heads written ``BhH`` ("1h1+4h1+0h0": head 1 of blocks 1 and 4, head 0 of block 0)."""
+    heads: dict[int, list[int]] = {}
+    for part in spec.split("+"):
+        block, _, head = part.partition("h")
+        heads.setdefault(int(block), []).extend([int(head)] if head else [])
+    if any(not 0 <= b < len(modules) for b in heads):
         raise SystemExit(f"--blocks {spec}: this model has joint blocks 0-{len(modules) - 1}")
-    return LayerSelect(kind="cross", names=tuple(f"{modules[b]}:cross" for b in picked))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for b, hs in heads.items():
+        groups.setdefault(tuple(sorted(hs)), []).append(b)
+    return tuple(
+        LayerSelect(kind="cross", names=tuple(f"{modules[b]}:cross" for b in blocks), heads=hs) for hs, blocks in groups.items()
+    )
 
 
 def main() -> None:
@@ -287,6 +367,7 @@ def main() -> None:
             "sweep",
             "t2m-sweep",
             "iseg-sweep",
+            "heads",
         ],
     )
     ap.add_argument("--n", type=int, default=48)
@@ -299,6 +380,7 @@ def main() -> None:
         help="sweep, t2m-sweep: a set of joint blocks read for the Cross, '+'-separated from 0 (e.g. 1+3); repeatable",
     )
     ap.add_argument("--words", choices=["shape", "colour"], default="shape", help="profile: the objects' words read")
+    ap.add_argument("--thr", type=float, default=0.6, help="heads: the background threshold")
     a = ap.parse_args()
     torch.set_num_threads(1)
     pred = AttnSegPredictor.from_pretrained(a.model)
@@ -338,8 +420,8 @@ def main() -> None:
     modules = sorted({lay.module for lay in pred.inventory if lay.kind == "cross"}, key=lambda s: int(s.split(".")[1]))
     chosen = {b: block_set(modules, b) for b in a.blocks or ()}
     if a.probe == "t2m-sweep":
-        last = next(iter(chosen.values()), LayerSelect(kind="cross", blocks=("joint",), take=(-1, None)))
-        plain = {"synonyms": False, "background_words": (), "posterior": "mean", "cross": (last,)}
+        last = next(iter(chosen.values()), (LayerSelect(kind="cross", blocks=("joint",), take=(-1, None)),))
+        plain = {"synonyms": False, "background_words": (), "posterior": "mean", "cross": last}
         selfs = {f"self of block {b}": LayerSelect(kind="self", blocks=("joint",), take=(b, b + 1)) for b in range(len(modules))}
         selfs["self of every block"] = LayerSelect(kind="self")
         best, best_v = "", -1.0
@@ -364,6 +446,9 @@ def main() -> None:
         return
     if a.probe == "iseg-sweep":
         iseg_sweep(pred, scenes, ts, len(modules))
+        return
+    if a.probe == "heads":
+        heads_probe(pred, a.n, ts[0], a.thr, next(lay.heads for lay in pred.inventory if lay.kind == "cross"))
         return
     if a.probe == "sweep":
         sets = chosen or {

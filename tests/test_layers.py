@@ -85,3 +85,29 @@ def test_take_slices_from_the_end_and_clips(sd15_inventory):
     assert take(20, 21) == up[-1:]  # beyond the end: clipped to the last one
     assert take(-20, 1) == up[:1]  # before the start: from the first
     assert take(None, 2) == up[:2]
+
+
+def test_a_choice_of_heads_is_read_by_the_cross_methods_and_refused_elsewhere(sd15_inventory):
+    from attnseg.diffusion.layers import read_heads
+    from attnseg.methods.cross import CrossAttentionBaseline, CrossConfig
+    from attnseg.methods.registry import get_method
+    from attnseg.methods.t2m import T2MConfig
+
+    up = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    mid = "mid_block.attentions.0.transformer_blocks.0.attn2"
+    two = LayerSelect(kind="cross", names=(up,), heads=(1, 3))
+    layers, heads = read_heads((two, LayerSelect(kind="cross", names=(mid,))), sd15_inventory)
+    assert [x.name for x in layers] == [up, mid] and heads == {up: (1, 3)}  # the mid block: every head
+    for plan in (
+        CrossAttentionBaseline(CrossConfig(cross=(two, LayerSelect(kind="cross", names=(mid,))))).plan(sd15_inventory, 64),
+        T2M(T2MConfig(cross=(two,))).plan(sd15_inventory, 64),
+    ):
+        assert plan.per_head == [up] and plan.cross_heads == {up: (1, 3)}
+    with pytest.raises(ValueError, match="only the cross layers of the cross baseline and of T2M"):
+        two.resolve(sd15_inventory)  # any other reader
+    with pytest.raises(ValueError, match="only the cross layers of the cross baseline and of T2M"):
+        get_method("iseg", cross_layers=(LayerSelect(kind="cross", ranks=(1,), heads=(0,)),)).plan(sd15_inventory, 64)
+    with pytest.raises(ValueError, match="which has heads 0-7"):
+        read_heads(LayerSelect(kind="cross", names=(up,), heads=(8,)), sd15_inventory)
+    with pytest.raises(ValueError, match="chosen twice, with heads \\[1, 3\\] and \\[\\]"):
+        read_heads((two, LayerSelect(kind="cross", names=(up,))), sd15_inventory)

@@ -146,7 +146,7 @@ def test_cross_baseline_background_threshold_moves_the_object_boundary(monkeypat
     from attnseg.methods.base import CapturePlan
 
     fg = torch.tensor([[[0.0], [0.45], [1.0]]])
-    monkeypatch.setattr(cross_mod, "fused_cross", lambda *a: fg)
+    monkeypatch.setattr(cross_mod, "fused_cross", lambda *a, **kw: fg)
     plan = CapturePlan(cross={}, self_names=[], grid=(1, 3))
     paper = get_method("cross", "default").scores(None, None, plan)
     assert torch.allclose(paper[0, :, 0], torch.tensor([1.0, 0.3025, 0.0]))
@@ -261,3 +261,20 @@ def test_t2m_caa_restricts_self_to_the_boxes_of_the_label_cross_regions():
     assert torch.allclose(got[0], want, atol=1e-5)
     plain = T2M(T2MConfig(iters=2)).foreground(store, spans, plan)
     assert not torch.allclose(plain, got, atol=1e-3)
+
+
+def test_fused_cross_averages_the_chosen_heads_of_a_per_head_module():
+    from attnseg.diffusion.capture import AttentionStore
+    from attnseg.diffusion.prompts import TokenSpans
+    from attnseg.methods.base import fused_cross
+
+    store = AttentionStore(per_head=frozenset({"a"}))
+    per_head = torch.zeros((1, 3, 4, 2))  # 3 heads, a 2x2 grid, token 1 on one pixel per head
+    for h in range(3):
+        per_head[0, h, h, 1] = 1.0
+    store.add("a", per_head)
+    spans = TokenSpans(input_ids=[0, 1], spans=[[1]], labels=["x"])
+    every = fused_cross(store, {"a": 1.0}, spans, (2, 2))
+    chosen = fused_cross(store, {"a": 1.0}, spans, (2, 2), heads={"a": (0, 2)})
+    assert torch.allclose(every[0, :, 0], torch.tensor([1.0, 1.0, 1.0, 0.0]) / 3)
+    assert torch.allclose(chosen[0, :, 0], torch.tensor([0.5, 0.0, 0.5, 0.0]))

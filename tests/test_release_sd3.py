@@ -107,3 +107,11 @@ def test_the_card_names_the_joint_blocks_a_preset_reads():
     assert blocks_read(LayerSelect(kind="self", take=(1, 2)), blocks) == "joint block 1"
     names = ("transformer_blocks.0.attn:cross", "transformer_blocks.2.attn:cross")
     assert blocks_read(LayerSelect(kind="cross", names=names), blocks) == "joint blocks 0 and 2"
+    chosen = (
+        LayerSelect(kind="cross", names=("transformer_blocks.1.attn:cross", "transformer_blocks.3.attn:cross"), heads=(1,)),
+        LayerSelect(kind="cross", names=("transformer_blocks.0.attn:cross",), heads=(0, 2)),
+        LayerSelect(kind="cross", names=("transformer_blocks.2.attn:cross",)),
+    )
+    assert blocks_read(chosen, blocks) == (
+        "head 1 of joint blocks 1 and 3, heads 0 and 2 of joint block 0 and every head of joint block 2"
+    )

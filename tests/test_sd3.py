@@ -309,3 +309,20 @@ def test_the_families_bench_runs_a_plan_with_its_cat_cross(sd3):
     plain = _forward_at(bb, z, text, replace(plan, key_scale_gamma=None)).mean(name)
     assert torch.allclose(got, want) and not torch.allclose(got, plain, atol=1e-4)
     assert _forward_at(bb, z, text, None).sums == {}  # None: the plain forward, nothing captured
+
+
+def test_the_cross_baseline_reads_the_heads_a_preset_chooses(sd3):
+    from attnseg.diffusion.layers import LayerSelect
+
+    blocks = sorted({lay.module for lay in sd3.inventory if lay.kind == "cross"})
+    heads = next(lay.heads for lay in sd3.inventory if lay.kind == "cross")
+    assert heads > 1
+    sd3.set_image(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+    def scores(**heads_of_block) -> np.ndarray:
+        cross = tuple(LayerSelect(kind="cross", names=(f"{b}:cross",), **heads_of_block) for b in blocks)
+        return sd3.segment(["red circle", "blue star"], method="cross", cross=cross).scores
+
+    # Every head named: the per-head capture averaged is the head-mean capture; one head reads another map.
+    assert np.allclose(scores(heads=tuple(range(heads))), scores(), atol=1e-5)
+    assert not np.allclose(scores(heads=(0,)), scores(), atol=1e-3)

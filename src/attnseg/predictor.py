@@ -255,7 +255,12 @@ class AttnSegPredictor(PersonalConcepts):
                 s = sc.float().sum(dim=0)
                 sums[i] = s if sums[i] is None else sums[i] + s
                 if plan.cross:
-                    pk = fused_cross(rows_i, plan.cross, prompts[i][1], plan.grid).float().amax(dim=1).sum(dim=0)  # (K,)
+                    pk = (
+                        fused_cross(rows_i, plan.cross, prompts[i][1], plan.grid, heads=plan.cross_heads)
+                        .float()
+                        .amax(dim=1)
+                        .sum(dim=0)
+                    )  # (K,)
                     peaks[i] = pk if peaks[i] is None else peaks[i] + pk
         means = [(s / draws)[None] for s in sums]
         if foreground_first:

@@ -141,6 +141,9 @@ class LayerSelect:
     such as T2M's self-attention of ``up_blocks.2.attentions.1`` (take (1, 2) of the 32-px decoder
     layers); on a smaller UNet the slice is clipped so that at least one layer stays. Negative bounds count from
     the end and None runs from the start or to the end, as in a Python slice: (-1, None) is the last matching layer.
+    ``heads`` = the heads read of every matched module, 0-based in its own head order, averaged (empty: every head);
+    only the cross layers of the cross baseline and of T2M read chosen heads (:func:`read_heads`), and every other
+    use of a selection refuses them rather than read every head.
     """
 
     kind: str = "cross"
@@ -149,8 +152,15 @@ class LayerSelect:
     ranks: tuple[int, ...] = ()
     blocks: tuple[str, ...] = ()
     take: tuple[int, int | None] | None = None
+    heads: tuple[int, ...] = ()
 
-    def resolve(self, layers: Sequence[LayerInfo], latent: Latent | None = None) -> list[LayerInfo]:
+    def resolve(self, layers: Sequence[LayerInfo], latent: Latent | None = None, heads: bool = False) -> list[LayerInfo]:
+        """The matching layers. ``heads``: whether the caller reads the chosen heads (else a choice of heads is refused)."""
+        if self.heads and not heads:
+            raise ValueError(
+                f"{self} chooses heads {list(self.heads)}: only the cross layers of the cross baseline and of T2M read "
+                "chosen heads; leave heads empty here"
+            )
         cands = [lay for lay in layers if lay.kind == self.kind]
         if self.blocks:
             cands = [lay for lay in cands if lay.block in self.blocks]
@@ -174,6 +184,9 @@ class LayerSelect:
                 f"no {self.kind}-attention layer matches {self}; available: "
                 + ", ".join(lay.name for lay in layers if lay.kind == self.kind)
             )
+        for lay in cands:
+            if self.heads and not all(0 <= h < lay.heads for h in self.heads):
+                raise ValueError(f"{self} chooses heads {list(self.heads)} of {lay.name}, which has heads 0-{lay.heads - 1}")
         return cands
 
 
@@ -190,3 +203,24 @@ def resolve_all(selects: Iterable[LayerSelect], inventory: Sequence[LayerInfo], 
             if lay not in out:
                 out.append(lay)
     return out
+
+
+def read_heads(
+    selects: LayerSelect | Iterable[LayerSelect], inventory: Sequence[LayerInfo], latent: Latent | None = None
+) -> tuple[list[LayerInfo], dict[str, tuple[int, ...]]]:
+    """The union of ``selects`` (one or several), in order, and the heads read of each layer whose selection chooses
+    them ({name: heads}; a layer not named: every head). A layer chosen twice must be chosen with the same heads."""
+    out: list[LayerInfo] = []
+    heads: dict[str, tuple[int, ...]] = {}
+    for s in (selects,) if isinstance(selects, LayerSelect) else selects:
+        for lay in s.resolve(inventory, latent, heads=True):
+            if lay in out:
+                if heads.get(lay.name, ()) != s.heads:
+                    raise ValueError(
+                        f"{lay.name} is chosen twice, with heads {list(heads.get(lay.name, ()))} and {list(s.heads)}"
+                    )
+                continue
+            out.append(lay)
+            if s.heads:
+                heads[lay.name] = s.heads
+    return out, heads

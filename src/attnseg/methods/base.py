@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,8 +32,9 @@ class CapturePlan:
     the image's labels followed by ``concept_background``."""
     concept_background: tuple[str, ...] = ()
     cross_heads: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    """The heads that iSeg's per-resolution fusion pools of per-head cross modules: {module: 0-based heads of its
-    own}; a module not named: all its heads (iSeg's code: its VOC cross heads)."""
+    """The heads read of per-head cross modules: {module: 0-based heads of its own}; a module not named: all its
+    heads. iSeg's per-resolution fusion pools them (its code's VOC cross heads); :func:`fused_cross` averages them
+    (the heads a cross or T2M preset chooses)."""
 
     @property
     def names(self) -> list[str]:
@@ -47,19 +48,21 @@ def fused_cross(
     grid: tuple[int, int],
     normalise=None,
     normalise_first: bool = False,
+    heads: Mapping[str, Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Weighted mean of per-label cross maps of several modules on ``grid``: (B, P, K).
 
-    Each module's head-mean map (B, P_l, T) (the mean of its heads when it was captured per head) is reduced to its
-    labels' token averages, resized to ``grid``, optionally normalised per label (``normalise`` of a (B, P, K)
-    tensor; at the module's own resolution before resizing with ``normalise_first``), then weighted.
+    Each module's head-mean map (B, P_l, T) (the mean of its heads when it was captured per head, of its ``heads``
+    when named there) is reduced to its labels' token averages, resized to ``grid``, optionally normalised per label
+    (``normalise`` of a (B, P, K) tensor; at the module's own resolution before resizing with ``normalise_first``),
+    then weighted.
     """
     total = None
     wsum = 0.0
     for name, w in cross.items():
         m = store.mean(name)
         if m.dim() == 4:  # per-head capture (B, H, P_l, T)
-            m = m.mean(dim=1)
+            m = m[:, list(heads[name])].mean(dim=1) if heads and name in heads else m.mean(dim=1)
         lab = token_maps(m, spans.spans)
         if normalise is not None and normalise_first:
             lab = normalise(lab)

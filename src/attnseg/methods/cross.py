@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
-from attnseg.diffusion.layers import Latent, LayerInfo, LayerSelect, finest_grid
+from attnseg.diffusion.layers import Latent, LayerInfo, LayerSelect, finest_grid, read_heads
 from attnseg.diffusion.prompts import TokenSpans
 from attnseg.methods.base import CapturePlan, fused_cross
 from attnseg.ops.maps import background_score, minmax, with_background
@@ -25,8 +25,9 @@ class CrossConfig:
     """Noise level t of T = 1000 at which the real image is read."""
     template: str = "t2m"
     """Prompt template (see ``attnseg.diffusion.prompts.TEMPLATES``)."""
-    cross: LayerSelect = field(default_factory=lambda: LayerSelect(kind="cross"))
-    """Layers averaged: every cross-attention layer, as DAAM does."""
+    cross: LayerSelect | tuple[LayerSelect, ...] = field(default_factory=lambda: LayerSelect(kind="cross"))
+    """Layers averaged (one selection or several, their union): every cross-attention layer, as DAAM does; every head
+    of each, unless its selection chooses heads."""
     draws: int = 1
     """Noise draws averaged."""
     synonyms: bool = False
@@ -65,10 +66,16 @@ class CrossAttentionBaseline:
         self.config = config or CrossConfig()
 
     def plan(self, inventory: list[LayerInfo], latent: Latent) -> CapturePlan:
-        layers = self.config.cross.resolve(inventory, latent)
-        return CapturePlan(cross={lay.name: 1.0 for lay in layers}, self_names=[], grid=finest_grid(layers, latent))
+        layers, heads = read_heads(self.config.cross, inventory, latent)
+        return CapturePlan(
+            cross={lay.name: 1.0 for lay in layers},
+            self_names=[],
+            grid=finest_grid(layers, latent),
+            per_head=list(heads),
+            cross_heads=heads,
+        )
 
     def scores(self, store: AttentionStore, spans: TokenSpans, plan: CapturePlan) -> torch.Tensor:
         """(B, P, K + 1) scores on ``plan.grid``, background first."""
-        fg = minmax(fused_cross(store, plan.cross, spans, plan.grid))
+        fg = minmax(fused_cross(store, plan.cross, spans, plan.grid, heads=plan.cross_heads))
         return with_background(fg, background_score(fg, self.config.bg_power, self.config.bg_threshold))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
-from attnseg.diffusion.layers import Latent, LayerInfo, LayerSelect, resolve_all
+from attnseg.diffusion.layers import Latent, LayerInfo, LayerSelect, read_heads
 from attnseg.diffusion.prompts import T2M_BACKGROUND_WORDS, T2M_VOC_CLASS_BACKGROUND_WORDS, TokenSpans
 from attnseg.methods.base import CapturePlan, fused_cross, mean_self
 from attnseg.methods.cross import EMBEDDED_SD3_CROSS
@@ -172,8 +172,14 @@ class T2M:
 
     def plan(self, inventory: list[LayerInfo], latent: Latent) -> CapturePlan:
         s = self.config.self_layer.resolve(inventory, latent)
-        cross = resolve_all(self.config.cross, inventory, latent)
-        return CapturePlan(cross={lay.name: 1.0 for lay in cross}, self_names=[lay.name for lay in s], grid=s[0].grid(latent))
+        cross, heads = read_heads(self.config.cross, inventory, latent)
+        return CapturePlan(
+            cross={lay.name: 1.0 for lay in cross},
+            self_names=[lay.name for lay in s],
+            grid=s[0].grid(latent),
+            per_head=list(heads),
+            cross_heads=heads,
+        )
 
     @property
     def averages_foreground(self) -> bool:
@@ -184,7 +190,7 @@ class T2M:
 
     def foreground(self, store: AttentionStore, spans: TokenSpans, plan: CapturePlan) -> torch.Tensor:
         """Min-max SelfCross per label: (B, P, K)."""
-        cross = fused_cross(store, plan.cross, spans, plan.grid)
+        cross = fused_cross(store, plan.cross, spans, plan.grid, heads=plan.cross_heads)
         if self.config.caa_threshold is not None:
             cross = cross * box_mask(minmax(cross), plan.grid, self.config.caa_threshold)
         return minmax(self_cross(mean_self(store, plan.self_names), cross, self.config.iters))

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from attnseg.diffusion.layers import LayerInfo, LayerSelect, joint_inventory, resolve_all
+from attnseg.diffusion.layers import LayerInfo, LayerSelect, joint_inventory, read_heads
 from attnseg.diffusion.loading import EMBEDDED_MODELS, load_pipeline
 from attnseg.io.datasets import VOCDataset
 from attnseg.jobs.evaluate import MethodSpec, evaluate
@@ -248,15 +248,33 @@ def release_sd3(work: str, out: str, eval_n: int = 100, oracle_n: int = 16, prio
 
 
 def blocks_read(select: LayerSelect | tuple[LayerSelect, ...], inventory: list[LayerInfo]) -> str:
-    """Which joint blocks a preset's layer choice reads on this model, in words ("joint blocks 1 and 3")."""
-    layers = resolve_all(select if isinstance(select, tuple) else (select,), inventory)
-    every = sorted({int(lay.name.split(".")[1]) for lay in inventory})
-    read = sorted({int(lay.name.split(".")[1]) for lay in layers})
+    """Which joint blocks (and heads) a preset's layer choice reads on this model, in words ("joint blocks 1 and 3",
+    "head 1 of joint blocks 1 and 4 and head 0 of joint block 0")."""
+    layers, heads = read_heads(select, inventory)
+
+    def block(lay: LayerInfo) -> int:
+        return int(lay.name.split(".")[1])
+
+    def blocks(bs: list[int]) -> str:
+        return f"joint block{'s' if len(bs) > 1 else ''} " + _and([str(b) for b in bs])
+
+    if heads:  # each set of heads with the blocks it is read of, in the order the preset names them
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for lay in layers:
+            groups.setdefault(heads.get(lay.name, ()), []).append(block(lay))
+        return _and(
+            [
+                (f"head{'s' if len(hs) > 1 else ''} {_and([str(h) for h in hs])} of " if hs else "every head of ") + blocks(bs)
+                for hs, bs in groups.items()
+            ]
+        )
+    every = sorted({block(lay) for lay in inventory})
+    read = sorted({block(lay) for lay in layers})
     if read == every:
         return "every joint block"
     if read == every[-1:]:
         return "the last joint block"
-    return f"joint block{'s' if len(read) > 1 else ''} " + _and([str(b) for b in read])
+    return blocks(read)
 
 
 def measurements_md(meas: dict) -> str:
