@@ -37,8 +37,12 @@ class CrossConfig:
     """None: T2M's paper rule (1 - max)^2; a value: its code's (2 thr - max)^2 (0.5 is the paper's rule)."""
 
 
-EMBEDDED_SD3_CROSS = LayerSelect(kind="cross", names=tuple(f"transformer_blocks.{b}.attn:cross" for b in (0, 1, 3, 6)))
-"""The embedded SD3 model's joint blocks whose cross maps its presets average (``cross`` and ``t2m``)."""
+EMBEDDED_SD3_CROSS = (
+    LayerSelect(kind="cross", names=("transformer_blocks.0.attn:cross",), heads=(0,)),
+    LayerSelect(kind="cross", names=("transformer_blocks.1.attn:cross", "transformer_blocks.4.attn:cross"), heads=(1,)),
+)
+"""The embedded SD3 model's cross maps that its presets average (``cross`` and ``t2m``): single heads, head 0 of joint
+block 0 and head 1 of blocks 1 and 4, chosen on validation scenes (`python scripts/probe_sd3.py MODEL heads`)."""
 
 CROSS_PRESETS: dict[str, CrossConfig] = {
     "default": CrossConfig(),
@@ -52,9 +56,9 @@ CROSS_PRESETS: dict[str, CrossConfig] = {
     # (its image-to-text attention); on a smaller transformer the slice is clipped to its last block. The scoring
     # stays the baseline's, so this preset differs from `default` in its layer only.
     "seg4diff": CrossConfig(cross=LayerSelect(kind="cross", blocks=("joint",), take=(9, 10))),
-    # The embedded SD3 model (its attnseg.json makes this its default): the set of its joint blocks, the noise level and
-    # the background threshold chosen on 100 validation scenes (`python scripts/probe_sd3.py MODEL blocks` one block
-    # at a time, then `sweep --blocks 0+1+3+6 ...`; docs/EMBEDDED-MODEL-TRAINING.md).
+    # The embedded SD3 model (its attnseg.json makes this its default): its heads, the noise level and the background
+    # threshold chosen on 100 validation scenes (`python scripts/probe_sd3.py MODEL heads`, a greedy choice of single
+    # heads, then `sweep --blocks 0h0+1h1+4h1`), checked on 200 others (docs/EMBEDDED-MODEL-TRAINING.md).
     "embedded-sd3": CrossConfig(timestep=150, cross=EMBEDDED_SD3_CROSS, bg_threshold=0.6),
 }
 

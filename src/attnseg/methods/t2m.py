@@ -119,17 +119,17 @@ T2M_PRESETS: dict[str, T2MConfig] = {
     # Cross averages every joint layer's image-to-text block, Self every self map (the joint layers' image-to-image
     # blocks, and SD3.5's image-only layers), all on one grid.
     "mmdit": T2MConfig(cross=(LayerSelect(kind="cross"),), self_layer=LayerSelect(kind="self")),
-    # The embedded SD3 model (its attnseg.json makes this its default): Cross from the joint blocks of
-    # `cross:embedded-sd3`, Self from its block 6, the noise level and background threshold all chosen on 100
-    # validation scenes (`python scripts/probe_sd3.py MODEL t2m-sweep --blocks 0+1+3+6`;
-    # docs/EMBEDDED-MODEL-TRAINING.md); the plain prompt of the UNet model's preset.
+    # The embedded SD3 model (its attnseg.json makes this its default): Cross from the heads of `cross:embedded-sd3`,
+    # Self from its block 6 (`python scripts/probe_sd3.py MODEL t2m-sweep --blocks 0h0+1h1+4h1`), read at t = 400,
+    # background threshold 0.6, the paper's Self^2, chosen on validation scenes (docs/EMBEDDED-MODEL-TRAINING.md);
+    # the plain prompt of the UNet model's preset.
     "embedded-sd3": T2MConfig(
-        timestep=150,
+        timestep=400,
         synonyms=False,
         background_words=(),
-        cross=(EMBEDDED_SD3_CROSS,),
+        cross=EMBEDDED_SD3_CROSS,
         self_layer=LayerSelect(kind="self", blocks=("joint",), take=(6, 7)),
-        bg_threshold=0.7,
+        bg_threshold=0.6,
         posterior="mean",
     ),
 }
