@@ -377,7 +377,8 @@ def main() -> None:
         "--blocks",
         action="append",
         default=None,
-        help="sweep, t2m-sweep: a set of joint blocks read for the Cross, '+'-separated from 0 (e.g. 1+3); repeatable",
+        help="sweep, t2m-sweep: a set of joint blocks read for the Cross, '+'-separated from 0 (e.g. 1+3), or of single "
+        "heads, block h head (e.g. 0h0+1h1); repeatable",
     )
     ap.add_argument("--words", choices=["shape", "colour"], default="shape", help="profile: the objects' words read")
     ap.add_argument("--thr", type=float, default=0.6, help="heads: the background threshold")
