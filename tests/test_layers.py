@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnseg.diffusion.layers import LayerSelect, layer_inventory, resolve_all
+from attnseg.diffusion.layers import LayerSelect, layer_inventory, read_heads
 from attnseg.jobs.bench import SD15_UNET
 from attnseg.methods import T2M, ISeg
 
@@ -66,7 +66,7 @@ def test_presets_on_small_unet(tiny_pipe):
 def test_select_by_side_and_names(sd15_inventory):
     by_side = LayerSelect(kind="self", sides=(32,)).resolve(sd15_inventory, 64)
     assert len(by_side) == 5 and all(x.side(64) == 32 for x in by_side)
-    by_name = resolve_all([LayerSelect(kind="cross", names=("mid_block*",))], sd15_inventory)
+    by_name, _ = read_heads([LayerSelect(kind="cross", names=("mid_block*",))], sd15_inventory)
     assert [x.name for x in by_name] == ["mid_block.attentions.0.transformer_blocks.0.attn2"]
     with pytest.raises(ValueError, match="no cross-attention layer matches"):
         LayerSelect(kind="cross", names=("nothing*",)).resolve(sd15_inventory)
@@ -88,7 +88,6 @@ def test_take_slices_from_the_end_and_clips(sd15_inventory):
 
 
 def test_a_choice_of_heads_is_read_by_the_cross_methods_and_refused_elsewhere(sd15_inventory):
-    from attnseg.diffusion.layers import read_heads
     from attnseg.methods.cross import CrossAttentionBaseline, CrossConfig
     from attnseg.methods.registry import get_method
     from attnseg.methods.t2m import T2MConfig

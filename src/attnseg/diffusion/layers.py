@@ -195,16 +195,6 @@ def finest_grid(layers: Iterable[LayerInfo], latent: Latent) -> tuple[int, int]:
     return max((lay.grid(latent) for lay in layers), key=lambda g: g[0] * g[1])
 
 
-def resolve_all(selects: Iterable[LayerSelect], inventory: Sequence[LayerInfo], latent: Latent | None = None) -> list[LayerInfo]:
-    """Union of several selections, in order, without repeats."""
-    out: list[LayerInfo] = []
-    for s in selects:
-        for lay in s.resolve(inventory, latent):
-            if lay not in out:
-                out.append(lay)
-    return out
-
-
 def read_heads(
     selects: LayerSelect | Iterable[LayerSelect], inventory: Sequence[LayerInfo], latent: Latent | None = None
 ) -> tuple[list[LayerInfo], dict[str, tuple[int, ...]]]:
