@@ -336,9 +336,14 @@ def block_set(modules: list[str], spec: str) -> tuple[LayerSelect, ...]:
     """The cross maps of the joint blocks named by ``spec``, '+'-separated indices from 0 ("1+3"), every head of
     each, or single heads written ``BhH`` ("1h1+4h1+0h0": head 1 of blocks 1 and 4, head 0 of block 0)."""
     heads: dict[int, list[int]] = {}
+    whole: set[int] = set()
     for part in spec.split("+"):
         block, _, head = part.partition("h")
         heads.setdefault(int(block), []).extend([int(head)] if head else [])
+        if not head:
+            whole.add(int(block))
+    if both := sorted(b for b in whole if heads[b]):
+        raise SystemExit(f"--blocks {spec}: block {both[0]} is named both whole and by a head; name one or the other")
     if any(not 0 <= b < len(modules) for b in heads):
         raise SystemExit(f"--blocks {spec}: this model has joint blocks 0-{len(modules) - 1}")
     groups: dict[tuple[int, ...], list[int]] = {}
