@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnseg.diffusion.capture import AttentionStore
+from attnseg.diffusion.layers import LayerInfo
 from attnseg.diffusion.prompts import TokenSpans
 from attnseg.ops.maps import grid_of, resize_columns, token_maps
 
@@ -35,6 +36,24 @@ class CapturePlan:
     """The heads read of per-head cross modules: {module: 0-based heads of its own}; a module not named: all its
     heads. iSeg's per-resolution fusion pools them (its code's VOC cross heads); :func:`fused_cross` averages them
     (the heads a cross or T2M preset chooses)."""
+
+    @classmethod
+    def averaged_cross(
+        cls,
+        layers: list[LayerInfo],
+        heads: dict[str, tuple[int, ...]],
+        grid: tuple[int, int],
+        self_names: list[str] | None = None,
+    ) -> CapturePlan:
+        """The plan of a method that averages the cross maps of ``layers`` with equal weights, reading ``heads``
+        of those named (:func:`attnseg.diffusion.layers.read_heads`): the cross baseline and T2M."""
+        return cls(
+            cross={lay.name: 1.0 for lay in layers},
+            self_names=self_names or [],
+            grid=grid,
+            per_head=list(heads),
+            cross_heads=heads,
+        )
 
     @property
     def names(self) -> list[str]:

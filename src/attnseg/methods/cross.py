@@ -71,13 +71,7 @@ class CrossAttentionBaseline:
 
     def plan(self, inventory: list[LayerInfo], latent: Latent) -> CapturePlan:
         layers, heads = read_heads(self.config.cross, inventory, latent)
-        return CapturePlan(
-            cross={lay.name: 1.0 for lay in layers},
-            self_names=[],
-            grid=finest_grid(layers, latent),
-            per_head=list(heads),
-            cross_heads=heads,
-        )
+        return CapturePlan.averaged_cross(layers, heads, finest_grid(layers, latent))
 
     def scores(self, store: AttentionStore, spans: TokenSpans, plan: CapturePlan) -> torch.Tensor:
         """(B, P, K + 1) scores on ``plan.grid``, background first."""

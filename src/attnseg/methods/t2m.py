@@ -173,13 +173,7 @@ class T2M:
     def plan(self, inventory: list[LayerInfo], latent: Latent) -> CapturePlan:
         s = self.config.self_layer.resolve(inventory, latent)
         cross, heads = read_heads(self.config.cross, inventory, latent)
-        return CapturePlan(
-            cross={lay.name: 1.0 for lay in cross},
-            self_names=[lay.name for lay in s],
-            grid=s[0].grid(latent),
-            per_head=list(heads),
-            cross_heads=heads,
-        )
+        return CapturePlan.averaged_cross(cross, heads, s[0].grid(latent), self_names=[lay.name for lay in s])
 
     @property
     def averages_foreground(self) -> bool:

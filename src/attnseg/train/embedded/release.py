@@ -25,7 +25,7 @@ from attnseg.shapes.world import export_voc
 from attnseg.train.embedded.diagnose import localisation_report, self_attention_report
 from attnseg.train.embedded.pairs import same_shape_report
 from attnseg.train.embedded.report import GRID_PROMPTS, grid, oracle_rate, sample
-from attnseg.train.embedded.train import TrainConfig, data_look_prob, stage_export
+from attnseg.train.embedded.train import TrainConfig, data_look_prob, read_log, stage_export
 
 CARD = """# attnseg embedded model (ShapesWorld, Stable Diffusion architecture)
 
@@ -375,7 +375,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
     meta = json.loads((out / "training.json").read_text())
     cfg, arch = meta["train_config"], meta["arch"]
     works = [*prior, work]  # the runs this one continued from, oldest first
-    logs = [[json.loads(x) for x in (Path(w) / "log.jsonl").read_text().splitlines() if x.strip()] for w in works]
+    logs = [read_log(w) for w in works]
     log = lineage_log(logs)
     starts = [r for r in log if "init_ckpt" in r and r.get("dropped")]  # the start that dropped text layers
     history = ""

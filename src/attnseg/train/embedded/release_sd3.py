@@ -29,7 +29,7 @@ from attnseg.shapes.world import export_voc
 from attnseg.train.embedded.release import _and, _params, busy_seconds
 from attnseg.train.embedded.report import GRID_PROMPTS, grid, oracle_rate, sample
 from attnseg.train.embedded.sd3 import CKPT, SD3_CALL, SD3Arch, _arch_of, stage_export_sd3
-from attnseg.train.embedded.train import TrainConfig
+from attnseg.train.embedded.train import TrainConfig, read_log
 
 PROFILE = {
     "presets": {"cross": "embedded-sd3", "t2m": "embedded-sd3", "iseg": "embedded-sd3", "diffseg": "embedded"},
@@ -147,12 +147,12 @@ def run_history(works: list[str], last_step: int | None = None) -> tuple[list[di
             }
         )
     for prev, w in zip(runs, works[1:], strict=False):  # a run ends where the next one branched from it
-        branched = _first_logged(Path(w) / "log.jsonl", "from_step")
+        branched = _first_logged(read_log(w), "from_step")
         if branched is not None:
             prev["steps"] = int(branched)
     if last_step is not None:
         runs[-1]["steps"] = last_step
-    released = _first_logged(Path(works[0]) / "log.jsonl", "released_history")
+    released = _first_logged(read_log(works[0]), "released_history")
     rows = list(released["runs"]) if released else []
     start = rows[-1]["to"] if rows else 0
     for i, r in enumerate(runs):
@@ -181,16 +181,10 @@ def history_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _first_logged(log_path: Path, key: str):
+def _first_logged(log: list[dict], key: str):
     """The first value (not None) of ``key`` in a run's log: its ``from_step`` (the step of the checkpoint it started
     from) or its ``released_history`` (the history of the released model it started from); None without one."""
-    if not log_path.is_file():
-        return None
-    for line in log_path.read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
-        if rec.get(key) is not None:
-            return rec[key]
-    return None
+    return next((rec[key] for rec in log if rec.get(key) is not None), None)
 
 
 def _until(log: list[dict], step: int) -> list[dict]:
@@ -315,11 +309,11 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = (), pi
     arch = SD3Arch(**meta["arch"])
     works = [*prior, work]
     _, rows = run_history(works, last_step=meta["step"])
-    logs = [[json.loads(x) for x in (Path(w) / "log.jsonl").read_text().splitlines() if x.strip()] for w in works]
+    logs = [read_log(w) for w in works]
+    released = _first_logged(logs[0], "released_history") or {"hours": 0.0}
     logs[-1] = _until(logs[-1], meta["step"])
     sd3_log = [r for recs in logs for r in recs if r.get("stage") == "sd3"]
     losses = [r["loss"] for r in sd3_log if "loss" in r]
-    released = _first_logged(Path(works[0]) / "log.jsonl", "released_history") or {"hours": 0.0}
     hours = released["hours"] + sum(busy_seconds([r for r in log if r.get("stage") == "sd3"]) for log in logs) / 3600
     # The lineage goes into training.json too, so that a run started from this folder carries it on.
     meta["history"] = {"runs": rows, "hours": hours, "arch": meta["arch"]}

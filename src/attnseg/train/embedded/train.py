@@ -111,6 +111,12 @@ def _log(work: Path, rec: dict) -> None:
     print(json.dumps(rec), flush=True)
 
 
+def read_log(work: str | Path) -> list[dict]:
+    """The records of a run's ``log.jsonl`` (none without one)."""
+    path = Path(work) / "log.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -258,9 +264,7 @@ def _load_vae(work: Path):
 
 def _vae_source(work: Path) -> str | None:
     """The pipeline folder the VAE stage took its VAE from (``--init-from``), None for a VAE trained here."""
-    log = work / "log.jsonl"
-    recs = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
-    return next((r["init_from"] for r in recs if r.get("stage") == "vae" and "init_from" in r), None)
+    return next((r["init_from"] for r in read_log(work) if r.get("stage") == "vae" and "init_from" in r), None)
 
 
 def _pipeline_scaling(folder: str | Path) -> float:
