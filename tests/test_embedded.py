@@ -249,6 +249,55 @@ def test_model_card_history_drops_the_unet_of_runs_a_fresh_unet_did_not_continue
     assert busy_seconds([]) == 0.0
 
 
+def test_a_run_continued_from_a_released_model_carries_its_history_on():
+    from attnseg.train.embedded.release import lineage_history
+
+    released = {
+        "runs": [{"step": 100, "colour_prob": 0.8, "look_prob": 0.0, "look_word_prob": 0.0, "decay": [50, 50]}],
+        "hours": 2.0,
+        "text_dropped_at": 30,
+        "vae": {"steps": 1000, "psnr": 26.1},
+    }
+    run = {"step": 160, "colour_prob": 0.3, "look_prob": 0.3, "look_word_prob": 0.8, "decay": (100, 60)}
+    # a warm start from the released folder: the shipped VAE kept (no PSNR logged), 0.5 h of data and UNet
+    log = [
+        {"stage": "data", "elapsed": 1080.0},
+        {"stage": "vae", "init_from": "shipped"},
+        {"stage": "unet", "init_from": "shipped", "step": 100, "released_history": released},
+        {"stage": "unet", "step": 160, "loss": 0.03, "elapsed": 720.0},
+    ]
+    hist = lineage_history(released, [run], log)
+    assert hist == {"runs": [*released["runs"], run], "hours": 2.5, "text_dropped_at": 30, "vae": released["vae"]}
+    # a lineage from scratch: its own VAE and text-layer drop, nothing released before it
+    own = [
+        {"stage": "vae", "step": 499, "psnr": 24.0, "elapsed": 360.0},
+        {"stage": "unet", "init_ckpt": "a/ckpt.pt", "step": 40, "dropped": 12},
+    ]
+    assert lineage_history(None, [run], own) == {
+        "runs": [run],
+        "hours": 0.1,
+        "text_dropped_at": 40,
+        "vae": {"steps": 500, "psnr": 24.0},
+    }
+
+
+def test_the_shipped_card_states_the_history_its_training_json_keeps():
+    from attnseg.train.embedded.release import _lr_text, caption_history, looks_text
+
+    meta = json.loads((EMBEDDED_DIR / "training.json").read_text())
+    runs = meta["history"]["runs"]
+    card = " ".join((EMBEDDED_DIR / "README.md").read_text().split())
+    for line in (
+        caption_history([(r["step"], r["colour_prob"]) for r in runs]),
+        looks_text(runs),
+        _lr_text(meta["train_config"], [r["decay"] for r in runs]),
+        f"{meta['history']['hours']:.1f} h of compute",
+        f"up to step {meta['history']['text_dropped_at']:,} the text encoder",
+        f"PSNR {meta['history']['vae']['psnr']:.1f} dB",
+    ):
+        assert " ".join(line.split()) in card
+
+
 def test_model_card_states_a_change_of_caption_mix():
     from attnseg.train.embedded.release import caption_history
 

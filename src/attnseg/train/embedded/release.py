@@ -25,7 +25,7 @@ from attnseg.shapes.world import export_voc
 from attnseg.train.embedded.diagnose import localisation_report, self_attention_report
 from attnseg.train.embedded.pairs import same_shape_report
 from attnseg.train.embedded.report import GRID_PROMPTS, grid, oracle_rate, sample
-from attnseg.train.embedded.train import TrainConfig, data_look_prob, read_log, stage_export
+from attnseg.train.embedded.train import TrainConfig, data_look_prob, first_logged, read_log, stage_export
 
 CARD = """# attnseg embedded model (ShapesWorld, Stable Diffusion architecture)
 
@@ -209,6 +209,24 @@ def _run_summaries(works: list[str]) -> list[dict]:
     return runs
 
 
+def lineage_history(released: dict | None, runs: list[dict], log: list[dict]) -> dict:
+    """The history of a UNet model, as its card states it and its ``training.json`` keeps it for the runs that
+    continue from it: ``released``, the history of the released model the lineage started from (None: it started
+    from scratch); ``runs``, the lineage's own runs (:func:`_run_summaries`); ``log``, its records
+    (:func:`lineage_log`). The runs follow the released ones; compute hours add up; the step from which the text
+    encoder had no transformer layers (the start that dropped them) and the VAE's steps and PSNR (the run that trained
+    one) are the lineage's own when it has them, else the released model's."""
+    released = released or {}
+    dropped = [r for r in log if "init_ckpt" in r and r.get("dropped")]
+    vae = [r for r in log if r.get("stage") == "vae" and "psnr" in r]
+    return {
+        "runs": [*released.get("runs", []), *runs],
+        "hours": released.get("hours", 0.0) + busy_seconds(log) / 3600,
+        "text_dropped_at": dropped[-1]["step"] if dropped else released.get("text_dropped_at"),
+        "vae": {"steps": vae[-1]["step"] + 1, "psnr": vae[-1]["psnr"]} if vae else released.get("vae"),
+    }
+
+
 def busy_seconds(log: list[dict]) -> float:
     """Compute time of a log: the sum over processes of their last ``elapsed`` (idle time between sessions excluded).
 
@@ -377,11 +395,15 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
     works = [*prior, work]  # the runs this one continued from, oldest first
     logs = [read_log(w) for w in works]
     log = lineage_log(logs)
-    starts = [r for r in log if "init_ckpt" in r and r.get("dropped")]  # the start that dropped text layers
+    hist = lineage_history(first_logged(logs[0], "released_history"), _run_summaries(works[unet_origin(logs) :]), log)
+    # The lineage goes into training.json too, so that a run started from this folder carries it on.
+    meta["history"] = hist
+    (out / "training.json").write_text(json.dumps(meta, indent=1))
+    runs = hist["runs"]
     history = ""
-    if arch["text_layers"] == 0 and starts:
+    if arch["text_layers"] == 0 and hist["text_dropped_at"] is not None:
         history = (
-            f"- History: up to step {starts[-1]['step']:,} the text encoder had 3 transformer layers, trained jointly; from then on\n"
+            f"- History: up to step {hist['text_dropped_at']:,} the text encoder had 3 transformer layers, trained jointly; from then on\n"
             "  it has 0 (its token and position embeddings and final norm kept), so each token's output is its own embedding and\n"
             "  the start and padding outputs are constants (why: docs/EMBEDDED-MODEL-TRAINING.md).\n"
         )
@@ -390,12 +412,9 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
             "- The text encoder has 0 transformer layers (token and position embeddings and the final norm, trained jointly),\n"
             "  so each token's output is its own embedding (why: docs/EMBEDDED-MODEL-TRAINING.md).\n"
         )
-    runs = _run_summaries(works[unet_origin(logs) :])
     history += caption_history([(r["step"], r["colour_prob"]) for r in runs])
     history += looks_text(runs)
-    vae_log = [r for r in log if r.get("stage") == "vae" and "psnr" in r]
     unet_log = [r for r in log if r.get("stage") == "unet" and "loss" in r]
-    busy = busy_seconds(log)
     size = sum(p.stat().st_size for p in out.rglob("*.safetensors")) / 2**20
     assert isinstance(pipe.text_encoder, CLIPTextModel)
     text = CARD.format(
@@ -415,8 +434,8 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         text_hidden=arch["text_hidden"],
         vocab=len(pipe.tokenizer),
         n_scenes=cfg["n_scenes"],
-        vae_steps=vae_log[-1]["step"] + 1 if vae_log else cfg["vae_steps"],  # what ran, not a later default
-        vae_psnr=vae_log[-1]["psnr"] if vae_log else float("nan"),
+        vae_steps=hist["vae"]["steps"] if hist["vae"] else cfg["vae_steps"],  # what ran, not a later default
+        vae_psnr=hist["vae"]["psnr"] if hist["vae"] else float("nan"),
         unet_steps=meta["step"],
         batch=cfg["batch"],
         samples=meta["step"] * cfg["batch"],
@@ -427,7 +446,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
         obj_w=cfg["object_weight"],
         colour_pct=100 * cfg.get("colour_prob", 0.8),
         machine=f"{platform.machine()}, 2 cores, fp32, CPU only",
-        hours=busy / 3600,
+        hours=hist["hours"],
         date=time.strftime("%Y-%m-%d"),
         measurements=_measurements_md(meas),
         history=history,

@@ -29,7 +29,7 @@ from attnseg.shapes.world import export_voc
 from attnseg.train.embedded.release import _and, _params, busy_seconds
 from attnseg.train.embedded.report import GRID_PROMPTS, grid, oracle_rate, sample
 from attnseg.train.embedded.sd3 import CKPT, SD3_CALL, SD3Arch, _arch_of, stage_export_sd3
-from attnseg.train.embedded.train import TrainConfig, read_log
+from attnseg.train.embedded.train import TrainConfig, first_logged, read_log
 
 PROFILE = {
     "presets": {"cross": "embedded-sd3", "t2m": "embedded-sd3", "iseg": "embedded-sd3", "diffseg": "embedded"},
@@ -147,12 +147,12 @@ def run_history(works: list[str], last_step: int | None = None) -> tuple[list[di
             }
         )
     for prev, w in zip(runs, works[1:], strict=False):  # a run ends where the next one branched from it
-        branched = _first_logged(read_log(w), "from_step")
+        branched = first_logged(read_log(w), "from_step")
         if branched is not None:
             prev["steps"] = int(branched)
     if last_step is not None:
         runs[-1]["steps"] = last_step
-    released = _first_logged(read_log(works[0]), "released_history")
+    released = first_logged(read_log(works[0]), "released_history")
     rows = list(released["runs"]) if released else []
     start = rows[-1]["to"] if rows else 0
     for i, r in enumerate(runs):
@@ -179,12 +179,6 @@ def history_table(rows: list[dict]) -> str:
     lines = ["| run | steps | what changed | colour captions at its end |", "|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['from']:,}-{r['to']:,} | {r['change']} | {r['colour']}% |" for r in rows]
     return "\n".join(lines)
-
-
-def _first_logged(log: list[dict], key: str):
-    """The first value (not None) of ``key`` in a run's log: its ``from_step`` (the step of the checkpoint it started
-    from) or its ``released_history`` (the history of the released model it started from); None without one."""
-    return next((rec[key] for rec in log if rec.get(key) is not None), None)
 
 
 def _until(log: list[dict], step: int) -> list[dict]:
@@ -310,7 +304,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = (), pi
     works = [*prior, work]
     _, rows = run_history(works, last_step=meta["step"])
     logs = [read_log(w) for w in works]
-    released = _first_logged(logs[0], "released_history") or {"hours": 0.0}
+    released = first_logged(logs[0], "released_history") or {"hours": 0.0}
     logs[-1] = _until(logs[-1], meta["step"])
     sd3_log = [r for recs in logs for r in recs if r.get("stage") == "sd3"]
     losses = [r["loss"] for r in sd3_log if "loss" in r]

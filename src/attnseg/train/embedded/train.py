@@ -117,6 +117,13 @@ def read_log(work: str | Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
+def first_logged(log: list[dict], key: str):
+    """The first value (not None) of ``key`` in a run's log records, e.g. its ``from_step`` (the step of the
+    checkpoint it started from) or its ``released_history`` (the history of the released model it started from);
+    None without one."""
+    return next((rec[key] for rec in log if rec.get(key) is not None), None)
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -409,7 +416,8 @@ def stage_unet(
             e.copy_(p.detach())
         meta = json.loads((Path(init_from) / "training.json").read_text()) if (Path(init_from) / "training.json").exists() else {}
         step = warm_from = int(meta.get("step", 0))  # a fresh optimizer: warm up again
-        _log(work, {"stage": "unet", "init_from": str(init_from), "step": step})
+        # The released model's lineage, so that this run's release states the whole history (release.write_card).
+        _log(work, {"stage": "unet", "init_from": str(init_from), "step": step, "released_history": meta.get("history")})
     if cfg.lr_decay_steps > 0 and decay_from is None:
         decay_from = step
         _log(work, {"stage": "unet", "lr_decay_from": step, "lr_decay_steps": cfg.lr_decay_steps})
