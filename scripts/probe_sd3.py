@@ -19,6 +19,14 @@
 - ``position``: do the maps follow the word or its place in the prompt? For one label of each validation scene, the
   correlation of its map in "a photo of LABEL" with its map six tokens later in the prompt, and with the map of a
   shape absent from the scene written where the label was;
+- ``binding``: does each object read its own word? Over the validation scenes whose objects' words (``--words shape``,
+  the labels, or ``colour``) take two or more values, the labels being those words: the share of objects (20+
+  visible px) whose own word's score map, through the method (``-m``, default the model's ``cross``), is the highest
+  on average over its pixels, by the number of words (chance: one over it; any model);
+- ``swap``: does the transformer use the words when it denoises? Velocity error on the object's latent cells (a
+  third or more object) of validation scenes captioned "a COLOUR SHAPE and ...", with each shape word replaced by
+  another shape, with each colour word replaced by another colour, and with the empty caption, at the noise
+  levels of ``--t`` as fractions of 1,000;
 - ``presets``: the mIoU of ``cross``, ``t2m`` and ``iseg`` with the presets of the shipped SD3 model
   (``embedded-sd3``) on validation scenes, to follow a run with the settings the release uses;
 - ``heads``: the cross baseline reading single heads: every joint block's heads one at a time, then a greedy choice
@@ -45,6 +53,8 @@
     python scripts/probe_sd3.py EXPORT profile --n 40 [--words colour]
     python scripts/probe_sd3.py EXPORT bound --n 100
     python scripts/probe_sd3.py EXPORT mass --n 16 --t 400
+    python scripts/probe_sd3.py EXPORT binding --n 200 [--words colour]
+    python scripts/probe_sd3.py EXPORT swap --n 48 --t 300,500,700,900
     python scripts/probe_sd3.py EXPORT presets --n 40
     python scripts/probe_sd3.py EXPORT heads --n 100 --t 150 --thr 0.6
     python scripts/probe_sd3.py EXPORT sweep --n 40 --t 150,400 [--blocks 1+3 --blocks 3 --blocks 1h1+0h0]
@@ -58,6 +68,7 @@ import argparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from attnseg.diffusion.layers import LayerSelect, finest_grid
 from attnseg.diffusion.prompts import TEMPLATES, PromptTemplate
@@ -65,7 +76,7 @@ from attnseg.methods.cross import CrossAttentionBaseline, CrossConfig
 from attnseg.ops.maps import background_score, minmax, token_maps, with_background
 from attnseg.ops.metrics import confusion, summarize
 from attnseg.predictor import AttnSegPredictor
-from attnseg.shapes.world import SHAPES, caption, make_scene
+from attnseg.shapes.world import COLOURS, SHAPES, caption, make_scene
 
 
 def miou(pred: AttnSegPredictor, scenes, method: str, **overrides) -> float:
@@ -126,6 +137,62 @@ def edge_profile(pred: AttnSegPredictor, scenes, words: str = "shape", width: in
                 if region.any():
                     acc[region_name].append(float(m[region].mean()))
     return {name: float(np.mean(v)) for name, v in acc.items()}
+
+
+def binding(pred: AttnSegPredictor, scenes, words: str = "shape", method: str = "cross") -> dict[int, tuple[float, int]]:
+    """{number of words in the scene: (share of objects whose own word scores highest over their pixels, objects)}."""
+    name, _, preset = method.partition(":")
+    hits: dict[int, list[bool]] = {}
+    for s in scenes:
+        names = [getattr(o, words) for o in s.objects]
+        labs = sorted(set(names))
+        if len(labs) < 2:
+            continue
+        r = pred.segment_batch([s.image], [labs], method=name, preset=preset or None, draws=1)[0]
+        for k, word in enumerate(names):
+            obj = s.instance == k + 1
+            if obj.sum() >= 20:
+                hits.setdefault(len(labs), []).append(labs[int(r.scores[1:, obj].mean(1).argmax())] == word)
+    return {k: (float(np.mean(v)), len(v)) for k, v in sorted(hits.items())}
+
+
+def word_swaps(pred: AttnSegPredictor, scenes, levels: list[float]) -> None:
+    bb, tr = pred.backbone, pred.backbone.pipe.transformer
+    rng = np.random.default_rng(0)
+
+    def cap(s, swap: str | None = None) -> str:
+        def word(o, field: str, pool) -> str:
+            own = getattr(o, field)
+            return str(rng.choice([w for w in pool if w != own])) if swap == field else own
+
+        return " and ".join(f"a {word(o, 'colour', list(COLOURS))} {word(o, 'shape', SHAPES)}" for o in s.objects)
+
+    z0 = bb.encode_images([s.image for s in scenes], pred.resolution).float()
+    cells = torch.stack(
+        [F.adaptive_avg_pool2d(torch.from_numpy(s.instance > 0).float()[None], z0.shape[-1])[0] >= 1 / 3 for s in scenes]
+    )  # (n, h, w): latent cells a third or more object
+    cases = {
+        "right": [cap(s) for s in scenes],
+        "shapes swapped": [cap(s, "shape") for s in scenes],
+        "colours swapped": [cap(s, "colour") for s in scenes],
+        "empty": [""] * len(scenes),
+    }
+    prompts = {k: bb.encode_prompts(v) for k, v in cases.items()}
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    print("| s | " + " | ".join(cases) + " |\n|---|" + "---|" * len(cases))
+    for lev in levels:
+        zt = (1 - lev) * z0 + lev * noise
+        errs = []
+        for enc in prompts.values():
+            with torch.inference_mode():
+                out = tr(
+                    zt,
+                    encoder_hidden_states=enc.hidden,
+                    pooled_projections=enc.added["pooled_projections"],
+                    timestep=torch.full((len(scenes),), lev * 1000),
+                ).sample
+            errs.append(float((out - (noise - z0)).pow(2).mean(1)[cells].mean()))
+        print(f"| {lev} | " + " | ".join(f"{e:.3f}" for e in errs) + " |")
 
 
 def grid_bound(pred: AttnSegPredictor, scenes) -> float:
@@ -368,6 +435,8 @@ def main() -> None:
             "bound",
             "position",
             "mass",
+            "binding",
+            "swap",
             "presets",
             "sweep",
             "t2m-sweep",
@@ -385,7 +454,7 @@ def main() -> None:
         help="sweep, t2m-sweep: a set of joint blocks read for the Cross, '+'-separated from 0 (e.g. 1+3), or of single "
         "heads, block h head (e.g. 0h0+1h1); repeatable",
     )
-    ap.add_argument("--words", choices=["shape", "colour"], default="shape", help="profile: the objects' words read")
+    ap.add_argument("--words", choices=["shape", "colour"], default="shape", help="profile, binding: the objects' words read")
     ap.add_argument("--thr", type=float, default=0.6, help="heads: the background threshold")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -408,6 +477,17 @@ def main() -> None:
         return
     if a.probe == "mass":
         attention_mass(pred, scenes, ts[0])
+        return
+    if a.probe == "binding":
+        method = (a.method or ["cross"])[0]
+        res = binding(pred, scenes, a.words, method)
+        print(
+            f"{a.model}, {method}, {a.words} words: objects whose own word scores highest, by words in the scene: "
+            + ", ".join(f"{k}: {v:.2f} of {n} (chance {1 / k:.2f})" for k, (v, n) in res.items())
+        )
+        return
+    if a.probe == "swap":
+        word_swaps(pred, scenes, [t / 1000 for t in ts])
         return
     if a.probe == "position":
         word, place = word_or_place(pred, scenes)
