@@ -76,7 +76,7 @@ from attnseg.methods.cross import CrossAttentionBaseline, CrossConfig
 from attnseg.ops.maps import background_score, minmax, token_maps, with_background
 from attnseg.ops.metrics import confusion, summarize
 from attnseg.predictor import AttnSegPredictor
-from attnseg.shapes.world import COLOURS, SHAPES, caption, make_scene
+from attnseg.shapes.world import COLOURS, SHAPES, Scene, caption, make_scene
 
 
 def miou(pred: AttnSegPredictor, scenes, method: str, **overrides) -> float:
@@ -139,7 +139,9 @@ def edge_profile(pred: AttnSegPredictor, scenes, words: str = "shape", width: in
     return {name: float(np.mean(v)) for name, v in acc.items()}
 
 
-def binding(pred: AttnSegPredictor, scenes, words: str = "shape", method: str = "cross") -> dict[int, tuple[float, int]]:
+def binding(
+    pred: AttnSegPredictor, scenes: list[Scene], words: str = "shape", method: str = "cross"
+) -> dict[int, tuple[float, int]]:
     """{number of words in the scene: (share of objects whose own word scores highest over their pixels, objects)}."""
     name, _, preset = method.partition(":")
     hits: dict[int, list[bool]] = {}
@@ -156,7 +158,8 @@ def binding(pred: AttnSegPredictor, scenes, words: str = "shape", method: str = 
     return {k: (float(np.mean(v)), len(v)) for k, v in sorted(hits.items())}
 
 
-def word_swaps(pred: AttnSegPredictor, scenes, levels: list[float]) -> None:
+def word_swaps(pred: AttnSegPredictor, scenes: list[Scene], levels: list[float]) -> None:
+    """The ``swap`` probe (a transformer model: it calls the pipeline's ``transformer``); prints a table."""
     bb, tr = pred.backbone, pred.backbone.pipe.transformer
     rng = np.random.default_rng(0)
 

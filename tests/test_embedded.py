@@ -243,6 +243,9 @@ def test_model_card_history_drops_the_unet_of_runs_a_fresh_unet_did_not_continue
     assert lineage_log([data + old_unet, fresh]) == data + fresh
     assert lineage_log([data + old_unet, cont, fresh]) == data + fresh
     assert lineage_log([data]) == data
+    # a folder warm-started from a released pipeline folder starts a lineage too (the release's history is in its log)
+    warm = [{"stage": "unet", "init_from": "shipped", "step": 100, "released_history": {"hours": 1.0}}, *cont[1:]]
+    assert lineage_log([data + old_unet, warm]) == data + warm
     # compute time: the last 'elapsed' of each process (a drop starts a new one)
     assert busy_seconds(data + fresh) == 100.0 + 50.0 + 40.0
     assert busy_seconds(data + old_unet + cont) == 100.0 + 1000.0 + 30.0

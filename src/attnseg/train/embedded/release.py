@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from attnseg.diffusion.layers import layer_inventory
@@ -124,23 +125,25 @@ def _block_name(select, unet) -> str:
 def lineage_log(logs: list[list[dict]]) -> list[dict]:
     """The training log of one model, from the logs of the work folders it came from (oldest first).
 
-    A folder whose UNet stage neither resumed nor warm-started from another (no ``init_ckpt`` / ``init_from``
-    record) trained its UNet from scratch: the UNet and diagnostics records of the folders before it are not this
-    model's history and are dropped; their data, VAE and encoding records (reused through the folder's links) stay.
+    A folder whose UNet did not continue another folder's checkpoint (no ``init_ckpt`` record) started a lineage,
+    from scratch or from a released folder (whose history its own log carries): the UNet and diagnostics records of
+    the folders before it are not this model's history and are dropped; their data, VAE and encoding records (reused
+    through the folder's links) stay.
     """
     origin = unet_origin(logs)
     return [r for i, recs in enumerate(logs) for r in recs if i >= origin or r.get("stage") not in ("unet", "diag")]
 
 
 def unet_origin(logs: list[list[dict]]) -> int:
-    """Index of the last folder (of the logs, oldest first) whose UNet started from scratch: where this model's
-    UNet lineage begins (0 when none did)."""
+    """Index of the last folder (of the logs, oldest first) whose UNet did not continue another folder's checkpoint
+    (no ``init_ckpt`` record): it started from scratch, or warm from a released pipeline folder (``init_from``), whose
+    history its log carries (``released_history``). Where this model's UNet lineage begins (0 when none did)."""
 
-    def fresh(recs: list[dict]) -> bool:
+    def starts(recs: list[dict]) -> bool:
         unet = [r for r in recs if r.get("stage") == "unet"]
-        return bool(unet) and not any("init_ckpt" in r or "init_from" in r for r in unet)
+        return bool(unet) and not any("init_ckpt" in r for r in unet)
 
-    return max((i for i, recs in enumerate(logs) if fresh(recs)), default=0)
+    return max((i for i, recs in enumerate(logs) if starts(recs)), default=0)
 
 
 def caption_history(runs: list[tuple[int, float]]) -> str:
@@ -371,7 +374,7 @@ def _measurements_md(meas: dict) -> str:
     return "\n".join(lines)
 
 
-def _lr_text(cfg: dict, decays: list[tuple[int | None, int]]) -> str:
+def _lr_text(cfg: dict, decays: Sequence[Sequence[int | None]]) -> str:
     """The learning rate schedule in words, from a training config and the (first step, length) of each cosine
     decay of the lineage, oldest first; a decay of length 0 or with no first step did not happen. Each decay after
     the first began in a new run, with a fresh optimizer that warmed up again."""
@@ -395,7 +398,7 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = ()) ->
     works = [*prior, work]  # the runs this one continued from, oldest first
     logs = [read_log(w) for w in works]
     log = lineage_log(logs)
-    hist = lineage_history(first_logged(logs[0], "released_history"), _run_summaries(works[unet_origin(logs) :]), log)
+    hist = lineage_history(first_logged(log, "released_history"), _run_summaries(works[unet_origin(logs) :]), log)
     # The lineage goes into training.json too, so that a run started from this folder carries it on.
     meta["history"] = hist
     (out / "training.json").write_text(json.dumps(meta, indent=1))

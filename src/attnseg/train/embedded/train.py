@@ -32,6 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -117,7 +118,7 @@ def read_log(work: str | Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
-def first_logged(log: list[dict], key: str):
+def first_logged(log: list[dict], key: str) -> Any:
     """The first value (not None) of ``key`` in a run's log records, e.g. its ``from_step`` (the step of the
     checkpoint it started from) or its ``released_history`` (the history of the released model it started from);
     None without one."""
