@@ -1,9 +1,16 @@
 """Does a model draw a look when its caption names it? (docs/EMBEDDED-MODEL-TRAINING.md, run 2e)
 
-For each look, samples "a COLOUR LOOK SHAPE" and "a COLOUR SHAPE" with the same seeds, and reports the share of
-neutral pixels near the looks' mid grey (``PATTERN_COLOUR``) within the object's box (the box of the pixels of its
-colour) in each, and the difference: a model that draws the named look paints grey over its object, one that ignores
-the word paints none. Writes a grid of the samples beside the numbers.
+For each look, samples "a COLOUR LOOK SHAPE" and "a COLOUR SHAPE" with the same seeds, and reports two shares, with
+the look named and not, and their differences:
+
+- grey: of neutral pixels near the looks' mid grey (``PATTERN_COLOUR``) within the object's box (the box of the
+  pixels of its colour): the pattern a look paints over its object;
+- gaps: of the pixels inside the convex hull of the object's colour that are not of its colour: a band, a dot or
+  checks drawn across the object in any colour (a model may paint the pattern in the background's colours), which
+  leave a plain convex shape whole.
+
+A model that draws the named look raises them; one that ignores the word leaves them where the plain prompt has them.
+Writes a grid of the samples beside the numbers.
 
     python scripts/probe_looks.py MODEL --n 8 --out /tmp/looks.png
 """
@@ -41,6 +48,29 @@ def grey_share(images: list[np.ndarray], colours: list[str]) -> float:
     return float(np.mean(shares))
 
 
+def gap_share(images: list[np.ndarray], colours: list[str]) -> float:
+    """Mean share, within the convex hull of the pixels of the named colour (the object), of pixels not of that colour;
+    0 for an image with fewer than 10 such pixels."""
+    from scipy.spatial import ConvexHull, Delaunay, QhullError
+
+    shares = []
+    for im, colour in zip(images, colours, strict=True):
+        obj = np.linalg.norm(im.astype(np.float32) - np.asarray(COLOURS[colour], np.float32), axis=-1) < 70
+        pts = np.argwhere(obj)
+        if len(pts) < 10:
+            shares.append(0.0)
+            continue
+        try:
+            hull = Delaunay(pts[ConvexHull(pts).vertices])
+        except QhullError:  # the pixels lie on a line: no area
+            shares.append(0.0)
+            continue
+        cells = np.argwhere(np.ones_like(obj))
+        inside = (hull.find_simplex(cells) >= 0).reshape(obj.shape)
+        shares.append(float((inside & ~obj).sum() / max(inside.sum(), 1)))
+    return float(np.mean(shares))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="pipeline folder, or 'embedded'")
@@ -52,7 +82,8 @@ def main() -> None:
     torch.set_num_threads(1)
     pipe = load_pipeline(None if a.model == "embedded" else a.model, device="cpu", dtype="float32")
     pipe.set_progress_bar_config(disable=True)
-    print("| look | grey share, look named | not named | difference |\n|---|---|---|---|")
+    print("| look | grey, look named | not named | difference | gaps, look named | not named | difference |")
+    print("|---|---|---|---|---|---|---|")
     shown, captions = [], []
     for look in LOOKS:
         pairs = [PAIRS[i % len(PAIRS)] for i in range(a.n)]
@@ -62,7 +93,11 @@ def main() -> None:
         ims_plain = sample(pipe, plain, seed=0, steps=a.steps, guidance=a.guidance)
         cols = [c for c, _ in pairs]
         g_named, g_plain = grey_share(ims_named, cols), grey_share(ims_plain, cols)
-        print(f"| {look} | {100 * g_named:.1f}% | {100 * g_plain:.1f}% | {100 * (g_named - g_plain):+.1f} |")
+        h_named, h_plain = gap_share(ims_named, cols), gap_share(ims_plain, cols)
+        print(
+            f"| {look} | {100 * g_named:.1f}% | {100 * g_plain:.1f}% | {100 * (g_named - g_plain):+.1f} "
+            f"| {100 * h_named:.1f}% | {100 * h_plain:.1f}% | {100 * (h_named - h_plain):+.1f} |"
+        )
         shown += [ims_named[0], ims_plain[0], ims_named[1], ims_plain[1]]
         captions += [named[0], plain[0], named[1], plain[1]]
     if a.out:
