@@ -202,17 +202,6 @@ def test_a_run_starts_from_another_runs_weights_with_the_pooled_conditioning_and
     assert fresh.shape[1] == 64 and torch.allclose(tp["transformer"]["pos_embed.pos_embed"], 0.25 * fresh)
     with pytest.raises(ValueError, match="--init-ckpt"):
         main(["sd3", "--work", str(tmp_path / "t6"), "--patch", "2", "--steps", "1", "--threads", "1"])
-    # --text-from-block mutes the text reads of the blocks before it, in the run and in the checkpoint it resumes from.
-    late = _beside(first, tmp_path / "t8-text-from")
-    main(["sd3", "--work", str(late), "--init-ckpt", str(fourth / "sd3-ckpt.pt"), "--text-from-block", "1", "--steps", "1"])
-    main(["sd3", "--work", str(late), "--steps", "2", "--threads", "1"])
-    t8 = torch.load(late / "sd3-ckpt.pt", weights_only=True)
-    assert t8["step"] == 2 and t8["config"]["sd3_arch"]["text_from"] == 1
-    for name in ("add_k_proj", "add_v_proj"):
-        assert not t8["transformer"][f"transformer_blocks.0.attn.{name}.weight"].any()
-        assert t8["transformer"][f"transformer_blocks.1.attn.{name}.weight"].any()
-    with pytest.raises(SystemExit):
-        main(["sd3", "--work", str(late), "--text-from-block", "0", "--steps", "3", "--threads", "1"])
     with pytest.raises(SystemExit):  # resuming keeps the run's scales: another one is refused, not ignored
         main(["sd3", "--work", str(texty), "--text-pos-scale", "0.1", "--steps", "3", "--threads", "1"])
     assert torch.load(texty / "sd3-ckpt.pt", weights_only=True)["step"] == 2
@@ -250,39 +239,6 @@ def test_a_grown_transformer_computes_what_its_source_did_until_it_trains():
     assert big.transformer_blocks[2].norm1.linear.weight.grad.abs().max() > 0
     with pytest.raises(ValueError, match="more layers"):
         grow_blocks(small, big.state_dict(), 5)
-
-
-def test_blocks_before_text_from_read_nothing_of_the_text():
-    from attnseg.train.embedded.sd3 import SD3Arch, build_transformer, freeze_text_stream, mute_text_reads
-
-    torch.manual_seed(0)
-    model = build_transformer(SD3Arch(layers=3), 8, 4)
-    with torch.no_grad():  # a trained-looking model: non-zero gates and projections everywhere
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    freeze_text_stream(model)
-    mute_text_reads(model, 2)
-    seen = []
-    model.transformer_blocks[1].register_forward_hook(lambda _m, _i, out: seen.append(out[1].detach().clone()))
-
-    def run(text: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model(
-                hidden_states=torch.ones(1, 4, 8, 8),
-                encoder_hidden_states=text,
-                pooled_projections=torch.zeros(1, 128),
-                timestep=torch.tensor([400.0]),
-            ).sample
-
-    a, b = run(torch.randn(1, 77, 256)), run(torch.randn(1, 77, 256))
-    # The image tokens leaving block 1 are the same whatever the text; block 2, which reads it, tells the texts apart.
-    assert torch.allclose(seen[0], seen[1], atol=1e-6) and seen[0].abs().mean() > 0.01
-    assert (a - b).abs().max() > 1e-3
-    muted = [model.transformer_blocks[i].attn.add_k_proj for i in (0, 1)] + [model.transformer_blocks[0].attn.add_v_proj]
-    assert all(not lay.weight.requires_grad and not lay.weight.any() for lay in muted)
-    assert model.transformer_blocks[2].attn.add_k_proj.weight.requires_grad
-    with pytest.raises(ValueError, match="at least its last"):
-        mute_text_reads(model, 3)
 
 
 def test_a_repatched_transformer_embeds_and_writes_each_patch_as_its_source_did():

@@ -92,13 +92,6 @@ def main(argv: list[str] | None = None) -> None:
         "when not 1 (default: the --init-ckpt run's, else 1)",
     )
     p.add_argument(
-        "--text-from-block",
-        type=int,
-        default=None,
-        help="sd3 stage, new runs (also from --init-ckpt): the first joint block that reads the text; the blocks before "
-        "it get zero, frozen context key and value projections (default: the --init-ckpt run's, else 0, every block)",
-    )
-    p.add_argument(
         "--layers",
         type=int,
         default=None,
@@ -124,8 +117,6 @@ def main(argv: list[str] | None = None) -> None:
     for flag, v in (("--pos-scale", a.pos_scale), ("--text-pos-scale", a.text_pos_scale)):
         if v is not None and not v > 0:
             p.error(f"{flag} must be a factor above 0, got {v}")
-    if a.text_from_block is not None and a.text_from_block < 0:
-        p.error(f"--text-from-block is a 0-based joint block index, got {a.text_from_block}")
     if a.patch is not None and a.patch < 1:
         p.error(f"--patch must be a side of at least 1 latent pixel, got {a.patch}")
     if a.init_ckpt and Path(a.init_ckpt).is_dir() and a.stage != "sd3":
@@ -168,7 +159,6 @@ def main(argv: list[str] | None = None) -> None:
             for flag, asked, has in (
                 ("--pos-scale", a.pos_scale, kept.pos_scale),
                 ("--text-pos-scale", a.text_pos_scale, kept.text_pos_scale),
-                ("--text-from-block", a.text_from_block, kept.text_from),
             ):
                 if asked is not None and asked != has:
                     p.error(
@@ -178,8 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         src_arch = _arch_of(source or {})
         pos_scale = a.pos_scale if a.pos_scale is not None else src_arch.pos_scale
         text_pos_scale = a.text_pos_scale if a.text_pos_scale is not None else src_arch.text_pos_scale
-        text_from = a.text_from_block if a.text_from_block is not None else src_arch.text_from
-        arch = SD3Arch(pos_scale=pos_scale, text_pos_scale=text_pos_scale, text_from=text_from)
+        arch = SD3Arch(pos_scale=pos_scale, text_pos_scale=text_pos_scale)
         stage_sd3(cfg, arch, a.max_minutes, a.init_from, a.init_ckpt, grow_to=a.layers, patch=a.patch)
     if a.stage == "export-sd3":
         stage_export_sd3(cfg, a.out or Path(cfg.work) / "pipeline-sd3")

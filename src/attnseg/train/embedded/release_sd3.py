@@ -83,7 +83,7 @@ runs on a real SD3 pipeline offline and can be compared there; for real images, 
   held by the saved weights, so the folder is a stock pipeline:
   the text encoders' projections are zero (pooled projections 0{pooled_note}), every block but the last has a zero
   context output projection and context feed-forward output (the text tokens that every block reads are the encoders'
-  unmixed embeddings{mix_note}){text_from_note}; the image tokens' sine-cosine position table is scaled by {pos_scale}{text_pos_note}
+  unmixed embeddings{mix_note}); the image tokens' sine-cosine position table is scaled by {pos_scale}{text_pos_note}
   (docs/EMBEDDED-MODEL-TRAINING.md says why).
 - Two CLIPTextModelWithProjection ({text_params:.2f} M each), {text_layers} layer, width {text_hidden}, in SD3's CLIP-L / CLIP-G
   slots (the pipeline reads their penultimate hidden states: the token and position embeddings); one CLIPTokenizer
@@ -194,8 +194,6 @@ def _change(key: str, old, new) -> str:
         return f"grown from {old} to {new} joint blocks (new blocks inserted before the last as identities)"
     if key == "patch":
         return f"re-patched to tokens of {new} x {new} latent pixels (was {old} x {old})"
-    if key == "text_from":
-        return f"text read from block {new} on (was {old})"
     if key == "pos_scale":
         return f"position table x {new} (was x {old})"
     if key == "text_pos_scale":
@@ -338,10 +336,6 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = (), pi
         latent_channels=tr.in_channels,
         pooled_note="" if not arch.pooled else "; not in this model, whose pooled conditioning is on",
         mix_note="" if not arch.mix_text else "; not in this model, whose text stream is trained",
-        text_from_note=""
-        if not arch.text_from
-        else f";\n  {'block 0 reads' if arch.text_from == 1 else f'blocks 0-{arch.text_from - 1} read'} no text (zero "
-        "context key and value projections)",
         pos_scale=arch.pos_scale,
         text_pos_note=""
         if arch.text_pos_scale == 1

@@ -100,15 +100,6 @@ class SD3Arch:
     frozen, every block's text keys are the token plus position embedding, and at run T6's step 500 the position
     embeddings' mean norm was 0.50 against 0.22 for the token embeddings."""
 
-    text_from: int = 0
-    """Index of the first joint block that reads the text. The blocks before it have zero, frozen context key and value
-    projections (``attn.add_k_proj``, ``attn.add_v_proj``): their image queries score every text token 0 and read
-    nothing from it, so the words reach the image only in later blocks, whose queries have been through ``text_from``
-    blocks of image attention (the exported pipeline runs unchanged). 0: every block reads the text. Why one would
-    start later: the model's cross maps find each object's colour word, which its pixels show, but not its shape word,
-    which its first blocks' queries cannot see (docs/EMBEDDED-MODEL-TRAINING.md, "Which words the transformer
-    binds")."""
-
     @property
     def width(self) -> int:
         return self.heads * self.head_dim
@@ -146,23 +137,6 @@ def build_text_encoders(arch: SD3Arch, vocab_size: int, bos_id: int, eos_id: int
         for te in encoders:
             te.text_model.embeddings.position_embedding.weight.requires_grad_(False)
     return encoders
-
-
-def mute_text_reads(model, first: int) -> None:
-    """Zero and freeze the context key and value projections of the joint blocks before ``first`` (see
-    :attr:`SD3Arch.text_from`)."""
-    if not 0 <= first < len(model.transformer_blocks):
-        raise ValueError(
-            f"text_from {first}: the transformer has {len(model.transformer_blocks)} joint blocks (0-based), and at "
-            "least its last must read the text"
-        )
-    for block in model.transformer_blocks[:first]:
-        for layer in (block.attn.add_k_proj, block.attn.add_v_proj):
-            with torch.no_grad():
-                layer.weight.zero_()
-                layer.bias.zero_()
-            layer.weight.requires_grad_(False)
-            layer.bias.requires_grad_(False)
 
 
 def scale_text_positions(encoders, factor: float) -> None:
@@ -329,7 +303,6 @@ def stage_sd3(
             mix_text=arch.mix_text,
             pos_scale=arch.pos_scale,
             text_pos_scale=arch.text_pos_scale,
-            text_from=arch.text_from,
         )
         source_layers, source_patch = arch.layers, arch.patch
         if grow_to is not None:
@@ -341,7 +314,6 @@ def stage_sd3(
     model.pos_embed.pos_embed.mul_(arch.pos_scale)  # a run's own checkpoint, loaded below, holds the same
     if not arch.mix_text:
         freeze_text_stream(model)
-    mute_text_reads(model, arch.text_from)
     te1, te2 = build_text_encoders(arch, len(tok), tok.bos_token_id, tok.eos_token_id)
     params = [*model.parameters(), *te1.parameters(), *te2.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
@@ -383,7 +355,6 @@ def stage_sd3(
             disable_pooled(te2)
         if not arch.mix_text:
             freeze_text_stream(model)
-        mute_text_reads(model, arch.text_from)
         model.pos_embed.pos_embed.copy_(positions * arch.pos_scale)
         _log(
             work,
