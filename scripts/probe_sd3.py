@@ -27,6 +27,12 @@
   third or more object) of validation scenes captioned "a COLOUR SHAPE and ...", with each shape word replaced by
   another shape, with each colour word replaced by another colour, and with the empty caption, at the noise
   levels of ``--t`` as fractions of 1,000;
+- ``linear``: does a model's image stream hold each object's shape and colour? Features of each object of
+  validation scenes 0-399 (training) and 400-599 (test), read with the empty caption at the first noise level of
+  ``--t``: the mean over the object's cells (half covered or more) of each joint block's image tokens (a transformer)
+  or of each cross-attention layer's input, its queries' source (a UNet); objects that half cover a cell of a 4 x 4
+  grid (the UNet model's coarsest level), so that every model reads the same objects;
+  a logistic regression per layer, standardised features, 300 Adam steps; test accuracy (chance: 1 / 8 for either);
 - ``presets``: the mIoU of ``cross``, ``t2m`` and ``iseg`` with the presets of the shipped SD3 model
   (``embedded-sd3``) on validation scenes, to follow a run with the settings the release uses;
 - ``heads``: the cross baseline reading single heads: every joint block's heads one at a time, then a greedy choice
@@ -55,6 +61,7 @@
     python scripts/probe_sd3.py EXPORT mass --n 16 --t 400
     python scripts/probe_sd3.py EXPORT binding --n 200 [--words colour]
     python scripts/probe_sd3.py EXPORT swap --n 48 --t 300,500,700,900
+    python scripts/probe_sd3.py EXPORT linear --t 150
     python scripts/probe_sd3.py EXPORT presets --n 40
     python scripts/probe_sd3.py EXPORT heads --n 100 --t 150 --thr 0.6
     python scripts/probe_sd3.py EXPORT sweep --n 40 --t 150,400 [--blocks 1+3 --blocks 3 --blocks 1h1+0h0]
@@ -196,6 +203,71 @@ def word_swaps(pred: AttnSegPredictor, scenes: list[Scene], levels: list[float])
                 ).sample
             errs.append(float((out - (noise - z0)).pow(2).mean(1)[cells].mean()))
         print(f"| {lev} | " + " | ".join(f"{e:.3f}" for e in errs) + " |")
+
+
+def _logistic_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor) -> float:
+    """Test accuracy of a softmax regression fitted on the rows ``train`` of ``x`` (standardised on them)."""
+    x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+    w = torch.zeros(x.shape[1], int(y.max()) + 1, requires_grad=True)
+    b = torch.zeros(int(y.max()) + 1, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        (F.cross_entropy(x[train] @ w + b, y[train]) + 1e-3 * w.pow(2).sum()).backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((x[~train] @ w + b).argmax(1) == y[~train]).float().mean())
+
+
+def linear_read(pred: AttnSegPredictor, t: int, n_train: int = 400, n_test: int = 200) -> None:
+    """The ``linear`` probe; prints one line per layer."""
+    bb = pred.backbone
+    den = bb.denoiser
+    feats: dict[str, torch.Tensor] = {}
+    if hasattr(den, "transformer_blocks") and not hasattr(den, "up_blocks"):
+        for k, blk in enumerate(den.transformer_blocks):
+            blk.register_forward_hook(lambda _m, _i, out, k=k: feats.__setitem__(f"after joint block {k}", out[1]))
+    else:
+        for name, mod in den.named_modules():
+            if name.endswith("attn2"):
+                mod.register_forward_pre_hook(
+                    lambda _m, args, kw, name=name: feats.__setitem__(name, args[0] if args else kw["hidden_states"]),
+                    with_kwargs=True,
+                )
+    empty = bb.encode_prompts([""])
+    rows: dict[str, list[torch.Tensor]] = {}
+    shapes, colours, train = [], [], []
+    for i in range(n_train + n_test):
+        s = make_scene(3, i)
+        z0 = bb.encode_images([s.image], pred.resolution)
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(i)).to(z0)
+        with torch.no_grad():  # the features feed an autograd fit below: no inference tensors
+            bb.forward(bb.add_noise(z0, noise, t), t, empty)
+        for j, o in enumerate(s.objects):
+            obj = torch.from_numpy(s.instance == j + 1).float()[None, None]
+            if not (F.adaptive_avg_pool2d(obj, 4) >= 0.5).any():  # the same objects for every model: 16-px cells
+                continue
+            row = {}
+            for name, h in feats.items():
+                side = round(h.shape[1] ** 0.5)
+                cells = F.adaptive_avg_pool2d(obj, side)[0, 0].flatten() >= 0.5
+                if not cells.any():
+                    break
+                row[name] = h[0, cells.to(h.device)].float().mean(0).cpu()
+            else:
+                for name, v in row.items():
+                    rows.setdefault(name, []).append(v)
+                shapes.append(SHAPES.index(o.shape))
+                colours.append(list(COLOURS).index(o.colour))
+                train.append(i < n_train)
+    y_shape, y_colour, is_train = torch.tensor(shapes), torch.tensor(colours), torch.tensor(train)
+    print(f"{int(is_train.sum())} training / {int((~is_train).sum())} test objects, t = {t}; chance 0.125")
+    for name, v in rows.items():
+        x = torch.stack(v)
+        print(
+            f"  {name}: shape {_logistic_accuracy(x, y_shape, is_train):.2f}, "
+            f"colour {_logistic_accuracy(x, y_colour, is_train):.2f}"
+        )
 
 
 def grid_bound(pred: AttnSegPredictor, scenes) -> float:
@@ -440,6 +512,7 @@ def main() -> None:
             "mass",
             "binding",
             "swap",
+            "linear",
             "presets",
             "sweep",
             "t2m-sweep",
@@ -464,6 +537,9 @@ def main() -> None:
     pred = AttnSegPredictor.from_pretrained(a.model)
     if a.probe == "text":
         text_paths(pred, a.n)
+        return
+    if a.probe == "linear":
+        linear_read(pred, int((a.t or "150").split(",")[0]))
         return
     scenes = [make_scene(3, i) for i in range(a.n)]
     ts = [int(t) for t in (a.t or ("400" if a.probe == "mass" else "150,400,700")).split(",")]
