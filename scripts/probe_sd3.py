@@ -20,7 +20,7 @@
   correlation of its map in "a photo of LABEL" with its map six tokens later in the prompt, and with the map of a
   shape absent from the scene written where the label was;
 - ``binding``: does each object read its own word? Over the validation scenes whose objects' words (``--words shape``,
-  the labels, or ``colour``) take two or more values, the labels being those words: the share of objects (20+
+  the labels, ``colour``, or ``look`` with ``--looks P``, the objects that wear one) take two or more values, the labels being those words: the share of objects (20+
   visible px) whose own word's score map, through the method (``-m``, default the model's ``cross``), is the highest
   on average over its pixels, by the number of words (chance: one over it; any model);
 - ``swap``: does the transformer use the words when it denoises? Velocity error on the object's latent cells (a
@@ -33,6 +33,8 @@
   or of each cross-attention layer's input, its queries' source (a UNet); objects that half cover a cell of a 4 x 4
   grid (the UNet model's coarsest level), so that every model reads the same objects;
   a logistic regression per layer, standardised features, 300 Adam steps; test accuracy (chance: 1 / 8 for either);
+  with ``--looks P`` the scenes' objects wear a look with chance P, and the look is read too, among the objects that
+  wear one (chance 1 / 5);
 - ``presets``: the mIoU of ``cross``, ``t2m`` and ``iseg`` with the presets of the shipped SD3 model
   (``embedded-sd3``) on validation scenes, to follow a run with the settings the release uses;
 - ``heads``: the cross baseline reading single heads: every joint block's heads one at a time, then a greedy choice
@@ -59,9 +61,9 @@
     python scripts/probe_sd3.py EXPORT profile --n 40 [--words colour]
     python scripts/probe_sd3.py EXPORT bound --n 100
     python scripts/probe_sd3.py EXPORT mass --n 16 --t 400
-    python scripts/probe_sd3.py EXPORT binding --n 200 [--words colour]
+    python scripts/probe_sd3.py EXPORT binding --n 200 [--words colour | --words look --looks 1]
     python scripts/probe_sd3.py EXPORT swap --n 48 --t 300,500,700,900
-    python scripts/probe_sd3.py EXPORT linear --t 150
+    python scripts/probe_sd3.py EXPORT linear --t 150 [--looks 1]
     python scripts/probe_sd3.py EXPORT presets --n 40
     python scripts/probe_sd3.py EXPORT heads --n 100 --t 150 --thr 0.6
     python scripts/probe_sd3.py EXPORT sweep --n 40 --t 150,400 [--blocks 1+3 --blocks 3 --blocks 1h1+0h0]
@@ -83,7 +85,7 @@ from attnseg.methods.cross import CrossAttentionBaseline, CrossConfig
 from attnseg.ops.maps import background_score, minmax, token_maps, with_background
 from attnseg.ops.metrics import confusion, summarize
 from attnseg.predictor import AttnSegPredictor
-from attnseg.shapes.world import COLOURS, SHAPES, Scene, caption, make_scene
+from attnseg.shapes.world import COLOURS, LOOKS, SHAPES, Scene, ShapesWorldConfig, caption, make_scene
 
 
 def miou(pred: AttnSegPredictor, scenes, method: str, **overrides) -> float:
@@ -153,14 +155,14 @@ def binding(
     name, _, preset = method.partition(":")
     hits: dict[int, list[bool]] = {}
     for s in scenes:
-        names = [getattr(o, words) for o in s.objects]
-        labs = sorted(set(names))
+        names = [getattr(o, words) for o in s.objects]  # a plain object's look is None: no word, not counted
+        labs = sorted({n for n in names if n is not None})
         if len(labs) < 2:
             continue
         r = pred.segment_batch([s.image], [labs], method=name, preset=preset or None, draws=1)[0]
         for k, word in enumerate(names):
             obj = s.instance == k + 1
-            if obj.sum() >= 20:
+            if word is not None and obj.sum() >= 20:
                 hits.setdefault(len(labs), []).append(labs[int(r.scores[1:, obj].mean(1).argmax())] == word)
     return {k: (float(np.mean(v)), len(v)) for k, v in sorted(hits.items())}
 
@@ -219,8 +221,9 @@ def _logistic_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor) ->
         return float(((x[~train] @ w + b).argmax(1) == y[~train]).float().mean())
 
 
-def linear_read(pred: AttnSegPredictor, t: int, n_train: int = 400, n_test: int = 200) -> None:
-    """The ``linear`` probe; prints one line per layer."""
+def linear_read(pred: AttnSegPredictor, t: int, look_prob: float = 0.0, n_train: int = 400, n_test: int = 200) -> None:
+    """The ``linear`` probe; prints one line per layer. ``look_prob`` > 0: scenes whose objects wear a look with that
+    chance, and the look (or none) read too."""
     bb = pred.backbone
     den = bb.denoiser
     feats: dict[str, torch.Tensor] = {}
@@ -236,9 +239,10 @@ def linear_read(pred: AttnSegPredictor, t: int, n_train: int = 400, n_test: int 
                 )
     empty = bb.encode_prompts([""])
     rows: dict[str, list[torch.Tensor]] = {}
-    shapes, colours, train = [], [], []
+    shapes, colours, looks, train = [], [], [], []
+    world = ShapesWorldConfig(look_prob=look_prob)
     for i in range(n_train + n_test):
-        s = make_scene(3, i)
+        s = make_scene(3, i, world)
         z0 = bb.encode_images([s.image], pred.resolution)
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(i)).to(z0)
         with torch.no_grad():  # the features feed an autograd fit below: no inference tensors
@@ -259,15 +263,23 @@ def linear_read(pred: AttnSegPredictor, t: int, n_train: int = 400, n_test: int 
                     rows.setdefault(name, []).append(v)
                 shapes.append(SHAPES.index(o.shape))
                 colours.append(list(COLOURS).index(o.colour))
+                looks.append(0 if o.look is None else 1 + LOOKS.index(o.look))
                 train.append(i < n_train)
     y_shape, y_colour, is_train = torch.tensor(shapes), torch.tensor(colours), torch.tensor(train)
+    y_look = torch.tensor(looks)
+    worn = y_look > 0  # the look is read among the objects that wear one: 5 classes, chance 0.2
     print(f"{int(is_train.sum())} training / {int((~is_train).sum())} test objects, t = {t}; chance 0.125")
+    if worn.any():
+        print(f"  looks read on the {int(worn.sum())} objects that wear one; chance 0.2")
     for name, v in rows.items():
         x = torch.stack(v)
-        print(
+        line = (
             f"  {name}: shape {_logistic_accuracy(x, y_shape, is_train):.2f}, "
             f"colour {_logistic_accuracy(x, y_colour, is_train):.2f}"
         )
+        if worn.any():
+            line += f", look {_logistic_accuracy(x[worn], y_look[worn] - 1, is_train[worn]):.2f}"
+        print(line)
 
 
 def grid_bound(pred: AttnSegPredictor, scenes) -> float:
@@ -530,18 +542,32 @@ def main() -> None:
         help="sweep, t2m-sweep: a set of joint blocks read for the Cross, '+'-separated from 0 (e.g. 1+3), or of single "
         "heads, block h head (e.g. 0h0+1h1); repeatable",
     )
-    ap.add_argument("--words", choices=["shape", "colour"], default="shape", help="profile, binding: the objects' words read")
+    ap.add_argument(
+        "--words",
+        choices=["shape", "colour", "look"],
+        default="shape",
+        help="profile, binding: the objects' words read (look: binding only, with --looks)",
+    )
     ap.add_argument("--thr", type=float, default=0.6, help="heads: the background threshold")
+    ap.add_argument(
+        "--looks",
+        type=float,
+        default=0.0,
+        help="share of the validation scenes' objects that wear a look (linear: whose look is read too; binding: "
+        "--words look reads them)",
+    )
     a = ap.parse_args()
+    if a.words == "look" and (a.probe != "binding" or a.looks <= 0):
+        ap.error("--words look reads the looks of the binding probe's scenes: use it with binding and --looks P > 0")
     torch.set_num_threads(1)
     pred = AttnSegPredictor.from_pretrained(a.model)
     if a.probe == "text":
         text_paths(pred, a.n)
         return
     if a.probe == "linear":
-        linear_read(pred, int((a.t or "150").split(",")[0]))
+        linear_read(pred, int((a.t or "150").split(",")[0]), a.looks)
         return
-    scenes = [make_scene(3, i) for i in range(a.n)]
+    scenes = [make_scene(3, i, ShapesWorldConfig(look_prob=a.looks)) for i in range(a.n)]
     ts = [int(t) for t in (a.t or ("400" if a.probe == "mass" else "150,400,700")).split(",")]
     if a.probe == "pattern":
         auc, corr = fixed_pattern(pred, scenes)
