@@ -567,7 +567,8 @@ def main() -> None:
     if a.probe == "linear":
         linear_read(pred, int((a.t or "150").split(",")[0]), a.looks)
         return
-    scenes = [make_scene(3, i, ShapesWorldConfig(look_prob=a.looks)) for i in range(a.n)]
+    world = ShapesWorldConfig(look_prob=a.looks)
+    scenes = [make_scene(3, i, world) for i in range(a.n)]
     ts = [int(t) for t in (a.t or ("400" if a.probe == "mass" else "150,400,700")).split(",")]
     if a.probe == "pattern":
         auc, corr = fixed_pattern(pred, scenes)

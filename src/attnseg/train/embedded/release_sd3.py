@@ -125,13 +125,18 @@ shape alone; 10% empty captions. Evaluation scenes use world seed 1 and are neve
 """
 
 
-def run_history(works: list[str], last_step: int | None = None) -> tuple[list[dict], list[dict]]:
+def run_history(
+    works: list[str], last_step: int | None = None, logs: list[list[dict]] | None = None
+) -> tuple[list[dict], list[dict]]:
     """Each run of the lineage (oldest first: its checkpoint's step and settings) and the rows of the card's history.
     A run counts up to the step the next one started from (its log's ``from_step``; the run may have gone on beside
     it). ``last_step``: the step of the exported weights, where the last run's history ends (its checkpoint may be
     later). When the first run started from a released model's folder, the rows begin with that release's history
-    (its ``training.json``, copied into the run's log when it started)."""
+    (its ``training.json``, copied into the run's log when it started). ``logs``: the runs' log records, when the
+    caller has read them (:func:`read_log`)."""
     import torch
+
+    logs = logs if logs is not None else [read_log(w) for w in works]
 
     runs = []
     for w in works:
@@ -146,13 +151,13 @@ def run_history(works: list[str], last_step: int | None = None) -> tuple[list[di
                 "decay": (state.get("decay_from"), int(cfg.get("lr_decay_steps", 0))),
             }
         )
-    for prev, w in zip(runs, works[1:], strict=False):  # a run ends where the next one branched from it
-        branched = first_logged(read_log(w), "from_step")
+    for prev, log in zip(runs, logs[1:], strict=False):  # a run ends where the next one branched from it
+        branched = first_logged(log, "from_step")
         if branched is not None:
             prev["steps"] = int(branched)
     if last_step is not None:
         runs[-1]["steps"] = last_step
-    released = first_logged(read_log(works[0]), "released_history")
+    released = first_logged(logs[0], "released_history")
     rows = list(released["runs"]) if released else []
     start = rows[-1]["to"] if rows else 0
     for i, r in enumerate(runs):
@@ -302,8 +307,8 @@ def write_card(work: str, out: Path, meas: dict, prior: tuple[str, ...] = (), pi
     cfg = meta["train_config"]
     arch = SD3Arch(**meta["arch"])
     works = [*prior, work]
-    _, rows = run_history(works, last_step=meta["step"])
     logs = [read_log(w) for w in works]
+    _, rows = run_history(works, last_step=meta["step"], logs=logs)
     released = first_logged(logs[0], "released_history") or {"hours": 0.0}
     logs[-1] = _until(logs[-1], meta["step"])
     sd3_log = [r for recs in logs for r in recs if r.get("stage") == "sd3"]
