@@ -436,3 +436,17 @@ def test_personal_maps_refuse_a_t2m_preset_that_does_not_read_the_square_image(p
     predictor.set_image(make_scene(7, 0).image)
     with pytest.raises(ValueError, match=r"square size.*'code'"):
         predictor.personal_maps(["a red circle"], "circle", PersonalConfig(t2m_preset="code"))
+
+
+def test_the_default_splits_the_whole_image_into_its_fixed_number_of_segments(predictor):
+    from attnseg.methods.personal import PERSONAL_PRESETS, PersonalConfig
+    from attnseg.shapes.world import make_scene
+
+    predictor.set_image(make_scene(7, 0).image)
+    pm = predictor.personal_maps(["a red circle", "a blue square"], "circle")
+    assert bool(pm.region.all())
+    assert int(pm.segments.max()) + 1 == PersonalConfig().segments
+    three = predictor.personal_maps(["a red circle", "a blue square", "a green circle"], "circle", PersonalConfig(segments=2))
+    assert int(three.segments.max()) + 1 == 3  # never fewer segments than queries
+    cls = predictor.personal_maps(["a red circle"], "circle", PERSONAL_PRESETS["class-region"])
+    assert bool((cls.segments >= 0).eq(cls.region).all()) and not bool(cls.region.all())  # only the class region is split

@@ -232,6 +232,7 @@ def test_embedded_model_names_a_folder_of_the_same_name_and_a_path(tiny_pipe_dir
         (["segment", "IMG", "--labels", "cat", "--batch-size", "0", "--out", "OUT"], "must be at least 1"),
         (["eval", "OUT", "-m", "t2m", "--out", "OUT"], "does not exist"),
         (["bench", "-m", "magic"], "unknown method 'magic'"),
+        (["bench", "personal", "--out", "OUT", "--preset", "magic"], "unknown preset 'magic' for bench personal"),
     ],
 )
 def test_cli_rejects_bad_options_without_traceback(tmp_path, args, expect):

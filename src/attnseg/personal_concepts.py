@@ -74,8 +74,8 @@ class PersonalConcepts:
         self, queries: Sequence[str], class_word: str | None = None, config: PersonalConfig | None = None, seed: int = 0
     ) -> PersonalMaps:
         """Personalized referring segmentation (T2M section 5.3) of the image of ``set_image`` on the attention grid:
-        the class region ("a photo including <class>."), its segments, each query's attribution per segment, and
-        the bf / af assignments (:mod:`attnseg.methods.personal`)."""
+        the class region ("a photo including <class>."), the segments of that region or of the whole image
+        (``config.class_region``), each query's attribution per segment, and the bf / af assignments (:mod:`attnseg.methods.personal`)."""
         if self._latents is None or len(self._images) != 1:
             raise RuntimeError("call set_image(...) with one image before personal_maps(...)")
         cfg = self.personal_config(config)
@@ -116,9 +116,17 @@ class PersonalConcepts:
             self_attn, inst = (sa, ins) if self_attn is None else (self_attn + sa, inst + ins)
         n = max(1, cfg.draws)
         fg, bg, self_attn, inst = fg / n, bg / n, self_attn / n, inst / n
-        region = region_mask(fg.cpu(), bg.cpu(), len(queries), cfg.region_threshold)
+        if cfg.class_region:
+            region = region_mask(fg.cpu(), bg.cpu(), len(queries), cfg.region_threshold)
+        else:
+            region = torch.ones(fg.shape, dtype=torch.bool)
+        k_min, k_max = (
+            (len(queries), max(cfg.max_segments, len(queries)))
+            if cfg.segments is None
+            else (max(cfg.segments, len(queries)),) * 2
+        )
         spatial = spatial_affinity(plan.grid, cfg.spatial_sigma) if cfg.spatial_sigma is not None else None
-        segments = region_segments(self_attn.cpu(), region, len(queries), max(cfg.max_segments, len(queries)), spatial)
+        segments = region_segments(self_attn.cpu(), region, k_min, k_max, spatial)
         table = segment_scores(inst.cpu(), segments)
         return PersonalMaps(
             queries=queries,

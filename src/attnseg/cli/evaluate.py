@@ -142,6 +142,9 @@ def bench(
     scenes: Annotated[int, typer.Option(help="personal: test scenes.")] = 100,
     steps: Annotated[int, typer.Option(help="personal: learning steps per concept.")] = 400,
     seed: Annotated[int, typer.Option(help="personal: seed of photos, scenes, learning and noise.")] = 1,
+    preset: Annotated[
+        str, typer.Option(help="personal: segmentation preset (default, bf, class-region, plain; see segment --concept).")
+    ] = "default",
     threads: Annotated[int | None, typer.Option(help="CPU threads of torch (default: torch's).")] = None,
     family: Annotated[
         list[str] | None, typer.Option("--family", help="families: the families measured (sdxl, sd3, flux; default: all three).")
@@ -155,7 +158,7 @@ def bench(
         _err("--family chooses what `bench families` measures: give the 'families' suite")
         raise typer.Exit(2)
     if suite == "personal":
-        _bench_personal(out, model, scenes, steps, seed, threads)
+        _bench_personal(out, model, scenes, steps, seed, threads, preset)
         return
     if suite == "families":
         _bench_families(out, family or None)
@@ -198,12 +201,19 @@ def _bench_families(out: Path | None, families: list[str] | None) -> None:
     typer.echo(table, nl=False)
 
 
-def _bench_personal(out: Path | None, model: str | None, scenes: int, steps: int, seed: int, threads: int | None) -> None:
+def _bench_personal(
+    out: Path | None, model: str | None, scenes: int, steps: int, seed: int, threads: int | None, preset: str
+) -> None:
     import torch
 
     from attnseg.diffusion.concepts import ConceptError
+    from attnseg.methods.personal import PERSONAL_PRESETS
     from attnseg.train.personal_bench import PersonalBenchConfig, markdown, run_personal_bench
     from attnseg.train.personalize import PersonalizeConfig
+
+    if preset not in PERSONAL_PRESETS:
+        _err(f"unknown preset {preset!r} for bench personal: use one of {', '.join(PERSONAL_PRESETS)}")
+        raise typer.Exit(2)
 
     if out is None:
         _err("bench personal needs --out DIR (photos, scenes, concepts and personal.json go there)")
@@ -213,7 +223,9 @@ def _bench_personal(out: Path | None, model: str | None, scenes: int, steps: int
         raise typer.Exit(2)
     if threads is not None:
         torch.set_num_threads(threads)
-    cfg = PersonalBenchConfig(scenes=scenes, seed=seed, learn=PersonalizeConfig(steps=steps, samples=4))
+    cfg = PersonalBenchConfig(
+        scenes=scenes, seed=seed, learn=PersonalizeConfig(steps=steps, samples=4), segment=PERSONAL_PRESETS[preset]
+    )
     bar, advance = _progress_bar()
     try:
         with bar:
