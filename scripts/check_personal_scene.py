@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnseg.methods.personal import iou
+from attnseg.methods.personal import PERSONAL_PRESETS, iou
 from attnseg.predictor import AttnSegPredictor
 from attnseg.shapes.personal import test_scene, training_photos
 from attnseg.train.personalize import PersonalizeConfig, learn_concept
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--method", default="textual-inversion", choices=["textual-inversion", "custom-diffusion"])
     ap.add_argument("--colour", default=None, help="learn one object of this colour (default: the look in every colour)")
     ap.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
+    ap.add_argument("--preset", default="default", choices=sorted(PERSONAL_PRESETS), help="segmentation preset")
     a = ap.parse_args()
     torch.set_num_threads(1)
     name = f"my-{a.colour}-{a.look}" if a.colour else f"my-{a.look}"
@@ -71,11 +72,11 @@ def main() -> None:
         pred.set_image(sc.image)
         for name, tpl in queries.items():
             query = tpl.format(c=sc.objects[q].obj.colour, t=token, s=a.shape, look=a.look)
-            mask = pred.segment_personal([query], a.shape).mask == 1
+            mask = pred.segment_personal([query], a.shape, PERSONAL_PRESETS[a.preset]).mask == 1
             cover = [int((mask & (sc.instance == j + 1)).sum()) for j in range(len(sc.objects))]
             hits[name] += int(max(cover) > 0 and int(np.argmax(cover)) == q)
             ious[name].append(iou(mask, sc.instance == q + 1))
-            pm = pred.personal_maps([query], a.shape)
+            pm = pred.personal_maps([query], a.shape, PERSONAL_PRESETS[a.preset])
             inst = torch.from_numpy(sc.instance.astype(np.int64))
             cells = [
                 F.adaptive_avg_pool2d((inst == j + 1).float()[None, None], pm.grid).flatten() for j in range(len(sc.objects))

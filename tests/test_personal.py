@@ -450,3 +450,13 @@ def test_the_default_splits_the_whole_image_into_its_fixed_number_of_segments(pr
     assert int(three.segments.max()) + 1 == 3  # never fewer segments than queries
     cls = predictor.personal_maps(["a red circle"], "circle", PERSONAL_PRESETS["class-region"])
     assert bool((cls.segments >= 0).eq(cls.region).all()) and not bool(cls.region.all())  # only the class region is split
+
+
+def test_compared_weights_each_map_by_its_share_at_each_pixel():
+    from attnseg.methods.personal import compared
+
+    maps = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # pixel 0: both queries, each keeps half; pixel 1: the first alone keeps all; pixel 2: nothing, no division by zero
+    assert compared(maps).tolist() == [[0.5, 1.0, 0.0], [0.5, 0.0, 0.0]]
+    one = torch.tensor([[0.2, 0.7, 0.0]])
+    assert torch.allclose(compared(one), one)  # one query: unchanged

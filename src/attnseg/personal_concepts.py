@@ -20,6 +20,7 @@ from attnseg.methods.personal import (
     assign_af,
     assign_bf,
     attribution_words,
+    compared,
     mask_segments,
     region_mask,
     region_segments,
@@ -127,7 +128,8 @@ class PersonalConcepts:
         )
         spatial = spatial_affinity(plan.grid, cfg.spatial_sigma) if cfg.spatial_sigma is not None else None
         segments = region_segments(self_attn.cpu(), region, k_min, k_max, spatial)
-        table = segment_scores(inst.cpu(), segments)
+        inst = compared(inst.cpu()) if cfg.compare else inst.cpu()
+        table = segment_scores(inst, segments)
         return PersonalMaps(
             queries=queries,
             class_word=cls,
@@ -136,7 +138,7 @@ class PersonalConcepts:
             bg=bg.cpu(),
             region=region,
             segments=segments,
-            instance=inst.cpu(),
+            instance=inst,
             scores=table,
             bf=assign_bf(table),
             af=assign_af(table),
