@@ -452,6 +452,25 @@ def test_the_default_splits_the_whole_image_into_its_fixed_number_of_segments(pr
     assert bool((cls.segments >= 0).eq(cls.region).all()) and not bool(cls.region.all())  # only the class region is split
 
 
+def test_personal_maps_weigh_the_queries_maps_by_their_shares(predictor):
+    from attnseg.methods.personal import PersonalConfig, compared, segment_scores
+    from attnseg.shapes.world import make_scene
+
+    predictor.set_image(make_scene(7, 0).image)
+    queries = ["a red circle", "a blue square"]
+    raw = predictor.personal_maps(queries, "circle", PersonalConfig(compare=False))
+    weighed = predictor.personal_maps(queries, "circle")
+    assert torch.allclose(weighed.instance, compared(raw.instance))
+    assert torch.allclose(weighed.scores, segment_scores(compared(raw.instance), weighed.segments))
+    assert not torch.allclose(weighed.instance, raw.instance)
+
+
+def test_region_segments_number_their_segments_without_gaps():
+    a = _block_affinity([5, 5])
+    seg = region_segments(a, torch.ones(10, dtype=torch.bool), 4, 4)  # 4 clusters asked of 2 blocks
+    assert sorted(set(seg.tolist())) == list(range(int(seg.max()) + 1))
+
+
 def test_compared_weights_each_map_by_its_share_at_each_pixel():
     from attnseg.methods.personal import compared
 

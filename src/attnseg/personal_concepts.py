@@ -76,7 +76,8 @@ class PersonalConcepts:
     ) -> PersonalMaps:
         """Personalized referring segmentation (T2M section 5.3) of the image of ``set_image`` on the attention grid:
         the class region ("a photo including <class>."), the segments of that region or of the whole image
-        (``config.class_region``), each query's attribution per segment, and the bf / af assignments (:mod:`attnseg.methods.personal`)."""
+        (``config.class_region``), each query's attribution per segment, and the bf / af assignments
+        (:mod:`attnseg.methods.personal`)."""
         if self._latents is None or len(self._images) != 1:
             raise RuntimeError("call set_image(...) with one image before personal_maps(...)")
         cfg = self.personal_config(config)

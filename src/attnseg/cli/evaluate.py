@@ -143,8 +143,9 @@ def bench(
     steps: Annotated[int, typer.Option(help="personal: learning steps per concept.")] = 400,
     seed: Annotated[int, typer.Option(help="personal: seed of photos, scenes, learning and noise.")] = 1,
     preset: Annotated[
-        str, typer.Option(help="personal: segmentation preset (default, bf, class-region, plain; see segment --concept).")
-    ] = "default",
+        str | None,
+        typer.Option(help="personal: segmentation preset (default, bf, class-region, plain; see segment --concept)."),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads of torch (default: torch's).")] = None,
     family: Annotated[
         list[str] | None, typer.Option("--family", help="families: the families measured (sdxl, sd3, flux; default: all three).")
@@ -157,8 +158,11 @@ def bench(
     if family and suite != "families":
         _err("--family chooses what `bench families` measures: give the 'families' suite")
         raise typer.Exit(2)
+    if preset is not None and suite != "personal":
+        _err("--preset chooses the segmentation of `bench personal`: give the 'personal' suite")
+        raise typer.Exit(2)
     if suite == "personal":
-        _bench_personal(out, model, scenes, steps, seed, threads, preset)
+        _bench_personal(out, model, scenes, steps, seed, threads, preset or "default")
         return
     if suite == "families":
         _bench_families(out, family or None)

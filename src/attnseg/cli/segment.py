@@ -41,7 +41,11 @@ def segment(
         ),
     ] = None,
     preset: Annotated[
-        str | None, typer.Option(help="Named settings of the method (e.g. t2m: voc, single-pass; iseg: wsss-voc).")
+        str | None,
+        typer.Option(
+            help="Named settings of the method (e.g. t2m: voc, single-pass; iseg: wsss-voc; with --concept: default, bf, "
+            "class-region, plain)."
+        ),
     ] = None,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("attnseg-out"),

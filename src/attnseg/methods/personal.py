@@ -124,7 +124,7 @@ def region_segments(
     affinity = self_attn.float() if spatial is None else self_attn.float() * spatial
     labels = spectral_clusters(affinity[idx][:, idx], k_min, k_max)
     out = torch.full((len(region),), -1, dtype=torch.long)
-    out[idx] = labels
+    out[idx] = torch.unique(labels, return_inverse=True)[1]  # consecutive ids: k-means may leave a cluster empty
     return out
 
 
@@ -204,8 +204,8 @@ class PersonalMaps:
     """Personalized referring segmentation of one image on the attention grid (P = h * w pixels).
 
     fg, bg: (P,) T2M's class and background scores of the region query; region: (P,) bool; segments: (P,) ids, -1
-    outside the region; instance: (Q, P) each query's attribution map (weighted by its share with ``compare``); scores: (Q, S) its segment means; bf, af: (Q,)
-    the segment of each query, each alone and all together (-1: none)."""
+    outside the region; instance: (Q, P) each query's attribution map (weighted by its share with ``compare``);
+    scores: (Q, S) its segment means; bf, af: (Q,) the segment of each query, each alone and all together (-1: none)."""
 
     queries: list[str]
     class_word: str
