@@ -4,6 +4,8 @@ concept files, concept learning (seeded, resumable), the benchmark's scenes, and
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -247,7 +249,7 @@ def test_learning_is_seeded_and_resumes_to_the_same_concept(tiny_pipe_dir, tmp_p
     from attnseg.diffusion.loading import load_pipeline
     from attnseg.train.personalize import PersonalizeConfig, learn_concept
 
-    cfg = PersonalizeConfig(method=method, steps=4, batch=2, ckpt_every=2, samples=0, prior_images=1)
+    cfg = PersonalizeConfig(method=method, steps=4, batch=2, ckpt_every=2, samples=0, prior_images=1, contrast_images=2)
     whole = learn_concept(
         load_pipeline(tiny_pipe_dir, dtype="float32"), _photos(), "<my-x>", "circle", tmp_path / "a.safetensors", cfg
     )
@@ -272,6 +274,10 @@ def test_learning_is_seeded_and_resumes_to_the_same_concept(tiny_pipe_dir, tmp_p
     from attnseg.diffusion.concepts import word_embedding
 
     assert not torch.allclose(whole.embedding, word_embedding(start, "circle"))  # it learned something
+    # the same computation with a contrastive loss that is always met (zero): the loss moved the token
+    met = replace(cfg, contrast_ratio=1e-9)
+    plain = learn_concept(start, _photos(), "<my-x>", "circle", tmp_path / "p.safetensors", met)
+    assert not torch.allclose(whole.embedding, plain.embedding, atol=1e-6)
 
 
 def test_custom_diffusion_learns_kv_and_leaves_the_pipeline_as_it_was(fresh_pipe, tmp_path):
@@ -279,7 +285,7 @@ def test_custom_diffusion_learns_kv_and_leaves_the_pipeline_as_it_was(fresh_pipe
 
     before = {n: p.detach().clone() for n, p in fresh_pipe.unet.named_parameters()}
     rows = fresh_pipe.text_encoder.get_input_embeddings().weight.detach().clone()
-    cfg = PersonalizeConfig(method="custom-diffusion", steps=2, batch=2, samples=2, prior_images=2)
+    cfg = PersonalizeConfig(method="custom-diffusion", steps=2, batch=2, samples=2, prior_images=2, contrast_images=2)
     c = learn_concept(fresh_pipe, _photos(), "<my-x>", "circle", tmp_path / "c.safetensors", cfg)
     assert c.kv and all(name.endswith(("to_k", "to_v")) for name in c.kv)
     assert any(float(d.abs().max()) > 0 for d in c.kv.values())
@@ -479,3 +485,18 @@ def test_compared_weights_each_map_by_its_share_at_each_pixel():
     assert compared(maps).tolist() == [[0.5, 1.0, 0.0], [0.5, 0.0, 0.0]]
     one = torch.tensor([[0.2, 0.7, 0.0]])
     assert torch.allclose(compared(one), one)  # one query: unchanged
+
+
+def test_token_peaks_and_the_contrast_loss_by_hand():
+    from attnseg.train.personalize import contrast_loss, token_peaks
+
+    fine = torch.zeros((2, 16, 3))  # two captions, a 4 x 4 grid, three tokens
+    fine[0, :4, 1] = 1.0  # caption 0's token (index 1) on the top row
+    fine[1, 0, 2] = 0.5  # caption 1's token (index 2) on one pixel
+    coarse = torch.zeros((2, 4, 3))  # a 2 x 2 layer, nothing on the tokens
+    peaks = token_peaks([fine, coarse], torch.tensor([1, 2]), share=0.25)  # the 4 highest of 16 pixels
+    # layers averaged: caption 0's top row 0.5, caption 1's pixel 0.25; the mean of the top 4
+    assert torch.allclose(peaks, torch.tensor([0.5, 0.0625]))
+    own, others = torch.tensor([0.4, 0.4]), torch.tensor([0.1, 0.2])
+    assert float(contrast_loss(own, others, 4.0)) == pytest.approx(0.5 * math.log(2.0))  # only the second pair is short
+    assert float(contrast_loss(own, others, 2.0)) == 0.0

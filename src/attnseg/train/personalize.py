@@ -4,7 +4,9 @@
 encoder (initialised from the class word) and trains, with the denoising loss on captions such as
 "a photo of a <my-mug> mug", either its embedding row alone (textual inversion, Gal et al. 2022) or the row and the
 key and value projections of every cross-attention layer (Custom Diffusion, Kumari et al. 2023, with its prior
-preservation loss on images the model generates for "a photo of a mug"). The concept file (see
+preservation loss on images the model generates for "a photo of a mug"); and, for either, a contrastive attention
+loss (ours): the token's peak cross-attention on the photos must exceed its peak on images the model generates of
+the class, other objects of the class that the token must not claim. The concept file (see
 :mod:`attnseg.diffusion.concepts`) is written atomically to ``out``, and a grid of images generated for
 "a photo of a <token> <class>" beside it (``<stem>-samples.png``).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attnseg.diffusion.capture import capture_attention
 from attnseg.diffusion.concepts import (
     METHODS,
     Concept,
@@ -37,6 +41,7 @@ from attnseg.diffusion.concepts import (
     save_concept,
     word_embedding,
 )
+from attnseg.diffusion.layers import layer_inventory
 from attnseg.io.files import atomic_write_bytes
 from attnseg.io.images import load_image
 
@@ -64,6 +69,19 @@ class PersonalizeConfig:
     """Photos a step (Custom Diffusion: 8 over two GPUs; ours: a step stays cheap on one CPU thread)."""
     lr: float = 5e-3
     """Adam's learning rate of the token row (textual inversion's base rate, 0.005)."""
+    contrast_weight: float = 1.0
+    """Weight of the contrastive attention loss (0: none). Ours: the denoising loss alone is met by a token that
+    tints the whole image; on the embedded model such a token's maps point at its object no more often than chance,
+    and with this loss as often as its colour word's (docs/BENCHMARKS.md, personalized; weight, ratio, share and image
+    count of the first trial, on validation scenes)."""
+    contrast_ratio: float = 4.0
+    """The loss is zero once the token's peak attention on the photos is this many times its peak on the class's
+    images (ours)."""
+    contrast_images: int = 16
+    """Images the model generates for "a photo of a <class>", the class's other objects (ours; the same images as
+    Custom Diffusion's regularisation set when both are on)."""
+    contrast_share: float = 1 / 16
+    """A token's peak attention: the mean over this share of the attention grid's pixels, its highest (ours)."""
     kv_lr: float = 1e-4
     """Adam's learning rate of the key/value projections (ours: Custom Diffusion's 1e-5 scaled for a few hundred
     steps on a model 150 times smaller)."""
@@ -78,6 +96,27 @@ class PersonalizeConfig:
     """Steps between checkpoints."""
     samples: int = 8
     """Images of the sample grid (0: none)."""
+
+
+def token_peaks(maps: Sequence[torch.Tensor], positions: torch.Tensor, share: float) -> torch.Tensor:
+    """(B,) each caption's peak attention on its token: ``maps`` are cross-attention probabilities (B, P, T) of square
+    grids, one per layer; the token's column (``positions`` (B,)) of each is resized to the finest grid, the layers
+    are averaged, and the mean of the highest ``share`` of the pixels is the peak."""
+    rows = torch.arange(len(positions), device=positions.device)
+    side = max(round(m.shape[1] ** 0.5) for m in maps)
+    cols = []
+    for m in maps:
+        s = round(m.shape[1] ** 0.5)
+        col = m[rows, :, positions].reshape(len(rows), 1, s, s)
+        cols.append(F.interpolate(col, size=(side, side), mode="bilinear", align_corners=False))
+    mean = torch.cat(cols, dim=1).mean(dim=1).flatten(1)
+    return mean.topk(max(1, round(share * mean.shape[1])), dim=1).values.mean(dim=1)
+
+
+def contrast_loss(own: torch.Tensor, others: torch.Tensor, ratio: float) -> torch.Tensor:
+    """mean(relu(log others - log own + log ratio)) of peaks (B,): zero once each photo's peak is ``ratio`` times the
+    peak on the class's image paired with it."""
+    return F.relu(others.clamp_min(1e-12).log() - own.clamp_min(1e-12).log() + math.log(ratio)).mean()
 
 
 def config_key(cfg: PersonalizeConfig, token: str, class_word: str, photos: Sequence[np.ndarray], model: str = "") -> str:
@@ -194,9 +233,13 @@ def learn_concept(
     unet, te = pipe.unet, pipe.text_encoder
     for m in (unet, te, pipe.vae):
         m.requires_grad_(False)
-    prior = torch.zeros((0,))
-    if cfg.method == "custom-diffusion" and cfg.prior_images:
-        prior = _latents(pipe, list(_generate(pipe, f"a photo of a {class_word}", cfg.prior_images, cfg.seed)))
+    n_prior = cfg.prior_images if cfg.method == "custom-diffusion" else 0
+    n_others = cfg.contrast_images if cfg.contrast_weight > 0 else 0
+    class_z = torch.zeros((0,))
+    if max(n_prior, n_others):
+        class_z = _latents(pipe, list(_generate(pipe, f"a photo of a {class_word}", max(n_prior, n_others), cfg.seed)))
+    prior, others = class_z[:n_prior], class_z[:n_others]
+    cross_names = [lay.name for lay in layer_inventory(unet) if lay.kind == "cross"] if len(others) else []
     tid = add_token(pipe, token, word_embedding(pipe, class_word))
     table = te.get_input_embeddings().weight
     # Only the new token's row learns: the optimiser (and a checkpoint) holds that row alone, and takes its gradient
@@ -221,15 +264,30 @@ def learn_concept(
     tok = pipe.tokenizer
     dev = unet.device
 
-    def denoise_loss(z0: torch.Tensor, texts: list[str], g: torch.Generator) -> torch.Tensor:
-        t = torch.randint(0, len(abar), (len(z0),), generator=g)
+    def denoise_loss(z0: torch.Tensor, texts: list[str], g: torch.Generator, contrast: bool = False) -> torch.Tensor:
+        """Denoising loss of ``z0`` under ``texts``; with ``contrast``, plus the contrastive attention loss, the same
+        captions, timesteps and noise on as many of the class's images."""
+        b = len(z0)
+        t = torch.randint(0, len(abar), (b,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-        hidden = te(ids.to(dev))[0]
-        pred = unet(zt.to(dev, unet.dtype), t.to(dev), encoder_hidden_states=hidden.to(unet.dtype)).sample
-        return F.mse_loss(pred.float(), noise.to(dev))
+        if contrast:
+            z0 = torch.cat([z0, others[torch.randint(0, len(others), (b,), generator=g)]])
+            t, noise_all, ids = torch.cat([t, t]), torch.cat([noise, noise]), torch.cat([ids, ids])
+        else:
+            noise_all = noise
+        a = abar[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise_all
+        with capture_attention(unet, cross_names if contrast else []) as store:
+            hidden = te(ids.to(dev))[0]
+            pred = unet(zt.to(dev, unet.dtype), t.to(dev), encoder_hidden_states=hidden.to(unet.dtype)).sample
+        loss = F.mse_loss(pred[:b].float(), noise.to(dev))
+        if contrast:
+            peaks = token_peaks(
+                [store.mean(n) for n in cross_names], (ids == tid).float().argmax(dim=1).to(dev), cfg.contrast_share
+            )
+            loss = loss + cfg.contrast_weight * contrast_loss(peaks[:b], peaks[b:], cfg.contrast_ratio)
+        return loss
 
     try:
         for step in range(start, cfg.steps):
@@ -239,7 +297,7 @@ def learn_concept(
                 CAPTIONS[int(i)].format(token=token, cls=class_word)
                 for i in torch.randint(0, len(CAPTIONS), (cfg.batch,), generator=g)
             ]
-            loss = denoise_loss(z_photos[idx], caps, g)
+            loss = denoise_loss(z_photos[idx], caps, g, contrast=len(others) > 0)
             if len(prior):
                 pidx = torch.randint(0, len(prior), (cfg.batch,), generator=g)
                 loss = loss + cfg.prior_weight * denoise_loss(prior[pidx], [f"a photo of a {class_word}"] * cfg.batch, g)
