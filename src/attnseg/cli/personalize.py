@@ -27,6 +27,13 @@ def personalize(
         str, typer.Option(help="textual-inversion (the token alone) or custom-diffusion (+ cross-attention k/v).")
     ] = "textual-inversion",
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 400,
+    contrast: Annotated[
+        float,
+        typer.Option(
+            help="Weight of the contrastive attention loss that keeps the token's map on the object (0: the denoising "
+            "loss alone)."
+        ),
+    ] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of batches, noise, regularisation images and samples.")] = 0,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")] = "auto",
@@ -45,6 +52,9 @@ def personalize(
     if steps < 1:
         _err("--steps must be at least 1")
         raise typer.Exit(2)
+    if contrast < 0:
+        _err("--contrast must be 0 (off) or more")
+        raise typer.Exit(2)
     predictor = _load_predictor(model, device, "float32")
     bar, advance = _progress_bar()
     try:
@@ -58,7 +68,7 @@ def personalize(
                 token,
                 class_word,
                 out,
-                PersonalizeConfig(method=method, steps=steps, seed=seed),
+                PersonalizeConfig(method=method, steps=steps, seed=seed, contrast_weight=contrast),
                 progress=lambda s, n, _loss: advance(f"learning {token}", s, n),
             )
     except ConceptError as e:
