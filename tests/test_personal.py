@@ -490,13 +490,32 @@ def test_compared_weights_each_map_by_its_share_at_each_pixel():
 def test_token_peaks_and_the_contrast_loss_by_hand():
     from attnseg.train.personalize import contrast_loss, token_peaks
 
-    fine = torch.zeros((2, 16, 3))  # two captions, a 4 x 4 grid, three tokens
+    fine = torch.full((2, 16, 3), 0.9)  # two captions, a 4 x 4 grid, three tokens; the other tokens' columns are high
+    fine[0, :, 1], fine[1, :, 2] = 0.0, 0.0
     fine[0, :4, 1] = 1.0  # caption 0's token (index 1) on the top row
     fine[1, 0, 2] = 0.5  # caption 1's token (index 2) on one pixel
-    coarse = torch.zeros((2, 4, 3))  # a 2 x 2 layer, nothing on the tokens
+    coarse = torch.full((2, 1, 3), 0.9)  # a 1 x 1 layer: resized, it covers every pixel
+    coarse[0, 0, 1], coarse[1, 0, 2] = 0.2, 0.0
     peaks = token_peaks([fine, coarse], torch.tensor([1, 2]), share=0.25)  # the 4 highest of 16 pixels
-    # layers averaged: caption 0's top row 0.5, caption 1's pixel 0.25; the mean of the top 4
-    assert torch.allclose(peaks, torch.tensor([0.5, 0.0625]))
-    own, others = torch.tensor([0.4, 0.4]), torch.tensor([0.1, 0.2])
-    assert float(contrast_loss(own, others, 4.0)) == pytest.approx(0.5 * math.log(2.0))  # only the second pair is short
+    # layers averaged: caption 0's top row (1.0 + 0.2) / 2; caption 1's pixel 0.25, three more at 0
+    assert torch.allclose(peaks, torch.tensor([0.6, 0.0625]))
+    own, others = torch.tensor([0.4, 0.4], requires_grad=True), torch.tensor([0.1, 0.2], requires_grad=True)
+    loss = contrast_loss(own, others, 4.0)
+    assert float(loss.detach()) == pytest.approx(0.5 * math.log(2.0))  # only the second pair is short of 4 times
+    loss.backward()
+    assert own.grad[1] < 0 < others.grad[1] and own.grad[0] == others.grad[0] == 0  # up on the photo, down elsewhere
     assert float(contrast_loss(own, others, 2.0)) == 0.0
+
+
+def test_learning_refuses_bad_contrast_settings_and_keeps_keys_without_it():
+    from attnseg.diffusion.concepts import ConceptError
+    from attnseg.train.personalize import PersonalizeConfig, config_key, learn_concept
+
+    photos = [np.zeros((64, 64, 3), np.uint8)]
+    for bad in (PersonalizeConfig(contrast_ratio=0), PersonalizeConfig(contrast_share=0), PersonalizeConfig(contrast_weight=-1)):
+        with pytest.raises(ConceptError, match="contrastive loss"):
+            learn_concept(None, photos, "<my-x>", "circle", "c.safetensors", bad)
+    off = PersonalizeConfig(contrast_weight=0)
+    assert config_key(off, "<my-x>", "circle", photos) == config_key(replace(off, contrast_ratio=9), "<my-x>", "circle", photos)
+    on = PersonalizeConfig()
+    assert config_key(on, "<my-x>", "circle", photos) != config_key(replace(on, contrast_ratio=9), "<my-x>", "circle", photos)

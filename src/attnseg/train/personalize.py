@@ -5,8 +5,8 @@ encoder (initialised from the class word) and trains, with the denoising loss on
 "a photo of a <my-mug> mug", either its embedding row alone (textual inversion, Gal et al. 2022) or the row and the
 key and value projections of every cross-attention layer (Custom Diffusion, Kumari et al. 2023, with its prior
 preservation loss on images the model generates for "a photo of a mug"); and, for either, a contrastive attention
-loss (ours): the token's peak cross-attention on the photos must exceed its peak on images the model generates of
-the class, other objects of the class that the token must not claim. The concept file (see
+loss (ours): the token's peak cross-attention on the photos must reach a multiple of its peak on images the model
+generates of the class, other objects of the class that the token must not claim. The concept file (see
 :mod:`attnseg.diffusion.concepts`) is written atomically to ``out``, and a grid of images generated for
 "a photo of a <token> <class>" beside it (``<stem>-samples.png``).
 
@@ -78,8 +78,8 @@ class PersonalizeConfig:
     """The loss is zero once the token's peak attention on the photos is this many times its peak on the class's
     images (ours)."""
     contrast_images: int = 16
-    """Images the model generates for "a photo of a <class>", the class's other objects (ours; the same images as
-    Custom Diffusion's regularisation set when both are on)."""
+    """Images the model generates for "a photo of a <class>", the class's other objects (ours; with Custom Diffusion
+    the first of them are its regularisation images too)."""
     contrast_share: float = 1 / 16
     """A token's peak attention: the mean over this share of the attention grid's pixels, its highest (ours)."""
     kv_lr: float = 1e-4
@@ -122,7 +122,10 @@ def contrast_loss(own: torch.Tensor, others: torch.Tensor, ratio: float) -> torc
 def config_key(cfg: PersonalizeConfig, token: str, class_word: str, photos: Sequence[np.ndarray], model: str = "") -> str:
     """Digest of what a checkpoint belongs to: the settings (but the checkpoint interval), token, class, photos and the
     model's fingerprint (a checkpoint of another model is not resumed)."""
-    record = {**asdict(cfg), "ckpt_every": 0, "token": token, "class": class_word, "model": model}
+    settings = asdict(cfg)
+    if cfg.contrast_weight == 0:  # without the contrastive loss its settings change nothing
+        settings = {k: v for k, v in settings.items() if not k.startswith("contrast_")}
+    record = {**settings, "ckpt_every": 0, "token": token, "class": class_word, "model": model}
     h = hashlib.sha256(json.dumps(record).encode())
     for p in photos:
         h.update(np.ascontiguousarray(p).tobytes())
@@ -220,6 +223,8 @@ def learn_concept(
         raise ConceptError("no photos given: learn a concept from 5-10 photos of the object")
     if cfg.steps < 1 or cfg.batch < 1:
         raise ConceptError("steps and batch must be at least 1")
+    if cfg.contrast_weight < 0 or cfg.contrast_ratio <= 0 or not 0 < cfg.contrast_share <= 1:
+        raise ConceptError("the contrastive loss needs a weight >= 0, a ratio > 0 and a share in (0, 1]")
     out = Path(out)
     kind = pipe.scheduler.config.get("prediction_type", "epsilon")
     if kind != "epsilon":
@@ -276,8 +281,8 @@ def learn_concept(
             t, noise_all, ids = torch.cat([t, t]), torch.cat([noise, noise]), torch.cat([ids, ids])
         else:
             noise_all = noise
-        a = abar[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise_all
+        a = abar[t].to(dev).view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0.to(dev) + (1 - a).sqrt() * noise_all.to(dev)
         with capture_attention(unet, cross_names if contrast else []) as store:
             hidden = te(ids.to(dev))[0]
             pred = unet(zt.to(dev, unet.dtype), t.to(dev), encoder_hidden_states=hidden.to(unet.dtype)).sample
