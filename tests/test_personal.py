@@ -504,7 +504,7 @@ def test_token_peaks_and_the_contrast_loss_by_hand():
     assert float(loss.detach()) == pytest.approx(0.5 * math.log(2.0))  # only the second pair is short of 4 times
     loss.backward()
     assert own.grad[1] < 0 < others.grad[1] and own.grad[0] == others.grad[0] == 0  # up on the photo, down elsewhere
-    assert float(contrast_loss(own, others, 2.0)) == 0.0
+    assert float(contrast_loss(own, others, 2.0).detach()) == 0.0
 
 
 def test_learning_refuses_bad_contrast_settings_and_keeps_keys_without_it():
