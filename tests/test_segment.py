@@ -234,6 +234,8 @@ def test_embedded_model_names_a_folder_of_the_same_name_and_a_path(tiny_pipe_dir
         (["bench", "-m", "magic"], "unknown method 'magic'"),
         (["bench", "personal", "--out", "OUT", "--preset", "magic"], "unknown preset 'magic' for bench personal"),
         (["bench", "--preset", "voc"], "give the 'personal' suite"),
+        (["bench", "--contrast", "0"], "give the 'personal' suite"),
+        (["bench", "personal", "--out", "OUT", "--contrast", "-1"], "must be 0"),
         (["personalize", "OUT", "--token", "<my-x>", "--class", "cat", "--out", "OUT", "--contrast", "-1"], "must be 0"),
     ],
 )

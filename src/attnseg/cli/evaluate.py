@@ -146,6 +146,9 @@ def bench(
         str | None,
         typer.Option(help="personal: segmentation preset (default, bf, class-region, plain; see segment --concept)."),
     ] = None,
+    contrast: Annotated[
+        float | None, typer.Option(help="personal: weight of the concepts' contrastive attention loss (see personalize).")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads of torch (default: torch's).")] = None,
     family: Annotated[
         list[str] | None, typer.Option("--family", help="families: the families measured (sdxl, sd3, flux; default: all three).")
@@ -158,11 +161,11 @@ def bench(
     if family and suite != "families":
         _err("--family chooses what `bench families` measures: give the 'families' suite")
         raise typer.Exit(2)
-    if preset is not None and suite != "personal":
-        _err("--preset chooses the segmentation of `bench personal`: give the 'personal' suite")
+    if (preset is not None or contrast is not None) and suite != "personal":
+        _err("--preset and --contrast set up `bench personal`: give the 'personal' suite")
         raise typer.Exit(2)
     if suite == "personal":
-        _bench_personal(out, model, scenes, steps, seed, threads, preset or "default")
+        _bench_personal(out, model, scenes, steps, seed, threads, preset or "default", 1.0 if contrast is None else contrast)
         return
     if suite == "families":
         _bench_families(out, family or None)
@@ -206,7 +209,7 @@ def _bench_families(out: Path | None, families: list[str] | None) -> None:
 
 
 def _bench_personal(
-    out: Path | None, model: str | None, scenes: int, steps: int, seed: int, threads: int | None, preset: str
+    out: Path | None, model: str | None, scenes: int, steps: int, seed: int, threads: int | None, preset: str, contrast: float
 ) -> None:
     import torch
 
@@ -225,10 +228,16 @@ def _bench_personal(
     if scenes < 1 or steps < 1:
         _err("--scenes and --steps must be at least 1")
         raise typer.Exit(2)
+    if contrast < 0:
+        _err("--contrast must be 0 (off) or more")
+        raise typer.Exit(2)
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = PersonalBenchConfig(
-        scenes=scenes, seed=seed, learn=PersonalizeConfig(steps=steps, samples=4), segment=PERSONAL_PRESETS[preset]
+        scenes=scenes,
+        seed=seed,
+        learn=PersonalizeConfig(steps=steps, samples=4, contrast_weight=contrast),
+        segment=PERSONAL_PRESETS[preset],
     )
     bar, advance = _progress_bar()
     try:

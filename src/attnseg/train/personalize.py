@@ -119,13 +119,18 @@ def contrast_loss(own: torch.Tensor, others: torch.Tensor, ratio: float) -> torc
     return F.relu(others.clamp_min(1e-12).log() - own.clamp_min(1e-12).log() + math.log(ratio)).mean()
 
 
+def settings_record(cfg: PersonalizeConfig) -> dict:
+    """The settings that decide what is learned: all of ``cfg``, but the contrastive loss's when its weight is 0."""
+    settings = asdict(cfg)
+    if cfg.contrast_weight == 0:
+        settings = {k: v for k, v in settings.items() if not k.startswith("contrast_")}
+    return settings
+
+
 def config_key(cfg: PersonalizeConfig, token: str, class_word: str, photos: Sequence[np.ndarray], model: str = "") -> str:
     """Digest of what a checkpoint belongs to: the settings (but the checkpoint interval), token, class, photos and the
     model's fingerprint (a checkpoint of another model is not resumed)."""
-    settings = asdict(cfg)
-    if cfg.contrast_weight == 0:  # without the contrastive loss its settings change nothing
-        settings = {k: v for k, v in settings.items() if not k.startswith("contrast_")}
-    record = {**settings, "ckpt_every": 0, "token": token, "class": class_word, "model": model}
+    record = {**settings_record(cfg), "ckpt_every": 0, "token": token, "class": class_word, "model": model}
     h = hashlib.sha256(json.dumps(record).encode())
     for p in photos:
         h.update(np.ascontiguousarray(p).tobytes())
