@@ -13,11 +13,14 @@ counted are those with exactly one object of that colour and look.
 
     python scripts/check_personal_scene.py --out /tmp/personal-check --look striped --seed 7 --n 60
     python scripts/check_personal_scene.py --out /tmp/personal-check --look striped --colour red --seed 7 --n 400
+    python scripts/check_personal_scene.py --out /tmp/personal-check --look striped --seed 7 --n 200 --contrast 0
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from attnseg.methods.personal import PERSONAL_PRESETS, iou
 from attnseg.predictor import AttnSegPredictor
 from attnseg.shapes.personal import test_scene, training_photos
-from attnseg.train.personalize import PersonalizeConfig, learn_concept
+from attnseg.train.personalize import PersonalizeConfig, learn_concept, settings_record
 
 
 def main() -> None:
@@ -41,15 +44,18 @@ def main() -> None:
     ap.add_argument("--colour", default=None, help="learn one object of this colour (default: the look in every colour)")
     ap.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     ap.add_argument("--preset", default="default", choices=sorted(PERSONAL_PRESETS), help="segmentation preset")
+    ap.add_argument("--contrast", type=float, default=1.0, help="weight of the contrastive attention loss (0: off)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     name = f"my-{a.colour}-{a.look}" if a.colour else f"my-{a.look}"
     token = f"<{name}>"
-    concept = a.out / f"{name}.safetensors"
+    cfg = PersonalizeConfig(method=a.method, contrast_weight=a.contrast)
+    digest = hashlib.sha256(json.dumps(settings_record(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    concept = a.out / f"{name}-{digest}.safetensors"  # one file per learning settings
     if not concept.is_file():
         learner = AttnSegPredictor.from_pretrained(a.model)
         photos = training_photos(a.look, a.shape, 8, 0, colour=a.colour)
-        learn_concept(learner.pipe, photos, token, a.shape, concept, PersonalizeConfig(method=a.method))
+        learn_concept(learner.pipe, photos, token, a.shape, concept, cfg)
     pred = AttnSegPredictor.from_pretrained(a.model)
     pred.load_concept(concept)
     queries = {

@@ -471,10 +471,13 @@ def test_personal_maps_weigh_the_queries_maps_by_their_shares(predictor):
     assert not torch.allclose(weighed.instance, raw.instance)
 
 
-def test_region_segments_number_their_segments_without_gaps():
-    a = _block_affinity([5, 5])
-    seg = region_segments(a, torch.ones(10, dtype=torch.bool), 4, 4)  # 4 clusters asked of 2 blocks
-    assert sorted(set(seg.tolist())) == list(range(int(seg.max()) + 1))
+def test_region_segments_number_their_segments_without_gaps(monkeypatch):
+    import attnseg.methods.personal as personal
+
+    # k-means left clusters 1 and 3 empty
+    monkeypatch.setattr(personal, "spectral_clusters", lambda *a: torch.tensor([0, 0, 2, 2, 4, 4]))
+    seg = region_segments(torch.ones((7, 7)), torch.tensor([True] * 6 + [False]), 5, 5)
+    assert seg.tolist() == [0, 0, 1, 1, 2, 2, -1]
 
 
 def test_compared_weights_each_map_by_its_share_at_each_pixel():
@@ -499,12 +502,12 @@ def test_token_peaks_and_the_contrast_loss_by_hand():
     peaks = token_peaks([fine, coarse], torch.tensor([1, 2]), share=0.25)  # the 4 highest of 16 pixels
     # layers averaged: caption 0's top row (1.0 + 0.2) / 2; caption 1's pixel 0.25, three more at 0
     assert torch.allclose(peaks, torch.tensor([0.6, 0.0625]))
-    own, others = torch.tensor([0.4, 0.4], requires_grad=True), torch.tensor([0.1, 0.2], requires_grad=True)
+    own, others = torch.tensor([0.4, 0.4], requires_grad=True), torch.tensor([0.05, 0.2], requires_grad=True)
     loss = contrast_loss(own, others, 4.0)
     assert float(loss.detach()) == pytest.approx(0.5 * math.log(2.0))  # only the second pair is short of 4 times
     loss.backward()
     assert own.grad[1] < 0 < others.grad[1] and own.grad[0] == others.grad[0] == 0  # up on the photo, down elsewhere
-    assert float(contrast_loss(own, others, 2.0).detach()) == 0.0
+    assert float(contrast_loss(own, others, 1.5).detach()) == 0.0
 
 
 def test_learning_refuses_bad_contrast_settings_and_keeps_keys_without_it():
@@ -512,7 +515,13 @@ def test_learning_refuses_bad_contrast_settings_and_keeps_keys_without_it():
     from attnseg.train.personalize import PersonalizeConfig, config_key, learn_concept
 
     photos = [np.zeros((64, 64, 3), np.uint8)]
-    for bad in (PersonalizeConfig(contrast_ratio=0), PersonalizeConfig(contrast_share=0), PersonalizeConfig(contrast_weight=-1)):
+    bad_settings = (
+        PersonalizeConfig(contrast_ratio=0),
+        PersonalizeConfig(contrast_share=0),
+        PersonalizeConfig(contrast_weight=-1),
+        PersonalizeConfig(contrast_images=0),
+    )
+    for bad in bad_settings:
         with pytest.raises(ConceptError, match="contrastive loss"):
             learn_concept(None, photos, "<my-x>", "circle", "c.safetensors", bad)
     off = PersonalizeConfig(contrast_weight=0)

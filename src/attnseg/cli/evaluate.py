@@ -144,10 +144,13 @@ def bench(
     seed: Annotated[int, typer.Option(help="personal: seed of photos, scenes, learning and noise.")] = 1,
     preset: Annotated[
         str | None,
-        typer.Option(help="personal: segmentation preset (default, bf, class-region, plain; see segment --concept)."),
+        typer.Option(
+            help="personal: segmentation preset (default, bf, class-region, plain; see segment --concept; default: default)."
+        ),
     ] = None,
     contrast: Annotated[
-        float | None, typer.Option(help="personal: weight of the concepts' contrastive attention loss (see personalize).")
+        float | None,
+        typer.Option(help="personal: weight of the concepts' contrastive attention loss (see personalize; default: 1)."),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads of torch (default: torch's).")] = None,
     family: Annotated[

@@ -10,7 +10,7 @@ the words that training captions may use for it, an upper baseline for a model t
 "settings": {...}}`` (percent) and ``personal.md``.
 
 Layout of ``out``: ``photos/<look>/NN.png`` (the training photos), ``scenes/NNNN.png`` (the test images),
-``concepts/<method>/<look>.safetensors`` (with their sample grids), ``personal.json``, ``personal.md``.
+``concepts/<method>/<look>-<settings digest>.safetensors`` (with their sample grids), ``personal.json``, ``personal.md``.
 """
 
 from __future__ import annotations
