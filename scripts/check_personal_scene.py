@@ -19,8 +19,6 @@ counted are those with exactly one object of that colour and look.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 from attnseg.methods.personal import PERSONAL_PRESETS, iou
 from attnseg.predictor import AttnSegPredictor
 from attnseg.shapes.personal import test_scene, training_photos
-from attnseg.train.personalize import PersonalizeConfig, learn_concept, settings_record
+from attnseg.train.personalize import PersonalizeConfig, learn_concept, settings_digest
 
 
 def main() -> None:
@@ -50,8 +48,7 @@ def main() -> None:
     name = f"my-{a.colour}-{a.look}" if a.colour else f"my-{a.look}"
     token = f"<{name}>"
     cfg = PersonalizeConfig(method=a.method, contrast_weight=a.contrast)
-    digest = hashlib.sha256(json.dumps(settings_record(cfg), sort_keys=True).encode()).hexdigest()[:12]
-    concept = a.out / f"{name}-{digest}.safetensors"  # one file per learning settings
+    concept = a.out / f"{name}-{settings_digest(cfg)}.safetensors"  # one file per learning settings
     if not concept.is_file():
         learner = AttnSegPredictor.from_pretrained(a.model)
         photos = training_photos(a.look, a.shape, 8, 0, colour=a.colour)

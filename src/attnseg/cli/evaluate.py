@@ -224,7 +224,6 @@ def _bench_personal(
     if preset not in PERSONAL_PRESETS:
         _err(f"unknown preset {preset!r} for bench personal: use one of {', '.join(PERSONAL_PRESETS)}")
         raise typer.Exit(2)
-
     if out is None:
         _err("bench personal needs --out DIR (photos, scenes, concepts and personal.json go there)")
         raise typer.Exit(2)

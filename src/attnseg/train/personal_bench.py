@@ -15,7 +15,6 @@ Layout of ``out``: ``photos/<look>/NN.png`` (the training photos), ``scenes/NNNN
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -32,7 +31,7 @@ from attnseg.io.files import atomic_write_bytes
 from attnseg.methods.personal import PersonalConfig, accuracy, iou, true_segments
 from attnseg.shapes.personal import SPLITS, PersonalScene, test_scene, token_of, training_photos
 from attnseg.shapes.world import LOOKS
-from attnseg.train.personalize import PersonalizeConfig, learn_concept, read_photos, settings_record
+from attnseg.train.personalize import PersonalizeConfig, learn_concept, read_photos, settings_digest
 
 ROWS: tuple[str, ...] = ("attnseg", "subject_only", "context_only")
 
@@ -73,8 +72,7 @@ def photos_dir(out: Path, cfg: PersonalBenchConfig, look: str) -> Path:
 def concept_path(out: Path, cfg: PersonalBenchConfig, method: str, look: str) -> Path:
     """The concept file of ``look`` learned by ``method``, named by a digest of the learning settings and the photos'
     folder, so that a run with other settings learns its own instead of reusing another's."""
-    record = {**settings_record(replace(cfg.learn, method=method)), "photos": str(photos_dir(out, cfg, look).relative_to(out))}
-    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    key = settings_digest(replace(cfg.learn, method=method), {"photos": str(photos_dir(out, cfg, look).relative_to(out))})
     return out / "concepts" / method / f"{look}-{key}.safetensors"
 
 

@@ -127,6 +127,12 @@ def settings_record(cfg: PersonalizeConfig) -> dict:
     return settings
 
 
+def settings_digest(cfg: PersonalizeConfig, extra: dict | None = None) -> str:
+    """A 12-digit digest of :func:`settings_record` (and ``extra``): names a concept file by what it was learned with."""
+    record = {**settings_record(cfg), **(extra or {})}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def config_key(cfg: PersonalizeConfig, token: str, class_word: str, photos: Sequence[np.ndarray], model: str = "") -> str:
     """Digest of what a checkpoint belongs to: the settings (but the checkpoint interval), token, class, photos and the
     model's fingerprint (a checkpoint of another model is not resumed)."""
@@ -285,15 +291,13 @@ def learn_concept(
         ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
         if contrast:
             z0 = torch.cat([z0, others[torch.randint(0, len(others), (b,), generator=g)]])
-            t, noise_all, ids = torch.cat([t, t]), torch.cat([noise, noise]), torch.cat([ids, ids])
-        else:
-            noise_all = noise
+            t, noise, ids = torch.cat([t, t]), torch.cat([noise, noise]), torch.cat([ids, ids])
         a = abar[t].to(dev).view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0.to(dev) + (1 - a).sqrt() * noise_all.to(dev)
+        zt = a.sqrt() * z0.to(dev) + (1 - a).sqrt() * noise.to(dev)
         with capture_attention(unet, cross_names if contrast else []) as store:
             hidden = te(ids.to(dev))[0]
             pred = unet(zt.to(dev, unet.dtype), t.to(dev), encoder_hidden_states=hidden.to(unet.dtype)).sample
-        loss = F.mse_loss(pred[:b].float(), noise.to(dev))
+        loss = F.mse_loss(pred[:b].float(), noise[:b].to(dev))
         if contrast:
             peaks = token_peaks(
                 [store.mean(n) for n in cross_names], (ids == tid).float().argmax(dim=1).to(dev), cfg.contrast_share
