@@ -71,6 +71,12 @@ def test_sd3_stage_trains_resumes_and_exports(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     resumed = [r for r in log if r.get("resumed_at") == 4]
     assert resumed and resumed[-1]["colour_prob"] == 0.3
+    # ... and with the noise-level distribution it was last given.
+    main(["sd3", "--work", str(tmp_path), "--steps", "6", "--threads", "1", "--noise-mean", "0.5", "--noise-std", "1.25"])
+    main(["sd3", "--work", str(tmp_path), "--steps", "7", "--threads", "1"])
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["noise_mean"], r["noise_std"]) for r in log if r.get("resumed_at") in (5, 6)] == [(0.5, 1.25)] * 2
+    cfg.unet_steps = 7
 
     out = stage_export_sd3(cfg, tmp_path / "pipe")
     pipe = StableDiffusion3Pipeline.from_pretrained(out, dtype=torch.float32, text_encoder_3=None, tokenizer_3=None)
@@ -78,11 +84,24 @@ def test_sd3_stage_trains_resumes_and_exports(tmp_path):
     assert pipe.vae.config.shift_factor == 0.0
     im = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np", **SD3_CALL).images
     assert im.shape == (1, 64, 64, 3) and np.isfinite(im).all()
-    assert json.loads((out / "training.json").read_text())["step"] == 5
+    assert json.loads((out / "training.json").read_text())["step"] == 7
     # The pooled conditioning is off (the default): zero and frozen through training and in the exported pipeline.
     assert all(not p.text_projection.weight.any() for p in (pipe.text_encoder, pipe.text_encoder_2))
     _, _, pooled, _ = pipe.encode_prompt("a red circle", None, None, device="cpu", do_classifier_free_guidance=False, **SD3_CALL)
     assert pooled.abs().max() == 0
+
+
+def test_noise_levels_follow_the_logit_normal_asked_for():
+    from attnseg.train.embedded.sd3 import noise_levels
+
+    g = torch.Generator().manual_seed(0)
+    sd3 = noise_levels(200_000, 0.0, 1.0, g)
+    shifted = noise_levels(200_000, 0.5, 1.25, g)
+    # lognorm(0, 1): median 0.5, P(s > 0.8) = P(z > logit 0.8 = 1.386) = 0.083.
+    assert sd3.median() == pytest.approx(0.5, abs=0.005) and (sd3 > 0.8).float().mean() == pytest.approx(0.083, abs=0.003)
+    # lognorm(0.5, 1.25): median sigmoid(0.5) = 0.622, P(s > 0.8) = P(z > (1.386 - 0.5) / 1.25 = 0.709) = 0.239.
+    assert shifted.median() == pytest.approx(0.622, abs=0.005)
+    assert (shifted > 0.8).float().mean() == pytest.approx(0.239, abs=0.004)
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -105,6 +105,20 @@ def main(argv: list[str] | None = None) -> None:
         help="sd3 stage with --init-ckpt: the transformer's patch side, a multiple of the source's (a coarser token "
         "grid; default: the source's)",
     )
+    p.add_argument(
+        "--noise-mean",
+        type=float,
+        default=None,
+        help="sd3 stage: location of the logit-normal distribution of the noise level s (default: as resumed, else as "
+        "in the --init-ckpt run, else 0, SD3's; 0.5 with --noise-std 1.25 is about the UNet's own distribution)",
+    )
+    p.add_argument(
+        "--noise-std",
+        type=float,
+        default=None,
+        help="sd3 stage: scale of that distribution, above 0 (default: as resumed, else as in the --init-ckpt run, "
+        "else 1, SD3's)",
+    )
     p.add_argument("--unet-channels", default=None, help="new runs: UNet width per level, e.g. 64,128 (default 64,128,128)")
     p.add_argument(
         "--cross-every-level",
@@ -117,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag, v in (("--pos-scale", a.pos_scale), ("--text-pos-scale", a.text_pos_scale)):
         if v is not None and not v > 0:
             p.error(f"{flag} must be a factor above 0, got {v}")
+    if a.noise_std is not None and not a.noise_std > 0:
+        p.error(f"--noise-std must be a scale above 0, got {a.noise_std}")
     if a.patch is not None and a.patch < 1:
         p.error(f"--patch must be a side of at least 1 latent pixel, got {a.patch}")
     if a.init_ckpt and Path(a.init_ckpt).is_dir() and a.stage != "sd3":
@@ -139,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg.look_word_prob = (
         a.look_word_prob if a.look_word_prob is not None else (resumed or source or {}).get("look_word_prob", 0.0)
     )
+    for field, asked in (("noise_mean", a.noise_mean), ("noise_std", a.noise_std)):
+        setattr(cfg, field, asked if asked is not None else (resumed or source or {}).get(field, getattr(cfg, field)))
     cfg.lr_decay_steps = _lr_decay_steps(resumed, a.lr_decay_steps)
     continued = resumed if resumed is not None else _source_layout(a.init_from, a.init_ckpt)
     cfg.unet_channels, cfg.unet_cross_every_level = _unet_layout(continued, a.unet_channels, a.cross_every_level)

@@ -14,7 +14,7 @@ latents and words:
 - no T5 encoder: the pipeline's T5 slot is empty and is called with ``max_sequence_length=0`` (``SD3_CALL``), so
   the transformer sees the 77 CLIP tokens only;
 - rectified flow as in SD3: x_t = (1 - s) x_0 + s e, the transformer predicts e - x_0, s drawn logit-normal
-  (mean 0, std 1), sampled with ``FlowMatchEulerDiscreteScheduler`` (shift 1: the images are 64 px).
+  (SD3's mean 0, std 1 unless ``TrainConfig.noise_mean`` / ``noise_std`` say otherwise), sampled with ``FlowMatchEulerDiscreteScheduler`` (shift 1: the images are 64 px).
 
 Training is the UNet's otherwise: cached latents, captions drawn anew at every step (10% empty), the loss of a
 pixel weighted by 1 + ``object_weight`` x its latent cell's object fraction (the only use of the masks; the
@@ -335,6 +335,8 @@ def stage_sd3(
                 "colour_prob": cfg.colour_prob,
                 "look_word_prob": cfg.look_word_prob,
                 "lr_decay_steps": cfg.lr_decay_steps,
+                "noise_mean": cfg.noise_mean,
+                "noise_std": cfg.noise_std,
             },
         )
         if init_ckpt or init_from:  # a run resumes from its own checkpoint; say so rather than start anew
@@ -415,7 +417,7 @@ def stage_sd3(
             )
             g = torch.Generator().manual_seed(int(rng.integers(2**62)))
             noise = torch.randn(z0.shape, generator=g)
-            s = torch.sigmoid(torch.randn((cfg.batch,), generator=g))  # logit-normal (SD3's sampling of s)
+            s = noise_levels(cfg.batch, cfg.noise_mean, cfg.noise_std, g)
             zt = (1 - s.view(-1, 1, 1, 1)) * z0 + s.view(-1, 1, 1, 1) * noise
             states, pooled = encode_text(te1, te2, _tokenize(tok, caps))
             pred = model(zt, encoder_hidden_states=states, pooled_projections=pooled, timestep=s * 1000).sample
@@ -448,6 +450,11 @@ def stage_sd3(
                 _log(work, {"stage": "sd3-diag", "step": step, **flow_text_gain(model, te1, te2, tok, _load_vae(work), scale)})
                 for m in (model, te1, te2):
                     m.train()
+
+
+def noise_levels(n: int, mean: float, std: float, generator: torch.Generator) -> torch.Tensor:
+    """``n`` noise levels s in (0, 1), logit-normal: logit s ~ N(``mean``, ``std``) (SD3's lognorm(mean, std))."""
+    return torch.sigmoid(mean + std * torch.randn((n,), generator=generator))
 
 
 def flow_text_gain(model, te1, te2, tok, vae, scale: float, n: int = 48) -> dict[str, float]:
