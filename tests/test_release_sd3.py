@@ -7,9 +7,11 @@ import torch
 from attnseg.train.embedded.release_sd3 import history_table, run_history
 
 
-def _ckpt(folder, step, colour_prob, decay=(None, 0), **arch):
+def _ckpt(folder, step, colour_prob, decay=(None, 0), noise=None, **arch):
     folder.mkdir()
     config = {"colour_prob": colour_prob, "lr_decay_steps": decay[1], "sd3_arch": {"layers": 4, **arch}}
+    if noise is not None:  # checkpoints written before the setting existed lack it
+        config["noise_mean"], config["noise_std"] = noise
     torch.save({"step": step, "decay_from": decay[0], "config": config}, folder / "sd3-ckpt.pt")
     return str(folder)
 
@@ -30,6 +32,25 @@ def test_run_history_names_each_runs_change_and_counts_steps_across_runs(tmp_pat
     assert rows[2].startswith("| T3 | 140-150 | grown from 4 to 8 joint blocks")
     assert "text stream frozen" in rows[2] and "position table x 0.25 (was x 1.0)" in rows[2]
     assert rows[3] == "| T4 | 150-155 | continued | 50% |"
+
+
+def test_run_history_names_a_change_of_the_noise_levels(tmp_path):
+    import json
+
+    works = [
+        _ckpt(tmp_path / "t3", 40, 0.3, noise=(0.5, 1.25)),
+        _ckpt(tmp_path / "t4", 5, 0.3, noise=(0.5, 1.25)),
+        _ckpt(tmp_path / "t5", 5, 0.3),
+    ]
+    released = {"runs": [{"run": "T2", "from": 0, "to": 160, "change": "x", "colour": 30}], "hours": 1, "arch": {"layers": 4}}
+    start = {"stage": "sd3", "init_ckpt": "released", "from_step": 160, "released_history": released}
+    (tmp_path / "t3" / "log.jsonl").write_text(json.dumps(start) + "\n")
+    _, rows = run_history(works)
+    assert (
+        rows[1]["change"] == "from the released weights of T2 (its EMA); noise levels lognorm(0.5, 1.25) (was lognorm(0.0, 1.0))"
+    )
+    assert rows[1]["noise"] == [0.5, 1.25] and rows[2]["change"] == "continued"
+    assert rows[3]["change"] == "noise levels lognorm(0.0, 1.0) (was lognorm(0.5, 1.25))"
 
 
 def test_the_history_ends_at_the_exported_step():
@@ -88,8 +109,9 @@ def test_a_run_from_a_released_model_carries_the_release_history_on(tmp_path):
         "to": 200,
         "change": "from the released weights of T2 (its EMA); re-patched to tokens of 2 x 2 latent pixels (was 1 x 1)",
         "colour": 30,
+        "noise": [0.0, 1.0],
     }
-    assert rows[3] == {"run": "T4", "from": 200, "to": 205, "change": "continued", "colour": 30}
+    assert rows[3] == {"run": "T4", "from": 200, "to": 205, "change": "continued", "colour": 30, "noise": [0.0, 1.0]}
     assert "| T3 | 160-200 | from the released weights of T2" in history_table(rows)
 
 

@@ -97,8 +97,9 @@ captions drawn anew at every step, a share of the objects named by colour and sh
 shape alone; 10% empty captions. Evaluation scenes use world seed 1 and are never seen in training.
 
 ## Training (`attnseg train-toy sd3`)
-- Rectified flow as SD3 trains it: x_s = (1 - s) x_0 + s e, s logit-normal (mean 0, std 1), target e - x_0; batch
-  {batch}, AdamW lr {lr} with {warmup} warm-up steps, EMA {ema} (the shipped weights are the EMA), gradient clipping at 1.
+- Rectified flow as SD3 trains it: x_s = (1 - s) x_0 + s e, s logit-normal (SD3's mean 0 and std 1 unless a run
+  below says otherwise), target e - x_0; batch {batch}, AdamW lr {lr} with {warmup} warm-up steps, EMA {ema} (the
+  shipped weights are the EMA), gradient clipping at 1.
 - **Use of the masks**: the denoising loss of a latent cell is weighted by 1 + {obj_w} x its object fraction. Nothing else
   uses them: the attention is never trained on masks.
 - Runs, each continuing the one before from its weights (a fresh optimiser and EMA); {total_steps:,} steps of
@@ -162,10 +163,15 @@ def run_history(
     start = rows[-1]["to"] if rows else 0
     for i, r in enumerate(runs):
         prev_arch = runs[i - 1]["arch"] if i else (asdict(_arch_of({"sd3_arch": released["arch"]})) if released else None)
+        noise = _noise(r["config"])
         if prev_arch is None:
             change = "from scratch (text embeddings from the UNet model's encoder)"
         else:
             changes = [_change(k, prev_arch[k], v) for k, v in r["arch"].items() if prev_arch[k] != v]
+            # a released row without the key comes from a run that drew SD3's lognorm(0, 1)
+            prev_noise = _noise(runs[i - 1]["config"]) if i else rows[-1].get("noise", [0.0, 1.0])
+            if noise != prev_noise:
+                changes.append(f"noise levels lognorm({noise[0]}, {noise[1]}) (was lognorm({prev_noise[0]}, {prev_noise[1]}))")
             change = _and(changes) if changes else "continued"
             if i == 0:
                 change = f"from the released weights of {rows[-1]['run']} (its EMA); {change}"
@@ -174,9 +180,14 @@ def run_history(
             floor = 100 * float(r["config"].get("lr_floor", TrainConfig.lr_floor))
             change += f"; learning rate cosine-decayed to {floor:.0f}% over steps {start + a:,}-{min(start + a + n, end):,}"
         colour = round(100 * float(r["config"].get("colour_prob", 0.8)))
-        rows.append({"run": f"T{len(rows) + 1}", "from": start, "to": end, "change": change, "colour": colour})
+        rows.append({"run": f"T{len(rows) + 1}", "from": start, "to": end, "change": change, "colour": colour, "noise": noise})
         start = end
     return runs, rows
+
+
+def _noise(config: dict) -> list[float]:
+    """A run's logit-normal distribution of the noise level, [mean, std] (``TrainConfig.noise_mean`` / ``noise_std``)."""
+    return [float(config.get("noise_mean", TrainConfig.noise_mean)), float(config.get("noise_std", TrainConfig.noise_std))]
 
 
 def history_table(rows: list[dict]) -> str:
