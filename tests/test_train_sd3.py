@@ -89,6 +89,13 @@ def test_sd3_stage_trains_resumes_and_exports(tmp_path):
     assert all(not p.text_projection.weight.any() for p in (pipe.text_encoder, pipe.text_encoder_2))
     _, _, pooled, _ = pipe.encode_prompt("a red circle", None, None, device="cpu", do_classifier_free_guidance=False, **SD3_CALL)
     assert pooled.abs().max() == 0
+    # A UNet folder teaches the transformer's targets, and a resumed run keeps its teacher; an SD3 folder cannot teach.
+    main(["sd3", "--work", str(tmp_path), "--steps", "8", "--threads", "1", "--teacher", str(EMBEDDED_DIR)])
+    main(["sd3", "--work", str(tmp_path), "--steps", "9", "--threads", "1"])
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["teacher"] for r in log if r.get("resumed_at") in (7, 8)] == [str(EMBEDDED_DIR.resolve())] * 2
+    with pytest.raises(SystemExit, match="not a UNet pipeline folder"):
+        main(["sd3", "--work", str(tmp_path), "--steps", "10", "--threads", "1", "--teacher", str(out)])
 
 
 def test_noise_levels_follow_the_logit_normal_asked_for():
@@ -102,6 +109,33 @@ def test_noise_levels_follow_the_logit_normal_asked_for():
     # lognorm(0.5, 1.25): median sigmoid(0.5) = 0.622, P(s > 0.8) = P(z > (1.386 - 0.5) / 1.25 = 0.709) = 0.239.
     assert shifted.median() == pytest.approx(0.622, abs=0.005)
     assert (shifted > 0.8).float().mean() == pytest.approx(0.239, abs=0.004)
+
+
+def test_a_noise_predictor_read_at_the_same_signal_to_noise_ratio_gives_the_flow_velocity():
+    from attnseg.train.embedded.sd3 import teacher_velocity
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # the embedded UNet's schedule
+    abar = torch.cumprod(1 - betas, 0).float()
+    g = torch.Generator().manual_seed(0)
+    x0, e = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    # s = 0.935 is about the schedule's last step (sqrt(a / (1 - a)) = 0.069 = (1 - s) / s); 0.99 lies beyond it.
+    s = torch.tensor([0.3, 0.6, 0.9, 0.99])
+    zt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * e
+    seen = {}
+
+    def perfect(x, t):  # a noise predictor that knows the noise
+        seen.update(x=x, t=t)
+        return e
+
+    v, inside = teacher_velocity(perfect, zt, s, abar)
+    assert inside.tolist() == [True, True, True, False]
+    assert torch.allclose(v, e - x0, atol=1e-4)
+    # It was shown the DDPM sample of the same SNR, at the timestep whose alphas_cumprod is that sample's a.
+    a = ((1 - s) / s) ** 2 / (1 + ((1 - s) / s) ** 2)
+    expected = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * e
+    assert torch.allclose(seen["x"], expected, atol=1e-5)
+    read = np.interp(seen["t"][:3].numpy(), np.arange(1000), np.log(abar.numpy()))
+    assert np.allclose(read, np.log(a[:3].numpy()), atol=1e-3) and seen["t"][3] == 999
 
 
 @pytest.mark.filterwarnings("ignore")

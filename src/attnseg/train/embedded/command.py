@@ -119,6 +119,13 @@ def main(argv: list[str] | None = None) -> None:
         help="sd3 stage: scale of that distribution, above 0 (default: as resumed, else as in the --init-ckpt run, "
         "else 1, SD3's)",
     )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="sd3 stage: a UNet pipeline folder (e.g. src/attnseg/assets/embedded) whose denoising predictions, at the "
+        "same signal-to-noise ratio, are the transformer's targets (default: as resumed, else as in the --init-ckpt "
+        "run, else none: the samples' own targets); '' turns it off",
+    )
     p.add_argument("--unet-channels", default=None, help="new runs: UNet width per level, e.g. 64,128 (default 64,128,128)")
     p.add_argument(
         "--cross-every-level",
@@ -155,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg.look_word_prob = (
         a.look_word_prob if a.look_word_prob is not None else (resumed or source or {}).get("look_word_prob", 0.0)
     )
-    for field, asked in (("noise_mean", a.noise_mean), ("noise_std", a.noise_std)):
+    teacher = str(Path(a.teacher).resolve()) if a.teacher else a.teacher  # a run may resume from another folder
+    for field, asked in (("noise_mean", a.noise_mean), ("noise_std", a.noise_std), ("teacher", teacher)):
         setattr(cfg, field, asked if asked is not None else (resumed or source or {}).get(field, getattr(cfg, field)))
     cfg.lr_decay_steps = _lr_decay_steps(resumed, a.lr_decay_steps)
     continued = resumed if resumed is not None else _source_layout(a.init_from, a.init_ckpt)

@@ -309,6 +309,7 @@ def stage_sd3(
             arch = replace(arch, layers=grow_to)
         if patch is not None:
             arch = replace(arch, patch=patch)
+    teacher = load_teacher(cfg.teacher) if cfg.teacher else None
     model = build_transformer(arch, latents.shape[-1], latents.shape[1])
     positions = model.pos_embed.pos_embed.clone()  # SD3's sine-cosine table
     model.pos_embed.pos_embed.mul_(arch.pos_scale)  # a run's own checkpoint, loaded below, holds the same
@@ -337,6 +338,7 @@ def stage_sd3(
                 "lr_decay_steps": cfg.lr_decay_steps,
                 "noise_mean": cfg.noise_mean,
                 "noise_std": cfg.noise_std,
+                "teacher": cfg.teacher,
             },
         )
         if init_ckpt or init_from:  # a run resumes from its own checkpoint; say so rather than start anew
@@ -421,8 +423,19 @@ def stage_sd3(
             zt = (1 - s.view(-1, 1, 1, 1)) * z0 + s.view(-1, 1, 1, 1) * noise
             states, pooled = encode_text(te1, te2, _tokenize(tok, caps))
             pred = model(zt, encoder_hidden_states=states, pooled_projections=pooled, timestep=s * 1000).sample
+            target = noise - z0
+            if teacher is not None:
+                unet, t_te, t_tok, abar = teacher
+                with torch.no_grad():
+                    t_states = t_te(_tokenize(t_tok, caps))[0]
+
+                    def eps(x, t, unet=unet, t_states=t_states):
+                        return unet(x, t, encoder_hidden_states=t_states).sample
+
+                    v, inside = teacher_velocity(eps, zt, s, abar)
+                target = torch.where(inside.view(-1, 1, 1, 1), v, target)
             pix_w = 1 + cfg.object_weight * of
-            loss = (((pred - (noise - z0)) ** 2 * pix_w).mean(dim=(1, 2, 3)) / pix_w.mean(dim=(1, 2, 3))).mean()
+            loss = (((pred - target) ** 2 * pix_w).mean(dim=(1, 2, 3)) / pix_w.mean(dim=(1, 2, 3))).mean()
             lr = learning_rate(cfg, step, warm_from, decay_from)
             for gr in opt.param_groups:
                 gr["lr"] = lr
@@ -455,6 +468,47 @@ def stage_sd3(
 def noise_levels(n: int, mean: float, std: float, generator: torch.Generator) -> torch.Tensor:
     """``n`` noise levels s in (0, 1), logit-normal: logit s ~ N(``mean``, ``std``) (SD3's lognorm(mean, std))."""
     return torch.sigmoid(mean + std * torch.randn((n,), generator=generator))
+
+
+def teacher_velocity(
+    eps_fn, zt: torch.Tensor, s: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DDPM noise predictor's flow velocity at the flow samples ``zt`` = (1 - s) x_0 + s e: each sample is rescaled
+    to the DDPM sample of the same signal-to-noise ratio, sqrt(a) x_0 + sqrt(1 - a) e with sqrt(a / (1 - a)) =
+    (1 - s) / s, read at the (fractional) timestep whose ``alphas_cumprod`` is a (interpolated in log a), and its
+    predicted noise turned into e - x_0. ``eps_fn(x, t)`` predicts the noise. Returns the velocities and whether
+    each s lies within the schedule (outside it the timestep is clamped to the schedule's ends)."""
+    r2 = ((1 - s) / s) ** 2
+    a = r2 / (1 + r2)
+    log_a = torch.log(alphas_cumprod.double())  # decreasing in t
+    la = torch.log(a.double())
+    inside = (la <= log_a[0]) & (la >= log_a[-1])
+    la = la.clamp(log_a[-1], log_a[0])
+    hi = torch.searchsorted(-log_a, -la).clamp(1, len(log_a) - 1)  # first t whose log a is at or below la
+    frac = (log_a[hi - 1] - la) / (log_a[hi - 1] - log_a[hi])
+    t = (hi - 1 + frac).float()
+    x = zt * (a.sqrt() / (1 - s)).view(-1, 1, 1, 1)
+    eps = eps_fn(x, t)
+    x0 = (zt - s.view(-1, 1, 1, 1) * eps) / (1 - s).view(-1, 1, 1, 1)
+    return eps - x0, inside
+
+
+def load_teacher(folder: str | Path):
+    """The UNet, text encoder, tokenizer and ``alphas_cumprod`` of a DDPM pipeline folder (:attr:`TrainConfig.teacher`),
+    in fp32 and eval mode."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    if not (folder / "unet").is_dir():
+        raise SystemExit(f"--teacher {folder}: not a UNet pipeline folder (it has no unet/); give the embedded UNet model's")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.float32).eval()
+    te = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32).eval()
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    sched = DDPMScheduler.from_pretrained(folder / "scheduler")
+    if sched.config.prediction_type != "epsilon":
+        raise SystemExit(f"--teacher {folder}: its scheduler predicts {sched.config.prediction_type}, not the noise")
+    return unet, te, tok, sched.alphas_cumprod
 
 
 def flow_text_gain(model, te1, te2, tok, vae, scale: float, n: int = 48) -> dict[str, float]:

@@ -88,6 +88,11 @@ class TrainConfig:
     1.25): a quarter of its steps have s > 0.8, against 8% under lognorm(0, 1)."""
     noise_std: float = 1.0
     """sd3 stage: scale of the logit-normal distribution of s (see ``noise_mean``)."""
+    teacher: str = ""
+    """sd3 stage: a UNet pipeline folder (the embedded UNet model's, say) whose denoising predictions, read at the same
+    signal-to-noise ratio, are the transformer's targets wherever s lies within the UNet's schedule, in place of the
+    sample's own e - x_0 (knowledge distillation of the denoiser's outputs; no attention and no mask is involved).
+    Empty: the sample's own target, as SD3 trains."""
     unet_channels: tuple[int, ...] = ToyArch.unet_channels
     """UNet width per level (one level per entry; the latent is halved between levels)."""
     unet_cross_every_level: bool = ToyArch.unet_cross_every_level
