@@ -7,11 +7,13 @@ import torch
 from attnseg.train.embedded.release_sd3 import history_table, run_history
 
 
-def _ckpt(folder, step, colour_prob, decay=(None, 0), noise=None, **arch):
+def _ckpt(folder, step, colour_prob, decay=(None, 0), noise=None, teacher=None, **arch):
     folder.mkdir()
     config = {"colour_prob": colour_prob, "lr_decay_steps": decay[1], "sd3_arch": {"layers": 4, **arch}}
     if noise is not None:  # checkpoints written before the setting existed lack it
         config["noise_mean"], config["noise_std"] = noise
+    if teacher is not None:
+        config["teacher"] = teacher
     torch.save({"step": step, "decay_from": decay[0], "config": config}, folder / "sd3-ckpt.pt")
     return str(folder)
 
@@ -34,13 +36,14 @@ def test_run_history_names_each_runs_change_and_counts_steps_across_runs(tmp_pat
     assert rows[3] == "| T4 | 150-155 | continued | 50% |"
 
 
-def test_run_history_names_a_change_of_the_noise_levels(tmp_path):
+def test_run_history_names_a_change_of_the_noise_levels_and_of_the_teacher(tmp_path):
     import json
 
     works = [
         _ckpt(tmp_path / "t3", 40, 0.3, noise=(0.5, 1.25)),
         _ckpt(tmp_path / "t4", 5, 0.3, noise=(0.5, 1.25)),
-        _ckpt(tmp_path / "t5", 5, 0.3),
+        _ckpt(tmp_path / "t5", 5, 0.3, teacher="/somewhere/assets/embedded"),
+        _ckpt(tmp_path / "t6", 5, 0.3, teacher=""),
     ]
     released = {"runs": [{"run": "T2", "from": 0, "to": 160, "change": "x", "colour": 30}], "hours": 1, "arch": {"layers": 4}}
     start = {"stage": "sd3", "init_ckpt": "released", "from_step": 160, "released_history": released}
@@ -50,7 +53,10 @@ def test_run_history_names_a_change_of_the_noise_levels(tmp_path):
         rows[1]["change"] == "from the released weights of T2 (its EMA); noise levels lognorm(0.5, 1.25) (was lognorm(0.0, 1.0))"
     )
     assert rows[1]["noise"] == [0.5, 1.25] and rows[2]["change"] == "continued"
-    assert rows[3]["change"] == "noise levels lognorm(0.0, 1.0) (was lognorm(0.5, 1.25))"
+    assert rows[3]["change"] == (
+        "noise levels lognorm(0.0, 1.0) (was lognorm(0.5, 1.25)) and targets from the UNet teacher 'embedded'"
+    )
+    assert rows[3]["teacher"] == "embedded" and rows[4]["change"] == "its own targets (was the teacher 'embedded')"
 
 
 def test_the_history_ends_at_the_exported_step():
@@ -110,8 +116,17 @@ def test_a_run_from_a_released_model_carries_the_release_history_on(tmp_path):
         "change": "from the released weights of T2 (its EMA); re-patched to tokens of 2 x 2 latent pixels (was 1 x 1)",
         "colour": 30,
         "noise": [0.0, 1.0],
+        "teacher": "",
     }
-    assert rows[3] == {"run": "T4", "from": 200, "to": 205, "change": "continued", "colour": 30, "noise": [0.0, 1.0]}
+    assert rows[3] == {
+        "run": "T4",
+        "from": 200,
+        "to": 205,
+        "change": "continued",
+        "colour": 30,
+        "noise": [0.0, 1.0],
+        "teacher": "",
+    }
     assert "| T3 | 160-200 | from the released weights of T2" in history_table(rows)
 
 

@@ -98,7 +98,8 @@ shape alone; 10% empty captions. Evaluation scenes use world seed 1 and are neve
 
 ## Training (`attnseg train-toy sd3`)
 - Rectified flow as SD3 trains it: x_s = (1 - s) x_0 + s e, s logit-normal (SD3's mean 0 and std 1 unless a run
-  below says otherwise), target e - x_0; batch {batch}, AdamW lr {lr} with {warmup} warm-up steps, EMA {ema} (the
+  below says otherwise), target e - x_0 (unless a run below names a teacher: then a UNet model's denoising
+  predictions at the same signal-to-noise ratio, for s within its schedule); batch {batch}, AdamW lr {lr} with {warmup} warm-up steps, EMA {ema} (the
   shipped weights are the EMA), gradient clipping at 1.
 - **Use of the masks**: the denoising loss of a latent cell is weighted by 1 + {obj_w} x its object fraction. Nothing else
   uses them: the attention is never trained on masks.
@@ -163,7 +164,7 @@ def run_history(
     start = rows[-1]["to"] if rows else 0
     for i, r in enumerate(runs):
         prev_arch = runs[i - 1]["arch"] if i else (asdict(_arch_of({"sd3_arch": released["arch"]})) if released else None)
-        noise = _noise(r["config"])
+        noise, teacher = _noise(r["config"]), _teacher(r["config"])
         if prev_arch is None:
             change = "from scratch (text embeddings from the UNet model's encoder)"
         else:
@@ -172,6 +173,13 @@ def run_history(
             prev_noise = _noise(runs[i - 1]["config"]) if i else rows[-1].get("noise", [0.0, 1.0])
             if noise != prev_noise:
                 changes.append(f"noise levels lognorm({noise[0]}, {noise[1]}) (was lognorm({prev_noise[0]}, {prev_noise[1]}))")
+            prev_teacher = _teacher(runs[i - 1]["config"]) if i else rows[-1].get("teacher", "")
+            if teacher != prev_teacher:
+                changes.append(
+                    f"targets from the UNet teacher '{teacher}'"
+                    if teacher
+                    else f"its own targets (was the teacher '{prev_teacher}')"
+                )
             change = _and(changes) if changes else "continued"
             if i == 0:
                 change = f"from the released weights of {rows[-1]['run']} (its EMA); {change}"
@@ -180,7 +188,17 @@ def run_history(
             floor = 100 * float(r["config"].get("lr_floor", TrainConfig.lr_floor))
             change += f"; learning rate cosine-decayed to {floor:.0f}% over steps {start + a:,}-{min(start + a + n, end):,}"
         colour = round(100 * float(r["config"].get("colour_prob", 0.8)))
-        rows.append({"run": f"T{len(rows) + 1}", "from": start, "to": end, "change": change, "colour": colour, "noise": noise})
+        rows.append(
+            {
+                "run": f"T{len(rows) + 1}",
+                "from": start,
+                "to": end,
+                "change": change,
+                "colour": colour,
+                "noise": noise,
+                "teacher": teacher,
+            }
+        )
         start = end
     return runs, rows
 
@@ -188,6 +206,11 @@ def run_history(
 def _noise(config: dict) -> list[float]:
     """A run's logit-normal distribution of the noise level, [mean, std] (``TrainConfig.noise_mean`` / ``noise_std``)."""
     return [float(config.get("noise_mean", TrainConfig.noise_mean)), float(config.get("noise_std", TrainConfig.noise_std))]
+
+
+def _teacher(config: dict) -> str:
+    """The folder name of a run's UNet teacher (``TrainConfig.teacher``), '' for none; a name, not a machine's path."""
+    return Path(config["teacher"]).name if config.get("teacher") else ""
 
 
 def history_table(rows: list[dict]) -> str:
