@@ -13,8 +13,10 @@ latents and words:
   model's trained text encoder;
 - no T5 encoder: the pipeline's T5 slot is empty and is called with ``max_sequence_length=0`` (``SD3_CALL``), so
   the transformer sees the 77 CLIP tokens only;
-- rectified flow as in SD3: x_t = (1 - s) x_0 + s e, the transformer predicts e - x_0, s drawn logit-normal
-  (SD3's mean 0, std 1 unless ``TrainConfig.noise_mean`` / ``noise_std`` say otherwise), sampled with ``FlowMatchEulerDiscreteScheduler`` (shift 1: the images are 64 px).
+- rectified flow as in SD3: x_t = (1 - s) x_0 + s e, the transformer predicts e - x_0 (or, with
+  ``TrainConfig.teacher``, a UNet model's prediction of it), s drawn logit-normal (SD3's mean 0, std 1 unless
+  ``TrainConfig.noise_mean`` / ``noise_std`` say otherwise), sampled with ``FlowMatchEulerDiscreteScheduler`` (shift
+  1: the images are 64 px).
 
 Training is the UNet's otherwise: cached latents, captions drawn anew at every step (10% empty), the loss of a
 pixel weighted by 1 + ``object_weight`` x its latent cell's object fraction (the only use of the masks; the
@@ -493,7 +495,7 @@ def teacher_velocity(
     return eps - x0, inside
 
 
-def load_teacher(folder: str | Path):
+def load_teacher(folder: str | Path) -> tuple:
     """The UNet, text encoder, tokenizer and ``alphas_cumprod`` of a DDPM pipeline folder (:attr:`TrainConfig.teacher`),
     in fp32 and eval mode."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
