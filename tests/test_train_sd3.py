@@ -90,7 +90,13 @@ def test_sd3_stage_trains_resumes_and_exports(tmp_path):
     _, _, pooled, _ = pipe.encode_prompt("a red circle", None, None, device="cpu", do_classifier_free_guidance=False, **SD3_CALL)
     assert pooled.abs().max() == 0
     # A UNet folder teaches the transformer's targets, and a resumed run keeps its teacher; an SD3 folder cannot teach.
+    untaught = [_beside(tmp_path, tmp_path / name) for name in ("own", "own-again")]
+    for w in untaught:  # the same step from the same weights with the samples' own targets, twice
+        (w / "sd3-ckpt.pt").write_bytes((tmp_path / "sd3-ckpt.pt").read_bytes())
+        main(["sd3", "--work", str(w), "--steps", "8", "--threads", "1"])
     main(["sd3", "--work", str(tmp_path), "--steps", "8", "--threads", "1", "--teacher", str(EMBEDDED_DIR)])
+    own, again, taught = (torch.load(w / "sd3-ckpt.pt", weights_only=True)["transformer"] for w in (*untaught, tmp_path))
+    assert all(torch.equal(own[k], again[k]) for k in own) and any(not torch.equal(taught[k], own[k]) for k in own)
     main(["sd3", "--work", str(tmp_path), "--steps", "9", "--threads", "1"])
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["teacher"] for r in log if r.get("resumed_at") in (7, 8)] == [str(EMBEDDED_DIR.resolve())] * 2
