@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -427,14 +428,9 @@ def stage_sd3(
             pred = model(zt, encoder_hidden_states=states, pooled_projections=pooled, timestep=s * 1000).sample
             target = noise - z0
             if teacher is not None:
-                unet, t_te, t_tok, abar = teacher
+                predict_noise, abar = teacher
                 with torch.no_grad():
-                    t_states = t_te(_tokenize(t_tok, caps))[0]
-
-                    def eps(x, t, unet=unet, t_states=t_states):
-                        return unet(x, t, encoder_hidden_states=t_states).sample
-
-                    v, inside = teacher_velocity(eps, zt, s, abar)
+                    v, inside = teacher_velocity(partial(predict_noise, caps=caps), zt, s, abar)
                 target = torch.where(inside.view(-1, 1, 1, 1), v, target)
             pix_w = 1 + cfg.object_weight * of
             loss = (((pred - target) ** 2 * pix_w).mean(dim=(1, 2, 3)) / pix_w.mean(dim=(1, 2, 3))).mean()
@@ -496,8 +492,8 @@ def teacher_velocity(
 
 
 def load_teacher(folder: str | Path) -> tuple:
-    """The UNet, text encoder, tokenizer and ``alphas_cumprod`` of a DDPM pipeline folder (:attr:`TrainConfig.teacher`),
-    in fp32 and eval mode."""
+    """A DDPM pipeline folder's (:attr:`TrainConfig.teacher`) noise prediction ``predict_noise(x, t, caps)`` (its UNet
+    and text encoder in fp32 and eval mode, reading the captions through its tokenizer) and its ``alphas_cumprod``."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -510,7 +506,11 @@ def load_teacher(folder: str | Path) -> tuple:
     sched = DDPMScheduler.from_pretrained(folder / "scheduler")
     if sched.config.prediction_type != "epsilon":
         raise SystemExit(f"--teacher {folder}: its scheduler predicts {sched.config.prediction_type}, not the noise")
-    return unet, te, tok, sched.alphas_cumprod
+
+    def predict_noise(x: torch.Tensor, t: torch.Tensor, caps: list[str]) -> torch.Tensor:
+        return unet(x, t, encoder_hidden_states=te(_tokenize(tok, caps))[0]).sample
+
+    return predict_noise, sched.alphas_cumprod
 
 
 def flow_text_gain(model, te1, te2, tok, vae, scale: float, n: int = 48) -> dict[str, float]:
